@@ -1,0 +1,48 @@
+# HemaFlow: the two commands are `make demo` (whole pipeline, ending with a served model)
+# and `make test` (every test). Both install what they need on a fresh clone.
+SHELL := /bin/bash
+PYTHON_BIN ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha256sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: install browser test test-fast demo demo-down stack-up stack-down bench lint
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@rm -f $(VENV)/.installed-* && touch $@
+
+# Debian's Chromium for the browser tests (Playwright drives it; no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian chromium for the browser tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; }
+
+test: install browser
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Unit, DAG-parsing and serving tests only (no stack, no training): a quick local loop.
+test-fast: install
+	$(PY) -m pytest -m "not slow" tests/unit tests/dags $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m scripts.demo up
+
+demo-down: install
+	$(PY) -m scripts.demo down
+
+stack-up: install
+	$(PY) -m pipeline stack up
+
+stack-down: install
+	$(PY) -m pipeline stack down
+
+bench: install
+	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/accuracy.py --dataset leukemia
+	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/dag.py

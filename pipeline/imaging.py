@@ -1,0 +1,115 @@
+"""Image decoding, checks and the one preprocessing function.
+
+`prepare_image` is used by the pipeline's preprocess stage *and* by the serving
+container, so a model sees exactly the same pixels in training and in production.
+
+Aspect-ratio policy: scale so the shorter side equals `size`, then crop the centred
+`size` x `size` square. Smear fields and single-cell crops are centred and nearly
+square, so this keeps the cells at their native proportions (no stretching) and loses
+at most a thin margin of a non-square image. EXIF orientation is applied first.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Never silently accept a truncated file.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+RESAMPLE = Image.Resampling.BILINEAR
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageRejected(ValueError):
+    """An image that cannot be used; `reason` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    width: int
+    height: int
+    mode: str
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode `data`, rejecting empty, non-image, bomb and truncated input."""
+    if not data:
+        raise ImageRejected("empty", "the file is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageRejected("not_an_image", "the file is not a recognised image format") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected("decompression_bomb", str(exc)) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageRejected("corrupt", f"cannot read image header: {exc}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageRejected(
+            "decompression_bomb",
+            f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}",
+        )
+    try:
+        img.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected("decompression_bomb", str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageRejected("truncated", f"image data is incomplete or corrupt: {exc}") from None
+    return img
+
+
+def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Decode completely and report format, size and mode; raises ImageRejected."""
+    img = open_image(data, max_pixels)
+    return ImageInfo(format=str(img.format or "UNKNOWN"), width=img.width, height=img.height, mode=img.mode)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited over white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr8 = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageRejected("unsupported_mode", f"cannot convert mode {img.mode} to RGB: {exc}") from None
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Scale the shorter side to `size`, then crop the centred square."""
+    width, height = img.size
+    if (width, height) == (size, size):
+        return img
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    img = img.resize((new_w, new_h), RESAMPLE)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def prepare_image(data: bytes | Image.Image, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Bytes or a Pillow image -> uint8 array of shape (size, size, 3). The serving contract."""
+    img = open_image(data, max_pixels) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    img = ImageOps.exif_transpose(img) or img
+    img = resize_center_crop(to_rgb(img), size)
+    return np.asarray(img, dtype=np.uint8).reshape(size, size, 3)

@@ -1,0 +1,143 @@
+"""The one typed settings object for HemaFlow.
+
+Every stage, the DAGs and the serving container read their configuration through
+`get_settings()`, called inside functions (never at import time) so that tests and
+Airflow tasks see the environment as it is when they run. Values come from the
+process environment first, then from `.env` (loaded by python-dotenv), then from the
+defaults below. Every field is documented in `.env.example`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from dotenv import load_dotenv
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """HemaFlow configuration; field names map to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+
+    # --- local state -------------------------------------------------------------------
+    hemaflow_home: Path = Field(PROJECT_ROOT / ".hemaflow", description="Local data, cache and logs")
+
+    # --- object storage (S3 API) -------------------------------------------------------
+    s3_endpoint_url: str = "http://127.0.0.1:8333"
+    s3_bucket: str = "hemaflow"
+    s3_region: str = "us-east-1"
+    aws_access_key_id: str = "hemaflow"
+    aws_secret_access_key: SecretStr = SecretStr("change-me-hemaflow-secret")
+    s3_max_attempts: int = Field(4, ge=1, description="Attempts per S3 call, with exponential backoff")
+    s3_connect_timeout_s: float = Field(3.0, gt=0)
+    s3_read_timeout_s: float = Field(30.0, gt=0)
+    transfer_workers: int = Field(16, ge=1, description="Parallel uploads/downloads")
+
+    # --- MLflow ------------------------------------------------------------------------
+    mlflow_tracking_uri: str = "http://127.0.0.1:5000"
+    mlflow_artifacts_prefix: str = "mlflow-artifacts"
+
+    # --- datasets ----------------------------------------------------------------------
+    dataset: str = "leukemia"
+    dataset_specs_dir: Path = PROJECT_ROOT / "pipeline" / "specs"
+
+    # --- validation --------------------------------------------------------------------
+    allowed_formats: str = "JPEG,PNG,TIFF,BMP"
+    min_image_side: int = Field(32, ge=1)
+    max_image_side: int = Field(8192, ge=1)
+    min_file_bytes: int = Field(100, ge=1)
+    max_file_bytes: int = Field(20_000_000, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Decompression-bomb guard")
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    min_images_per_class: int = Field(5, ge=1)
+    max_class_imbalance: float = Field(10.0, ge=1, description="Largest class / smallest class")
+    min_dataset_rows: int = Field(10, ge=1)
+
+    # --- preprocessing and splits ------------------------------------------------------
+    image_size: int = Field(224, ge=16, le=1024)
+    shard_size: int = Field(512, ge=1, description="Images per TFRecord shard")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    split_salt: str = "hemaflow-v1"
+
+    # --- training ----------------------------------------------------------------------
+    seed: int = 1337
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    model_width: int = Field(32, ge=4, description="Filters of the first conv block")
+    model_depth: int = Field(5, ge=2, le=8, description="Conv blocks, each halving resolution")
+    train_input_size: int = Field(128, ge=16, le=1024, description="Network input side")
+    early_stopping_patience: int = Field(6, ge=1)
+    train_time_budget_s: float = Field(840.0, gt=0, description="Wall-clock budget for fit()")
+    target_sensitivity: float = Field(0.98, gt=0, le=1)
+    canary_count: int = Field(4, ge=1)
+
+    # --- promotion gate ----------------------------------------------------------------
+    gate_min_balanced_accuracy: float = Field(0.80, ge=0, le=1)
+    gate_min_sensitivity: float = Field(0.90, ge=0, le=1)
+    gate_min_accuracy: float = Field(0.80, ge=0, le=1)
+    gate_margin: float = Field(0.0, ge=0, le=1, description="Candidate must beat champion by this")
+    model_name_prefix: str = "hemaflow"
+
+    # --- serving -----------------------------------------------------------------------
+    serving_host: str = "127.0.0.1"
+    serving_port: int = Field(8000, ge=1, le=65535)
+    serving_url: str = "http://127.0.0.1:8000"
+    serving_bundle_path: Path | None = None
+    serving_poll_interval_s: float = Field(30.0, ge=0)
+    serving_admin_api_keys: SecretStr = SecretStr("")
+    serving_require_api_key: bool = False
+    serving_api_keys: SecretStr = SecretStr("")
+    serving_max_upload_bytes: int = Field(10_000_000, ge=1)
+    serving_max_batch: int = Field(16, ge=1)
+
+    # --- Airflow -----------------------------------------------------------------------
+    retrain_schedule: str = "@weekly"
+    airflow_port: int = Field(8080, ge=1, le=65535)
+
+    @field_validator("hemaflow_home", "dataset_specs_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value if value.is_absolute() else (PROJECT_ROOT / value).resolve()
+
+    # --- derived values ------------------------------------------------------------------
+    @property
+    def s3_port(self) -> int:
+        return _port_of(self.s3_endpoint_url, 8333)
+
+    @property
+    def mlflow_port(self) -> int:
+        return _port_of(self.mlflow_tracking_uri, 5000)
+
+    @property
+    def allowed_format_set(self) -> frozenset[str]:
+        return frozenset(f.strip().upper() for f in self.allowed_formats.split(",") if f.strip())
+
+    def model_name(self, dataset: str | None = None) -> str:
+        """Registered-model name for a dataset, e.g. ``hemaflow-leukemia``."""
+        return f"{self.model_name_prefix}-{dataset or self.dataset}"
+
+    def key_list(self, secret: SecretStr) -> list[str]:
+        return [k.strip() for k in secret.get_secret_value().split(",") if k.strip()]
+
+
+def _port_of(url: str, default: int) -> int:
+    return urlparse(url).port or default
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Load settings from the environment and `.env` (environment wins).
+
+    `HEMAFLOW_ENV_FILE` points at another dotenv file (tests use this to stay hermetic).
+    """
+    env_file = os.environ.get("HEMAFLOW_ENV_FILE", str(PROJECT_ROOT / ".env"))
+    if env_file and Path(env_file).is_file():
+        load_dotenv(env_file, override=False)
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,140 @@
+"""S3 access: one client factory (path-style, bounded retries with backoff) and small helpers.
+
+Everything that talks to object storage goes through `s3_client()` so that endpoint,
+credentials, timeouts and retry policy are configured in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.settings import Settings, get_settings
+
+
+class StorageUnavailable(RuntimeError):
+    """Object storage could not be reached after the configured retries."""
+
+
+def s3_client(settings: Settings | None = None):
+    """A boto3 S3 client for the configured endpoint (path-style addressing)."""
+    import boto3
+    from botocore.config import Config
+
+    s = settings or get_settings()
+    config = Config(
+        s3={"addressing_style": "path"},
+        retries={"max_attempts": s.s3_max_attempts, "mode": "standard"},
+        connect_timeout=s.s3_connect_timeout_s,
+        read_timeout=s.s3_read_timeout_s,
+        max_pool_connections=max(10, s.transfer_workers * 2),
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return boto3.client(
+        "s3",
+        endpoint_url=s.s3_endpoint_url,
+        region_name=s.s3_region,
+        aws_access_key_id=s.aws_access_key_id,
+        aws_secret_access_key=s.aws_secret_access_key.get_secret_value(),
+        config=config,
+    )
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
+
+    return isinstance(exc, (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError))
+
+
+def ensure_bucket(client=None, settings: Settings | None = None) -> str:
+    """Create the bucket if it does not exist (get-or-create); returns its name."""
+    from botocore.exceptions import ClientError
+
+    s = settings or get_settings()
+    client = client or s3_client(s)
+    try:
+        client.head_bucket(Bucket=s.s3_bucket)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code not in ("404", "NoSuchBucket", "NotFound"):
+            raise
+        try:
+            client.create_bucket(Bucket=s.s3_bucket)
+        except ClientError as exc2:
+            if exc2.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+    except Exception as exc:  # noqa: BLE001 - translate connection failures to one clear error
+        if _is_connection_error(exc):
+            raise StorageUnavailable(
+                f"S3 endpoint {s.s3_endpoint_url} is unreachable after {s.s3_max_attempts} attempts: {exc}"
+            ) from exc
+        raise
+    return s.s3_bucket
+
+
+def check_reachable(settings: Settings | None = None) -> None:
+    """Raise StorageUnavailable with a clear message when the S3 endpoint does not answer."""
+    ensure_bucket(settings=settings)
+
+
+def iter_objects(client, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+    """All objects under `prefix`, following pagination."""
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        yield from page.get("Contents", [])
+
+
+def object_exists(client, bucket: str, key: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+        return True
+    except ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+
+
+def put_json(client, bucket: str, key: str, payload: Any) -> None:
+    body = json.dumps(payload, indent=2, sort_keys=True, default=str).encode("utf-8")
+    client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json")
+
+
+def get_json(client, bucket: str, key: str) -> Any:
+    return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def get_json_or_none(client, bucket: str, key: str) -> Any | None:
+    from botocore.exceptions import ClientError
+
+    try:
+        return get_json(client, bucket, key)
+    except ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,0 +1,47 @@
+import pytest
+
+from pipeline.dataset_spec import SpecError, list_specs, load_spec, parse_spec
+from pipeline.settings import PROJECT_ROOT
+
+
+def test_shipped_specs_load():
+    names = {s.name for s in list_specs()}
+    assert {"leukemia", "pbc8"} <= names and "_template" not in names
+    leuk = load_spec("leukemia")
+    assert leuk.labels == ["abnormal", "normal"] and leuk.positive_label == "abnormal"
+    assert leuk.label_of("Benign") == "normal" and leuk.label_of("Pro") == "abnormal"
+    pbc = load_spec("pbc8")
+    assert len(pbc.labels) == 8 and pbc.labels == sorted(pbc.class_folders)
+
+
+def test_template_is_a_valid_spec():
+    spec = parse_spec((PROJECT_ROOT / "pipeline/specs/_template.toml").read_text())
+    assert spec.name == "wbc4" and len(spec.labels) == 4
+
+
+def test_class_of_key():
+    leuk = load_spec("leukemia")
+    assert leuk.class_of_key("raw/leukemia/Pre/a.jpg") == "Pre"
+    assert leuk.class_of_key("raw/leukemia/stray.jpg") is None
+    assert leuk.class_of_key("raw/other/Pre/a.jpg") is None
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("name = 'X'\n[classes]\na='x'\nb='y'", "lower-case"),
+        ("name = 'x'\n[classes]\na='x'", "at least two"),
+        ("name = 'x'\n[classes]\na='x'\nb='x'", "one label"),
+        ("name = 'x'\npositive_label='z'\n[classes]\na='x'\nb='y'", "positive_label"),
+        ("name = 'x'\ns3_prefix='/abs/'\n[classes]\na='x'\nb='y'", "s3_prefix"),
+        ("name = [", "not valid TOML"),
+    ],
+)
+def test_bad_specs_are_rejected_clearly(text, match):
+    with pytest.raises(SpecError, match=match):
+        parse_spec(text)
+
+
+def test_unknown_dataset_lists_known_ones():
+    with pytest.raises(SpecError, match="known: .*leukemia"):
+        load_spec("nope")

@@ -1,0 +1,67 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.settings import PROJECT_ROOT, Settings, get_settings
+
+ENV_EXAMPLE = PROJECT_ROOT / ".env.example"
+
+
+def _documented_vars() -> dict[str, str]:
+    found = {}
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"^([A-Z0-9_]+)=(.*)$", line)
+        if m:
+            found[m.group(1)] = lines[i - 1] if i else ""
+    return found
+
+
+def test_every_setting_is_documented_with_a_comment():
+    documented = _documented_vars()
+    for name in Settings.model_fields:
+        assert name.upper() in documented, f"{name.upper()} missing from .env.example"
+    for var, previous in documented.items():
+        assert previous.startswith("#") or documented.get(previous.split("=")[0]), f"{var} has no comment"
+
+
+def test_env_example_values_parse_as_settings(monkeypatch):
+    for var, _ in _documented_vars().items():
+        monkeypatch.delenv(var, raising=False)
+    values = dict(re.findall(r"^([A-Z0-9_]+)=(.*)$", ENV_EXAMPLE.read_text(), flags=re.M))
+    values = {k: v for k, v in values.items() if v != ""}
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+    s = get_settings()
+    assert s.image_size == 224
+    assert s.hemaflow_home.is_absolute()
+
+
+def test_environment_overrides_defaults(monkeypatch):
+    monkeypatch.setenv("IMAGE_SIZE", "96")
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9999")
+    s = get_settings()
+    assert s.image_size == 96 and s.s3_port == 9999
+
+
+def test_dotenv_file_is_read_but_environment_wins(tmp_path, monkeypatch):
+    env = tmp_path / "x.env"
+    env.write_text("SERVING_PORT=8123\nBATCH_SIZE=7\n")
+    monkeypatch.setenv("HEMAFLOW_ENV_FILE", str(env))
+    monkeypatch.delenv("SERVING_PORT", raising=False)
+    monkeypatch.setenv("BATCH_SIZE", "9")
+    s = get_settings()
+    assert s.serving_port == 8123 and s.batch_size == 9
+    monkeypatch.delenv("SERVING_PORT", raising=False)
+
+
+def test_invalid_value_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("IMAGE_SIZE", "-3")
+    with pytest.raises(ValueError, match="image_size"):
+        get_settings()
+
+
+def test_secret_is_not_in_repr():
+    s = Settings(aws_secret_access_key="super-secret-value")
+    assert "super-secret-value" not in repr(s) and "super-secret-value" not in str(s.model_dump())
