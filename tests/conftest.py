@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.fixtures.data", "tests.fixtures.training"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("HEMAFLOW_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 

@@ -1,0 +1,145 @@
+"""The processed-dataset format: the contract between `preprocess` and `training`.
+
+A processed dataset version lives under `processed/<dataset>/<dataset_version>/` in S3:
+
+    train-00000-of-00002.tfrecord ...   TFRecord shards, one tf.train.Example per image
+    val-00000-of-00001.tfrecord ...
+    test-00000-of-00001.tfrecord ...
+    manifest.jsonl                       one row per image (key, sha256, class, label, split, ...)
+    dataset.json                         DatasetMeta; written LAST, so its presence means complete
+
+Each Example has: `image` (raw uint8 bytes, IMAGE_SIZE x IMAGE_SIZE x 3, row-major RGB),
+`label` (int64 index into `labels`), `sha256` (bytes), `height`, `width` (int64).
+Raw pixels rather than JPEG keep decoding out of the training loop on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.settings import Settings, get_settings
+
+SPLITS = ("train", "val", "test")
+META_FILE = "dataset.json"
+MANIFEST_FILE = "manifest.jsonl"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class DatasetMeta:
+    dataset: str
+    dataset_version: str
+    image_size: int
+    labels: list[str]  # model output order
+    classes: dict[str, str]  # class folder -> label
+    positive_label: str | None
+    counts: dict[str, dict[str, int]]  # split -> label -> images
+    shards: dict[str, list[str]]  # split -> shard file names (relative to the version prefix)
+    preprocessing: dict[str, Any]
+    source_manifest_key: str = ""
+    validation_summary_key: str = ""
+    created_at: str = ""
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DatasetMeta":
+        raw = json.loads(text)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def version_prefix(dataset: str, dataset_version: str) -> str:
+    return f"processed/{dataset}/{dataset_version}/"
+
+
+def shard_name(split: str, index: int, total: int) -> str:
+    return f"{split}-{index:05d}-of-{total:05d}.tfrecord"
+
+
+def encode_example(image, label: int, sha256: str) -> bytes:
+    """Serialize one image (uint8 HxWx3 array) as a tf.train.Example."""
+    import tensorflow as tf
+
+    height, width = int(image.shape[0]), int(image.shape[1])
+    feature = {
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+        "sha256": tf.train.Feature(bytes_list=tf.train.BytesList(value=[sha256.encode()])),
+        "height": tf.train.Feature(int64_list=tf.train.Int64List(value=[height])),
+        "width": tf.train.Feature(int64_list=tf.train.Int64List(value=[width])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def feature_spec():
+    """The parsing spec for `tf.io.parse_single_example` / `parse_example`."""
+    import tensorflow as tf
+
+    return {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+        "sha256": tf.io.FixedLenFeature([], tf.string),
+        "height": tf.io.FixedLenFeature([], tf.int64),
+        "width": tf.io.FixedLenFeature([], tf.int64),
+    }
+
+
+def local_version_dir(settings: Settings, dataset: str, dataset_version: str) -> Path:
+    return settings.hemaflow_home / "cache" / "processed" / dataset / dataset_version
+
+
+def load_meta(dataset: str, dataset_version: str, settings: Settings | None = None, client=None) -> DatasetMeta:
+    """Read `dataset.json` of a processed version from S3 (raises if the version is incomplete)."""
+    from pipeline.storage import s3_client
+
+    s = settings or get_settings()
+    client = client or s3_client(s)
+    key = version_prefix(dataset, dataset_version) + META_FILE
+    body = client.get_object(Bucket=s.s3_bucket, Key=key)["Body"].read()
+    return DatasetMeta.from_json(body.decode("utf-8"))
+
+
+def fetch_processed(dataset: str, dataset_version: str, settings: Settings | None = None) -> Path:
+    """Download a processed version into the local cache (once) and return its folder.
+
+    Files are written to a temporary name and renamed; the folder counts as complete
+    only when its `dataset.json` is present, which is written last.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.storage import atomic_write_bytes, s3_client
+
+    s = settings or get_settings()
+    target = local_version_dir(s, dataset, dataset_version)
+    if (target / META_FILE).is_file():
+        return target
+    client = s3_client(s)
+    meta = load_meta(dataset, dataset_version, s, client)
+    prefix = version_prefix(dataset, dataset_version)
+    names = [n for split in SPLITS for n in meta.shards.get(split, [])] + [MANIFEST_FILE]
+
+    def _get(name: str) -> None:
+        if not (target / name).is_file():
+            data = client.get_object(Bucket=s.s3_bucket, Key=prefix + name)["Body"].read()
+            atomic_write_bytes(target / name, data)
+
+    with ThreadPoolExecutor(max_workers=s.transfer_workers) as pool:
+        list(pool.map(_get, names))
+    atomic_write_bytes(target / META_FILE, meta.to_json().encode("utf-8"))
+    return target
+
+
+def read_local_meta(folder: Path) -> DatasetMeta:
+    return DatasetMeta.from_json((folder / META_FILE).read_text(encoding="utf-8"))
+
+
+def read_local_manifest(folder: Path) -> list[dict[str, Any]]:
+    with open(folder / MANIFEST_FILE, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
