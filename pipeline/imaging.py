@@ -41,8 +41,25 @@ class ImageInfo:
     mode: str
 
 
+def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Format, size and mode from the header only (cheap: no pixel decoding); raises ImageRejected."""
+    img = _open_header(data, max_pixels)
+    return ImageInfo(format=str(img.format or "UNKNOWN"), width=img.width, height=img.height, mode=img.mode)
+
+
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open and fully decode `data`, rejecting empty, non-image, bomb and truncated input."""
+    img = _open_header(data, max_pixels)
+    try:
+        img.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected("decompression_bomb", str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageRejected("truncated", f"image data is incomplete or corrupt: {exc}") from None
+    return img
+
+
+def _open_header(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageRejected("empty", "the file is empty (0 bytes)")
     try:
@@ -59,12 +76,6 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             "decompression_bomb",
             f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}",
         )
-    try:
-        img.load()
-    except Image.DecompressionBombError as exc:
-        raise ImageRejected("decompression_bomb", str(exc)) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageRejected("truncated", f"image data is incomplete or corrupt: {exc}") from None
     return img
 
 

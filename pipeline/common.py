@@ -1,0 +1,79 @@
+"""Small helpers shared by the pipeline stages: hashing, JSONL in S3, progress bars, ids."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def utc_stamp() -> str:
+    """A sortable id fragment, e.g. 20261121T235501Z-ab12 (sub-second collisions are unlikely, not impossible)."""
+    import secrets
+
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(2)
+
+
+def stable_hash(payload: Any, length: int = 16) -> str:
+    """Hash of a JSON-serialisable value with sorted keys: same content -> same id."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def progress(items: Iterable[T], total: int | None, desc: str, enabled: bool = True) -> Iterator[T]:
+    """A tqdm bar on stderr when enabled (CLI), silent otherwise (library, tests, Airflow logs)."""
+    if not enabled:
+        yield from items
+        return
+    from tqdm import tqdm
+
+    with tqdm(items, total=total, desc=desc, unit="img", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+        yield from bar
+
+
+def to_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows).encode("utf-8")
+
+
+def from_jsonl(data: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+
+
+def get_jsonl(client, bucket: str, key: str) -> list[dict[str, Any]]:
+    return from_jsonl(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def put_bytes(client, bucket: str, key: str, body: bytes, content_type: str = "application/octet-stream") -> None:
+    client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
+
+
+def put_jsonl(client, bucket: str, key: str, rows: Iterable[dict[str, Any]]) -> None:
+    put_bytes(client, bucket, key, to_jsonl(rows), "application/x-ndjson")
+
+
+def s3_call(settings, what: str, fn, *args, **kwargs):
+    """Run one S3 call; connection failures (after boto's bounded retries) become StorageUnavailable."""
+    from pipeline.storage import StorageUnavailable, _is_connection_error
+
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - translate only connection failures
+        if _is_connection_error(exc):
+            raise StorageUnavailable(
+                f"S3 endpoint {settings.s3_endpoint_url} is unreachable ({what}) after "
+                f"{settings.s3_max_attempts} attempts: {exc}"
+            ) from exc
+        raise

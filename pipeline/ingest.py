@@ -1,0 +1,250 @@
+"""Ingest: list the dataset's S3 prefix, diff against the previous manifest, cache new bytes.
+
+Only objects that are new or whose ETag/size changed are downloaded (in parallel) into a
+local content-addressed cache, `HEMAFLOW_HOME/cache/objects/<sha256[:2]>/<sha256>`.
+Each file is written under `cache/objects/.tmp/` and renamed into place, so a crash or a
+SIGKILL never leaves a partial file under a content name; stale temporaries of dead
+processes are removed on the next run. Unchanged objects reuse their previous manifest row,
+so an unchanged re-run downloads nothing and writes no new manifest.
+
+Manifest rows (JSONL at `manifests/<dataset>/<ingest_id>.jsonl`): key, etag, sha256, bytes,
+format, width, height, mode, class, label, error, error_detail. Unreadable files are kept
+with `error` set: the validate stage decides what to do with them.
+`manifests/<dataset>/latest.json` points at the newest manifest and records deletions and
+objects that are not under a class folder of the spec (reported, never silently dropped).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pipeline.settings import Settings, get_settings
+
+MANIFEST_FIELDS = (
+    "key", "etag", "sha256", "bytes", "format", "width", "height", "mode", "class", "label", "error", "error_detail",
+)
+REPORT_LIMIT = 200  # most keys listed in latest.json per category (counts are always complete)
+
+
+class CacheMismatch(RuntimeError):
+    """The S3 object no longer has the content the manifest recorded (re-run ingest)."""
+
+
+# --- content-addressed cache --------------------------------------------------------------
+def cache_root(settings: Settings) -> Path:
+    return settings.hemaflow_home / "cache" / "objects"
+
+
+def cache_path(settings: Settings, sha256: str) -> Path:
+    return cache_root(settings) / sha256[:2] / sha256
+
+
+def _tmp_dir(settings: Settings) -> Path:
+    return cache_root(settings) / ".tmp"
+
+
+def write_cached(settings: Settings, sha256: str, data: bytes) -> Path:
+    """Store `data` under its hash: temp file (name carries our pid) then atomic rename."""
+    target = cache_path(settings, sha256)
+    if target.is_file() and target.stat().st_size == len(data):
+        return target
+    tmp_dir = _tmp_dir(settings)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f"{os.getpid()}-{secrets.token_hex(6)}.part"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def clean_stale_temporaries(settings: Settings) -> int:
+    """Remove temp files left by processes that died (killed ingest); live writers are untouched."""
+    removed = 0
+    tmp_dir = _tmp_dir(settings)
+    if not tmp_dir.is_dir():
+        return 0
+    for tmp in tmp_dir.glob("*.part"):
+        try:
+            pid = int(tmp.name.split("-", 1)[0])
+        except ValueError:
+            pid = -1
+        if pid != os.getpid() and not _pid_alive(pid):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def ensure_cached(row: dict[str, Any], settings: Settings | None = None, client=None) -> Path:
+    """Local path of a manifest row's bytes; re-downloads by key on a cache miss (another worker).
+
+    The downloaded bytes must hash to the row's sha256, else CacheMismatch: the object
+    changed in S3 after ingest, and using it would silently mix dataset versions.
+    """
+    from pipeline.common import s3_call, sha256_hex
+    from pipeline.storage import s3_client
+
+    s = settings or get_settings()
+    path = cache_path(s, row["sha256"])
+    if path.is_file() and path.stat().st_size == int(row["bytes"]):
+        return path
+    client = client or s3_client(s)
+    data = s3_call(s, f"get {row['key']}", client.get_object, Bucket=s.s3_bucket, Key=row["key"])["Body"].read()
+    digest = sha256_hex(data)
+    if digest != row["sha256"]:
+        raise CacheMismatch(
+            f"s3://{s.s3_bucket}/{row['key']} now has sha256 {digest[:12]}, the manifest says "
+            f"{row['sha256'][:12]}: it changed after ingest; run ingest again"
+        )
+    return write_cached(s, digest, data)
+
+
+def read_cached(row: dict[str, Any], settings: Settings | None = None, client=None) -> bytes:
+    return ensure_cached(row, settings, client).read_bytes()
+
+
+# --- manifest diff ---------------------------------------------------------------------------
+def diff_listing(
+    previous: dict[str, dict[str, Any]], listing: list[dict[str, Any]]
+) -> tuple[list[dict], list[dict], list[dict], list[str]]:
+    """Split a listing into (new, changed, unchanged_rows, deleted_keys) by key, ETag and size.
+
+    `listing` items carry Key, ETag and Size (as S3 returns them); `unchanged_rows` are the
+    previous manifest rows, reused as they are.
+    """
+    new, changed, unchanged = [], [], []
+    seen = set()
+    for obj in listing:
+        key = obj["Key"]
+        seen.add(key)
+        old = previous.get(key)
+        etag = str(obj.get("ETag", "")).strip('"')
+        if old is None:
+            new.append(obj)
+        elif old.get("etag") != etag or int(old.get("bytes", -1)) != int(obj["Size"]):
+            changed.append(obj)
+        else:
+            unchanged.append(old)
+    deleted = sorted(k for k in previous if k not in seen)
+    return new, changed, unchanged, deleted
+
+
+def describe_bytes(data: bytes, max_pixels: int) -> dict[str, Any]:
+    """Header facts of an image, or the reason it cannot be read (validation decides)."""
+    from pipeline.imaging import ImageRejected, read_header
+
+    try:
+        info = read_header(data, max_pixels)
+    except ImageRejected as exc:
+        return {"format": None, "width": None, "height": None, "mode": None,
+                "error": exc.reason, "error_detail": exc.detail}
+    return {"format": info.format, "width": info.width, "height": info.height, "mode": info.mode,
+            "error": None, "error_detail": None}
+
+
+def manifest_prefix(dataset: str) -> str:
+    return f"manifests/{dataset}/"
+
+
+def latest_key(dataset: str) -> str:
+    return manifest_prefix(dataset) + "latest.json"
+
+
+def load_previous(client, settings: Settings, dataset: str) -> tuple[dict | None, dict[str, dict]]:
+    from pipeline.common import get_jsonl
+    from pipeline.storage import get_json_or_none
+
+    pointer = get_json_or_none(client, settings.s3_bucket, latest_key(dataset))
+    if not pointer:
+        return None, {}
+    rows = get_jsonl(client, settings.s3_bucket, pointer["manifest_key"])
+    return pointer, {r["key"]: r for r in rows}
+
+
+def ingest(dataset: str, settings: Settings | None = None, show_progress: bool = False) -> dict:
+    """Bring the manifest of `dataset` up to date with its S3 prefix.
+
+    Returns {manifest_key, new, changed, deleted, unchanged, total, unassigned, errors,
+    downloaded_bytes, reused}; `reused` is True when nothing changed and the previous
+    manifest is still current (no new manifest written).
+    """
+    from pipeline.common import progress, put_jsonl, s3_call, sha256_hex, utc_now, utc_stamp
+    from pipeline.dataset_spec import load_spec
+    from pipeline.storage import ensure_bucket, iter_objects, put_json, s3_client
+
+    s = settings or get_settings()
+    spec = load_spec(dataset, s.dataset_specs_dir)
+    client = s3_client(s)
+    ensure_bucket(client, s)  # clear StorageUnavailable when the endpoint is down
+    clean_stale_temporaries(s)
+
+    listing, unassigned = [], []
+    for obj in s3_call(s, "list", lambda: list(iter_objects(client, s.s3_bucket, spec.s3_prefix))):
+        key = obj["Key"]
+        if key.endswith("/"):
+            continue  # folder marker, not an object
+        if spec.class_of_key(key) in spec.classes:
+            listing.append(obj)
+        else:
+            unassigned.append(key)
+    pointer, previous = s3_call(s, "read previous manifest", load_previous, client, s, dataset)
+    new, changed, unchanged, deleted = diff_listing(previous, listing)
+    to_fetch = new + changed
+
+    def _fetch(obj: dict) -> dict[str, Any]:
+        key = obj["Key"]
+        data = s3_call(s, f"get {key}", client.get_object, Bucket=s.s3_bucket, Key=key)["Body"].read()
+        digest = sha256_hex(data)
+        write_cached(s, digest, data)
+        folder = spec.class_of_key(key)
+        row = {"key": key, "etag": str(obj.get("ETag", "")).strip('"'), "sha256": digest, "bytes": len(data),
+               "class": folder, "label": spec.classes[folder]}
+        row.update(describe_bytes(data, s.max_image_pixels))
+        return row
+
+    fetched: list[dict] = []
+    if to_fetch:
+        with ThreadPoolExecutor(max_workers=s.transfer_workers) as pool:
+            fetched = list(progress(pool.map(_fetch, to_fetch), len(to_fetch), f"ingest {dataset}", show_progress))
+    rows = sorted(unchanged + fetched, key=lambda r: r["key"])
+    counts = {"new": len(new), "changed": len(changed), "deleted": len(deleted), "unchanged": len(unchanged),
+              "total": len(rows), "unassigned": len(unassigned), "errors": sum(1 for r in rows if r.get("error"))}
+    reused = pointer is not None and not (new or changed or deleted) and \
+        sorted(pointer.get("unassigned", [])) == sorted(unassigned[:REPORT_LIMIT])
+    if reused:
+        manifest_key = pointer["manifest_key"]
+        ingest_id = pointer["ingest_id"]
+    else:
+        ingest_id = utc_stamp()
+        manifest_key = f"{manifest_prefix(dataset)}{ingest_id}.jsonl"
+        s3_call(s, "write manifest", put_jsonl, client, s.s3_bucket, manifest_key,
+                [{f: r.get(f) for f in MANIFEST_FIELDS} for r in rows])
+        s3_call(s, "write latest.json", put_json, client, s.s3_bucket, latest_key(dataset), {
+            "dataset": dataset, "manifest_key": manifest_key, "ingest_id": ingest_id, "created_at": utc_now(),
+            "previous_manifest_key": pointer["manifest_key"] if pointer else None, "counts": counts,
+            "deleted": deleted[:REPORT_LIMIT], "unassigned": unassigned[:REPORT_LIMIT],
+            "changed": [o["Key"] for o in changed][:REPORT_LIMIT],
+        })
+    return {"manifest_key": manifest_key, "ingest_id": ingest_id, **counts, "reused": reused,
+            "deleted_keys": deleted[:REPORT_LIMIT], "unassigned_keys": unassigned[:REPORT_LIMIT],
+            "downloaded_bytes": sum(r["bytes"] for r in fetched)}
