@@ -76,6 +76,14 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _reap(pid: int) -> None:
+    """Collect the exit status when the process is our own child (no zombie left behind)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
 def read_pid(settings: Settings, name: str) -> int | None:
     pid_file, _, _ = _paths(settings, name)
     try:
@@ -139,6 +147,7 @@ def stop_process(settings: Settings, name: str, timeout_s: float = STOP_TIMEOUT_
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        _reap(pid)
         stopped = True
     pid_file.unlink(missing_ok=True)
     return stopped

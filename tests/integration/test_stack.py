@@ -1,0 +1,68 @@
+"""The local stack: real SeaweedFS + MLflow processes, started and stopped by pid file."""
+
+import os
+
+import pytest
+
+from pydantic import SecretStr
+
+from pipeline import stack
+from pipeline.settings import get_settings
+from tests.conftest import free_port, free_s3_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_up_is_idempotent_and_reuses_healthy_services(local_stack):
+    before = {name: stack.read_pid(local_stack, name) for name in stack.SERVICES}
+    assert all(before.values())
+    stack.up(local_stack)
+    after = {name: stack.read_pid(local_stack, name) for name in stack.SERVICES}
+    assert after == before
+    rows = {r.name: r for r in stack.status(local_stack)}
+    assert rows["s3"].healthy and rows["mlflow"].healthy
+
+
+def test_s3_accepts_only_the_configured_identity(local_stack, s3):
+    from botocore.exceptions import ClientError
+
+    from pipeline.storage import s3_client
+
+    s3.put_object(Bucket=local_stack.s3_bucket, Key="probe/ok.txt", Body=b"ok")
+    wrong = s3_client(local_stack.model_copy(update={"aws_secret_access_key": SecretStr("not-the-secret")}))
+    with pytest.raises(ClientError) as info:
+        wrong.get_object(Bucket=local_stack.s3_bucket, Key="probe/ok.txt")
+    assert info.value.response["Error"]["Code"] in ("SignatureDoesNotMatch", "AccessDenied", "InvalidAccessKeyId")
+
+
+def test_identities_file_is_private(local_stack):
+    config = stack.stack_dir(local_stack) / "run" / "s3-identities.json"
+    assert oct(config.stat().st_mode & 0o777) == "0o600"
+
+
+def test_down_stops_exactly_what_it_started(tmp_path, stack_env):
+    settings = get_settings(
+        hemaflow_home=tmp_path / "home",
+        s3_endpoint_url=f"http://127.0.0.1:{free_s3_port()}",
+        mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}",
+    )
+    stack.up(settings)
+    pids = [stack.read_pid(settings, n) for n in stack.SERVICES]
+    assert all(pids)
+    stopped = stack.down(settings)
+    assert sorted(stopped) == sorted(stack.SERVICES)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not list((stack.stack_dir(settings) / "run").glob("*.pid"))
+    assert stack.down(settings) == []
+
+
+def test_stale_pid_file_is_not_trusted(tmp_path):
+    settings = get_settings(hemaflow_home=tmp_path)
+    run = stack.stack_dir(settings) / "run"
+    run.mkdir(parents=True)
+    # pid 1 exists but is not a process we started: its command line lacks our marker.
+    (run / "s3.pid").write_text('{"pid": 1, "marker": "weed mini -dir=/nowhere", "cmd": "weed"}')
+    assert stack.read_pid(settings, "s3") is None
+    assert stack.down(settings) == []
