@@ -101,6 +101,7 @@ class Settings(BaseSettings):
 
     # --- Airflow -----------------------------------------------------------------------
     retrain_schedule: str = "@weekly"
+    raw_watch_schedule: str = Field("*/10 * * * *", description="How often new raw images are looked for")
     airflow_port: int = Field(8080, ge=1, le=65535)
 
     @field_validator("hemaflow_home", "dataset_specs_dir", mode="after")
