@@ -1,0 +1,249 @@
+"""HemaFlow retraining DAGs: one per dataset spec in `pipeline/specs/*.toml`.
+
+ingest -> validate -> preprocess -> train -> evaluate -> gate -> promote | keep_champion
+-> notify_serving -> report. Every task calls one library function and passes only
+references (S3 keys, dataset version, run id, model version) through XCom. Parsing this
+file imports Airflow's SDK and reads the TOML specs, nothing heavier: TensorFlow, MLflow,
+boto3 and Great Expectations are imported inside the tasks.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pendulum
+from airflow.sdk import (
+    Asset,
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    Param,
+    TriggerRule,
+    dag,
+    get_current_context,
+    task,
+)
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from pipeline.dataset_spec import DatasetSpec, list_specs
+from pipeline.report import log_failure_summary
+from pipeline.settings import Settings, get_settings
+from pipeline.watch import raw_asset_name, raw_asset_uri
+
+DAG_ID_PREFIX = "hemaflow_retrain_"
+OWNER = "hemaflow"
+DAG_START = pendulum.datetime(2024, 1, 1, tz="UTC")
+
+# Trigger-time overrides: each is a Settings field; null = use the configured value.
+OVERRIDE_PARAMS: dict[str, tuple[list[str], dict[str, Any], str]] = {
+    "epochs": (["null", "integer"], {"minimum": 1}, "Most training epochs (EPOCHS)"),
+    "image_size": (["null", "integer"], {"minimum": 16, "maximum": 1024},
+                   "Side of the preprocessed images (IMAGE_SIZE); a change makes a new dataset version"),
+    "train_input_size": (["null", "integer"], {"minimum": 16, "maximum": 1024},
+                         "Network input side (TRAIN_INPUT_SIZE)"),
+    "max_bad_fraction": (["null", "number"], {"minimum": 0, "maximum": 1},
+                         "Validation fails above this fraction of quarantined images (MAX_BAD_FRACTION)"),
+    "gate_min_balanced_accuracy": (["null", "number"], {"minimum": 0, "maximum": 1},
+                                   "Promotion floor on test balanced accuracy"),
+    "gate_min_sensitivity": (["null", "number"], {"minimum": 0, "maximum": 1},
+                             "Promotion floor on test sensitivity"),
+    "gate_min_accuracy": (["null", "number"], {"minimum": 0, "maximum": 1}, "Promotion floor on test accuracy"),
+    "gate_margin": (["null", "number"], {"minimum": 0, "maximum": 1},
+                    "The candidate must beat the champion by this much"),
+}
+
+DAG_DOC = """
+# HemaFlow retraining: `{dataset}`
+
+{description}
+
+Runs **{schedule}** (cron, no catch-up) **or** as soon as new images land under
+`{asset_uri}` (the `hemaflow_watch_raw` DAG emits that Asset), one run at a time.
+
+| task | does | passes on |
+|---|---|---|
+| ingest | lists `{prefix}`, downloads only new/changed images, writes a manifest | manifest key |
+| validate | per-image checks + Great Expectations suite; quarantines bad images | validated key |
+| preprocess | resizes, splits by content hash, writes TFRecord shards | dataset version |
+| train | trains a candidate CNN, logs + registers it in MLflow; **skipped** when dataset version, configuration and code are unchanged | run id, model version |
+| evaluate | candidate vs `@champion` on the candidate's held-out test split | metrics |
+| gate | floors + margin decide: `promote` or `keep_champion` | decision |
+| promote | moves `@champion` (previous one kept as `@previous-champion`) | aliases |
+| keep_champion | records the candidate as `@challenger`; champion untouched | aliases |
+| notify_serving | asks the serving container to reload (it also polls) | status |
+| report | run summary in the task log and in MLflow (`<prefix>-pipeline-runs`) | summary run id |
+
+**Params** (all optional, null = configured value) override settings for this run only:
+epochs, image size, network input size, bad-fraction threshold and gate thresholds.
+"""
+
+
+def _overrides() -> dict[str, Any]:
+    params = get_current_context()["params"]
+    return {k: params[k] for k in OVERRIDE_PARAMS if params.get(k) is not None}
+
+
+def _settings() -> Settings:
+    """Settings for this task: environment/.env plus the run's params (validated by pydantic)."""
+    return get_settings(**_overrides())
+
+
+def _params() -> dict[str, Param]:
+    return {
+        name: Param(None, type=types, description=desc, **bounds)
+        for name, (types, bounds, desc) in OVERRIDE_PARAMS.items()
+    }
+
+
+def build_retrain_dag(spec: DatasetSpec, settings: Settings):
+    """The retraining DAG of one dataset spec."""
+    dataset = spec.name
+    asset = Asset(name=raw_asset_name(dataset), uri=raw_asset_uri(settings.s3_bucket, spec.s3_prefix))
+    schedule = AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(settings.retrain_schedule, timezone="UTC"), assets=[asset]
+    )
+    default_args = {
+        "owner": OWNER,
+        "retries": 2,
+        "retry_delay": timedelta(seconds=30),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(minutes=10),
+        "execution_timeout": timedelta(minutes=30),
+        "on_failure_callback": log_failure_summary,
+    }
+    train_timeout = timedelta(seconds=settings.train_time_budget_s * 2 + 1800)
+
+    @dag(
+        dag_id=f"{DAG_ID_PREFIX}{dataset}",
+        schedule=schedule,
+        start_date=DAG_START,
+        catchup=False,
+        max_active_runs=1,
+        dagrun_timeout=train_timeout + timedelta(hours=2),
+        default_args=default_args,
+        params=_params(),
+        tags=["hemaflow", "retraining", dataset],
+        doc_md=DAG_DOC.format(
+            dataset=dataset,
+            description=spec.description or "",
+            schedule=settings.retrain_schedule,
+            asset_uri=asset.uri,
+            prefix=spec.s3_prefix,
+        ),
+        on_failure_callback=log_failure_summary,
+        description=f"Retrain, gate and promote the {dataset} model",
+    )
+    def retrain():
+        @task(doc_md="Bring the ingest manifest up to date with the raw S3 prefix (only new/changed objects "
+                     "are downloaded, into a content-addressed cache). Returns the manifest key and counts.")
+        def ingest() -> dict:
+            from pipeline.ingest import ingest as ingest_raw
+
+            return ingest_raw(dataset, settings=_settings())
+
+        @task(doc_md="Validate every image and run the Great Expectations dataset suite on the manifest; "
+                     "bad images go to `quarantine/`. Fails **without retry** when the bad fraction is too high.")
+        def validate(ingested: dict) -> dict:
+            from pipeline.validate import ValidationFailed, validate as validate_manifest
+
+            try:
+                return validate_manifest(ingested["manifest_key"], dataset, settings=_settings())
+            except ValidationFailed as exc:  # a data problem: retrying cannot help
+                raise AirflowFailException(f"validation failed for {dataset}: {exc}") from exc
+
+        @task(execution_timeout=timedelta(hours=1),
+              doc_md="Resize (one policy, shared with serving), split by content hash and publish the processed "
+                     "dataset version. An unchanged re-run does nothing and says so.")
+        def preprocess(validated: dict) -> dict:
+            from pipeline.preprocess import preprocess as preprocess_validated
+
+            return preprocess_validated(validated["validated_key"], dataset, settings=_settings())
+
+        @task(retries=1, execution_timeout=train_timeout,
+              doc_md="Train a candidate, log it to MLflow and register a model version. **Skipped** when this "
+                     "dataset version, configuration and code were already trained and registered.")
+        def train(processed: dict) -> dict:
+            from training.train import train_candidate
+
+            result = train_candidate(dataset, processed["dataset_version"], settings=_settings())
+            # The report reads this key whether or not training was skipped.
+            get_current_context()["ti"].xcom_push(key="result", value=result)
+            if result.get("skipped"):
+                raise AirflowSkipException(f"training skipped: {result.get('reason')}")
+            return result
+
+        @task(doc_md="Evaluate the candidate and the current `@champion` on the candidate's held-out test split.")
+        def evaluate(trained: dict) -> dict:
+            from training.registry import evaluate_against_champion
+
+            return evaluate_against_champion(dataset, trained["model_version"], settings=_settings())
+
+        @task.branch(doc_md="Apply the promotion gate (absolute floors, margin over the champion). "
+                            "Chooses `promote` or `keep_champion`; the decision is in XCom key `decision`.")
+        def gate(comparison: dict) -> str:
+            from training.registry import decide_gate
+
+            decision = decide_gate(comparison, settings=_settings())
+            get_current_context()["ti"].xcom_push(key="decision", value=decision)
+            return "promote" if decision.get("passed") else "keep_champion"
+
+        @task(doc_md="Move `@champion` to the candidate (the previous one becomes `@previous-champion`).")
+        def promote(trained: dict, decision: dict) -> dict:
+            from training.registry import apply_gate
+
+            return apply_gate(dataset, trained["model_version"], decision, settings=_settings())
+
+        @task(doc_md="The candidate did not pass: record it as `@challenger` with the reason; "
+                     "`@champion` is untouched.")
+        def keep_champion(trained: dict, decision: dict) -> dict:
+            from training.registry import apply_gate
+
+            return apply_gate(dataset, trained["model_version"], decision, settings=_settings())
+
+        @task(retries=0, execution_timeout=timedelta(minutes=5),
+              doc_md="POST `/v1/admin/reload` to the serving container. Tolerant: when serving is down it logs "
+                     "and continues (serving polls the registry too).")
+        def notify_serving() -> dict:
+            from pipeline.notify import notify_serving as post_reload
+
+            return post_reload(settings=_settings())
+
+        @task(trigger_rule=TriggerRule.NONE_FAILED,
+              doc_md="Summarise the run (ingested, quarantined, trained, promoted, and why) in this log and in "
+                     "MLflow (experiment `<prefix>-pipeline-runs`, tags on the candidate run).")
+        def report() -> dict:
+            from pipeline.report import report_run
+
+            ctx = get_current_context()
+            ti = ctx["ti"]
+            stages = {
+                name: ti.xcom_pull(task_ids=name)
+                for name in ("ingest", "validate", "preprocess", "evaluate", "promote", "keep_champion",
+                             "notify_serving")
+            }
+            stages["train"] = ti.xcom_pull(task_ids="train", key="result")
+            stages["gate"] = ti.xcom_pull(task_ids="gate", key="decision")
+            run = {"dag_id": ti.dag_id, "run_id": ti.run_id, "params": _overrides()}
+            return report_run(dataset, stages, run, settings=_settings())
+
+        ingested = ingest()
+        processed = preprocess(validate(ingested))
+        trained = train(processed)
+        gate_choice = gate(evaluate(trained))
+        decision = gate_choice["decision"]
+        promoted = promote(trained, decision)
+        kept = keep_champion(trained, decision)
+        gate_choice >> [promoted, kept]
+        notified = notify_serving()
+        promoted >> notified
+        [trained, notified, kept] >> report()
+
+    return retrain()
+
+
+def _build_all() -> dict[str, Any]:
+    settings = get_settings()
+    return {f"{DAG_ID_PREFIX}{spec.name}": build_retrain_dag(spec, settings) for spec in list_specs()}
+
+
+globals().update(_build_all())
