@@ -1,0 +1,1 @@
+"""HemaFlow training: CNN, evaluation, MLflow tracking, serving bundle and promotion gate."""

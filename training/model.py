@@ -1,0 +1,131 @@
+"""The CNN: a small from-scratch network whose head makes Grad-CAM free at serving time.
+
+Architecture (no pretrained weights can be downloaded here):
+
+    image [S, S, 3] float 0..255  (exactly what `pipeline.imaging.prepare_image` returns)
+      -> Rescaling(1/255) -> Resizing(TRAIN_INPUT_SIZE)       normalisation lives IN the model
+      -> MODEL_DEPTH conv blocks (3x3 conv, BatchNorm, ReLU; width doubles per block, capped),
+         every block but the last halves the resolution with max-pooling
+      -> "features" A [h, w, K]  -> GlobalAveragePooling -> Dropout -> Dense(C) "logits"
+      -> softmax "probabilities"
+
+Because the head is GAP -> Dense, the Grad-CAM weights of class c are the dense kernel's
+column W[:, c] (divided by h*w), so `class_maps = einsum(A, W)` is Grad-CAM up to that constant.
+The export graph returns it next to the probabilities, and serving needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+FEATURES_LAYER = "features"
+LOGITS_LAYER = "logits"
+PROBABILITIES_LAYER = "probabilities"
+INPUT_NAME = "image"
+OUTPUT_PROBABILITIES = "probabilities"
+OUTPUT_CLASS_MAPS = "class_maps"
+MAX_FILTERS = 256
+DROPOUT = 0.3
+WEIGHT_DECAY = 1e-4
+# Faster-moving BatchNorm statistics than Keras' 0.99: short runs (few hundred steps) need them.
+BN_MOMENTUM = 0.9
+
+
+def block_filters(width: int, depth: int) -> list[int]:
+    """Filters per conv block: doubling from `width`, capped to keep the model CPU-sized."""
+    return [min(width * 2**i, MAX_FILTERS) for i in range(depth)]
+
+
+def build_model(
+    num_classes: int,
+    image_size: int,
+    input_size: int,
+    width: int,
+    depth: int,
+    seed: int = 1337,
+    dropout: float = DROPOUT,
+) -> Any:
+    """Build the (uncompiled) Keras classifier; its output is the softmax probabilities."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    reg = keras.regularizers.L2(WEIGHT_DECAY)
+    inputs = keras.Input(shape=(image_size, image_size, 3), dtype="float32", name=INPUT_NAME)
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    if input_size != image_size:
+        x = layers.Resizing(input_size, input_size, interpolation="bilinear", name="resize")(x)
+    filters = block_filters(width, depth)
+    for i, f in enumerate(filters):
+        last = i == len(filters) - 1
+        # The first block is a single conv at full resolution (cheap stem); deeper blocks
+        # stack two convs, where the resolution is small enough to afford them on a CPU.
+        n_convs = 1 if i == 0 else 2
+        for j in range(n_convs):
+            x = layers.Conv2D(f, 3, padding="same", use_bias=False, kernel_regularizer=reg, name=f"b{i}_conv{j}")(x)
+            x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"b{i}_bn{j}")(x)
+            x = layers.ReLU(name=FEATURES_LAYER if (last and j == n_convs - 1) else f"b{i}_relu{j}")(x)
+        if not last:
+            x = layers.MaxPooling2D(2, name=f"b{i}_pool")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    if dropout > 0:
+        x = layers.Dropout(dropout, seed=seed, name="dropout")(x)
+    logits = layers.Dense(num_classes, kernel_regularizer=reg, name=LOGITS_LAYER)(x)
+    outputs = layers.Activation("softmax", dtype="float32", name=PROBABILITIES_LAYER)(logits)
+    return keras.Model(inputs, outputs, name="hemaflow_cnn")
+
+
+def feature_model(model: Any) -> Any:
+    """Sub-model: image -> last conv features A [N, h, w, K]."""
+    import keras
+
+    return keras.Model(model.inputs, model.get_layer(FEATURES_LAYER).output, name="hemaflow_features")
+
+
+def head_weights(model: Any):
+    """(W [K, C], b [C]) of the dense head, as numpy arrays."""
+    kernel, bias = model.get_layer(LOGITS_LAYER).get_weights()
+    return kernel, bias
+
+
+def serving_function(model: Any, image_size: int):
+    """(fn, input_signature) of the serving graph: image -> {probabilities, class_maps}.
+
+    The head is recomputed from the features with the trained dense weights, which is
+    exactly the inference path of `model` (dropout is off at inference).
+    """
+    import tensorflow as tf
+
+    feats_model = feature_model(model)
+    dense = model.get_layer(LOGITS_LAYER)
+
+    def serve(image):
+        feats = tf.cast(feats_model(image, training=False), tf.float32)
+        logits = tf.matmul(tf.reduce_mean(feats, axis=[1, 2]), dense.kernel) + dense.bias
+        return {
+            OUTPUT_PROBABILITIES: tf.nn.softmax(logits, axis=-1),
+            OUTPUT_CLASS_MAPS: tf.einsum("nhwk,kc->nhwc", feats, dense.kernel),
+        }
+
+    return serve, [tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name=INPUT_NAME)]
+
+
+def gradcam_keras(model: Any, images, class_index: int):
+    """Reference Grad-CAM with tf.GradientTape (pre-ReLU, un-normalised): sum_k alpha_k A_k.
+
+    alpha_k = mean over positions of d logit_c / d A_k. Used by tests to prove the exported
+    `class_maps` equal Grad-CAM (class_maps / (h*w) == this).
+    """
+    import keras
+    import tensorflow as tf
+
+    grad_model = keras.Model(
+        model.inputs, [model.get_layer(FEATURES_LAYER).output, model.get_layer(LOGITS_LAYER).output]
+    )
+    x = tf.convert_to_tensor(images, dtype=tf.float32)
+    with tf.GradientTape() as tape:
+        feats, logits = grad_model(x, training=False)
+        target = logits[:, class_index]
+    grads = tape.gradient(target, feats)
+    alpha = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)
+    return tf.reduce_sum(alpha * feats, axis=-1).numpy()
