@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.cli_stages import add_stage_commands
 from pipeline.settings import get_settings
 
 
@@ -34,12 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stack", help="start, stop or report the local SeaweedFS + MLflow stack")
     p.add_argument("action", choices=["up", "down", "status"])
     p.set_defaults(func=_stack)
-    try:
-        from pipeline.cli_stages import add_stage_commands
-    except ImportError:
-        pass
-    else:
-        add_stage_commands(sub)
+    add_stage_commands(sub)
     return parser
 
 

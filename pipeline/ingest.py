@@ -181,8 +181,12 @@ def load_previous(client, settings: Settings, dataset: str) -> tuple[dict | None
     return pointer, {r["key"]: r for r in rows}
 
 
-def ingest(dataset: str, settings: Settings | None = None, show_progress: bool = False) -> dict:
+def ingest(dataset: str, settings: Settings | None = None, show_progress: bool = False,
+           before_download=None) -> dict:
     """Bring the manifest of `dataset` up to date with its S3 prefix.
+
+    `before_download(n)` is called when n > 0 objects are about to be downloaded (run_pipeline
+    uses it to start slow imports while the downloads wait on the network).
 
     Returns {manifest_key, new, changed, deleted, unchanged, total, unassigned, errors,
     downloaded_bytes, reused}; `reused` is True when nothing changed and the previous
@@ -224,6 +228,8 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
 
     fetched: list[dict] = []
     if to_fetch:
+        if before_download is not None:
+            before_download(len(to_fetch))
         with ThreadPoolExecutor(max_workers=s.transfer_workers) as pool:
             fetched = list(progress(pool.map(_fetch, to_fetch), len(to_fetch), f"ingest {dataset}", show_progress))
     rows = sorted(unchanged + fetched, key=lambda r: r["key"])

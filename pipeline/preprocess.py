@@ -1,0 +1,141 @@
+"""Preprocess: validated manifest -> resized RGB TFRecord shards at processed/<dataset>/<version>/.
+
+`dataset_version` is a hash of the sorted (sha256, label) pairs, the label order, the
+preprocessing parameters (IMAGE_SIZE, policy, resample) and the split parameters (fractions,
+salt): the same data and parameters always give the same version, so an unchanged re-run
+finds `dataset.json` already there, does nothing and says so (`created=False`).
+
+Images go through `imaging.prepare_image` (the function serving uses) in a thread pool:
+Pillow releases the GIL while decoding and resizing, so threads use both cores without
+the pickling cost of processes. Shards, manifest.jsonl (with a `split` column) and finally
+dataset.json are uploaded; a local copy is kept in the processed cache so training on the
+same machine does not download it again.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pipeline.settings import Settings, get_settings
+
+PREPROCESS_VERSION = 1
+
+
+def preprocessing_params(settings: Settings) -> dict[str, Any]:
+    from pipeline.imaging import RESAMPLE
+
+    return {"policy": "resize_shorter_center_crop", "resample": RESAMPLE.name.lower(),
+            "image_size": settings.image_size, "preprocess_version": PREPROCESS_VERSION}
+
+
+def split_params(settings: Settings) -> dict[str, Any]:
+    from pipeline.splits import SPLITS_VERSION
+
+    return {"val_fraction": settings.val_fraction, "test_fraction": settings.test_fraction,
+            "salt": settings.split_salt, "splits_version": SPLITS_VERSION}
+
+
+def dataset_version(pairs: list[tuple[str, str]], labels: list[str], preprocessing: dict, splits: dict) -> str:
+    """Content hash of the dataset: sorted (sha256, label) + label order + parameters."""
+    from pipeline.common import stable_hash
+
+    return stable_hash({"pairs": sorted(pairs), "labels": list(labels), "preprocessing": preprocessing,
+                        "splits": splits}, 20)
+
+
+def preprocess(validated_key: str, dataset: str, settings: Settings | None = None,
+               show_progress: bool = False) -> dict:
+    """Write the processed dataset version for the validated rows (or find it already there)."""
+    from pipeline.common import get_jsonl, progress, s3_call, to_jsonl, utc_now
+    from pipeline.dataset_spec import load_spec
+    from pipeline.imaging import prepare_image
+    from pipeline.ingest import ensure_cached
+    from pipeline.processed import (MANIFEST_FILE, META_FILE, SPLITS, DatasetMeta, encode_example,
+                                    local_version_dir, shard_name, version_prefix)
+    from pipeline.splits import assign_splits, split_score
+    from pipeline.storage import ensure_bucket, object_exists, s3_client
+
+    s = settings or get_settings()
+    spec = load_spec(dataset, s.dataset_specs_dir)
+    client = s3_client(s)
+    ensure_bucket(client, s)
+    rows = s3_call(s, "read validated manifest", get_jsonl, client, s.s3_bucket, validated_key)
+    if not rows:
+        raise ValueError(f"{validated_key} has no images: nothing to preprocess")
+    prep, split_cfg = preprocessing_params(s), split_params(s)
+    version = dataset_version([(r["sha256"], r["label"]) for r in rows], spec.labels, prep, split_cfg)
+    prefix = version_prefix(dataset, version)
+    if s3_call(s, "check version", object_exists, client, s.s3_bucket, prefix + META_FILE):
+        return {"dataset_version": version, "prefix": prefix, "created": False, "counts": None,
+                "message": f"dataset version {version} already exists: nothing to do"}
+
+    splits = assign_splits(((r["sha256"], r["label"]) for r in rows), s.val_fraction, s.test_fraction,
+                           s.split_salt)
+    label_index = spec.label_index
+    # Order within a split by split score: deterministic and label-mixed within every shard.
+    ordered = {sp: sorted((r for r in rows if splits[r["sha256"]] == sp),
+                          key=lambda r: (split_score(r["sha256"], s.split_salt), r["sha256"])) for sp in SPLITS}
+
+    def _encode(row: dict) -> bytes:
+        data = ensure_cached(row, s, client).read_bytes()
+        return encode_example(prepare_image(data, s.image_size, s.max_image_pixels), label_index[row["label"]],
+                              row["sha256"])
+
+    import tensorflow as tf
+
+    final_dir = local_version_dir(s, dataset, version)
+    work = final_dir.parent / f".tmp-{version}-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    shards: dict[str, list[str]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    manifest: list[dict] = []
+    workers = max(2, os.cpu_count() or 2)
+    bar = progress(range(len(rows)), len(rows), f"preprocess {dataset}", show_progress)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for sp in SPLITS:
+                items = ordered[sp]
+                total = max(1, math.ceil(len(items) / s.shard_size)) if items else 0
+                shards[sp] = []
+                counts[sp] = dict(sorted(Counter(r["label"] for r in items).items()))
+                for index in range(total):
+                    chunk = items[index * s.shard_size:(index + 1) * s.shard_size]
+                    name = shard_name(sp, index, total)
+                    with tf.io.TFRecordWriter(str(work / name)) as writer:
+                        for row, record in zip(chunk, pool.map(_encode, chunk)):
+                            writer.write(record)
+                            next(bar, None)
+                    shards[sp].append(name)
+                    manifest.extend({**{k: row.get(k) for k in ("key", "sha256", "class", "label", "bytes",
+                                                                   "width", "height", "format", "mode")},
+                                     "split": sp, "shard": name} for row in chunk)
+        (work / MANIFEST_FILE).write_bytes(to_jsonl(manifest))
+        meta = DatasetMeta(
+            dataset=dataset, dataset_version=version, image_size=s.image_size, labels=spec.labels,
+            classes=dict(spec.classes), positive_label=spec.positive_label, counts=counts, shards=shards,
+            preprocessing={**prep, "splits": split_cfg}, source_manifest_key=validated_key,
+            validation_summary_key=validated_key.rsplit("/", 1)[0] + "/summary.json", created_at=utc_now(),
+            extra={"images": len(rows), "shard_size": s.shard_size},
+        )
+        names = [n for sp in SPLITS for n in shards[sp]] + [MANIFEST_FILE]
+        with ThreadPoolExecutor(max_workers=s.transfer_workers) as pool:
+            list(pool.map(lambda n: s3_call(s, f"upload {n}", client.upload_file, str(work / n), s.s3_bucket,
+                                            prefix + n), names))
+        (work / META_FILE).write_text(meta.to_json(), encoding="utf-8")
+        s3_call(s, "upload dataset.json", client.put_object, Bucket=s.s3_bucket, Key=prefix + META_FILE,
+                Body=meta.to_json().encode(), ContentType="application/json")  # last: marks completeness
+        if not (final_dir / META_FILE).is_file():
+            shutil.rmtree(final_dir, ignore_errors=True)
+            os.replace(work, final_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    per_split = {sp: sum(c.values()) for sp, c in counts.items()}
+    return {"dataset_version": version, "prefix": prefix, "created": True, "counts": counts,
+            "per_split": per_split, "message": f"dataset version {version} written: {per_split}"}

@@ -1,0 +1,83 @@
+"""Pipeline stages end to end against the real SeaweedFS of the session stack."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def test_processed_tiny_is_complete_and_readable(processed_tiny):
+    from pipeline.processed import META_FILE, fetch_processed, read_local_manifest, read_local_meta
+
+    settings, dataset, version = processed_tiny
+    folder = fetch_processed(dataset, version, settings)
+    meta = read_local_meta(folder)
+    assert meta.dataset_version == version and meta.labels == ["abnormal", "normal"]
+    assert meta.image_size == 32
+    rows = read_local_manifest(folder)
+    assert len(rows) == 48
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    for split in ("train", "val", "test"):
+        assert set(meta.counts[split]) == {"normal", "abnormal"}, meta.counts
+    assert sum(sum(c.values()) for c in meta.counts.values()) == 48
+    assert (folder / META_FILE).is_file()
+
+    import tensorflow as tf
+
+    from pipeline.processed import feature_spec
+
+    names = [str(folder / n) for n in meta.shards["train"]]
+    records = list(tf.data.TFRecordDataset(names))
+    assert len(records) == sum(meta.counts["train"].values())
+    ex = tf.io.parse_single_example(records[0], feature_spec())
+    image = np.frombuffer(ex["image"].numpy(), dtype=np.uint8).reshape(32, 32, 3)
+    assert image.std() > 1  # real pixels, not zeros
+    assert int(ex["label"]) in (0, 1)
+
+
+def test_unchanged_rerun_does_nothing(processed_tiny):
+    from pipeline.run import run_pipeline
+
+    settings, dataset, version = processed_tiny
+    result = run_pipeline(dataset, settings)
+    assert result["ingest"]["reused"] is True
+    assert result["ingest"]["new"] == result["ingest"]["changed"] == result["ingest"]["deleted"] == 0
+    assert result["validate"]["reused"] is True
+    assert result["preprocess"]["created"] is False
+    assert result["preprocess"]["dataset_version"] == version
+
+
+def test_upload_skips_identical_and_ingest_diffs(tiny_dataset_factory, s3, tmp_path):
+    from pipeline.ingest import ingest
+    from pipeline.upload import upload_tree
+
+    settings, dataset, root = tiny_dataset_factory({"neg": 5, "pos": 5})
+    first = upload_tree(root, dataset, settings)
+    assert first["uploaded"] == 10 and first["skipped"] == 0
+    again = upload_tree(root, dataset, settings)
+    assert again["uploaded"] == 0 and again["skipped"] == 10
+
+    r1 = ingest(dataset, settings)
+    assert (r1["new"], r1["total"], r1["reused"]) == (10, 10, False)
+    # change one image, delete one, add one outside any class folder
+    changed = sorted((root / "neg").iterdir())[0]
+    changed.write_bytes((root / "pos" / "pos_0000.png").read_bytes())
+    upload_tree(root, dataset, settings)
+    bucket = settings.s3_bucket
+    s3.delete_object(Bucket=bucket, Key=f"raw/{dataset}/pos/pos_0004.png")
+    s3.put_object(Bucket=bucket, Key=f"raw/{dataset}/stray.png", Body=b"x")
+    s3.put_object(Bucket=bucket, Key=f"raw/{dataset}/Unknown/a.png", Body=b"x")
+    r2 = ingest(dataset, settings)
+    assert (r2["new"], r2["changed"], r2["deleted"], r2["unchanged"]) == (0, 1, 1, 8)
+    assert r2["deleted_keys"] == [f"raw/{dataset}/pos/pos_0004.png"]
+    assert sorted(r2["unassigned_keys"]) == [f"raw/{dataset}/Unknown/a.png", f"raw/{dataset}/stray.png"]
+    latest = json.loads(s3.get_object(Bucket=bucket, Key=f"manifests/{dataset}/latest.json")["Body"].read())
+    assert latest["manifest_key"] == r2["manifest_key"] and latest["counts"]["deleted"] == 1
+    rows = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=r2["manifest_key"])["Body"].read().splitlines()]
+    assert len(rows) == 9
+    row = next(r for r in rows if r["key"].endswith("neg/neg_0000.png"))
+    assert row["label"] == "normal" and row["format"] == "PNG" and row["width"] == 48 and row["mode"] == "RGB"
