@@ -1,0 +1,98 @@
+"""Pydantic request/response schemas of the versioned API (they are the OpenAPI documentation)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ModelRef(BaseModel):
+    name: str = Field(description="Registered model name, e.g. hemaflow-leukemia")
+    version: str = Field(description="Registry version, or local-<sha256 prefix> for a local bundle")
+    dataset_version: str
+    run_id: str = ""
+
+
+class ClinicalContext(BaseModel):
+    label: str
+    title: str
+    what: str = Field(description="What the cell or finding is")
+    normal_share: str | None = Field(None, description="Normal share of white cells, where that applies")
+    increase: str = Field(description="What an increase can mean")
+    note: str = Field(description="Screening aid, not a diagnosis")
+
+
+class Explanation(BaseModel):
+    label: str = Field(description="The class the heatmap explains (the predicted one)")
+    method: str = "grad-cam"
+    image_size: int
+    overlay_png_base64: str = Field(description="Jet-coloured Grad-CAM blended over the resized input, PNG")
+    input_png_base64: str = Field(description="The resized model input itself, PNG (for the overlay toggle)")
+
+
+class Prediction(BaseModel):
+    filename: str | None = None
+    label: str = Field(description="Predicted class (binary tasks apply the bundle threshold)")
+    task_label: str = Field(description="Task-level answer, e.g. normal / abnormal")
+    confidence: float = Field(description="Probability of the predicted class")
+    probabilities: dict[str, float] = Field(description="Probability of every class, in model order")
+    threshold: float | None = Field(None, description="Binary tasks: P(positive) >= threshold => positive")
+    positive_label: str | None = None
+    model: ModelRef
+    processing_ms: float = Field(description="Server time for this request (decode, model, response)")
+    clinical: ClinicalContext
+    explanation: Explanation | None = None
+
+
+class BatchItemError(BaseModel):
+    filename: str | None = None
+    error: str
+    detail: str
+
+
+class BatchPrediction(BaseModel):
+    results: list[Prediction | BatchItemError]
+    model: ModelRef
+    processing_ms: float
+
+
+class ModelInfo(BaseModel):
+    model: ModelRef
+    source: str = Field(description="registry (follows @champion) or local (SERVING_BUNDLE_PATH)")
+    labels: list[str]
+    task: str
+    positive_label: str | None
+    threshold: float | None
+    image_size: int
+    metrics: dict[str, Any]
+    dataset: str | None = None
+    promoted_at: str | None = None
+    loaded_at: str | None = None
+    created_at: str | None = None
+    git_commit: str | None = None
+    clinical: dict[str, ClinicalContext]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    model_version: str | None = None
+    source: str
+    last_error: str | None = None
+    last_check_at: str | None = None
+
+
+class ReloadResponse(BaseModel):
+    changed: bool
+    ok: bool
+    version: str | None
+    reason: str
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="Machine-readable code, e.g. too_large, not_an_image, truncated")
+    detail: str = Field(description="What is wrong, in words")
