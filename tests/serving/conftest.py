@@ -1,0 +1,238 @@
+"""Serving-test fixtures: real bundles (from training's exporter) and real uvicorn servers.
+
+Servers are `python -m serving` subprocesses on free ports, so tests exercise the same
+process, sockets and lifespan as production; each is stopped by its fixture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO_ROOT, free_port
+
+START_TIMEOUT_S = 60.0
+
+
+def resum(folder: Path) -> None:
+    """Rewrite SHA256SUMS after a test edited a bundle on purpose (a signed-but-wrong bundle)."""
+    lines = []
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != "SHA256SUMS":
+            lines.append(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(folder).as_posix()}")
+    (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="session")
+def serving_bundles(tiny_bundle_dir: Path, tiny_keras_model, tmp_path_factory) -> dict[str, Path]:
+    """good (training's tiny bundle), good2 (same model, another dataset version),
+    tampered (model bytes changed, stale checksums) and bad_canary (checksums fine, canary wrong)."""
+    from tests.fixtures.training import TINY_CLASSES, TINY_LABELS, TINY_SIZE
+    from training.bundle import export_bundle
+
+    base = tmp_path_factory.mktemp("serving-bundles")
+    model, images, labels = tiny_keras_model
+    good2 = base / "good2"
+    export_bundle(
+        model, good2, dataset="tiny", dataset_version="tiny-v2", labels=TINY_LABELS, classes=TINY_CLASSES,
+        image_size=TINY_SIZE, canary_images=images[4:6], canary_labels=[TINY_LABELS[k] for k in labels[4:6]],
+        positive_label="abnormal", threshold=0.5, metrics={"accuracy": 1.0}, run_id="local-test-2",
+        model_name="hemaflow-tiny", git_commit="test",
+    )
+    tampered = base / "tampered"
+    shutil.copytree(tiny_bundle_dir, tampered)
+    blob = bytearray((tampered / "model.tflite").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (tampered / "model.tflite").write_bytes(bytes(blob))
+    bad_canary = base / "bad_canary"
+    shutil.copytree(tiny_bundle_dir, bad_canary)
+    meta = json.loads((bad_canary / "bundle.json").read_text())
+    meta["canaries"][0]["probabilities"] = [0.5] * len(meta["labels"])
+    (bad_canary / "bundle.json").write_text(json.dumps(meta))
+    resum(bad_canary)
+    return {"good": tiny_bundle_dir, "good2": good2, "tampered": tampered, "bad_canary": bad_canary}
+
+
+def point_link(link: Path, target: Path) -> None:
+    """Atomically repoint a symlink (how a deploy swaps the bundle folder)."""
+    tmp = link.with_name(link.name + ".tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(target, target_is_directory=True)
+    os.replace(tmp, link)
+
+
+class ServingProcess:
+    """A `python -m serving` subprocess on a free port."""
+
+    def __init__(self, env: dict[str, str], workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.tmpdir = workdir / "tmp"
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / "serving.log"
+        self.env = {
+            **os.environ,
+            "HEMAFLOW_ENV_FILE": "",
+            "PYTHONPATH": str(REPO_ROOT),
+            "TMPDIR": str(self.tmpdir),  # the privacy test checks nothing lands here
+            "SERVING_PORT": str(self.port),
+            **env,
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait_ready: bool = True) -> ServingProcess:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serving", "--port", str(self.port)],
+            cwd=str(REPO_ROOT), env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        path = "/readyz" if wait_ready else "/healthz"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serving exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + path, timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"serving not {'ready' if wait_ready else 'live'} after {START_TIMEOUT_S}s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+@pytest.fixture
+def serving_server(tmp_path: Path):
+    """Factory: start a serving subprocess with extra env; every one started is stopped."""
+    started: list[ServingProcess] = []
+
+    def start(env: dict[str, str], wait_ready: bool = True) -> ServingProcess:
+        proc = ServingProcess(env, tmp_path / f"server{len(started)}")
+        started.append(proc)
+        return proc.start(wait_ready)
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def local_bundle_server(serving_bundles, tmp_path_factory) -> Iterator[ServingProcess]:
+    """One server on the good bundle (via a symlink) for the API and bad-input tests."""
+    work = tmp_path_factory.mktemp("api-server")
+    link = work / "current"
+    point_link(link, serving_bundles["good"])
+    proc = ServingProcess(
+        {"SERVING_BUNDLE_PATH": str(link), "SERVING_ADMIN_API_KEYS": "admin-key-1,admin-key-2",
+         "SERVING_MAX_UPLOAD_BYTES": "2000000", "SERVING_MAX_BATCH": "4"},
+        work,
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def image_bytes(fmt: str = "JPEG", size: tuple[int, int] = (96, 80), mode: str = "RGB", seed: int = 0, **save) -> bytes:
+    rng = np.random.default_rng(seed)
+    if mode == "I;16":
+        arr = rng.integers(0, 65535, (size[1], size[0]), dtype=np.uint16)
+        img = Image.fromarray(arr)
+    else:
+        arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        img = Image.fromarray(arr).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+class TcpProxy:
+    """A loopback TCP forwarder: stopping it makes the upstream (MLflow) unreachable for real."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self._conns: list[socket.socket] = []
+        self._running = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while self._running:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self._running = False
+        self.sock.close()
+        for c in self._conns:
+            try:
+                c.close()
+            except OSError:
+                pass
