@@ -48,12 +48,12 @@ def check_image(data: bytes, settings: Settings) -> tuple[str | None, str | None
     from pipeline.imaging import ImageRejected, open_image, to_rgb
 
     s = settings
-    if len(data) < s.min_file_bytes and data:
-        return "file_too_small", f"{len(data)} bytes < MIN_FILE_BYTES={s.min_file_bytes}"
-    if len(data) > s.max_file_bytes:
+    if len(data) > s.max_file_bytes:  # before decoding: never decode an oversized file
         return "file_too_large", f"{len(data)} bytes > MAX_FILE_BYTES={s.max_file_bytes}"
     try:
-        img = open_image(data, s.max_image_pixels)
+        img = open_image(data, s.max_image_pixels)  # empty / not an image / bomb / truncated first
+        if len(data) < s.min_file_bytes:
+            return "file_too_small", f"{len(data)} bytes < MIN_FILE_BYTES={s.min_file_bytes}"
         fmt = str(img.format or "UNKNOWN").upper()
         if fmt not in s.allowed_format_set:
             return "format_not_allowed", f"{fmt} is not in ALLOWED_FORMATS={sorted(s.allowed_format_set)}"
