@@ -1,0 +1,133 @@
+"""tf.data input pipelines over a processed dataset version (see pipeline/processed.py).
+
+Shards hold raw uint8 pixels, so "decoding" is a reshape: the pipeline parses, caches the
+uint8 tensors in memory once, and only augmentation runs per epoch. Augmentation is
+applied to the training split only and fits smears: flips and 90-degree rotations (a
+smear has no orientation), small shifts, and colour/stain jitter (hue, saturation,
+brightness, contrast, per-channel gain), because the leukemia classes differ in staining
+and a model must not win on colour alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.processed import DatasetMeta, feature_spec
+
+SHIFT_FRACTION = 0.08
+HUE_DELTA = 0.04
+SATURATION_RANGE = (0.7, 1.3)
+BRIGHTNESS_DELTA = 0.12
+CONTRAST_RANGE = (0.75, 1.25)
+CHANNEL_GAIN = 0.08
+
+
+def configure_threads(threads: int | None = None) -> None:
+    """Size TensorFlow's thread pools for this small CPU (before any op runs)."""
+    import os
+
+    import tensorflow as tf
+
+    n = threads or os.cpu_count() or 2
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(max(2, n))
+    except RuntimeError:
+        pass  # already initialised in this process: keep its settings
+
+
+def shard_paths(folder: Path, meta: DatasetMeta, split: str) -> list[str]:
+    return [str(folder / name) for name in meta.shards.get(split, [])]
+
+
+def _parse(image_size: int):
+    import tensorflow as tf
+
+    spec = feature_spec()
+
+    def parse(serialized):
+        ex = tf.io.parse_single_example(serialized, spec)
+        image = tf.reshape(tf.io.decode_raw(ex["image"], tf.uint8), [image_size, image_size, 3])
+        return image, tf.cast(ex["label"], tf.int32)
+
+    return parse
+
+
+def augment_image(image, seed: Any):
+    """One random smear-preserving augmentation of a uint8 image -> float32 0..255."""
+    import tensorflow as tf
+
+    size = tf.shape(image)[0]
+    seeds = tf.random.experimental.stateless_split(seed, 10)
+    x = tf.image.convert_image_dtype(image, tf.float32)  # 0..1 for the colour ops
+    x = tf.image.stateless_random_flip_left_right(x, seeds[0])
+    x = tf.image.stateless_random_flip_up_down(x, seeds[1])
+    k = tf.random.stateless_uniform([], seeds[2], 0, 4, dtype=tf.int32)
+    x = tf.image.rot90(x, k)
+    pad = tf.cast(tf.cast(size, tf.float32) * SHIFT_FRACTION, tf.int32)
+    padded = tf.pad(x, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+    x = tf.image.stateless_random_crop(padded, tf.stack([size, size, 3]), seeds[3])
+    x = tf.image.stateless_random_hue(x, HUE_DELTA, seeds[4])
+    x = tf.image.stateless_random_saturation(x, *SATURATION_RANGE, seeds[5])
+    x = tf.image.stateless_random_brightness(x, BRIGHTNESS_DELTA, seeds[6])
+    x = tf.image.stateless_random_contrast(x, *CONTRAST_RANGE, seeds[7])
+    gain = tf.random.stateless_uniform([1, 1, 3], seeds[8], 1 - CHANNEL_GAIN, 1 + CHANNEL_GAIN)
+    x = tf.clip_by_value(x * gain, 0.0, 1.0)
+    return x * 255.0
+
+
+def make_dataset(
+    folder: Path,
+    meta: DatasetMeta,
+    split: str,
+    batch_size: int,
+    training: bool = False,
+    seed: int = 1337,
+) -> Any:
+    """Batched (image float32 0..255, label int32) dataset of one split."""
+    import tensorflow as tf
+
+    files = shard_paths(folder, meta, split)
+    if not files:
+        raise ValueError(f"processed version {meta.dataset_version} has no {split!r} shards")
+    autotune = tf.data.AUTOTUNE
+    ds = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 4))
+    ds = ds.map(_parse(meta.image_size), num_parallel_calls=autotune).cache()
+    if training:
+        n = sum(meta.counts.get(split, {}).values()) or 1024
+        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+        # A fresh, reproducible seed per element and epoch (stateless ops are deterministic).
+        seeds = tf.data.Dataset.random(seed=seed).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda pair, s: (augment_image(pair[0], s), pair[1]), num_parallel_calls=autotune
+        )
+    else:
+        ds = ds.map(lambda img, y: (tf.cast(img, tf.float32), y), num_parallel_calls=autotune)
+    return ds.batch(batch_size).prefetch(autotune)
+
+
+def load_split_arrays(folder: Path, meta: DatasetMeta, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """All images (uint8 [N,S,S,3]) and labels (int [N]) of a split, in shard order."""
+    import tensorflow as tf
+
+    images, labels = [], []
+    ds = tf.data.TFRecordDataset(shard_paths(folder, meta, split)).map(_parse(meta.image_size)).batch(256)
+    for img, y in ds.as_numpy_iterator():
+        images.append(img)
+        labels.append(y)
+    if not images:
+        return np.zeros((0, meta.image_size, meta.image_size, 3), np.uint8), np.zeros((0,), np.int64)
+    return np.concatenate(images), np.concatenate(labels).astype(np.int64)
+
+
+def class_weights(meta: DatasetMeta) -> dict[int, float]:
+    """Balanced weights n / (C * n_c) from the train counts (labels with no images get 1)."""
+    counts = meta.counts.get("train", {})
+    total = sum(counts.values())
+    c = len(meta.labels)
+    return {
+        i: (total / (c * counts[label]) if counts.get(label) else 1.0) for i, label in enumerate(meta.labels)
+    }

@@ -1,0 +1,458 @@
+"""Train one candidate model on one processed dataset version, track it in MLflow, register it.
+
+`train_candidate` is idempotent: a model version whose `config_hash` tag equals the hash of
+(dataset, dataset_version, training settings, training code, package versions) means the
+same training was already done, so it reports that version instead of training again.
+A NaN loss fails the MLflow run and registers nothing. Promotion is a separate step
+(`training.registry.promote_if_better`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.settings import PROJECT_ROOT, Settings, get_settings
+
+log = logging.getLogger("training")
+
+# Settings that define a training run (all go into the config hash and the MLflow params).
+TRAIN_SETTING_KEYS = (
+    "seed",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "model_width",
+    "model_depth",
+    "train_input_size",
+    "early_stopping_patience",
+    "train_time_budget_s",
+    "target_sensitivity",
+    "canary_count",
+)
+# Source files whose content defines "the same code" for idempotence.
+CODE_FILES = (
+    "training/model.py",
+    "training/data.py",
+    "training/train.py",
+    "training/evaluate.py",
+    "training/bundle.py",
+    "pipeline/processed.py",
+)
+MODEL_ARTIFACT = "model"
+TAG_CONFIG_HASH = "config_hash"
+
+
+class TrainingError(RuntimeError):
+    """Training could not produce a registered model."""
+
+
+class MlflowUnavailable(TrainingError):
+    """The MLflow tracking server cannot be reached."""
+
+
+# --- provenance ------------------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def code_hash() -> str:
+    digest = hashlib.sha256()
+    for rel in CODE_FILES:
+        path = PROJECT_ROOT / rel
+        digest.update(rel.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"") + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("tensorflow-cpu", "keras", "numpy", "mlflow", "ai-edge-litert", "pillow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def training_config(s: Settings) -> dict[str, Any]:
+    return {k: getattr(s, k) for k in TRAIN_SETTING_KEYS}
+
+
+def config_hash(s: Settings, dataset: str, dataset_version: str) -> str:
+    """Identity of a training run: data version + settings + code + package versions.
+
+    The training code is hashed by content rather than by git commit, so a commit that
+    touches only other parts of the project does not trigger a retrain.
+    """
+    payload = {
+        "dataset": dataset,
+        "dataset_version": dataset_version,
+        "config": training_config(s),
+        "code": code_hash(),
+        "packages": package_versions(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+# --- MLflow helpers --------------------------------------------------------------------------
+
+
+def check_mlflow(s: Settings, timeout_s: float = 3.0) -> None:
+    """Fail fast with a clear message instead of MLflow's long retry loop."""
+    url = s.mlflow_tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - configured URL
+            if resp.status == 200:
+                return
+            problem = f"HTTP {resp.status}"
+    except urllib.error.HTTPError as exc:
+        problem = f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise MlflowUnavailable(
+        f"MLflow tracking server at {s.mlflow_tracking_uri} is unreachable ({problem}). "
+        "Start the local stack with `python -m pipeline stack up` or set MLFLOW_TRACKING_URI."
+    )
+
+
+def mlflow_client(s: Settings):
+    """Point the mlflow fluent API at the configured server and return a client."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    check_mlflow(s)
+    mlflow.set_tracking_uri(s.mlflow_tracking_uri)
+    return MlflowClient(tracking_uri=s.mlflow_tracking_uri)
+
+
+def experiment_id(client, name: str) -> str:
+    """Get-or-create the experiment (tolerates a concurrent creator)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def find_version_by_config(client, model_name: str, chash: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{model_name}'")
+    except MlflowException:
+        return None
+    matches = [v for v in versions if v.tags.get(TAG_CONFIG_HASH) == chash]
+    return max(matches, key=lambda v: int(v.version)) if matches else None
+
+
+# --- dataset version resolution --------------------------------------------------------------
+
+
+def latest_dataset_version(dataset: str, settings: Settings | None = None) -> str:
+    """The newest complete processed version of `dataset` (by dataset.json creation time)."""
+    from pipeline.processed import META_FILE, DatasetMeta
+    from pipeline.storage import iter_objects, s3_client
+
+    s = settings or get_settings()
+    client = s3_client(s)
+    best: tuple[str, str] | None = None
+    for obj in iter_objects(client, s.s3_bucket, f"processed/{dataset}/"):
+        key = obj["Key"]
+        if not key.endswith("/" + META_FILE):
+            continue
+        meta = DatasetMeta.from_json(client.get_object(Bucket=s.s3_bucket, Key=key)["Body"].read().decode())
+        stamp = meta.created_at or str(obj.get("LastModified", ""))
+        if best is None or stamp > best[0]:
+            best = (stamp, meta.dataset_version)
+    if best is None:
+        raise TrainingError(f"no processed version of {dataset!r} in s3://{s.s3_bucket}/processed/{dataset}/; "
+                            "run the pipeline first (`python -m pipeline run --dataset ...`)")
+    return best[1]
+
+
+# --- callbacks -------------------------------------------------------------------------------
+
+
+def _callbacks(s: Settings, on_epoch: Callable[[int, dict], None] | None):
+    import keras
+
+    class TimeBudget(keras.callbacks.Callback):
+        """Stop before the next epoch would overrun the wall-clock budget."""
+
+        def __init__(self, budget_s: float) -> None:
+            super().__init__()
+            self.budget_s = budget_s
+            self.stopped_for_budget = False
+
+        def on_train_begin(self, logs=None):
+            self.start = time.monotonic()
+
+        def on_epoch_end(self, epoch, logs=None):
+            elapsed = time.monotonic() - self.start
+            per_epoch = elapsed / (epoch + 1)
+            if elapsed + per_epoch > self.budget_s:
+                self.stopped_for_budget = True
+                self.model.stop_training = True
+
+    class EpochHook(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if on_epoch is not None:
+                on_epoch(epoch, dict(logs or {}))
+
+    budget = TimeBudget(s.train_time_budget_s)
+    callbacks = [
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=s.early_stopping_patience, restore_best_weights=True, verbose=0
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.5, patience=max(1, s.early_stopping_patience // 3), min_lr=1e-5
+        ),
+        budget,
+        EpochHook(),
+    ]
+    return callbacks, budget
+
+
+def _finite(history: dict[str, list[float]], model) -> bool:
+    losses = history.get("loss", [])
+    if not losses or any(not math.isfinite(v) for v in losses):
+        return False
+    return all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def _pick_canaries(images: np.ndarray, y: np.ndarray, labels: list[str], count: int):
+    """Up to `count` images, round-robin over labels, so every class has a canary when possible."""
+    order: list[int] = []
+    per_label = [list(np.flatnonzero(y == k)) for k in range(len(labels))]
+    while len(order) < min(count, len(y)) and any(per_label):
+        for bucket in per_label:
+            if bucket and len(order) < count:
+                order.append(int(bucket.pop(0)))
+    return images[order], [labels[int(y[i])] for i in order]
+
+
+def _log_validation_summary(s: Settings, meta, out: Path) -> list[Path]:
+    """Copy the foundation stage's validation summary (json + md) next to the run."""
+    from pipeline.storage import s3_client
+
+    if not meta.validation_summary_key:
+        return []
+    client = s3_client(s)
+    base = meta.validation_summary_key.rsplit("/", 1)[0]
+    written = []
+    for name in ("summary.json", "summary.md"):
+        try:
+            body = client.get_object(Bucket=s.s3_bucket, Key=f"{base}/{name}")["Body"].read()
+        except Exception:  # noqa: BLE001 - optional artifact; absence is logged below
+            continue
+        path = out / name
+        path.write_bytes(body)
+        written.append(path)
+    if not written:
+        log.warning("validation summary %s not found; not logged", meta.validation_summary_key)
+    return written
+
+
+# --- the training run ------------------------------------------------------------------------
+
+
+def train_candidate(
+    dataset: str,
+    dataset_version: str | None = None,
+    settings: Settings | None = None,
+    verbose: int = 0,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train, evaluate, log and register one model; returns {run_id, model_version, skipped, reason, ...}.
+
+    `overrides` replace settings fields for this run (e.g. epochs=2). `verbose` is Keras'
+    fit verbosity (the CLI shows a progress bar); `on_epoch(epoch, logs)` is called per epoch.
+    """
+    import mlflow
+
+    from pipeline.processed import MANIFEST_FILE, fetch_processed, load_meta
+
+    s = settings or get_settings()
+    if overrides:
+        s = s.model_copy(update=overrides)
+    client = mlflow_client(s)
+    dataset_version = dataset_version or latest_dataset_version(dataset, s)
+    model_name = s.model_name(dataset)
+    chash = config_hash(s, dataset, dataset_version)
+    existing = find_version_by_config(client, model_name, chash)
+    if existing is not None:
+        reason = (f"{model_name} version {existing.version} was already trained on {dataset_version} "
+                  f"with the same configuration and code (config_hash {chash})")
+        log.info("skipped: %s", reason)
+        return {"run_id": existing.run_id, "model_version": str(existing.version), "skipped": True,
+                "reason": reason, "model_name": model_name, "dataset_version": dataset_version}
+
+    meta = load_meta(dataset, dataset_version, s)
+    folder = fetch_processed(dataset, dataset_version, s)
+    manifest_sha = hashlib.sha256((folder / MANIFEST_FILE).read_bytes()).hexdigest()
+    commit = git_commit()
+    exp_id = experiment_id(client, model_name)
+    started = time.monotonic()
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"train-{dataset_version}") as run:
+        run_id = run.info.run_id
+        mlflow.set_tags({"dataset": dataset, "dataset_version": dataset_version, "git_commit": commit,
+                         TAG_CONFIG_HASH: chash, "code_hash": code_hash()})
+        mlflow.log_params({
+            **training_config(s),
+            "dataset": dataset,
+            "dataset_version": dataset_version,
+            "image_size": meta.image_size,
+            "labels": ",".join(meta.labels),
+            "positive_label": meta.positive_label or "",
+            "git_commit": commit,
+            "manifest_sha256": manifest_sha,
+            "source_manifest_key": meta.source_manifest_key,
+            **{f"n_{split}": sum(meta.counts.get(split, {}).values()) for split in ("train", "val", "test")},
+            **{f"pkg_{k}": v for k, v in package_versions().items()},
+        })
+        result = _fit_evaluate_log(s, meta, folder, run_id, model_name, commit, chash, verbose, on_epoch)
+        result["train_seconds"] = round(time.monotonic() - started, 1)
+        mlflow.log_metric("wall_seconds", result["train_seconds"])
+    return result
+
+
+def _fit_evaluate_log(s, meta, folder: Path, run_id: str, model_name: str, commit: str, chash: str,
+                      verbose: int, on_epoch) -> dict[str, Any]:
+    import keras
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from training import evaluate as ev
+    from training.bundle import BUNDLE_ARTIFACT_DIR, export_bundle
+    from training.data import class_weights, configure_threads, load_split_arrays, make_dataset
+    from training.model import build_model
+
+    configure_threads()
+    keras.utils.set_random_seed(s.seed)
+    labels, binary = list(meta.labels), len(meta.labels) == 2
+    train_ds = make_dataset(folder, meta, "train", s.batch_size, training=True, seed=s.seed)
+    val_ds = make_dataset(folder, meta, "val", s.batch_size)
+    model = build_model(len(labels), meta.image_size, s.train_input_size, s.model_width, s.model_depth, seed=s.seed)
+    model.compile(
+        optimizer=keras.optimizers.Adam(s.learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    mlflow.log_param("model_params", model.count_params())
+
+    def _epoch(epoch: int, logs: dict) -> None:
+        finite = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+        mlflow.log_metrics(finite, step=epoch)
+        if on_epoch is not None:
+            on_epoch(epoch, logs)
+
+    callbacks, budget = _callbacks(s, _epoch)
+    history = model.fit(
+        train_ds, validation_data=val_ds, epochs=s.epochs, class_weight=class_weights(meta),
+        callbacks=callbacks, verbose=verbose,
+    ).history
+    if not _finite(history, model):
+        mlflow.set_tag("failure", "non-finite loss")
+        raise TrainingError(f"training of {meta.dataset} {meta.dataset_version} diverged (NaN/inf loss); "
+                            "the run is marked FAILED and nothing was registered")
+    mlflow.log_metrics({"epochs_run": len(history["loss"]), "stopped_for_time_budget": float(budget.stopped_for_budget)})
+
+    # Evaluation: threshold from validation, figures from test.
+    val_x, val_y = load_split_arrays(folder, meta, "val")
+    test_x, test_y = load_split_arrays(folder, meta, "test")
+    val_p = model.predict(val_x.astype(np.float32), batch_size=64, verbose=0)
+    test_p = model.predict(test_x.astype(np.float32), batch_size=64, verbose=0)
+    positive = meta.positive_label if binary else None
+    threshold = None
+    if binary and positive is not None:
+        pos = labels.index(positive)
+        threshold = ev.choose_threshold(val_y == pos, val_p[:, pos], s.target_sensitivity)
+    val_metrics = ev.compute_metrics(val_y, val_p, labels, positive, threshold)
+    test_metrics = ev.compute_metrics(test_y, test_p, labels, positive, threshold)
+    mlflow.log_metrics(ev.scalar_metrics(val_metrics, "validation_"))
+    mlflow.log_metrics(ev.scalar_metrics(test_metrics, "test_"))
+
+    with tempfile.TemporaryDirectory(prefix="hemaflow-train-") as tmp:
+        tmpdir = Path(tmp)
+        plots = tmpdir / "plots"
+        plots.mkdir()
+        ev.plot_confusion_matrix(test_metrics, labels, plots / "confusion_matrix.png")
+        ev.plot_roc(test_y, test_p, labels, positive, plots / "roc.png")
+        ev.plot_calibration(test_y, test_p, plots / "calibration.png")
+        ev.plot_training_curves(history, plots / "training_curves.png")
+        mlflow.log_artifacts(str(plots), "plots")
+        reports = tmpdir / "reports"
+        reports.mkdir()
+        (reports / "classification_report.txt").write_text(ev.classification_report(test_metrics, labels))
+        (reports / "test_metrics.json").write_text(json.dumps(test_metrics, indent=2))
+        (reports / "validation_metrics.json").write_text(json.dumps(val_metrics, indent=2))
+        (reports / "label_map.json").write_text(json.dumps(
+            {"labels": labels, "classes": meta.classes, "positive_label": meta.positive_label}, indent=2))
+        (reports / "dataset.json").write_text(meta.to_json())
+        (reports / "history.json").write_text(json.dumps({k: [float(x) for x in v] for k, v in history.items()}))
+        mlflow.log_artifacts(str(reports), "reports")
+        summary_dir = tmpdir / "validation"
+        summary_dir.mkdir()
+        if _log_validation_summary(s, meta, summary_dir):
+            mlflow.log_artifacts(str(summary_dir), "validation")
+
+        canary_x, canary_labels = _pick_canaries(val_x, val_y, labels, s.canary_count)
+        bundle_metrics = {k: v for k, v in test_metrics.items() if k != "per_class"}
+        bundle = export_bundle(
+            model, tmpdir / BUNDLE_ARTIFACT_DIR, dataset=meta.dataset, dataset_version=meta.dataset_version,
+            labels=labels, classes=meta.classes, image_size=meta.image_size, canary_images=canary_x,
+            canary_labels=canary_labels, positive_label=positive, threshold=threshold, metrics=bundle_metrics,
+            run_id=run_id, model_name=model_name, git_commit=commit,
+        )
+        mlflow.log_artifacts(str(bundle.folder), BUNDLE_ARTIFACT_DIR)
+        mlflow.log_metric("keras_tflite_max_abs_diff", bundle.meta["keras_tflite_max_abs_diff"])
+
+    sample = val_x[:2].astype(np.float32)
+    info = mlflow.tensorflow.log_model(
+        model, name=MODEL_ARTIFACT, signature=infer_signature(sample, model.predict(sample, verbose=0)),
+        pip_requirements=[f"{k}=={v}" for k, v in package_versions().items() if k in ("tensorflow-cpu", "keras")],
+    )
+    tags = {
+        "dataset": meta.dataset, "dataset_version": meta.dataset_version, "git_commit": commit,
+        TAG_CONFIG_HASH: chash, "task": "binary" if binary else "multiclass",
+        "threshold": "" if threshold is None else f"{threshold:.6f}",
+        **{f"metric.{k}": f"{v:.6f}" for k, v in ev.scalar_metrics(test_metrics).items() if "_" not in k or k in (
+            "balanced_accuracy", "macro_f1", "roc_auc", "pr_auc")},
+    }
+    version = mlflow.register_model(info.model_uri, model_name, tags=tags)
+    log.info("registered %s version %s (run %s)", model_name, version.version, run_id)
+    return {
+        "run_id": run_id, "model_version": str(version.version), "skipped": False,
+        "reason": f"trained on {meta.dataset_version}", "model_name": model_name,
+        "dataset_version": meta.dataset_version, "metrics": test_metrics, "threshold": threshold,
+        "epochs_run": len(history["loss"]),
+    }
