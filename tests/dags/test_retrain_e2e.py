@@ -12,7 +12,6 @@ builds on the state the previous one left, like a lab's week):
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -65,8 +64,6 @@ def retrain(local_stack, airflow_db, dagbag):
     from mlflow.artifacts import load_dict
     from mlflow.tracking import MlflowClient
 
-    saved = {k: os.environ.get(k) for k in FAST_ENV}
-    os.environ.update(FAST_ENV)
     client = MlflowClient(tracking_uri=local_stack.mlflow_tracking_uri)
     dag = dagbag.dags[DAG_ID]
 
@@ -80,15 +77,10 @@ def retrain(local_stack, airflow_db, dagbag):
         summary = load_dict(f"runs:/{found[0].info.run_id}/run_summary.json") if found else None
         return dag_run, states, summary
 
-    os.environ["MLFLOW_TRACKING_URI"] = local_stack.mlflow_tracking_uri
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {**FAST_ENV, "MLFLOW_TRACKING_URI": local_stack.mlflow_tracking_uri}.items():
+            mp.setenv(key, value)
         yield run
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
