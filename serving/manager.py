@@ -88,7 +88,7 @@ class ModelManager:
                 else:
                     model = self._load_registry(force)
             except BundleError as exc:
-                return self._refused(exc.reason, str(exc), trigger)
+                return self._refused(exc.reason, exc.detail, trigger)
             except registry.NoChampion as exc:
                 return self._refused("no_champion", str(exc), trigger)
             except registry.RegistryUnavailable as exc:
@@ -113,7 +113,7 @@ class ModelManager:
             return ReloadResult(True, model.identity.version, "loaded", True)
 
     def _refused(self, reason: str, detail: str, trigger: str) -> ReloadResult:
-        self.last_error = detail
+        self.last_error = f"{reason}: {detail}"
         self.metrics.reloads.labels(result="refused").inc()
         self.metrics.reload_failures.labels(reason=reason).inc()
         cur = self.current
