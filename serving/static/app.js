@@ -22,7 +22,7 @@
       if (!res.ok) throw new Error((await res.json()).detail || res.statusText);
       const m = await res.json();
       $("ready-dot").className = "dot ready";
-      text($("model-text"), `${m.model.name} · v${m.model.version} · data ${m.model.dataset_version}`);
+      text($("model-text"), `${m.model.name} · version ${m.model.version} · data ${m.model.dataset_version}`);
     } catch (err) {
       $("ready-dot").className = "dot down";
       text($("model-text"), "No model loaded yet");
@@ -75,7 +75,7 @@
     label.classList.toggle("positive", data.positive_label != null && data.label === data.positive_label);
     text($("pred-conf"), pct(data.confidence));
     text($("threshold-note"), data.threshold != null
-      ? `Decision rule: ${data.positive_label} when its probability ≥ ${pct(data.threshold)} (tuned for sensitivity).`
+      ? `Decision rule: ${data.positive_label} when its probability ≥ ${pct(data.threshold)}.`
       : "");
 
     const bars = $("bars");
