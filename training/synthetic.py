@@ -1,7 +1,7 @@
 """Tiny generated smear-like images for tests and smoke runs (no real data needed).
 
-Each class draws purple "cells" of a class-specific size on a pink background, so a
-small CNN can learn the classes in a few epochs while the images stay a few KB.
+Each class draws "cells" of a class-specific size and stain colour on a pink background,
+so a small CNN learns the classes in a few epochs while the images stay a few KB.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 BACKGROUND = np.array([232, 200, 210], dtype=np.float32)
-STAIN = np.array([110, 60, 150], dtype=np.float32)
+# Per-class stain colours (dark violet, light pink-violet, blue, magenta): easy to learn.
+STAINS = np.array([[90, 40, 140], [190, 150, 200], [60, 80, 170], [170, 50, 120]], dtype=np.float32)
 
 
 def synthetic_image(class_index: int, size: int, rng: np.random.Generator, separable: bool = True) -> np.ndarray:
@@ -21,7 +22,7 @@ def synthetic_image(class_index: int, size: int, rng: np.random.Generator, separ
     for _ in range(int(rng.integers(1, 3))):
         cy, cx = rng.uniform(radius, size - radius, 2)
         mask = ((yy - cy) ** 2 + (xx - cx) ** 2) <= radius**2
-        img[mask] = STAIN * rng.uniform(0.85, 1.15)
+        img[mask] = STAINS[k % len(STAINS)] * rng.uniform(0.9, 1.1)
     img += rng.normal(0, 6, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 

@@ -70,16 +70,18 @@ def test_gate_promotes_better_rejects_worse_and_rollback_restores(local_stack):
     version = write_processed_version(s, dataset, TINY_CLASSES, TINY_COUNTS, positive_label="abnormal", seed=3)
     name = s.model_name(dataset)
     client = _client(s)
-    # An (almost) untrained model: learning rate 1e-7 for one epoch keeps the random init.
-    untrained = {"epochs": 1, "learning_rate": 1e-7}
+    # A deterministic bad model: trained on a version whose labels are swapped, evaluated on
+    # the true test split it is confidently wrong.
+    swapped = write_processed_version(s, dataset, TINY_CLASSES, TINY_COUNTS, positive_label="abnormal", seed=3,
+                                      swap_labels=True)
     no_floors = s.model_copy(update={"gate_min_balanced_accuracy": 0.0, "gate_min_sensitivity": 0.0})
 
-    weak = train_candidate(dataset, version, s, **untrained)
+    weak = train_candidate(dataset, swapped, s)
     first = promote_if_better(dataset, weak["model_version"], no_floors)
     assert first["decision"]["passed"] and first["comparison"]["champion"] is None
     assert "no champion" in first["decision"]["reason"]
 
-    good = train_candidate(dataset, version, s, epochs=8)
+    good = train_candidate(dataset, version, s)
     gate = promote_if_better(dataset, good["model_version"], s)
     assert gate["comparison"]["champion"]["version"] == weak["model_version"]
     assert gate["decision"]["passed"], gate["decision"]
@@ -89,8 +91,9 @@ def test_gate_promotes_better_rejects_worse_and_rollback_restores(local_stack):
     demoted = client.get_model_version(name, weak["model_version"])
     assert demoted.tags["demoted_by_version"] == good["model_version"] and demoted.tags["demoted_at"]
 
-    worse = train_candidate(dataset, version, s, seed=99, **untrained)
+    worse = train_candidate(dataset, swapped, s, seed=99)
     gate = promote_if_better(dataset, worse["model_version"], no_floors)
+    assert gate["comparison"]["evaluated_on"] == swapped  # the candidate's own test split
     assert gate["decision"]["passed"] is False, gate["decision"]
     assert "does not beat champion" in gate["decision"]["reason"]
     assert client.get_model_version_by_alias(name, "champion").version == good["model_version"]
