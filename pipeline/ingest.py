@@ -8,8 +8,9 @@ processes are removed on the next run. Unchanged objects reuse their previous ma
 so an unchanged re-run downloads nothing and writes no new manifest.
 
 Manifest rows (JSONL at `manifests/<dataset>/<ingest_id>.jsonl`): key, etag, sha256, bytes,
-format, width, height, mode, class, label, error, error_detail. Unreadable files are kept
-with `error` set: the validate stage decides what to do with them.
+format, width, height, mode, class, label, decoded, error, error_detail. Each new object is
+decoded completely once, here, while other downloads are in flight (`decoded` = true);
+unreadable files are kept with `error` set: the validate stage decides what to do with them.
 `manifests/<dataset>/latest.json` points at the newest manifest and records deletions and
 objects that are not under a class folder of the spec (reported, never silently dropped).
 """
@@ -25,7 +26,8 @@ from typing import Any
 from pipeline.settings import Settings, get_settings
 
 MANIFEST_FIELDS = (
-    "key", "etag", "sha256", "bytes", "format", "width", "height", "mode", "class", "label", "error", "error_detail",
+    "key", "etag", "sha256", "bytes", "format", "width", "height", "mode", "class", "label", "decoded", "error",
+    "error_detail",
 )
 REPORT_LIMIT = 200  # most keys listed in latest.json per category (counts are always complete)
 
@@ -150,16 +152,23 @@ def diff_listing(
 
 
 def describe_bytes(data: bytes, max_pixels: int) -> dict[str, Any]:
-    """Header facts of an image, or the reason it cannot be read (validation decides)."""
-    from pipeline.imaging import ImageRejected, read_header
+    """Facts of an image from a complete decode (and RGB conversion), or why that failed.
+
+    Ingest decodes while its downloads wait on the network, so validate can apply its rules
+    to these facts without decoding every image a second time. The decompression-bomb guard
+    runs on the header, before any pixel is decoded. Validation decides what the facts mean.
+    """
+    from pipeline.imaging import ImageRejected, open_image, to_rgb
 
     try:
-        info = read_header(data, max_pixels)
+        img = open_image(data, max_pixels)
+        facts = {"format": str(img.format or "UNKNOWN"), "width": img.width, "height": img.height,
+                 "mode": img.mode}
+        to_rgb(img)
     except ImageRejected as exc:
-        return {"format": None, "width": None, "height": None, "mode": None,
+        return {"format": None, "width": None, "height": None, "mode": None, "decoded": False,
                 "error": exc.reason, "error_detail": exc.detail}
-    return {"format": info.format, "width": info.width, "height": info.height, "mode": info.mode,
-            "error": None, "error_detail": None}
+    return {**facts, "decoded": True, "error": None, "error_detail": None}
 
 
 def manifest_prefix(dataset: str) -> str:

@@ -98,8 +98,16 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
     manifest: list[dict] = []
     workers = max(2, os.cpu_count() or 2)
     bar = progress(range(len(rows)), len(rows), f"preprocess {dataset}", show_progress)
+
+    def _upload(name: str) -> None:
+        with open(work / name, "rb") as fh:
+            s3_call(s, f"upload {name}", client.put_object, Bucket=s.s3_bucket, Key=prefix + name, Body=fh)
+
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        # One uploader thread: each finished shard goes up while the next one is encoded
+        # (parallel PUTs of large shards only thrash a small S3 server).
+        with ThreadPoolExecutor(max_workers=workers) as pool, ThreadPoolExecutor(max_workers=1) as uploader:
+            uploads = []
             for sp in SPLITS:
                 items = ordered[sp]
                 total = max(1, math.ceil(len(items) / s.shard_size)) if items else 0
@@ -112,11 +120,15 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
                         for row, record in zip(chunk, pool.map(_encode, chunk)):
                             writer.write(record)
                             next(bar, None)
+                    uploads.append(uploader.submit(_upload, name))
                     shards[sp].append(name)
                     manifest.extend({**{k: row.get(k) for k in ("key", "sha256", "class", "label", "bytes",
                                                                    "width", "height", "format", "mode")},
                                      "split": sp, "shard": name} for row in chunk)
-        (work / MANIFEST_FILE).write_bytes(to_jsonl(manifest))
+            (work / MANIFEST_FILE).write_bytes(to_jsonl(manifest))
+            uploads.append(uploader.submit(_upload, MANIFEST_FILE))
+            for future in uploads:
+                future.result()
         meta = DatasetMeta(
             dataset=dataset, dataset_version=version, image_size=s.image_size, labels=spec.labels,
             classes=dict(spec.classes), positive_label=spec.positive_label, counts=counts, shards=shards,
@@ -124,10 +136,6 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
             validation_summary_key=validated_key.rsplit("/", 1)[0] + "/summary.json", created_at=utc_now(),
             extra={"images": len(rows), "shard_size": s.shard_size},
         )
-        names = [n for sp in SPLITS for n in shards[sp]] + [MANIFEST_FILE]
-        with ThreadPoolExecutor(max_workers=s.transfer_workers) as pool:
-            list(pool.map(lambda n: s3_call(s, f"upload {n}", client.upload_file, str(work / n), s.s3_bucket,
-                                            prefix + n), names))
         (work / META_FILE).write_text(meta.to_json(), encoding="utf-8")
         s3_call(s, "upload dataset.json", client.put_object, Bucket=s.s3_bucket, Key=prefix + META_FILE,
                 Body=meta.to_json().encode(), ContentType="application/json")  # last: marks completeness

@@ -1,6 +1,7 @@
 """Validate: per-image checks, a Great Expectations suite on the manifest, quarantine.
 
-Per-image checks (a failure quarantines that image, with a reason):
+Per-image checks (a failure quarantines that image, with a reason), applied to the facts
+ingest recorded when it decoded each new image (older rows are decoded again here):
   decodes completely (zero-byte, non-image, truncated and corrupt files fail), format in
   ALLOWED_FORMATS, convertible to RGB, both sides within [MIN_IMAGE_SIDE, MAX_IMAGE_SIDE],
   file size within [MIN_FILE_BYTES, MAX_FILE_BYTES], declared pixels <= MAX_IMAGE_PIXELS
@@ -35,12 +36,31 @@ from typing import Any
 
 from pipeline.settings import Settings, get_settings
 
-CHECKS_VERSION = 1  # bump when the checks change: old validation results are then not reused
+CHECKS_VERSION = 2  # bump when the checks change: old validation results are then not reused
 SUMMARY_FILE = "summary.json"
 
 
 class ValidationFailed(RuntimeError):
     """The dataset is not fit for training (too many bad images or a failed dataset check)."""
+
+
+def check_facts(nbytes: int, fmt: str | None, width: int | None, height: int | None,
+                settings: Settings) -> tuple[str | None, str | None]:
+    """The policy rules on a decoded image's facts: file size, format, side and pixel bounds."""
+    s = settings
+    if nbytes > s.max_file_bytes:
+        return "file_too_large", f"{nbytes} bytes > MAX_FILE_BYTES={s.max_file_bytes}"
+    if nbytes < s.min_file_bytes:
+        return "file_too_small", f"{nbytes} bytes < MIN_FILE_BYTES={s.min_file_bytes}"
+    fmt = str(fmt or "UNKNOWN").upper()
+    if fmt not in s.allowed_format_set:
+        return "format_not_allowed", f"{fmt} is not in ALLOWED_FORMATS={sorted(s.allowed_format_set)}"
+    w, h = int(width or 0), int(height or 0)
+    if w * h > s.max_image_pixels:
+        return "decompression_bomb", f"{w}x{h} = {w * h} pixels exceeds MAX_IMAGE_PIXELS={s.max_image_pixels}"
+    if min(w, h) < s.min_image_side or max(w, h) > s.max_image_side:
+        return "bad_dimensions", f"{w}x{h} is outside [{s.min_image_side}, {s.max_image_side}] pixels per side"
+    return None, None
 
 
 def check_image(data: bytes, settings: Settings) -> tuple[str | None, str | None]:
@@ -49,23 +69,22 @@ def check_image(data: bytes, settings: Settings) -> tuple[str | None, str | None
 
     s = settings
     if len(data) > s.max_file_bytes:  # before decoding: never decode an oversized file
-        return "file_too_large", f"{len(data)} bytes > MAX_FILE_BYTES={s.max_file_bytes}"
+        return check_facts(len(data), None, None, None, s)
     try:
         img = open_image(data, s.max_image_pixels)  # empty / not an image / bomb / truncated first
-        if len(data) < s.min_file_bytes:
-            return "file_too_small", f"{len(data)} bytes < MIN_FILE_BYTES={s.min_file_bytes}"
-        fmt = str(img.format or "UNKNOWN").upper()
-        if fmt not in s.allowed_format_set:
-            return "format_not_allowed", f"{fmt} is not in ALLOWED_FORMATS={sorted(s.allowed_format_set)}"
-        w, h = img.size
-        if min(w, h) < s.min_image_side or max(w, h) > s.max_image_side:
-            return "bad_dimensions", (
-                f"{w}x{h} is outside [{s.min_image_side}, {s.max_image_side}] pixels per side"
-            )
         to_rgb(img)
     except ImageRejected as exc:
         return exc.reason, exc.detail
-    return None, None
+    return check_facts(len(data), img.format, img.width, img.height, s)
+
+
+def check_row(row: dict[str, Any], settings: Settings, read_bytes) -> tuple[str | None, str | None]:
+    """Checks for one manifest row: from ingest's decode facts, else by decoding the cached bytes."""
+    if row.get("error"):
+        return row["error"], row.get("error_detail") or row["error"]
+    if row.get("decoded"):
+        return check_facts(int(row["bytes"]), row.get("format"), row.get("width"), row.get("height"), settings)
+    return check_image(read_bytes(row), settings)
 
 
 def _run_id(manifest_key: str, spec, s: Settings) -> str:
@@ -197,11 +216,9 @@ def validate(manifest_key: str, dataset: str, settings: Settings | None = None, 
     rows = s3_call(s, "read manifest", get_jsonl, client, s.s3_bucket, manifest_key)
 
     def _check(row: dict) -> dict:
-        if row.get("error") in ("empty", "not_an_image", "decompression_bomb", "corrupt"):
-            return {**row, "reason": row["error"], "detail": row.get("error_detail")}
         if row.get("label") not in spec.labels:
             return {**row, "reason": "unknown_label", "detail": f"label {row.get('label')!r} not in spec"}
-        reason, detail = check_image(ensure_cached(row, s, client).read_bytes(), s)
+        reason, detail = check_row(row, s, lambda r: ensure_cached(r, s, client).read_bytes())
         return {**row, "reason": reason, "detail": detail}
 
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:

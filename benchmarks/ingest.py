@@ -1,0 +1,146 @@
+"""Benchmark: pipeline ingest+validate+preprocess vs a naive sequential baseline, same process.
+
+Starts a fresh local stack (SeaweedFS + MLflow) on free ports in a temporary folder, uploads
+../shared/data/leukemia, then measures:
+  (a) the pipeline (`run_pipeline`: ingest -> validate -> preprocess) from a clean state
+      (empty local cache, no manifests / validation / processed objects), REPEATS times;
+      the first run also pays the TensorFlow and Great Expectations imports ("cold").
+  (b) a naive baseline, REPEATS times: list the prefix and, one object at a time, get it,
+      open it with PIL and resize it to IMAGE_SIZE.
+  (c) an unchanged re-run of the pipeline (nothing to download, validate or write).
+Prints images/s for both (medians), their ratio, the unchanged re-run time and peak RSS.
+
+    .venv/bin/python benchmarks/ingest.py [--data ../shared/data/leukemia] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import resource
+import secrets
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def _stack_env(home: Path) -> dict[str, str]:
+    from tests.conftest import free_port, free_s3_port
+
+    return {
+        "HEMAFLOW_HOME": str(home), "HEMAFLOW_ENV_FILE": "",
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_s3_port()}", "S3_BUCKET": "hemaflow-bench",
+        "AWS_ACCESS_KEY_ID": "bench-" + secrets.token_hex(4), "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(24),
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
+    }
+
+
+def _clean_state(settings, dataset: str) -> None:
+    """Forget everything the pipeline derived (S3 and local cache), keep the raw images."""
+    from pipeline.storage import iter_objects, s3_client
+
+    client = s3_client(settings)
+    for prefix in (f"manifests/{dataset}/", f"validation/{dataset}/", f"quarantine/{dataset}/",
+                   f"processed/{dataset}/"):
+        keys = [{"Key": o["Key"]} for o in iter_objects(client, settings.s3_bucket, prefix)]
+        for i in range(0, len(keys), 1000):
+            client.delete_objects(Bucket=settings.s3_bucket, Delete={"Objects": keys[i:i + 1000]})
+    shutil.rmtree(settings.hemaflow_home / "cache", ignore_errors=True)
+
+
+def naive_baseline(settings, prefix: str) -> int:
+    """List, then one object at a time: get, open with PIL, resize. Returns the image count."""
+    from PIL import Image
+
+    from pipeline.storage import iter_objects, s3_client
+
+    client = s3_client(settings)
+    n = 0
+    for obj in list(iter_objects(client, settings.s3_bucket, prefix)):
+        body = client.get_object(Bucket=settings.s3_bucket, Key=obj["Key"])["Body"].read()
+        Image.open(io.BytesIO(body)).convert("RGB").resize((settings.image_size, settings.image_size))
+        n += 1
+    return n
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "leukemia")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        print(f"no data at {args.data}: pass --data", file=sys.stderr)
+        return 2
+
+    home = Path(tempfile.mkdtemp(prefix="hemaflow-bench-"))
+    os.environ.update(_stack_env(home))
+    from pipeline import stack
+    from pipeline.dataset_spec import load_spec
+    from pipeline.run import run_pipeline
+    from pipeline.settings import get_settings
+    from pipeline.upload import upload_tree
+
+    settings = get_settings()
+    dataset = "leukemia"
+    try:
+        t0 = time.perf_counter()
+        stack.up(settings)
+        print(f"stack up            {time.perf_counter() - t0:6.1f} s   ({settings.s3_endpoint_url}, home {home})")
+        t0 = time.perf_counter()
+        up = upload_tree(args.data, dataset, settings)
+        print(f"upload              {time.perf_counter() - t0:6.1f} s   {up['uploaded']} objects, "
+              f"{up['bytes'] / 1e6:.1f} MB")
+        prefix = load_spec(dataset, settings.dataset_specs_dir).s3_prefix
+
+        pipeline_s, base_s, images = [], [], 0
+        for i in range(args.repeats):
+            t0 = time.perf_counter()
+            n = naive_baseline(settings, prefix)
+            base_s.append(time.perf_counter() - t0)
+            _clean_state(settings, dataset)
+            t0 = time.perf_counter()
+            result = run_pipeline(dataset, settings)
+            pipeline_s.append(time.perf_counter() - t0)
+            images = result["ingest"]["total"]
+            assert n == images, (n, images)
+            assert result["preprocess"]["created"], "the pipeline run did not start from a clean state"
+            t = result["timings"]
+            print(f"run {i + 1}: baseline {base_s[-1]:6.2f} s | pipeline {pipeline_s[-1]:6.2f} s (ingest "
+                  f"{t['ingest_s']:.2f}, validate {t['validate_s']:.2f}, preprocess {t['preprocess_s']:.2f})")
+
+        rerun_s = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            again = run_pipeline(dataset, settings)
+            rerun_s.append(time.perf_counter() - t0)
+            assert again["preprocess"]["created"] is False and again["ingest"]["reused"]
+        summary = result["validate"]
+        base_med, pipe_med = statistics.median(base_s), statistics.median(pipeline_s)
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print()
+        print(f"images                      {images} ({summary['kept']} kept, {summary['quarantined']} quarantined, "
+              f"{summary.get('duplicates_dropped', 0)} duplicates dropped), IMAGE_SIZE {settings.image_size}, "
+              f"{os.cpu_count()} CPUs")
+        print(f"naive baseline (median)     {images / base_med:8.1f} images/s  ({base_med:.2f} s)")
+        print(f"pipeline (median)           {images / pipe_med:8.1f} images/s  ({pipe_med:.2f} s)")
+        print(f"pipeline (cold, 1st run)    {images / pipeline_s[0]:8.1f} images/s  ({pipeline_s[0]:.2f} s, "
+              f"includes TensorFlow + GX imports)")
+        print(f"ratio pipeline/baseline     {base_med / pipe_med:8.2f}x median, {base_med / pipeline_s[0]:.2f}x cold"
+              f"   (target >= 5)")
+        print(f"unchanged re-run (median)   {statistics.median(rerun_s):8.2f} s   (target <= 5 s)")
+        print(f"peak RSS                    {peak_mb:8.0f} MB")
+    finally:
+        stack.down(settings)
+        shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
