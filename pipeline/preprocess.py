@@ -56,8 +56,8 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
     from pipeline.dataset_spec import load_spec
     from pipeline.imaging import prepare_image
     from pipeline.ingest import ensure_cached
-    from pipeline.processed import (MANIFEST_FILE, META_FILE, SPLITS, DatasetMeta, encode_example,
-                                    local_version_dir, shard_name, version_prefix)
+    from pipeline.processed import (MANIFEST_FILE, META_FILE, SPLITS, DatasetMeta, TFRecordWriter,
+                                    encode_example, local_version_dir, shard_name, version_prefix)
     from pipeline.splits import assign_splits, split_score
     from pipeline.storage import ensure_bucket, object_exists, s3_client
 
@@ -87,8 +87,6 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
         return encode_example(prepare_image(data, s.image_size, s.max_image_pixels), label_index[row["label"]],
                               row["sha256"])
 
-    import tensorflow as tf
-
     final_dir = local_version_dir(s, dataset, version)
     work = final_dir.parent / f".tmp-{version}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
@@ -116,7 +114,7 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
                 for index in range(total):
                     chunk = items[index * s.shard_size:(index + 1) * s.shard_size]
                     name = shard_name(sp, index, total)
-                    with tf.io.TFRecordWriter(str(work / name)) as writer:
+                    with TFRecordWriter(work / name) as writer:
                         for row, record in zip(chunk, pool.map(_encode, chunk)):
                             writer.write(record)
                             next(bar, None)

@@ -16,6 +16,7 @@ Raw pixels rather than JPEG keep decoding out of the training loop on a 2-core C
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,19 +64,94 @@ def shard_name(split: str, index: int, total: int) -> str:
     return f"{split}-{index:05d}-of-{total:05d}.tfrecord"
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field(number: int, *parts) -> list:
+    """A length-delimited protobuf field (wire type 2) as a list of buffers (joined once, at the end)."""
+    flat = [p for part in parts for p in (part if isinstance(part, list) else [part])]
+    size = sum(len(p) for p in flat)
+    return [_varint((number << 3) | 2) + _varint(size), *flat]
+
+
+def _bytes_feature(value) -> list:
+    return _field(1, _field(1, value))  # Feature.bytes_list -> BytesList.value
+
+
+def _int64_feature(value: int) -> list:
+    if value < 0:
+        raise ValueError("only non-negative int64 features are written")
+    return _field(3, _field(1, _varint(value)))  # Feature.int64_list -> packed Int64List.value
+
+
 def encode_example(image, label: int, sha256: str) -> bytes:
-    """Serialize one image (uint8 HxWx3 array) as a tf.train.Example."""
-    import tensorflow as tf
+    """Serialize one image (uint8 HxWx3 array) as a tf.train.Example.
+
+    The protobuf wire format is written directly (Example > Features > map<string, Feature>),
+    so the data pipeline never imports TensorFlow, and the pixels are copied once;
+    tests parse the result with TensorFlow.
+    """
+    import numpy as np
 
     height, width = int(image.shape[0]), int(image.shape[1])
-    feature = {
-        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
-        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
-        "sha256": tf.train.Feature(bytes_list=tf.train.BytesList(value=[sha256.encode()])),
-        "height": tf.train.Feature(int64_list=tf.train.Int64List(value=[height])),
-        "width": tf.train.Feature(int64_list=tf.train.Int64List(value=[width])),
+    pixels = memoryview(np.ascontiguousarray(image, dtype=np.uint8)).cast("B")
+    features = {
+        "image": _bytes_feature(pixels),
+        "label": _int64_feature(int(label)),
+        "sha256": _bytes_feature(sha256.encode()),
+        "height": _int64_feature(height),
+        "width": _int64_feature(width),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    entries = [_field(1, _field(1, k.encode()), _field(2, v)) for k, v in sorted(features.items())]
+    return b"".join(_field(1, *entries))
+
+
+def _masked_crc(data: bytes) -> bytes:
+    import crc32c
+
+    crc = crc32c.crc32c(data)
+    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+def tfrecord_header(record: bytes) -> bytes:
+    """The 12 bytes before a TFRecord's data: uint64 length and the masked CRC32C of the length."""
+    length = struct.pack("<Q", len(record))
+    return length + _masked_crc(length)
+
+
+def tfrecord_frame(record: bytes) -> bytes:
+    """One TFRecord: header, data, masked CRC32C of the data."""
+    return tfrecord_header(record) + record + _masked_crc(record)
+
+
+class TFRecordWriter:
+    """Minimal uncompressed TFRecord file writer (what `tf.io.TFRecordWriter` writes)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self._fh = open(path, "wb")  # noqa: SIM115 - closed in close()/__exit__
+
+    def write(self, record: bytes) -> None:
+        self._fh.write(tfrecord_header(record))
+        self._fh.write(record)
+        self._fh.write(_masked_crc(record))
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "TFRecordWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def feature_spec():

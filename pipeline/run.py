@@ -9,14 +9,13 @@ from pipeline.settings import Settings, get_settings
 
 
 def _prewarm_imports() -> threading.Thread:
-    """Import TensorFlow and Great Expectations in the background while ingest waits on the network.
+    """Import Great Expectations in the background while ingest waits on the network.
 
-    Both take seconds to import; overlapping them with I/O-bound ingest shortens a first run.
+    It takes seconds to import; overlapping that with I/O-bound ingest shortens a first run.
     """
     def _work() -> None:
         try:
             import great_expectations  # noqa: F401
-            import tensorflow  # noqa: F401
         except Exception:  # noqa: BLE001 - the stage that needs it will raise properly
             pass
 
