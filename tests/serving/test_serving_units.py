@@ -1,0 +1,70 @@
+"""Fast unit tests of the serving pieces that need no server: Grad-CAM maths, checksums, context."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serving import gradcam
+from serving.app import _key_matches
+from serving.bundle import BundleError, parse_sums, verify_checksums
+from serving.clinical import SCREENING_NOTE, context_for
+
+
+def test_jet_colormap_endpoints_and_middle():
+    colours = gradcam.jet(np.array([0.0, 0.5, 1.0]))
+    assert colours[0].tolist() == [0, 0, 128]  # dark blue
+    assert colours[1].tolist() == [128, 255, 128]  # green-ish centre
+    assert colours[2].tolist() == [128, 0, 0]  # dark red
+
+
+def test_cam_is_rectified_normalised_and_upsampled():
+    cam = np.array([[-3.0, 0.0], [1.0, 2.0]])
+    norm = gradcam.normalise_cam(cam)
+    assert norm.min() == 0.0 and norm.max() == 1.0 and norm[0, 0] == 0.0
+    assert gradcam.normalise_cam(np.full((2, 2), -1.0)).max() == 0.0  # nothing supports the class
+    up = gradcam.upsample(norm, 16)
+    assert up.shape == (16, 16) and up[-1, -1] > up[0, 0]
+
+
+def test_overlay_blends_heat_where_the_map_is_high():
+    image = np.full((32, 32, 3), 128, np.uint8)
+    cam = np.zeros((4, 4))
+    cam[3, 3] = 5.0
+    out = gradcam.overlay(image, cam)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert out[-1, -1, 0] > out[0, 0, 0]  # red where the evidence is
+    assert out[0, 0, 2] > out[0, 0, 0]  # blue where there is none
+
+
+def test_checksums_reject_tampering_and_path_tricks():
+    files = {"model.tflite": b"m", "bundle.json": b"{}"}
+    import hashlib
+
+    sums = "".join(f"{hashlib.sha256(v).hexdigest()}  {k}\n" for k, v in files.items())
+    verify_checksums({**files, "SHA256SUMS": sums.encode()})
+    with pytest.raises(BundleError) as err:
+        verify_checksums({**files, "model.tflite": b"x", "SHA256SUMS": sums.encode()})
+    assert err.value.reason == "checksum_mismatch"
+    with pytest.raises(BundleError):
+        parse_sums("0" * 64 + "  ../etc/passwd\n")
+    with pytest.raises(BundleError):
+        verify_checksums(files)
+
+
+@pytest.mark.parametrize("label", ["normal", "abnormal", "Benign", "Early", "Pre", "Pro", "basophil", "eosinophil",
+                                   "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"])
+def test_every_known_label_has_clinical_context(label):
+    ctx = context_for(label)
+    assert ctx["what"] and ctx["increase"] and ctx["title"] != label.lower()
+    assert ctx["note"] == SCREENING_NOTE and "not a diagnosis" in ctx["note"]
+
+
+def test_white_cell_types_state_their_normal_share():
+    for label in ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"):
+        assert "%" in context_for(label)["normal_share"]
+    assert context_for("mystery")["note"] == SCREENING_NOTE
+
+
+def test_key_compare():
+    assert _key_matches("b", ["a", "b"]) and not _key_matches("c", ["a", "b"]) and not _key_matches("a", [])
