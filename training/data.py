@@ -43,7 +43,7 @@ def shard_paths(folder: Path, meta: DatasetMeta, split: str) -> list[str]:
     return [str(folder / name) for name in meta.shards.get(split, [])]
 
 
-def _parse(image_size: int):
+def _parse(image_size: int, resize_to: int | None = None):
     import tensorflow as tf
 
     spec = feature_spec()
@@ -51,18 +51,22 @@ def _parse(image_size: int):
     def parse(serialized):
         ex = tf.io.parse_single_example(serialized, spec)
         image = tf.reshape(tf.io.decode_raw(ex["image"], tf.uint8), [image_size, image_size, 3])
+        if resize_to and resize_to != image_size:
+            # The same op as the model's Resizing layer (bilinear, no antialias), done once
+            # before the cache: training and augmentation then run at the network's size.
+            image = tf.image.resize(tf.cast(image, tf.float32), [resize_to, resize_to], method="bilinear")
         return image, tf.cast(ex["label"], tf.int32)
 
     return parse
 
 
 def augment_image(image, seed: Any):
-    """One random smear-preserving augmentation of a uint8 image -> float32 0..255."""
+    """One random smear-preserving augmentation of an image (uint8 or float 0..255) -> float32 0..255."""
     import tensorflow as tf
 
     size = tf.shape(image)[0]
     seeds = tf.random.experimental.stateless_split(seed, 10)
-    x = tf.image.convert_image_dtype(image, tf.float32)  # 0..1 for the colour ops
+    x = tf.cast(image, tf.float32) / 255.0  # 0..1 for the colour ops
     x = tf.image.stateless_random_flip_left_right(x, seeds[0])
     x = tf.image.stateless_random_flip_up_down(x, seeds[1])
     k = tf.random.stateless_uniform([], seeds[2], 0, 4, dtype=tf.int32)
@@ -86,8 +90,13 @@ def make_dataset(
     batch_size: int,
     training: bool = False,
     seed: int = 1337,
+    resize_to: int | None = None,
 ) -> Any:
-    """Batched (image float32 0..255, label int32) dataset of one split."""
+    """Batched (image float32 0..255, label int32) dataset of one split.
+
+    `resize_to`: images are resized once (before the cache) to the network's input size,
+    for training the size-`resize_to` twin of the served model (see training.model).
+    """
     import tensorflow as tf
 
     files = shard_paths(folder, meta, split)
@@ -95,7 +104,7 @@ def make_dataset(
         raise ValueError(f"processed version {meta.dataset_version} has no {split!r} shards")
     autotune = tf.data.AUTOTUNE
     ds = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 4))
-    ds = ds.map(_parse(meta.image_size), num_parallel_calls=autotune).cache()
+    ds = ds.map(_parse(meta.image_size, resize_to), num_parallel_calls=autotune).cache()
     if training:
         n = sum(meta.counts.get(split, {}).values()) or 1024
         ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)

@@ -75,6 +75,19 @@ def build_model(
     return keras.Model(inputs, outputs, name="hemaflow_cnn")
 
 
+def served_twin(trained: Any, num_classes: int, image_size: int, input_size: int, width: int, depth: int) -> Any:
+    """The served model (input [image_size], Resizing inside) with the weights of `trained`.
+
+    Training runs on a model whose input is already `input_size` (images resized once in
+    tf.data, before the cache, with the same bilinear op as the Resizing layer), which keeps
+    augmentation and decoding cheap on a small CPU. Resizing and Rescaling have no weights,
+    so both models have the same weight list.
+    """
+    served = build_model(num_classes, image_size, input_size, width, depth)
+    served.set_weights(trained.get_weights())
+    return served
+
+
 def feature_model(model: Any) -> Any:
     """Sub-model: image -> last conv features A [N, h, w, K]."""
     import keras

@@ -354,20 +354,22 @@ def _fit_evaluate_log(s, meta, folder: Path, run_id: str, model_name: str, commi
     from training import evaluate as ev
     from training.bundle import BUNDLE_ARTIFACT_DIR, export_bundle
     from training.data import class_weights, configure_threads, load_split_arrays, make_dataset
-    from training.model import build_model
+    from training.model import build_model, served_twin
 
     configure_threads()
     keras.utils.set_random_seed(s.seed)
     labels, binary = list(meta.labels), len(meta.labels) == 2
-    train_ds = make_dataset(folder, meta, "train", s.batch_size, training=True, seed=s.seed)
-    val_ds = make_dataset(folder, meta, "val", s.batch_size)
-    model = build_model(len(labels), meta.image_size, s.train_input_size, s.model_width, s.model_depth, seed=s.seed)
-    model.compile(
+    size = s.train_input_size
+    train_ds = make_dataset(folder, meta, "train", s.batch_size, training=True, seed=s.seed, resize_to=size)
+    val_ds = make_dataset(folder, meta, "val", s.batch_size, resize_to=size)
+    # Trained at the network's input size; the served twin (input IMAGE_SIZE) gets its weights.
+    net = build_model(len(labels), size, size, s.model_width, s.model_depth, seed=s.seed)
+    net.compile(
         optimizer=keras.optimizers.Adam(s.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
-    mlflow.log_param("model_params", model.count_params())
+    mlflow.log_param("model_params", net.count_params())
 
     def _epoch(epoch: int, logs: dict) -> None:
         finite = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
@@ -376,14 +378,15 @@ def _fit_evaluate_log(s, meta, folder: Path, run_id: str, model_name: str, commi
             on_epoch(epoch, logs)
 
     callbacks, budget = _callbacks(s, _epoch)
-    history = model.fit(
+    history = net.fit(
         train_ds, validation_data=val_ds, epochs=s.epochs, class_weight=class_weights(meta),
         callbacks=callbacks, verbose=verbose,
     ).history
-    if not _finite(history, model):
+    if not _finite(history, net):
         mlflow.set_tag("failure", "non-finite loss")
         raise TrainingError(f"training of {meta.dataset} {meta.dataset_version} diverged (NaN/inf loss); "
                             "the run is marked FAILED and nothing was registered")
+    model = served_twin(net, len(labels), meta.image_size, size, s.model_width, s.model_depth)
     mlflow.log_metrics({"epochs_run": len(history["loss"]), "stopped_for_time_budget": float(budget.stopped_for_budget)})
 
     # Evaluation: threshold from validation, figures from test.

@@ -85,3 +85,16 @@ def test_wrong_expected_canary_output_is_rejected(tiny_bundle_dir, tmp_path):
     bundle.meta["canaries"][0]["probabilities"][0] += 0.01
     with pytest.raises(BundleError, match="canary outputs differ"):
         check_canaries(bundle)
+
+
+def test_served_twin_equals_the_network_trained_on_resized_images():
+    """Training at the network size + Resizing inside the served model = the same function."""
+    import tensorflow as tf
+
+    from training.model import build_model, served_twin
+
+    net = build_model(3, 16, 16, width=4, depth=2, seed=3)
+    served = served_twin(net, 3, 40, 16, width=4, depth=2)
+    images = synthetic_images([0, 1, 2, 0], 40, seed=2).astype(np.float32)
+    resized = tf.image.resize(images, [16, 16], method="bilinear").numpy()
+    assert np.max(np.abs(served.predict(images, verbose=0) - net.predict(resized, verbose=0))) <= 1e-5
