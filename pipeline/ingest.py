@@ -222,6 +222,9 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
             unassigned.append(key)
     pointer, previous = s3_call(s, "read previous manifest", load_previous, client, s, dataset)
     new, changed, unchanged, deleted = diff_listing(previous, listing)
+    # The spec may have been edited since (a folder mapped to another label): relabel reused rows.
+    relabeled = [r for r in unchanged if r.get("label") != spec.classes[r["class"]]]
+    unchanged = [{**r, "label": spec.classes[r["class"]]} for r in unchanged]
     to_fetch = new + changed
 
     def _fetch(obj: dict) -> dict[str, Any]:
@@ -243,8 +246,9 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
             fetched = list(progress(pool.map(_fetch, to_fetch), len(to_fetch), f"ingest {dataset}", show_progress))
     rows = sorted(unchanged + fetched, key=lambda r: r["key"])
     counts = {"new": len(new), "changed": len(changed), "deleted": len(deleted), "unchanged": len(unchanged),
-              "total": len(rows), "unassigned": len(unassigned), "errors": sum(1 for r in rows if r.get("error"))}
-    reused = pointer is not None and not (new or changed or deleted) and \
+              "total": len(rows), "unassigned": len(unassigned), "errors": sum(1 for r in rows if r.get("error")),
+              "relabeled": len(relabeled)}
+    reused = pointer is not None and not (new or changed or deleted or relabeled) and \
         sorted(pointer.get("unassigned", [])) == sorted(unassigned[:REPORT_LIMIT])
     if reused:
         manifest_key = pointer["manifest_key"]

@@ -81,3 +81,14 @@ def test_upload_skips_identical_and_ingest_diffs(tiny_dataset_factory, s3, tmp_p
     assert len(rows) == 9
     row = next(r for r in rows if r["key"].endswith("neg/neg_0000.png"))
     assert row["label"] == "normal" and row["format"] == "PNG" and row["width"] == 48 and row["mode"] == "RGB"
+    assert row["decoded"] is True and row["error"] is None
+
+    assert ingest(dataset, settings)["reused"] is True
+    # Editing the spec (swapping the labels) relabels the reused rows and writes a new manifest.
+    spec_file = settings.dataset_specs_dir / f"{dataset}.toml"
+    text = spec_file.read_text().replace('"normal"', '"tmp"').replace('"abnormal"', '"normal"')
+    spec_file.write_text(text.replace('"tmp"', '"abnormal"'))
+    r3 = ingest(dataset, settings)
+    assert r3["reused"] is False and r3["relabeled"] == 9 and r3["new"] == r3["changed"] == 0
+    rows = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=r3["manifest_key"])["Body"].read().splitlines()]
+    assert {r["label"] for r in rows if "/neg/" in r["key"]} == {"abnormal"}
