@@ -32,7 +32,8 @@ def _print_ingest(r: dict) -> None:
 def _print_validate(r: dict) -> None:
     reused = " (same manifest and checks: saved result reused)" if r.get("reused") else ""
     print(f"validate {r['kept']} images kept, {r['quarantined']} quarantined "
-          f"(bad fraction {r['bad_fraction']:.2%}){reused}")
+          f"(bad fraction {r['bad_fraction']:.2%}), {r['duplicates_dropped']} byte-identical duplicates "
+          f"dropped{reused}")
     print(f"         summary s3://.../{r['summary_key'].rsplit('/', 1)[0]}/summary.md")
 
 

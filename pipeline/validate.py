@@ -208,7 +208,8 @@ def validate(manifest_key: str, dataset: str, settings: Settings | None = None, 
     previous = s3_call(s, "read summary", get_json_or_none, client, s.s3_bucket, keys[SUMMARY_FILE])
     if previous is not None:  # same manifest, same checks: the saved verdict stands
         out = {**result, "quarantined": previous["quarantined"], "bad_fraction": previous["bad_fraction"],
-               "kept": previous["kept"], "reused": True, "status": previous["status"]}
+               "kept": previous["kept"], "duplicates_dropped": previous["duplicates_dropped"], "reused": True,
+               "status": previous["status"]}
         if previous["status"] != "passed":
             raise ValidationFailed(f"{previous['failure']} (saved result: s3://{s.s3_bucket}/{keys['summary.md']})")
         return out

@@ -8,6 +8,7 @@ import pytest
 from pipeline.processed import TFRecordWriter, encode_example, feature_spec
 
 
+@pytest.mark.slow  # imports TensorFlow (several seconds)
 def test_records_parse_with_tensorflow(tmp_path):
     import tensorflow as tf
 

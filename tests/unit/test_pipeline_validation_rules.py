@@ -50,6 +50,7 @@ def _rows(counts: dict[str, int]) -> list[dict]:
              "height": 64} for lab, n in counts.items() for i in range(n)]
 
 
+@pytest.mark.slow  # imports Great Expectations (several seconds)
 def test_gx_suite_passes_a_healthy_dataset_and_names_each_failure():
     s = get_settings(min_images_per_class=5, max_class_imbalance=3.0, min_dataset_rows=10)
     ok = run_gx_suite(_rows({"a": 10, "b": 8}), ["a", "b"], s)
