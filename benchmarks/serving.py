@@ -133,7 +133,7 @@ async def _drive(port: int, reqs: list[bytes], concurrency: int, count: int, cap
 
 def load_main(args: argparse.Namespace) -> None:
     """Entry of the separate load-generator process: prints one JSON line per phase."""
-    images = [Path(p) for p in json.loads(Path(args.images).read_text())]
+    images = [Path(p) for p in json.loads(Path(args.images_file).read_text())]
     reqs = _requests(args.kind, images, args.size)
     phases = json.loads(args.phases)
     asyncio.run(_drive(args.port, reqs, 1, 10, 60))  # warm-up (not reported)
@@ -201,9 +201,11 @@ def _tree_rss_mb(pid: int) -> tuple[float, float]:
 
 
 def _drive_server(kind: str, port: int, pid: int, images_file: Path, size: int, phases) -> dict:
-    cmd = [sys.executable, __file__, "--load", "--kind", kind, "--port", str(port), "--images", str(images_file),
+    cmd = [sys.executable, __file__, "--load", "--kind", kind, "--port", str(port), "--images-file", str(images_file),
            "--size", str(size), "--phases", json.dumps(phases)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO), check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed ({out.returncode}):\n{out.stderr[-3000:]}")
     results = {}
     for line in out.stdout.splitlines():
         row = json.loads(line)
@@ -249,12 +251,16 @@ def main() -> int:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "leukemia"))
     parser.add_argument("--dataset", default="leukemia")
     parser.add_argument("--tracking-uri", help="use this registry's @champion instead of training one")
+    parser.add_argument("--bundle", help="serve this local bundle folder (no stack, no training; "
+                        "the mlflow comparison then needs --tracking-uri)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--train-budget-s", type=float, default=240.0)
     parser.add_argument("--images", type=int, default=64, help="distinct JPEGs cycled by the load generator")
     parser.add_argument("--skip-mlflow", action="store_true")
+    parser.add_argument("--save-bundle", help="also copy the champion's serving bundle to this folder (for demos)")
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
+    parser.add_argument("--images-file", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--phases", help=argparse.SUPPRESS)
@@ -277,19 +283,26 @@ def main() -> int:
     from pipeline.settings import get_settings
     from tests.conftest import free_port
 
-    own_stack = args.tracking_uri is None
+    own_stack = args.tracking_uri is None and args.bundle is None
     if own_stack:
         from benchmarks.ingest import _stack_env  # the same private-stack environment as the ingest benchmark
 
         os.environ.update(_stack_env(work / "home"))
         print("starting a private stack and training a champion on", data, flush=True)
         stack.up(get_settings())
-    else:
+    elif args.tracking_uri:
         os.environ.update({"MLFLOW_TRACKING_URI": args.tracking_uri, "HEMAFLOW_ENV_FILE": ""})
     procs: list[subprocess.Popen] = []
     try:
         if own_stack:
-            _train_champion(data, args.dataset, args.epochs, args.train_budget_s)
+            trained = _train_champion(data, args.dataset, args.epochs, args.train_budget_s)
+            if args.save_bundle:
+                from serving.registry import download_bundle
+
+                out = Path(args.save_bundle)
+                for rel, blob in download_bundle(get_settings().mlflow_tracking_uri, trained["run_id"]).items():
+                    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (out / rel).write_bytes(blob)
         s = get_settings()
         model_name = s.model_name(args.dataset)
         report: dict[str, dict] = {}
@@ -299,12 +312,14 @@ def main() -> int:
         port = free_port()
         env = {"DATASET": args.dataset, "SERVING_PORT": str(port), "SERVING_POLL_INTERVAL_S": "0",
                "PYTHONPATH": str(REPO), "HEMAFLOW_ENV_FILE": ""}
+        if args.bundle:
+            env["SERVING_BUNDLE_PATH"] = str(Path(args.bundle).resolve())
         proc, cold = _start([python, "-m", "serving", "--port", str(port), "--log-level", "warning"], env,
                             f"http://127.0.0.1:{port}/readyz", work / "hemaflow.log")
         procs.append(proc)
         info = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/model").read())  # noqa: S310
         size = int(info["image_size"])
-        print(f"HemaFlow serving: {model_name} v{info['model']['version']}, input {size}px, "
+        print(f"HemaFlow serving: {info['model']['name']} version {info['model']['version']}, input {size}px, "
               f"ready in {cold:.2f}s ({Path(python).parent.parent.name})", flush=True)
         report["hemaflow"] = {"cold_start_s": round(cold, 2),
                               **_drive_server("hemaflow", port, proc.pid, images_file, size, PHASES)}
@@ -319,7 +334,7 @@ def main() -> int:
                                       **_drive_server("hemaflow", port, proc.pid, images_file, size, PHASES)}
         _stop(proc)
 
-        if not args.skip_mlflow:
+        if not args.skip_mlflow and (own_stack or args.tracking_uri):
             mport = free_port()
             mlflow_bin = str(Path(sys.executable).parent / "mlflow")
             menv = {"MLFLOW_TRACKING_URI": s.mlflow_tracking_uri, "MLFLOW_S3_ENDPOINT_URL": s.s3_endpoint_url,

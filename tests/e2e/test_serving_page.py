@@ -47,8 +47,10 @@ def _real_or_generated_image(tmp_path: Path) -> tuple[Path, str]:
 
 
 @pytest.fixture
-def page_server(tiny_bundle_dir, tmp_path):
-    proc = ServingProcess({"SERVING_BUNDLE_PATH": str(tiny_bundle_dir)}, tmp_path / "server")
+def page_server(request, tmp_path):
+    # HEMAFLOW_E2E_BUNDLE: run the page against another bundle (e.g. a leukemia model for the README shot).
+    bundle = os.environ.get("HEMAFLOW_E2E_BUNDLE") or request.getfixturevalue("tiny_bundle_dir")
+    proc = ServingProcess({"SERVING_BUNDLE_PATH": str(bundle)}, tmp_path / "server")
     proc.start()
     try:
         yield proc
