@@ -215,6 +215,9 @@ def validate(manifest_key: str, dataset: str, settings: Settings | None = None, 
         return out
 
     rows = s3_call(s, "read manifest", get_jsonl, client, s.s3_bucket, manifest_key)
+    if not rows:
+        raise ValidationFailed(f"{manifest_key} lists no images: is anything under s3://{s.s3_bucket}/"
+                               f"{spec.s3_prefix}<class folder>/ ? (class folders: {spec.class_folders})")
 
     def _check(row: dict) -> dict:
         if row.get("label") not in spec.labels:

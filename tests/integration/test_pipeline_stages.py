@@ -92,3 +92,31 @@ def test_upload_skips_identical_and_ingest_diffs(tiny_dataset_factory, s3, tmp_p
     assert r3["reused"] is False and r3["relabeled"] == 9 and r3["new"] == r3["changed"] == 0
     rows = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=r3["manifest_key"])["Body"].read().splitlines()]
     assert {r["label"] for r in rows if "/neg/" in r["key"]} == {"abnormal"}
+
+
+def test_cache_miss_redownloads_and_detects_changed_objects(tiny_dataset_factory, s3, tmp_path):
+    from pipeline.ingest import CacheMismatch, cache_path, ensure_cached, ingest
+    from pipeline.upload import upload_tree
+    from pipeline.validate import ValidationFailed, validate
+
+    settings, dataset, root = tiny_dataset_factory({"neg": 3, "pos": 3})
+    upload_tree(root, dataset, settings)
+    result = ingest(dataset, settings)
+    rows = [json.loads(x) for x in s3.get_object(Bucket=settings.s3_bucket, Key=result["manifest_key"])["Body"]
+            .read().splitlines()]
+    row = rows[0]
+    # Another worker: empty cache -> the bytes are fetched again by key and verified.
+    other = settings.model_copy(update={"hemaflow_home": tmp_path / "other-worker"})
+    assert not cache_path(other, row["sha256"]).exists()
+    path = ensure_cached(row, other)
+    assert path == cache_path(other, row["sha256"]) and len(path.read_bytes()) == row["bytes"]
+    # The object changed in S3 after ingest: refuse to use it silently.
+    s3.put_object(Bucket=settings.s3_bucket, Key=row["key"], Body=(root / "pos" / "pos_0000.png").read_bytes())
+    path.unlink()
+    with pytest.raises(CacheMismatch, match="changed after ingest"):
+        ensure_cached(row, other)
+
+    empty, _, _ = tiny_dataset_factory({"neg": 1, "pos": 1})
+    name = empty.dataset_specs_dir.glob("*.toml").__next__().stem
+    with pytest.raises(ValidationFailed, match="lists no images"):
+        validate(ingest(name, empty)["manifest_key"], name, empty)
