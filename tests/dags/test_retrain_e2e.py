@@ -172,3 +172,17 @@ def test_candidate_failing_the_gate_leaves_champion_untouched(retrain, data, s3,
     assert summary["params"]["gate_margin"] == 1.0
     assert _alias_version(local_stack, "champion") == champion_before
     assert _alias_version(local_stack, "challenger") == summary["candidate_version"]
+
+
+def test_too_many_bad_images_fail_the_run_at_validate_without_retry(retrain, local_stack):
+    """The corrupt file is still in the bucket: with a 0.1% bad-image limit validation must stop the run."""
+    assert "champion" in STATE, "depends on test_first_run_registers_a_champion"
+    champion_before = _alias_version(local_stack, "champion")
+    dag_run, states, summary = retrain({"max_bad_fraction": 0.001})
+    assert str(dag_run.state) == "failed", states
+    assert states["ingest"] == "success" and states["validate"] == "failed"
+    assert states["train"] == "upstream_failed" and states["report"] == "upstream_failed"
+    validate_ti = next(ti for ti in dag_run.get_task_instances() if ti.task_id == "validate")
+    assert validate_ti.try_number == 1  # a data problem is not retried
+    assert summary is None
+    assert _alias_version(local_stack, "champion") == champion_before
