@@ -23,7 +23,7 @@ from pathlib import Path
 from pipeline.settings import PROJECT_ROOT, Settings, get_settings
 
 DAGS_DIR = PROJECT_ROOT / "dags"
-SHARED_DEMO_DATA = PROJECT_ROOT.parent / "shared" / "data"
+SHARED_DEMO_DATA = Path(os.environ.get("HEMAFLOW_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 AIRFLOW_PROCESS = "airflow"
 SERVING_PROCESS = "serving"
 AIRFLOW_START_TIMEOUT_S = 240.0
