@@ -43,8 +43,10 @@ def airflow_db() -> Path:
     return _AIRFLOW_HOME
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dagbag():
+    """The DAGs parsed now: per module, so that a module using the test stack parses them after
+    `local_stack` has set its environment (bucket name, endpoints)."""
     from airflow.dag_processing.dagbag import DagBag
 
     return DagBag(dag_folder=str(DAGS_DIR))
