@@ -75,7 +75,7 @@
     label.classList.toggle("positive", data.positive_label != null && data.label === data.positive_label);
     text($("pred-conf"), pct(data.confidence));
     text($("threshold-note"), data.threshold != null
-      ? `Decision rule: ${data.positive_label} when its probability ≥ ${pct(data.threshold)}.`
+      ? `Decision rule: ${data.positive_label} when its probability ≥ ${(data.threshold * 100).toPrecision(2)} %.`
       : "");
 
     const bars = $("bars");

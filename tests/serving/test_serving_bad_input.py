@@ -38,7 +38,8 @@ CASES = {
     "truncated_jpeg": (image_bytes("JPEG", size=(300, 300))[:1500], 422, "truncated"),
     "gif": (image_bytes("GIF"), 415, "unsupported_format"),
     "webp": (image_bytes("WEBP"), 415, "unsupported_format"),
-    "bomb": (_png_header_bomb(50_000, 50_000), 422, "decompression_bomb"),
+    "bomb": (_png_header_bomb(50_000, 50_000), 422, "decompression_bomb"),  # Pillow's own guard
+    "bomb_49mp": (_png_header_bomb(7_000, 7_000), 422, "decompression_bomb"),  # MAX_IMAGE_PIXELS setting
     "tiny_8px": (image_bytes("PNG", size=(8, 8)), 422, "bad_dimensions"),
 }
 
