@@ -4,7 +4,7 @@ Starts a fresh local stack (SeaweedFS + MLflow) on free ports in a temporary fol
 ../shared/data/leukemia, then measures:
   (a) the pipeline (`run_pipeline`: ingest -> validate -> preprocess) from a clean state
       (empty local cache, no manifests / validation / processed objects), REPEATS times;
-      the first run also pays the TensorFlow and Great Expectations imports ("cold").
+      the first run also pays the Great Expectations import ("cold").
   (b) a naive baseline, REPEATS times: list the prefix and, one object at a time, get it,
       open it with PIL and resize it to IMAGE_SIZE.
   (c) an unchanged re-run of the pipeline (nothing to download, validate or write).
@@ -131,7 +131,7 @@ def main() -> int:
         print(f"naive baseline (median)     {images / base_med:8.1f} images/s  ({base_med:.2f} s)")
         print(f"pipeline (median)           {images / pipe_med:8.1f} images/s  ({pipe_med:.2f} s)")
         print(f"pipeline (cold, 1st run)    {images / pipeline_s[0]:8.1f} images/s  ({pipeline_s[0]:.2f} s, "
-              f"includes TensorFlow + GX imports)")
+              f"includes the Great Expectations import)")
         print(f"ratio pipeline/baseline     {base_med / pipe_med:8.2f}x median, {base_med / pipeline_s[0]:.2f}x cold"
               f"   (target >= 5)")
         print(f"unchanged re-run (median)   {statistics.median(rerun_s):8.2f} s   (target <= 5 s)")
