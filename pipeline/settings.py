@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     serving_api_keys: SecretStr = SecretStr("")
     serving_max_upload_bytes: int = Field(10_000_000, ge=1)
     serving_max_batch: int = Field(16, ge=1)
-    serving_micro_batch: int = Field(8, ge=1, description="Most queued images per interpreter call (1 = off)")
+    serving_micro_batch: int = Field(1, ge=1, description="Most queued images per interpreter call (1 = off)")
 
     # --- Airflow -----------------------------------------------------------------------
     retrain_schedule: str = "@weekly"
