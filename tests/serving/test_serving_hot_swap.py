@@ -34,7 +34,9 @@ def _load(url: str, stop: threading.Event, log: list) -> None:
 def test_hot_swap_under_load_and_bad_bundles_are_refused(serving_server, serving_bundles, tmp_path):
     link = tmp_path / "current"
     point_link(link, serving_bundles["good"])
-    server = serving_server({"SERVING_BUNDLE_PATH": str(link), "SERVING_ADMIN_API_KEYS": "swap-admin"})
+    # Micro-batching on: queued requests from before and after the swap must each run on their own model.
+    server = serving_server({"SERVING_BUNDLE_PATH": str(link), "SERVING_ADMIN_API_KEYS": "swap-admin",
+                             "SERVING_MICRO_BATCH": "8"})
     url = server.url
     v1 = httpx.get(f"{url}/v1/model").json()["model"]["version"]
 
