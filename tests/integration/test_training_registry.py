@@ -152,3 +152,22 @@ def test_mlflow_unreachable_gives_a_clear_error(local_stack):
     s = local_stack.model_copy(update={"mlflow_tracking_uri": f"http://127.0.0.1:{free_port()}"})
     with pytest.raises(MlflowUnavailable, match="unreachable.*stack up"):
         train_candidate("leukemia", "any-version", s)
+
+
+def test_cli_status_and_clear_error_on_rollback_without_previous(tiny_registered_model):
+    import subprocess
+    import sys
+
+    from pipeline.settings import PROJECT_ROOT
+
+    info = tiny_registered_model
+    cmd = [sys.executable, "-m", "training"]
+    out = subprocess.run(cmd + ["status", "--dataset", info["dataset"]], cwd=PROJECT_ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"@champion=v{info['model_version']}" in out.stdout
+    assert info["dataset_version"] in out.stdout
+    out = subprocess.run(cmd + ["rollback", "--dataset", info["dataset"]], cwd=PROJECT_ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1
+    assert "nothing to roll back to" in out.stderr and "Traceback" not in out.stderr

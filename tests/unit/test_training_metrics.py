@@ -1,0 +1,100 @@
+"""Evaluation metrics, the validation threshold and the pure gate decision."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.settings import get_settings
+from training.evaluate import choose_threshold, classification_report, compute_metrics, expected_calibration_error
+from training.registry import decide_gate
+
+LABELS = ["abnormal", "normal"]
+
+
+def _binary_probs(p_abnormal):
+    p = np.asarray(p_abnormal, dtype=float)
+    return np.stack([p, 1 - p], axis=1)
+
+
+def test_threshold_reaches_target_sensitivity_on_the_data_it_was_chosen_on():
+    rng = np.random.default_rng(0)
+    is_pos = np.r_[np.ones(200, bool), np.zeros(100, bool)]
+    scores = np.r_[rng.uniform(0.2, 1.0, 200), rng.uniform(0.0, 0.6, 100)]
+    for target in (0.9, 0.98, 1.0):
+        t = choose_threshold(is_pos, scores, target)
+        sens = np.mean(scores[is_pos] >= t)
+        assert sens >= target
+        # It is the highest such threshold: any higher one misses the target.
+        assert np.mean(scores[is_pos] >= t + 1e-9) < target
+
+
+def test_binary_metrics_on_a_hand_checked_example():
+    # 4 abnormal (label 0), 4 normal (label 1); threshold 0.5 on P(abnormal).
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    p = [0.9, 0.8, 0.6, 0.4, 0.3, 0.2, 0.7, 0.1]
+    m = compute_metrics(y, _binary_probs(p), LABELS, "abnormal", 0.5)
+    assert m["confusion_matrix"] == [[3, 1], [1, 3]]
+    assert m["sensitivity"] == pytest.approx(0.75) and m["specificity"] == pytest.approx(0.75)
+    assert m["accuracy"] == pytest.approx(0.75) and m["balanced_accuracy"] == pytest.approx(0.75)
+    # ROC AUC: pairs (pos, neg) ranked correctly = 14 of 16.
+    assert m["roc_auc"] == pytest.approx(14 / 16)
+    assert m["per_class"]["abnormal"]["precision"] == pytest.approx(0.75)
+    assert m["threshold"] == 0.5
+    # A lower threshold trades specificity for sensitivity.
+    low = compute_metrics(y, _binary_probs(p), LABELS, "abnormal", 0.35)
+    assert low["sensitivity"] == 1.0 and low["specificity"] == pytest.approx(0.75)
+    assert "abnormal" in classification_report(m, LABELS)
+
+
+def test_multiclass_metrics_and_calibration():
+    y = np.array([0, 1, 2, 2])
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]])
+    m = compute_metrics(y, probs, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [1, 0, 1]]
+    # F1: a = 2*0.5*1/1.5, b = 1, c = 2*1*0.5/1.5
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1 + 2 / 3) / 3)
+    assert m["balanced_accuracy"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert "sensitivity" not in m and 0 <= m["roc_auc"] <= 1
+    expected_brier = np.mean(np.sum((probs - np.eye(3)[y]) ** 2, axis=1))
+    assert m["brier"] == pytest.approx(expected_brier)
+    # Confident and always right: ECE is 0; confident and always wrong: ECE is the confidence.
+    assert expected_calibration_error(np.array([0, 1]), np.array([[1.0, 0.0], [0.0, 1.0]])) == 0.0
+    assert expected_calibration_error(np.array([1, 0]), np.array([[0.9, 0.1], [0.1, 0.9]])) == pytest.approx(0.9)
+
+
+def _comparison(cand: dict, champ: dict | None = None, **champ_extra) -> dict:
+    out = {"task": "binary", "primary_metric": "balanced_accuracy", "candidate": {"version": "2", "metrics": cand},
+           "champion": None}
+    if champ is not None or champ_extra:
+        out["champion"] = {"version": "1", "metrics": champ, **champ_extra}
+    return out
+
+
+GOOD = {"balanced_accuracy": 0.95, "sensitivity": 0.98, "accuracy": 0.96}
+
+
+def test_gate_floors_margin_and_ties():
+    s = get_settings(gate_margin=0.01)
+    assert decide_gate(_comparison(GOOD), s)["passed"] is True
+    low_sens = {**GOOD, "sensitivity": 0.5}
+    decision = decide_gate(_comparison(low_sens), s)
+    assert decision["passed"] is False and "sensitivity" in decision["reason"]
+    assert decide_gate(_comparison(GOOD, {**GOOD, "balanced_accuracy": 0.93}), s)["passed"] is True
+    # Better, but not by the margin; and an exact tie never promotes.
+    assert decide_gate(_comparison(GOOD, {**GOOD, "balanced_accuracy": 0.945}), s)["passed"] is False
+    tie = decide_gate(_comparison(GOOD, dict(GOOD)), get_settings(gate_margin=0.0))
+    assert tie["passed"] is False and "does not beat" in tie["reason"]
+    assert decide_gate(_comparison(GOOD, None, incomparable="labels differ"), s)["passed"] is True
+    assert decide_gate(_comparison(GOOD, GOOD, same_as_candidate=True), s)["passed"] is False
+
+
+def test_multiclass_gate_uses_macro_f1_and_accuracy_floor():
+    s = get_settings(gate_margin=0.0, gate_min_accuracy=0.9)
+    cand = {"macro_f1": 0.91, "balanced_accuracy": 0.9, "accuracy": 0.92}
+    comp = {"task": "multiclass", "primary_metric": "macro_f1", "candidate": {"version": "2", "metrics": cand},
+            "champion": {"version": "1", "metrics": {**cand, "macro_f1": 0.90, "accuracy": 0.99}}}
+    assert decide_gate(comp, s)["passed"] is True
+    low = {**cand, "accuracy": 0.85}
+    assert decide_gate({**comp, "candidate": {"version": "2", "metrics": low}}, s)["passed"] is False
