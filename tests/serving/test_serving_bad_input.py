@@ -91,7 +91,8 @@ def test_oversized_stream_without_content_length_is_cut_off(local_bundle_server)
         except OSError:
             pass
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
-    assert sent < 3 * LIMIT
+    # Kernel socket buffers (several MB on loopback) absorb some bytes after the server stops reading.
+    assert sent < 10 * LIMIT
     assert httpx.get(f"{local_bundle_server.url}/healthz").status_code == 200
 
 
