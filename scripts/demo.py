@@ -81,6 +81,7 @@ def airflow_cli(settings: Settings, args: list[str], env: dict[str, str], log: P
         return subprocess.run([_airflow_bin(), *args], env=full_env, capture_output=True, text=True,
                               timeout=timeout_s, cwd=PROJECT_ROOT)
     log.parent.mkdir(parents=True, exist_ok=True)
+    full_env["PYTHONUNBUFFERED"] = "1"  # progress lines as they happen, not in 8 KiB chunks
     with open(log, "a", encoding="utf-8") as fh:
         proc = subprocess.Popen([_airflow_bin(), *args], env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, cwd=PROJECT_ROOT)
