@@ -75,6 +75,7 @@ def build_summary(dataset: str, stages: dict[str, dict | None], run: dict[str, A
         "gate_reason": _get(gate, "reason"),
         "promoted": promoted,
         "kept_as_challenger": bool(keep),
+        "champion_version": _get(promote, "champion", _get(keep, "champion")),
         "serving_notified": _get(notify, "notified"),
         "serving_detail": _get(notify, "detail"),
         "outcome": outcome,
@@ -97,7 +98,8 @@ def summary_markdown(summary: dict) -> str:
         f"- Trained: {summary['trained']} ({summary['training_reason'] or 'candidate trained'}); "
         f"candidate run `{summary['candidate_run_id']}`, version {summary['candidate_version']}",
         f"- Gate: passed={summary['gate_passed']} ({summary['gate_reason']})",
-        f"- Promoted: {summary['promoted']}; serving notified: {summary['serving_notified']}",
+        f"- Promoted: {summary['promoted']}; @champion after this run: {summary['champion_version']}; "
+        f"serving notified: {summary['serving_notified']}",
     ]
     if summary["params"]:
         lines.append(f"- Overrides: `{json.dumps(summary['params'], sort_keys=True)}`")

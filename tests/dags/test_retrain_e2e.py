@@ -118,6 +118,7 @@ def test_first_run_registers_a_champion(retrain, data, s3, local_stack):
     champion = _alias_version(local_stack, "champion")
     assert champion is not None
     assert summary["trained"] and summary["promoted"] and summary["candidate_version"] == champion
+    assert summary["champion_version"] == champion
     assert summary["ingested"]["new"] == uploaded
     assert summary["serving_notified"] is False  # nothing listens on SERVING_URL; the run still succeeded
     STATE["champion"] = champion
@@ -170,7 +171,7 @@ def test_candidate_failing_the_gate_leaves_champion_untouched(retrain, data, s3,
     assert summary["gate_passed"] is False and summary["promoted"] is False
     assert "@champion unchanged" in summary["outcome"]
     assert summary["params"]["gate_margin"] == 1.0
-    assert _alias_version(local_stack, "champion") == champion_before
+    assert _alias_version(local_stack, "champion") == champion_before == str(summary["champion_version"])
     assert _alias_version(local_stack, "challenger") == summary["candidate_version"]
 
 

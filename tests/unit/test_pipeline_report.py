@@ -25,7 +25,7 @@ def test_summary_of_a_promotion_says_what_and_why():
                                    "train": TRAINED, "gate": {"passed": True, "reason": "beats champion 2"},
                                    "promote": {"champion": "3"}, "notify_serving": {"notified": False}},
                       {"dag_id": "d", "run_id": "manual__1", "params": {"epochs": 2, "image_size": None}})
-    assert s["trained"] and s["promoted"] and s["candidate_version"] == "3"
+    assert s["trained"] and s["promoted"] and s["candidate_version"] == "3" and s["champion_version"] == "3"
     assert s["outcome"] == "model version 3 promoted to @champion: beats champion 2"
     assert s["ingested"]["new"] == 5 and s["quarantined"] == 1
     assert s["params"] == {"epochs": 2}
@@ -42,6 +42,7 @@ def test_summary_of_a_skipped_training_and_of_a_rejected_candidate():
     rejected = build_summary("leukemia", {"train": TRAINED, "gate": {"passed": False, "reason": "sensitivity 0.7"},
                                           "keep_champion": {"challenger": "3"}})
     assert not rejected["promoted"] and rejected["kept_as_challenger"]
+    assert rejected["champion_version"] is None  # keep_champion result here names no champion
     assert "not promoted, @champion unchanged: sensitivity 0.7" in rejected["outcome"]
 
 
