@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     retrain_schedule: str = "@weekly"
     raw_watch_schedule: str = Field("*/10 * * * *", description="How often new raw images are looked for")
     airflow_port: int = Field(8080, ge=1, le=65535)
+    airflow_api_url: str = Field("", description="api-server base URL for upload asset events; empty = off")
+    airflow_api_username: str = "admin"
+    airflow_api_password: SecretStr = SecretStr("")
 
     @field_validator("hemaflow_home", "dataset_specs_dir", mode="after")
     @classmethod
