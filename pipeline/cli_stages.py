@@ -49,6 +49,7 @@ def _upload(args: argparse.Namespace) -> int:
           f"(same content) -> {r['prefix']}")
     if r["ignored"]:
         print(f"         ignored (not class folders of the spec): {r['ignored']}")
+    print(f"airflow  {r['asset_event']['message']}")
     return 0
 
 

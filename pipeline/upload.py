@@ -40,10 +40,15 @@ def _local_files(root: Path, spec) -> tuple[list[_LocalFile], list[str]]:
     return files, ignored
 
 
-def upload_tree(root: Path, dataset: str, settings: Settings | None = None, show_progress: bool = False) -> dict:
+def upload_tree(root: Path, dataset: str, settings: Settings | None = None, show_progress: bool = False,
+                emit_asset_event: bool = True) -> dict:
     """Put every image of `root/<class folder>/...` under the dataset's S3 prefix.
 
-    Returns {uploaded, skipped, bytes, ignored, prefix}; `bytes` counts what was sent.
+    When something was sent and AIRFLOW_API_URL is set, emits the dataset's raw Asset event so
+    the retraining DAG starts now (`emit_asset_event=False` for callers that run the DAG
+    themselves); a failed event is a warning, never a failed upload.
+    Returns {uploaded, skipped, bytes, ignored, prefix, asset_event}; `bytes` counts what was sent,
+    `asset_event` is {emitted, message, event?} (see pipeline.airflow_api.announce_upload).
     """
     from pipeline.common import progress, s3_call
     from pipeline.dataset_spec import load_spec
@@ -99,4 +104,11 @@ def upload_tree(root: Path, dataset: str, settings: Settings | None = None, show
                 sent += nbytes
             else:
                 skipped += 1
-    return {"uploaded": uploaded, "skipped": skipped, "bytes": sent, "ignored": ignored, "prefix": spec.s3_prefix}
+    result = {"uploaded": uploaded, "skipped": skipped, "bytes": sent, "ignored": ignored, "prefix": spec.s3_prefix}
+    if emit_asset_event:
+        from pipeline.airflow_api import announce_upload
+
+        result["asset_event"] = announce_upload(dataset, result, settings=s)
+    else:
+        result["asset_event"] = {"emitted": False, "message": "asset event not requested by the caller"}
+    return result

@@ -281,7 +281,9 @@ def up() -> int:
     for name, url in stack.up(settings).items():
         print(f"  {name:8s} {url}")
     print(f"uploading {data_dir} as dataset '{dataset}'", flush=True)
-    uploaded = upload_tree(data_dir, dataset, settings=settings, show_progress=True)
+    # No Airflow asset event: the demo runs the retraining DAG itself just below, and an event
+    # would queue a second, redundant run for when the scheduler starts.
+    uploaded = upload_tree(data_dir, dataset, settings=settings, show_progress=True, emit_asset_event=False)
     print(f"  {uploaded['uploaded']} uploaded, {uploaded['skipped']} already there", flush=True)
 
     admin_key = demo_admin_key(settings)
@@ -311,6 +313,10 @@ def up() -> int:
     print(f"  MLflow UI    {settings.mlflow_tracking_uri}   model {settings.model_name(dataset)}")
     print(f"  Serving      http://127.0.0.1:{settings.serving_port}/   (API docs: /docs)")
     print(f"  Champion     version {version}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    print(f"  New images   AIRFLOW_API_URL=http://127.0.0.1:{settings.airflow_port} AIRFLOW_API_PASSWORD=<the "
+          f"password above> .venv/bin/python -m pipeline upload DIR --dataset {dataset}")
+    print(f"               retrains at once (Airflow asset event); without AIRFLOW_API_URL the watcher DAG finds "
+          f"them within {settings.raw_watch_schedule}")
     print("  Stop all of it with: make demo-down")
     return 0
 
