@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from pipeline.cli_stages import add_stage_commands
+from pipeline.cli import run_command
 from pipeline.settings import get_settings
 
 
@@ -40,17 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - a CLI prints one clear line, not a traceback
-        if getattr(args, "debug", False) or __import__("os").environ.get("HEMAFLOW_DEBUG"):
-            raise
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.settings import Settings, get_settings
+from pipeline.stack import pid_alive
 
 MANIFEST_FIELDS = (
     "key", "etag", "sha256", "bytes", "format", "width", "height", "mode", "class", "label", "decoded", "error",
@@ -79,22 +80,10 @@ def clean_stale_temporaries(settings: Settings) -> int:
             pid = int(tmp.name.split("-", 1)[0])
         except ValueError:
             pid = -1
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             tmp.unlink(missing_ok=True)
             removed += 1
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def ensure_cached(row: dict[str, Any], settings: Settings | None = None, client=None) -> Path:

@@ -61,7 +61,10 @@ def _bin(name: str) -> str:
     return found
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True when `pid` is a live (non-zombie) process."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -91,7 +94,7 @@ def read_pid(settings: Settings, name: str) -> int | None:
     except (OSError, ValueError):
         return None
     pid = int(meta.get("pid", 0))
-    if pid <= 0 or not _pid_alive(pid):
+    if pid <= 0 or not pid_alive(pid):
         return None
     # Guard against pid reuse: the process must still carry the command we started.
     try:
@@ -140,9 +143,9 @@ def stop_process(settings: Settings, name: str, timeout_s: float = STOP_TIMEOUT_
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _pid_alive(pid):
+        while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.1)
-        if _pid_alive(pid):
+        if pid_alive(pid):
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+from pipeline.cli import run_command
 from pipeline.settings import get_settings
 
 
@@ -142,16 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args.dataset = args.dataset or get_settings().dataset
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - a CLI prints one clear line, not a traceback
-        if args.debug or os.environ.get("HEMAFLOW_DEBUG"):
-            raise
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    return run_command(args)
 
 
 if __name__ == "__main__":
