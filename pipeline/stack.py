@@ -87,7 +87,18 @@ def _reap(pid: int) -> None:
         pass
 
 
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of `pid` (clock ticks since boot): with the pid it names one process
+    instance, even after the process renames itself (as Airflow's components do)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def read_pid(settings: Settings, name: str) -> int | None:
+    """The pid of the process we started for `name`, or None if it is gone (or the pid was reused)."""
     pid_file, _, _ = _paths(settings, name)
     try:
         meta = json.loads(pid_file.read_text())
@@ -96,12 +107,16 @@ def read_pid(settings: Settings, name: str) -> int | None:
     pid = int(meta.get("pid", 0))
     if pid <= 0 or not pid_alive(pid):
         return None
-    # Guard against pid reuse: the process must still carry the command we started.
+    started = meta.get("start_time")
+    if started is not None:
+        return pid if process_start_time(pid) == started else None
+    # Pid files written before start times were recorded: the command line must still match.
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return None
-    return pid if meta.get("marker", "") in cmdline else None
+    marker = meta.get("marker")
+    return pid if marker and marker in cmdline else None
 
 
 def start_process(
@@ -125,9 +140,9 @@ def start_process(
             start_new_session=True,
         )
     tmp = pid_file.with_suffix(".tmp")
-    # The marker (the arguments) lets read_pid tell our process from a reused pid.
-    marker = " ".join(cmd[1:]) or cmd[0]
-    tmp.write_text(json.dumps({"pid": proc.pid, "marker": marker, "cmd": cmd[0]}))
+    # pid + kernel start time tell our process from a later one that reuses the pid.
+    meta = {"pid": proc.pid, "start_time": process_start_time(proc.pid), "cmd": cmd}
+    tmp.write_text(json.dumps(meta))
     os.replace(tmp, pid_file)
     return proc.pid
 

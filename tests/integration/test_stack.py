@@ -62,7 +62,39 @@ def test_stale_pid_file_is_not_trusted(tmp_path):
     settings = get_settings(hemaflow_home=tmp_path)
     run = stack.stack_dir(settings) / "run"
     run.mkdir(parents=True)
-    # pid 1 exists but is not a process we started: its command line lacks our marker.
-    (run / "s3.pid").write_text('{"pid": 1, "marker": "weed mini -dir=/nowhere", "cmd": "weed"}')
+    # pid 1 exists but is not the process we started: its kernel start time differs.
+    (run / "s3.pid").write_text('{"pid": 1, "start_time": 123456789, "cmd": ["weed"]}')
     assert stack.read_pid(settings, "s3") is None
     assert stack.down(settings) == []
+
+
+def test_a_process_that_renames_itself_is_still_found_and_stopped(tmp_path):
+    """Airflow's components rewrite their command line; the pid file must still identify them."""
+    import sys
+    import time
+
+    settings = get_settings(hemaflow_home=tmp_path)
+    code = "import setproctitle, time; setproctitle.setproctitle('renamed-by-itself'); time.sleep(60)"
+    pid = stack.start_process(settings, "renamer", [sys.executable, "-c", code])
+    deadline = time.monotonic() + 10
+    while b"renamed-by-itself" not in open(f"/proc/{pid}/cmdline", "rb").read():
+        assert time.monotonic() < deadline, "the child never renamed itself"
+        time.sleep(0.05)
+    assert stack.read_pid(settings, "renamer") == pid
+    assert stack.down(settings) == ["renamer"]
+    assert not stack.pid_alive(pid)
+
+
+def test_pid_files_without_start_time_fall_back_to_the_command_line(tmp_path):
+    import json
+    import sys
+
+    settings = get_settings(hemaflow_home=tmp_path)
+    pid = stack.start_process(settings, "old", [sys.executable, "-c", "import time; time.sleep(60)"])
+    pid_file = stack.stack_dir(settings) / "run" / "old.pid"
+    pid_file.write_text(json.dumps({"pid": pid, "marker": "-c import time; time.sleep(60)"}))
+    assert stack.read_pid(settings, "old") == pid
+    pid_file.write_text(json.dumps({"pid": pid, "marker": "something else entirely"}))
+    assert stack.read_pid(settings, "old") is None
+    pid_file.write_text(json.dumps({"pid": pid, "marker": "-c import time; time.sleep(60)"}))
+    assert stack.down(settings) == ["old"]
