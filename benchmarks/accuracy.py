@@ -37,17 +37,12 @@ SHOWN = {
 
 def _stack_env(home: Path) -> dict[str, str]:
     """Ports persist in the home so that --home reuses the same stack between runs."""
-    from tests.conftest import free_port, free_s3_port
+    from pipeline.stack import private_stack_env
 
     saved = home / "bench-env.json"
     if saved.is_file():
         return json.loads(saved.read_text())
-    env = {
-        "HEMAFLOW_HOME": str(home),
-        "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_s3_port()}",
-        "S3_BUCKET": "hemaflow-bench",
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
-    }
+    env = private_stack_env(home, bucket="hemaflow-bench")
     home.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(env))
     return env

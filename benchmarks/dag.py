@@ -70,13 +70,11 @@ def main() -> int:
         return 2
     conf = json.loads(args.conf) if args.conf else None
 
-    from tests.conftest import free_port, free_s3_port  # same free-port logic as the test stack
+    from pipeline.stack import free_port, private_stack_env
 
     home = Path(tempfile.mkdtemp(prefix="hemaflow-bench-dag-"))
     os.environ.update({
-        "HEMAFLOW_HOME": str(home), "HEMAFLOW_ENV_FILE": "",
-        "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_s3_port()}", "S3_BUCKET": "hemaflow-bench",
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "AIRFLOW_PORT": str(free_port()),
+        **private_stack_env(home, bucket="hemaflow-bench"), "AIRFLOW_PORT": str(free_port()),
         "SERVING_URL": f"http://127.0.0.1:{free_port()}",  # no serving: notify logs and continues
     })
     from pipeline import stack

@@ -19,7 +19,6 @@ import argparse
 import io
 import os
 import resource
-import secrets
 import shutil
 import statistics
 import sys
@@ -29,17 +28,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
-
-def _stack_env(home: Path) -> dict[str, str]:
-    from tests.conftest import free_port, free_s3_port
-
-    return {
-        "HEMAFLOW_HOME": str(home), "HEMAFLOW_ENV_FILE": "",
-        "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_s3_port()}", "S3_BUCKET": "hemaflow-bench",
-        "AWS_ACCESS_KEY_ID": "bench-" + secrets.token_hex(4), "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(24),
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
-    }
 
 
 def _clean_state(settings, dataset: str) -> None:
@@ -79,8 +67,10 @@ def main() -> int:
         print(f"no data at {args.data}: pass --data", file=sys.stderr)
         return 2
 
+    from pipeline.stack import private_stack_env
+
     home = Path(tempfile.mkdtemp(prefix="hemaflow-bench-"))
-    os.environ.update(_stack_env(home))
+    os.environ.update(private_stack_env(home, bucket="hemaflow-bench"))
     from pipeline import stack
     from pipeline.dataset_spec import load_spec
     from pipeline.run import run_pipeline

@@ -284,13 +284,11 @@ def main() -> int:
 
     from pipeline import stack
     from pipeline.settings import get_settings
-    from tests.conftest import free_port
+    from pipeline.stack import free_port, private_stack_env
 
     own_stack = args.tracking_uri is None and args.bundle is None
     if own_stack:
-        from benchmarks.ingest import _stack_env  # the same private-stack environment as the ingest benchmark
-
-        os.environ.update(_stack_env(work / "home"))
+        os.environ.update(private_stack_env(work / "home", bucket="hemaflow-bench"))
         print("starting a private stack and training a champion on", data, flush=True)
         stack.up(get_settings())
     elif args.tracking_uri:

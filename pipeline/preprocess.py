@@ -21,9 +21,8 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from pipeline.settings import Settings, get_settings

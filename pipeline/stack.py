@@ -348,3 +348,53 @@ def status(settings: Settings | None = None) -> list[ServiceStatus]:
         _, log, _ = _paths(s, name)
         result.append(ServiceStatus(name, pid, pid is not None, pid is not None and check(s), endpoint, log))
     return result
+
+
+# --- private stacks (tests, benchmarks) -------------------------------------------------
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_s3_port() -> int:
+    """A port p such that p..p+4 and their gRPC twins (+10000) are free: SeaweedFS's ports (see _start_s3)."""
+    import secrets
+
+    for _ in range(200):
+        p = 20000 + secrets.randbelow(9000)
+        needed = [p + i for i in range(5)] + [p + i + 10000 for i in range(5)]
+        if all(_port_free(x) for x in needed):
+            return p
+    raise StackError("no free port range for SeaweedFS")
+
+
+def private_stack_env(home: Path, bucket: str = "hemaflow") -> dict[str, str]:
+    """Environment for a throw-away stack: its own home, free ports, random credentials, no .env."""
+    import secrets
+
+    return {
+        "HEMAFLOW_HOME": str(home),
+        "HEMAFLOW_ENV_FILE": "",
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_s3_port()}",
+        "S3_BUCKET": bucket,
+        "AWS_ACCESS_KEY_ID": "hf-" + secrets.token_hex(4),
+        "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(24),
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
+    }

@@ -28,7 +28,6 @@ so validating the same manifest twice reuses the saved result (fast unchanged re
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor

@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import os
-import secrets
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from pipeline.stack import private_stack_env
 
 pytest_plugins = ["tests.fixtures.data", "tests.fixtures.training"]
 
@@ -21,31 +21,6 @@ SHARED_DATA = Path(os.environ.get("HEMAFLOW_SHARED_DATA", REPO_ROOT.parent / "sh
 
 # Tests never read a developer's .env.
 os.environ["HEMAFLOW_ENV_FILE"] = ""
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def free_s3_port() -> int:
-    """A port p such that p..p+4 and their gRPC twins (+10000) are all free."""
-    for _ in range(200):
-        p = 20000 + secrets.randbelow(9000)
-        needed = [p + i for i in range(5)] + [p + i + 10000 for i in range(5)]
-        if all(_port_free(x) for x in needed):
-            return p
-    raise RuntimeError("no free port range for SeaweedFS")
 
 
 def shared_dataset(name: str) -> Path:
@@ -59,16 +34,8 @@ def shared_dataset(name: str) -> Path:
 @pytest.fixture(scope="session")
 def stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Environment for a private stack: temp home, free ports, random credentials."""
-    home = tmp_path_factory.mktemp("hemaflow-home")
-    env = {
-        "HEMAFLOW_HOME": str(home),
-        "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_s3_port()}",
-        "S3_BUCKET": "hemaflow-test",
-        "AWS_ACCESS_KEY_ID": "test-" + secrets.token_hex(4),
-        "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(24),
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
-        "S3_MAX_ATTEMPTS": "2",
-    }
+    env = private_stack_env(tmp_path_factory.mktemp("hemaflow-home"), bucket="hemaflow-test")
+    env["S3_MAX_ATTEMPTS"] = "2"
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from pipeline.stack import free_port
 from tests.dags.conftest import AIRFLOW_ENV, REPO_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -8,7 +8,7 @@ from pydantic import SecretStr
 
 from pipeline import stack
 from pipeline.settings import get_settings
-from tests.conftest import free_port, free_s3_port
+from pipeline.stack import free_port, free_s3_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import secrets
 
 import pytest
@@ -147,7 +146,7 @@ def test_nan_loss_fails_the_run_and_registers_nothing(local_stack):
 def test_mlflow_unreachable_gives_a_clear_error(local_stack):
     from training.train import MlflowUnavailable, train_candidate
 
-    from tests.conftest import free_port
+    from pipeline.stack import free_port
 
     s = local_stack.model_copy(update={"mlflow_tracking_uri": f"http://127.0.0.1:{free_port()}"})
     with pytest.raises(MlflowUnavailable, match="unreachable.*stack up"):

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO_ROOT, free_port
+from pipeline.stack import free_port
+from tests.conftest import REPO_ROOT
 
 START_TIMEOUT_S = 60.0
 
