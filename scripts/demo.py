@@ -86,13 +86,36 @@ def airflow_cli(settings: Settings, args: list[str], env: dict[str, str], log: P
         proc = subprocess.Popen([_airflow_bin(), *args], env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, cwd=PROJECT_ROOT)
         assert proc.stdout is not None
+        progress = DagTestProgress()
         for line in proc.stdout:
             fh.write(line)
-            if echo and "[DAG TEST] end task" in line:
-                task = line.split("task_id=", 1)[-1].split()[0]
-                print(f"  . {task} done", flush=True)
+            shown = progress.feed(line)
+            if echo and shown:
+                print(shown, flush=True)
         rc = proc.wait(timeout=timeout_s)
     return subprocess.CompletedProcess(proc.args, rc, "", "")
+
+
+class DagTestProgress:
+    """Turns `airflow dags test` log lines into one line per finished task, with its state
+    (a skipped training must not read as "done")."""
+
+    def __init__(self) -> None:
+        self.state: str | None = None  # the running task's last reported state
+
+    def feed(self, line: str) -> str | None:
+        if "new_state=" in line:
+            self.state = line.split("new_state=", 1)[-1].split()[0]
+        if "[DAG TEST] end task" not in line:
+            return None
+        task = line.split("task_id=", 1)[-1].split()[0]
+        state, self.state = self.state, None
+        return f"  . {task} {'done' if state in (None, 'success') else state}"
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """Rates with 4 decimals, counts (test_n) as integers."""
+    return ", ".join(f"{k}={v:.0f}" if k == "test_n" else f"{k}={v:.4f}" for k, v in metrics.items())
 
 
 def migrate_airflow_db(settings: Settings, env: dict[str, str]) -> None:
@@ -312,7 +335,7 @@ def up() -> int:
     print(f"               run {run.get('run_id')} of hemaflow_retrain_{dataset}: {run.get('state')}")
     print(f"  MLflow UI    {settings.mlflow_tracking_uri}   model {settings.model_name(dataset)}")
     print(f"  Serving      http://127.0.0.1:{settings.serving_port}/   (API docs: /docs)")
-    print(f"  Champion     version {version}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    print(f"  Champion     version {version}: {format_metrics(metrics)}")
     print(f"  New images   AIRFLOW_API_URL=http://127.0.0.1:{settings.airflow_port} AIRFLOW_API_PASSWORD=<the "
           f"password above> .venv/bin/python -m pipeline upload DIR --dataset {dataset}")
     print(f"               retrains at once (Airflow asset event); without AIRFLOW_API_URL the watcher DAG finds "

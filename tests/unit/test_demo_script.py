@@ -39,3 +39,34 @@ def test_demo_airflow_is_loopback_only_with_low_parallelism_and_repo_dags(tmp_pa
     assert int(env["AIRFLOW__CORE__PARALLELISM"]) <= 2
     assert env["AIRFLOW__CORE__DAGS_FOLDER"] == str(PROJECT_ROOT / "dags")
     assert env["AIRFLOW_HOME"].startswith(str(tmp_path)) and env["AIRFLOW__CORE__LOAD_EXAMPLES"] == "False"
+
+
+# Lines as `airflow dags test` (Airflow 3.3) writes them, trimmed.
+_TRAIN_SKIPPED_LINES = [
+    "2026-11-22T01:26:46.835471Z [info ] [DAG TEST] starting task_id=train map_index=-1 [airflow.sdk.definitions.dag]",
+    "2026-11-22T01:26:47.796013Z [info ] Skipping task. [task] reason='training skipped: same data, config, code'",
+    "2026-11-22T01:26:47.807138Z [info ] Task instance state updated [airflow.api_fastapi] new_state=skipped "
+    "rows_affected=1",
+    "2026-11-22T01:26:47.821162Z [info ] [DAG TEST] end task task_id=train map_index=-1 [airflow.sdk.definitions.dag]",
+]
+_REPORT_SUCCESS_LINES = [
+    "2026-11-22T01:26:49.851558Z [info ] [DAG TEST] starting task_id=report map_index=-1 [airflow.sdk]",
+    "2026-11-22T01:26:50.800000Z [info ] Task instance state updated [airflow.api_fastapi] new_state=success "
+    "rows_affected=1",
+    "2026-11-22T01:26:50.820511Z [info ] [DAG TEST] end task task_id=report map_index=-1 [airflow.sdk]",
+]
+
+
+def test_demo_progress_says_skipped_for_a_skipped_task_and_done_for_a_successful_one():
+    from scripts.demo import DagTestProgress
+
+    progress = DagTestProgress()
+    shown = [out for line in _TRAIN_SKIPPED_LINES + _REPORT_SUCCESS_LINES if (out := progress.feed(line))]
+    assert shown == ["  . train skipped", "  . report done"]
+
+
+def test_demo_champion_metrics_show_rates_to_4_decimals_and_the_test_count_as_an_integer():
+    from scripts.demo import format_metrics
+
+    assert format_metrics({"test_balanced_accuracy": 0.97844028, "test_n": 401.0}) == (
+        "test_balanced_accuracy=0.9784, test_n=401")
