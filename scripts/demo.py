@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -96,6 +97,9 @@ def airflow_cli(settings: Settings, args: list[str], env: dict[str, str], log: P
     return subprocess.CompletedProcess(proc.args, rc, "", "")
 
 
+EPOCH_MARKER = re.compile(r"epoch \d+/\d+ [^\[]*?(?=\s+\[|$)")
+
+
 class DagTestProgress:
     """Turns `airflow dags test` log lines into one line per finished task, with its state
     (a skipped training must not read as "done")."""
@@ -106,6 +110,8 @@ class DagTestProgress:
     def feed(self, line: str) -> str | None:
         if "new_state=" in line:
             self.state = line.split("new_state=", 1)[-1].split()[0]
+        if EPOCH_MARKER.search(line):  # training progress, one line per epoch
+            return "      " + EPOCH_MARKER.search(line).group(0)
         if "[DAG TEST] end task" not in line:
             return None
         task = line.split("task_id=", 1)[-1].split()[0]

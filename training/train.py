@@ -374,6 +374,9 @@ def _fit_evaluate_log(s, meta, folder: Path, run_id: str, model_name: str, commi
     def _epoch(epoch: int, logs: dict) -> None:
         finite = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
         mlflow.log_metrics(finite, step=epoch)
+        # One line per epoch: progress in the Airflow task log (and the demo's terminal).
+        log.info("epoch %d/%d %s", epoch + 1, s.epochs,
+                 " ".join(f"{k}={v:.4f}" for k, v in sorted(finite.items()) if k != "learning_rate"))
         if on_epoch is not None:
             on_epoch(epoch, logs)
 

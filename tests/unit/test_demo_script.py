@@ -70,3 +70,13 @@ def test_demo_champion_metrics_show_rates_to_4_decimals_and_the_test_count_as_an
 
     assert format_metrics({"test_balanced_accuracy": 0.97844028, "test_n": 401.0}) == (
         "test_balanced_accuracy=0.9784, test_n=401")
+
+
+def test_demo_progress_echoes_one_line_per_training_epoch():
+    from scripts.demo import DagTestProgress
+
+    progress = DagTestProgress()
+    line = ("2026-11-22T01:13:53.398066Z [info     ] epoch 3/30 accuracy=0.9000 loss=0.2000 "
+            "val_accuracy=0.8000 val_loss=0.3000 [training] loc=train.py:372")
+    assert progress.feed(line) == "      epoch 3/30 accuracy=0.9000 loss=0.2000 val_accuracy=0.8000 val_loss=0.3000"
+    assert progress.feed("[info] reached the epoch boundary of the scheduler") is None
