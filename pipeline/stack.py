@@ -79,12 +79,22 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def _reap(pid: int) -> None:
-    """Collect the exit status when the process is our own child (no zombie left behind)."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    """Wait until `pid` has exited; our own child is reaped (no zombie left behind).
+
+    A process whose main thread has exited shows as a zombie while its other threads still
+    run, so for our children only waitpid() says it is really gone."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
+        except ChildProcessError:  # not our child: its own parent (or init) reaps it
+            if not pid_alive(pid):
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def process_start_time(pid: int) -> int | None:
@@ -157,15 +167,12 @@ def stop_process(settings: Settings, name: str, timeout_s: float = STOP_TIMEOUT_
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and pid_alive(pid):
-            time.sleep(0.1)
-        if pid_alive(pid):
+        if not _wait_gone(pid, timeout_s):
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        _reap(pid)
+            _wait_gone(pid, 5.0)
         stopped = True
     pid_file.unlink(missing_ok=True)
     return stopped
