@@ -71,17 +71,17 @@ def demo_image(dataset: str) -> Path:
     raise SystemExit(f"no image under {SHARED_DEMO_DATA / dataset}: pass --image PATH")
 
 
-def drop_file(page, selector: str, path: Path) -> None:
+def drop_file(page, selector: str, path: Path, mime: str = "image/jpeg") -> None:
     """A real drag-and-drop of `path` onto `selector` (dragenter, dragover, drop)."""
     data = base64.b64encode(path.read_bytes()).decode()
     transfer = page.evaluate_handle(
-        """([b64, name]) => {
+        """([b64, name, mime]) => {
             const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
             const dt = new DataTransfer();
-            dt.items.add(new File([bytes], name, { type: 'image/jpeg' }));
+            dt.items.add(new File([bytes], name, { type: mime }));
             return dt;
         }""",
-        [data, path.name],
+        [data, path.name, mime],
     )
     for event in ("dragenter", "dragover", "drop"):
         page.dispatch_event(selector, event, {"dataTransfer": transfer})

@@ -7,7 +7,6 @@ model version; keyboard access to the picker; a screenshot is saved to a git-ign
 
 from __future__ import annotations
 
-import base64
 import io
 import os
 from pathlib import Path
@@ -17,16 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from scripts.screenshots import CHROMIUM, CHROMIUM_ARGS, drop_file
 from tests.conftest import REPO_ROOT, SHARED_DATA
 from tests.serving.conftest import ServingProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-CHROMIUM = os.environ.get("HEMAFLOW_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 SCREENSHOT_DIR = Path(os.environ.get("HEMAFLOW_SCREENSHOT_DIR", REPO_ROOT / ".hemaflow" / "screenshots"))
 
 
@@ -75,22 +70,6 @@ def browser(tmp_path):
             context.close()
 
 
-def _drop_file(page, selector: str, path: Path, mime: str) -> None:
-    """Dispatch a real drag-and-drop of `path` onto `selector` (dragenter, dragover, drop)."""
-    data = base64.b64encode(path.read_bytes()).decode()
-    transfer = page.evaluate_handle(
-        """([b64, name, mime]) => {
-            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
-            const dt = new DataTransfer();
-            dt.items.add(new File([bytes], name, { type: mime }));
-            return dt;
-        }""",
-        [data, path.name, mime],
-    )
-    for event in ("dragenter", "dragover", "drop"):
-        page.dispatch_event(selector, event, {"dataTransfer": transfer})
-
-
 def test_drop_an_image_and_see_bars_heatmap_and_version(page_server, browser, tmp_path):
     image_path, kind = _real_or_generated_image(tmp_path)
     model = httpx.get(f"{page_server.url}/v1/model").json()
@@ -102,7 +81,7 @@ def test_drop_an_image_and_see_bars_heatmap_and_version(page_server, browser, tm
     page.wait_for_selector("#ready-dot.ready")
     assert model["model"]["version"] in page.inner_text("#model-text")
 
-    _drop_file(page, "#dropzone", image_path, "image/jpeg")
+    drop_file(page, "#dropzone", image_path, "image/jpeg")
     page.wait_for_selector("#result:not([hidden])", timeout=20_000)
 
     bars = page.locator("#bars .bar-row")
