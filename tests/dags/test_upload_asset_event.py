@@ -58,11 +58,8 @@ def airflow_api(local_stack, airflow_db, tmp_path_factory):
         "AIRFLOW__API__WORKERS": "1",
     }
     url = f"http://127.0.0.1:{port}"
-    stack.start_process(local_stack, API_PROCESS,
-                        # A shell stays the group leader: the server retitles itself ("airflow api_server"),
-                        # which stack.read_pid would take for a reused pid. stop_process ends the group.
-                        ["/bin/sh", "-c", f"{_airflow_bin()} api-server; exit $?"],
-                        env=server_env, cwd=REPO_ROOT)
+    # The server retitles itself ("airflow api_server"); the stack still knows it by pid + start time.
+    stack.start_process(local_stack, API_PROCESS, [_airflow_bin(), "api-server"], env=server_env, cwd=REPO_ROOT)
     try:
         _, log, _ = stack._paths(local_stack, API_PROCESS)
         stack.wait_until(lambda: stack.http_ok(url + "/api/v2/version"), "airflow api-server", log,
