@@ -62,18 +62,3 @@ def put_bytes(client, bucket: str, key: str, body: bytes, content_type: str = "a
 
 def put_jsonl(client, bucket: str, key: str, rows: Iterable[dict[str, Any]]) -> None:
     put_bytes(client, bucket, key, to_jsonl(rows), "application/x-ndjson")
-
-
-def s3_call(settings, what: str, fn, *args, **kwargs):
-    """Run one S3 call; connection failures (after boto's bounded retries) become StorageUnavailable."""
-    from pipeline.storage import StorageUnavailable, _is_connection_error
-
-    try:
-        return fn(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - translate only connection failures
-        if _is_connection_error(exc):
-            raise StorageUnavailable(
-                f"S3 endpoint {settings.s3_endpoint_url} is unreachable ({what}) after "
-                f"{settings.s3_max_attempts} attempts: {exc}"
-            ) from exc
-        raise

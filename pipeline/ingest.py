@@ -92,8 +92,8 @@ def ensure_cached(row: dict[str, Any], settings: Settings | None = None, client=
     The downloaded bytes must hash to the row's sha256, else CacheMismatch: the object
     changed in S3 after ingest, and using it would silently mix dataset versions.
     """
-    from pipeline.common import s3_call, sha256_hex
-    from pipeline.storage import s3_client
+    from pipeline.common import sha256_hex
+    from pipeline.storage import s3_call, s3_client
 
     s = settings or get_settings()
     path = cache_path(s, row["sha256"])
@@ -190,9 +190,9 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
     downloaded_bytes, reused}; `reused` is True when nothing changed and the previous
     manifest is still current (no new manifest written).
     """
-    from pipeline.common import progress, put_jsonl, s3_call, sha256_hex, utc_now, utc_stamp
+    from pipeline.common import progress, put_jsonl, sha256_hex, utc_now, utc_stamp
     from pipeline.dataset_spec import load_spec
-    from pipeline.storage import ensure_bucket, iter_objects, put_json, s3_client
+    from pipeline.storage import ensure_bucket, iter_objects, put_json, s3_call, s3_client
 
     s = settings or get_settings()
     spec = load_spec(dataset, s.dataset_specs_dir)

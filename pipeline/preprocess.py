@@ -76,13 +76,13 @@ def dataset_version(pairs: list[tuple[str, str]], labels: list[str], preprocessi
 def preprocess(validated_key: str, dataset: str, settings: Settings | None = None,
                show_progress: bool = False) -> dict:
     """Write the processed dataset version for the validated rows (or find it already there)."""
-    from pipeline.common import get_jsonl, progress, s3_call, to_jsonl, utc_now
+    from pipeline.common import get_jsonl, progress, to_jsonl, utc_now
     from pipeline.dataset_spec import load_spec
     from pipeline.ingest import ensure_cached
     from pipeline.processed import (MANIFEST_FILE, META_FILE, SPLITS, DatasetMeta, TFRecordWriter,
                                     local_version_dir, shard_name, version_prefix)
     from pipeline.splits import assign_splits, split_score
-    from pipeline.storage import ensure_bucket, object_exists, s3_client
+    from pipeline.storage import ensure_bucket, object_exists, s3_call, s3_client
 
     s = settings or get_settings()
     spec = load_spec(dataset, s.dataset_specs_dir)

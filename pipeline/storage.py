@@ -51,6 +51,19 @@ def _is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError))
 
 
+def s3_call(settings: Settings, what: str, fn, *args, **kwargs):
+    """Run one S3 call; connection failures (after boto's bounded retries) become StorageUnavailable."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - translate only connection failures
+        if _is_connection_error(exc):
+            raise StorageUnavailable(
+                f"S3 endpoint {settings.s3_endpoint_url} is unreachable ({what}) after "
+                f"{settings.s3_max_attempts} attempts: {exc}"
+            ) from exc
+        raise
+
+
 def ensure_bucket(client=None, settings: Settings | None = None) -> str:
     """Create the bucket if it does not exist (get-or-create); returns its name."""
     from botocore.exceptions import ClientError
@@ -58,22 +71,16 @@ def ensure_bucket(client=None, settings: Settings | None = None) -> str:
     s = settings or get_settings()
     client = client or s3_client(s)
     try:
-        client.head_bucket(Bucket=s.s3_bucket)
+        s3_call(s, "head bucket", client.head_bucket, Bucket=s.s3_bucket)
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code not in ("404", "NoSuchBucket", "NotFound"):
             raise
         try:
-            client.create_bucket(Bucket=s.s3_bucket)
+            s3_call(s, "create bucket", client.create_bucket, Bucket=s.s3_bucket)
         except ClientError as exc2:
             if exc2.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise
-    except Exception as exc:  # noqa: BLE001 - translate connection failures to one clear error
-        if _is_connection_error(exc):
-            raise StorageUnavailable(
-                f"S3 endpoint {s.s3_endpoint_url} is unreachable after {s.s3_max_attempts} attempts: {exc}"
-            ) from exc
-        raise
     return s.s3_bucket
 
 

@@ -50,9 +50,9 @@ def upload_tree(root: Path, dataset: str, settings: Settings | None = None, show
     Returns {uploaded, skipped, bytes, ignored, prefix, asset_event}; `bytes` counts what was sent,
     `asset_event` is {emitted, message, event?} (see pipeline.airflow_api.announce_upload).
     """
-    from pipeline.common import progress, s3_call
+    from pipeline.common import progress
     from pipeline.dataset_spec import load_spec
-    from pipeline.storage import ensure_bucket, iter_objects, s3_client
+    from pipeline.storage import ensure_bucket, iter_objects, s3_call, s3_client
 
     s = settings or get_settings()
     root = Path(root)

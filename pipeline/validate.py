@@ -189,10 +189,10 @@ def _summary_md(summary: dict[str, Any]) -> str:
 
 def validate(manifest_key: str, dataset: str, settings: Settings | None = None, show_progress: bool = False) -> dict:
     """Check every image and the dataset; quarantine failures; save results; raise when unusable."""
-    from pipeline.common import get_jsonl, progress, put_bytes, put_jsonl, s3_call, utc_now
+    from pipeline.common import get_jsonl, progress, put_bytes, put_jsonl, utc_now
     from pipeline.dataset_spec import load_spec
     from pipeline.ingest import ensure_cached
-    from pipeline.storage import ensure_bucket, get_json_or_none, put_json, s3_client
+    from pipeline.storage import ensure_bucket, get_json_or_none, put_json, s3_call, s3_client
 
     s = settings or get_settings()
     spec = load_spec(dataset, s.dataset_specs_dir)
