@@ -12,7 +12,6 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import pendulum
 from airflow.sdk import (
     Asset,
     AssetOrTimeSchedule,
@@ -25,14 +24,13 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from pipeline.dag_defaults import DAG_START, task_defaults
 from pipeline.dataset_spec import DatasetSpec, list_specs
 from pipeline.report import log_failure_summary
 from pipeline.settings import Settings, get_settings
 from pipeline.watch import raw_asset_name, raw_asset_uri
 
 DAG_ID_PREFIX = "hemaflow_retrain_"
-OWNER = "hemaflow"
-DAG_START = pendulum.datetime(2024, 1, 1, tz="UTC")
 
 # Trigger-time overrides: each is a Settings field; null = use the configured value.
 OVERRIDE_PARAMS: dict[str, tuple[list[str], dict[str, Any], str]] = {
@@ -102,15 +100,10 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
     schedule = AssetOrTimeSchedule(
         timetable=CronTriggerTimetable(settings.retrain_schedule, timezone="UTC"), assets=[asset]
     )
-    default_args = {
-        "owner": OWNER,
-        "retries": 2,
-        "retry_delay": timedelta(seconds=30),
-        "retry_exponential_backoff": 2.0,
-        "max_retry_delay": timedelta(minutes=10),
-        "execution_timeout": timedelta(minutes=30),
-        "on_failure_callback": log_failure_summary,
-    }
+    default_args = task_defaults(
+        retry_delay=timedelta(seconds=30), max_retry_delay=timedelta(minutes=10),
+        execution_timeout=timedelta(minutes=30),
+    )
     train_timeout = timedelta(seconds=settings.train_time_budget_s * 2 + 1800)
 
     @dag(

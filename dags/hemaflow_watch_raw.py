@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pendulum
 from airflow.sdk import Asset, CronTriggerTimetable, dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
+from pipeline.dag_defaults import DAG_START, task_defaults
 from pipeline.dataset_spec import list_specs
-from pipeline.report import log_failure_summary
 from pipeline.settings import get_settings
 from pipeline.watch import raw_asset_name, raw_asset_uri
 
@@ -29,19 +28,14 @@ def build_watch_dag():
     @dag(
         dag_id=WATCH_DAG_ID,
         schedule=CronTriggerTimetable(settings.raw_watch_schedule, timezone="UTC"),
-        start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+        start_date=DAG_START,
         catchup=False,
         max_active_runs=1,
         dagrun_timeout=timedelta(minutes=20),
-        default_args={
-            "owner": "hemaflow",
-            "retries": 2,
-            "retry_delay": timedelta(seconds=20),
-            "retry_exponential_backoff": 2.0,
-            "max_retry_delay": timedelta(minutes=5),
-            "execution_timeout": timedelta(minutes=10),
-            "on_failure_callback": log_failure_summary,
-        },
+        default_args=task_defaults(
+            retry_delay=timedelta(seconds=20), max_retry_delay=timedelta(minutes=5),
+            execution_timeout=timedelta(minutes=10),
+        ),
         tags=["hemaflow", "watcher"],
         doc_md=__doc__,
         description="Start retraining when raw images change in the bucket",
