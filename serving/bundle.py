@@ -18,11 +18,17 @@ from typing import Any
 
 import numpy as np
 
+# The serving-bundle format. Training writes it (training/bundle.py) and imports these names,
+# so the format is defined once, here, where the TF-free container can read it.
+FORMAT_VERSION = 1
+BUNDLE_DIR = "serving_bundle"  # run artifact folder
 CANARY_TOLERANCE = 1e-4
 SUMS_FILE = "SHA256SUMS"
 BUNDLE_JSON = "bundle.json"
 MODEL_FILE = "model.tflite"
 SIGNATURE = "serving_default"
+OUTPUT_PROBABILITIES = "probabilities"
+OUTPUT_CLASS_MAPS = "class_maps"
 MAX_BUNDLE_BYTES = 512 * 1024 * 1024
 
 
@@ -67,7 +73,7 @@ class LoadedModel:
         batch = np.ascontiguousarray(images, dtype=np.float32)
         with self._lock:
             out = self._runner(**{self._input_name: batch})
-        return np.array(out["probabilities"]), np.array(out["class_maps"])
+        return np.array(out[OUTPUT_PROBABILITIES]), np.array(out[OUTPUT_CLASS_MAPS])
 
     def decide(self, probs: np.ndarray) -> tuple[str, float]:
         """The predicted label and its probability (binary tasks use the bundle's threshold)."""
@@ -136,7 +142,7 @@ def _read_meta(files: dict[str, bytes]) -> dict[str, Any]:
         meta = json.loads(files[BUNDLE_JSON])
     except (KeyError, ValueError) as exc:
         raise BundleError("bad_metadata", f"bundle.json missing or not JSON: {exc}") from None
-    if meta.get("format_version") != 1:
+    if meta.get("format_version") != FORMAT_VERSION:
         raise BundleError("bad_metadata", f"unsupported format_version {meta.get('format_version')!r}")
     labels = meta.get("labels")
     if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
@@ -159,7 +165,7 @@ def _interpreter(model_bytes: bytes, num_threads: int | None):
     except (ValueError, RuntimeError) as exc:
         raise BundleError("bad_model", f"model.tflite cannot be loaded: {exc}") from None
     outputs = set(runner.get_output_details())
-    if not {"probabilities", "class_maps"} <= outputs:
+    if not {OUTPUT_PROBABILITIES, OUTPUT_CLASS_MAPS} <= outputs:
         raise BundleError("bad_model", f"signature outputs are {sorted(outputs)}, need probabilities + class_maps")
     inputs = list(runner.get_input_details())
     if len(inputs) != 1:

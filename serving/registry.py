@@ -15,9 +15,8 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from serving.bundle import BUNDLE_JSON, MAX_BUNDLE_BYTES, SUMS_FILE, BundleError, parse_sums
+from serving.bundle import BUNDLE_DIR, BUNDLE_JSON, MAX_BUNDLE_BYTES, SUMS_FILE, BundleError, parse_sums
 
-BUNDLE_DIR = "serving_bundle"
 CHAMPION = "champion"
 TIMEOUT_S = 10.0
 

@@ -25,16 +25,19 @@ from typing import Any
 
 import numpy as np
 
-from training.model import INPUT_NAME, OUTPUT_CLASS_MAPS, OUTPUT_PROBABILITIES, serving_function
+from serving.bundle import (
+    BUNDLE_JSON,
+    CANARY_TOLERANCE,
+    FORMAT_VERSION,
+    MODEL_FILE,
+    OUTPUT_CLASS_MAPS,
+    OUTPUT_PROBABILITIES,
+    SIGNATURE,
+    SUMS_FILE,
+)
+from training.model import INPUT_NAME, serving_function
 
-FORMAT_VERSION = 1
-BUNDLE_ARTIFACT_DIR = "serving_bundle"
-MODEL_FILE = "model.tflite"
-META_FILE = "bundle.json"
-SUMS_FILE = "SHA256SUMS"
 CANARY_DIR = "canary"
-SIGNATURE_KEY = "serving_default"
-CANARY_TOLERANCE = 1e-4
 PREPROCESSING = {"policy": "resize_shorter_center_crop", "resample": "bilinear"}
 
 
@@ -56,10 +59,10 @@ def convert_to_tflite(model: Any, image_size: int) -> bytes:
     serve, signature = serving_function(model, image_size)
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(name=SIGNATURE_KEY, fn=serve, input_signature=signature)
+    archive.add_endpoint(name=SIGNATURE, fn=serve, input_signature=signature)
     with tempfile.TemporaryDirectory(prefix="hemaflow-savedmodel-") as tmp:
         archive.write_out(tmp, verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[SIGNATURE_KEY])
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[SIGNATURE])
         converter.optimizations = []  # float32: canaries must match Keras within 1e-4
         return converter.convert()
 
@@ -72,13 +75,13 @@ class TFLiteRunner:
 
         self.interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
         signatures = self.interpreter.get_signature_list()
-        if SIGNATURE_KEY not in signatures:
-            raise BundleError(f"{model_path}: no '{SIGNATURE_KEY}' signature (found {sorted(signatures)})")
-        outputs = set(signatures[SIGNATURE_KEY]["outputs"])
+        if SIGNATURE not in signatures:
+            raise BundleError(f"{model_path}: no '{SIGNATURE}' signature (found {sorted(signatures)})")
+        outputs = set(signatures[SIGNATURE]["outputs"])
         missing = {OUTPUT_PROBABILITIES, OUTPUT_CLASS_MAPS} - outputs
         if missing:
             raise BundleError(f"{model_path}: signature lacks outputs {sorted(missing)}")
-        self.runner = self.interpreter.get_signature_runner(SIGNATURE_KEY)
+        self.runner = self.interpreter.get_signature_runner(SIGNATURE)
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         batch = np.ascontiguousarray(images, dtype=np.float32)
@@ -146,9 +149,9 @@ def read_bundle(folder: Path | str, verify: bool = True) -> Bundle:
     if verify:
         verify_checksums(folder)
     try:
-        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+        meta = json.loads((folder / BUNDLE_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise BundleError(f"{folder}: cannot read {META_FILE}: {exc}") from exc
+        raise BundleError(f"{folder}: cannot read {BUNDLE_JSON}: {exc}") from exc
     if meta.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{folder}: unsupported bundle format_version {meta.get('format_version')!r}")
     return Bundle(folder, meta)
@@ -245,7 +248,7 @@ def export_bundle(
             "git_commit": git_commit,
             **(extra or {}),
         }
-        (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+        (staging / BUNDLE_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
         _write_sums(staging)
         bundle = read_bundle(staging)
         check_canaries(bundle)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from serving.bundle import OUTPUT_CLASS_MAPS, OUTPUT_PROBABILITIES
+
 FEATURES_LAYER = "features"
 LOGITS_LAYER = "logits"
 PROBABILITIES_LAYER = "probabilities"
 INPUT_NAME = "image"
-OUTPUT_PROBABILITIES = "probabilities"
-OUTPUT_CLASS_MAPS = "class_maps"
 MAX_FILTERS = 256
 DROPOUT = 0.3
 WEIGHT_DECAY = 1e-4

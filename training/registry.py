@@ -64,7 +64,8 @@ def primary_metric(task: str) -> str:
 
 def download_bundle(client, run_id: str, s: Settings):
     """Download and verify a run's serving bundle (cached per run id)."""
-    from training.bundle import BUNDLE_ARTIFACT_DIR, read_bundle
+    from serving.bundle import BUNDLE_DIR
+    from training.bundle import read_bundle
 
     target = s.hemaflow_home / "cache" / "bundles" / run_id
     if (target / "SHA256SUMS").is_file():
@@ -72,7 +73,7 @@ def download_bundle(client, run_id: str, s: Settings):
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=target.parent))
     try:
-        local = client.download_artifacts(run_id, BUNDLE_ARTIFACT_DIR, str(tmp))
+        local = client.download_artifacts(run_id, BUNDLE_DIR, str(tmp))
         read_bundle(local)  # verify the checksums before caching
         if target.exists():
             shutil.rmtree(target)

@@ -352,7 +352,8 @@ def _fit_evaluate_log(s, meta, folder: Path, run_id: str, model_name: str, commi
     from mlflow.models import infer_signature
 
     from training import evaluate as ev
-    from training.bundle import BUNDLE_ARTIFACT_DIR, export_bundle
+    from serving.bundle import BUNDLE_DIR
+    from training.bundle import export_bundle
     from training.data import class_weights, configure_threads, load_split_arrays, make_dataset
     from training.model import build_model, served_twin
 
@@ -434,12 +435,12 @@ def _fit_evaluate_log(s, meta, folder: Path, run_id: str, model_name: str, commi
         canary_x, canary_labels = _pick_canaries(val_x, val_y, labels, s.canary_count)
         bundle_metrics = {k: v for k, v in test_metrics.items() if k != "per_class"}
         bundle = export_bundle(
-            model, tmpdir / BUNDLE_ARTIFACT_DIR, dataset=meta.dataset, dataset_version=meta.dataset_version,
+            model, tmpdir / BUNDLE_DIR, dataset=meta.dataset, dataset_version=meta.dataset_version,
             labels=labels, classes=meta.classes, image_size=meta.image_size, canary_images=canary_x,
             canary_labels=canary_labels, positive_label=positive, threshold=threshold, metrics=bundle_metrics,
             run_id=run_id, model_name=model_name, git_commit=commit,
         )
-        mlflow.log_artifacts(str(bundle.folder), BUNDLE_ARTIFACT_DIR)
+        mlflow.log_artifacts(str(bundle.folder), BUNDLE_DIR)
         mlflow.log_metric("keras_tflite_max_abs_diff", bundle.meta["keras_tflite_max_abs_diff"])
 
     sample = val_x[:2].astype(np.float32)
