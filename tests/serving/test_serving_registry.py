@@ -72,6 +72,9 @@ def test_follows_champion_and_survives_mlflow_outage(tiny_registered_model, serv
         assert 'hemaflow_model_reload_failures_total{reason="registry_unavailable"}' in httpx.get(f"{url}/metrics").text
     finally:
         proxy.stop()
+        # The registered model is a session fixture: leave @champion where the other tests expect it.
+        MlflowClient(tracking_uri=settings.mlflow_tracking_uri).set_registered_model_alias(
+            reg["model_name"], "champion", str(reg["model_version"]))
 
 
 def test_registry_mode_without_champion_is_live_but_not_ready(local_stack, serving_server):
