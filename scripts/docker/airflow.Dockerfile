@@ -17,6 +17,7 @@ RUN pip install -r requirements.txt \
 
 COPY pipeline/ pipeline/
 COPY training/ training/
+COPY serving/ serving/
 COPY dags/ dags/
 RUN mkdir -p /opt/airflow /opt/hemaflow/state && chown -R airflow /opt/airflow /opt/hemaflow/state
 
