@@ -5,15 +5,15 @@ preprocessing parameters (IMAGE_SIZE, policy, resample) and the split parameters
 salt): the same data and parameters always give the same version, so an unchanged re-run
 finds `dataset.json` already there, does nothing and says so (`created=False`).
 
-Images go through `imaging.prepare_image` (the function serving uses). Measured on the
-2-core box with leukemia JPEGs (1200 images): when images must be resized (224 -> 128)
-two worker processes took 1.90 s vs 3.46 s for two threads and 3.07 s sequentially (Pillow's
-decode/resize hold the GIL long enough that threads do not scale); when no resize is needed
-(224 -> 224) sequential 1.67 s, threads 2.06 s, processes 2.39 s (pickling dominates). So
-datasets of PROCESS_POOL_MIN_IMAGES or more use a spawned process pool when any image needs
-resizing, else a thread pool. Shards, manifest.jsonl (with a `split` column) and finally
-dataset.json are uploaded, each shard while the next one is encoded; a local copy is kept in
-the processed cache so training on the same machine does not download it again.
+Images go through `imaging.prepare_image` (the function serving uses) in a thread pool:
+Pillow releases the GIL while it decodes and resizes, so threads use both cores without worker
+processes. Processes were used before and broke under Airflow's task runner: spawned children
+re-ran the parent's `__main__` (the `airflow` entry script) and died initialising Airflow.
+`benchmarks/preprocess.py` measures threads against sequential and a spawned process pool in
+one run (pbc8, 360 px -> 224 px: see the README). Shards, manifest.jsonl (with a `split`
+column) and finally dataset.json are uploaded, each shard while the next one is encoded; a
+local copy is kept in the processed cache so training on the same machine does not download
+it again.
 """
 
 from __future__ import annotations
@@ -22,33 +22,22 @@ import math
 import os
 import shutil
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.settings import Settings, get_settings
 
 PREPROCESS_VERSION = 1
-PROCESS_POOL_MIN_IMAGES = 256
 
 
 def encode_cached_file(path: str, size: int, max_pixels: int, label: int, sha256: str) -> bytes:
-    """Worker body (top level so a process pool can pickle it): cached file -> Example bytes."""
+    """One cached image file -> serialized tf.train.Example bytes (runs in the encoder threads)."""
     from pipeline.imaging import prepare_image
     from pipeline.processed import encode_example
 
     with open(path, "rb") as fh:
         data = fh.read()
     return encode_example(prepare_image(data, size, max_pixels), label, sha256)
-
-
-def _encoder_pool(rows: list[dict], size: int, workers: int):
-    """A process pool when there is real resize work on enough images, else threads (see module doc)."""
-    import multiprocessing
-
-    needs_resize = any((r.get("width"), r.get("height")) != (size, size) for r in rows)
-    if workers > 1 and needs_resize and len(rows) >= PROCESS_POOL_MIN_IMAGES:
-        return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-    return ThreadPoolExecutor(max_workers=workers)
 
 
 def preprocessing_params(settings: Settings) -> dict[str, Any]:
@@ -109,8 +98,7 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
         with ThreadPoolExecutor(max_workers=s.transfer_workers) as fetcher:  # cache misses re-download
             paths = [str(p) for p in fetcher.map(lambda r: ensure_cached(r, s, client), chunk)]
         return pool.map(encode_cached_file, paths, [s.image_size] * len(chunk), [s.max_image_pixels] * len(chunk),
-                        [label_index[r["label"]] for r in chunk], [r["sha256"] for r in chunk],
-                        chunksize=16 if isinstance(pool, ProcessPoolExecutor) else 1)
+                        [label_index[r["label"]] for r in chunk], [r["sha256"] for r in chunk])
 
     final_dir = local_version_dir(s, dataset, version)
     work = final_dir.parent / f".tmp-{version}-{os.getpid()}"
@@ -129,7 +117,7 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
     try:
         # One uploader thread: each finished shard goes up while the next one is encoded
         # (parallel PUTs of large shards only thrash a small S3 server).
-        with _encoder_pool(rows, s.image_size, workers) as pool, ThreadPoolExecutor(max_workers=1) as uploader:
+        with ThreadPoolExecutor(max_workers=workers) as pool, ThreadPoolExecutor(max_workers=1) as uploader:
             uploads = []
             for sp in SPLITS:
                 items = ordered[sp]
