@@ -23,7 +23,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 class Settings(BaseSettings):
     """HemaFlow configuration; field names map to upper-case environment variables."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+    # An empty value (`SERVING_BUNDLE_PATH=` in a copied .env.example) means "unset": the default.
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", env_ignore_empty=True)
 
     # --- local state -------------------------------------------------------------------
     hemaflow_home: Path = Field(PROJECT_ROOT / ".hemaflow", description="Local data, cache and logs")

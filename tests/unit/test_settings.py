@@ -25,16 +25,36 @@ def test_every_setting_is_documented_with_a_comment():
         assert previous.startswith("#") or documented.get(previous.split("=")[0]), f"{var} has no comment"
 
 
-def test_env_example_values_parse_as_settings(monkeypatch):
-    for var, _ in _documented_vars().items():
+@pytest.fixture
+def restored_environ():
+    """load_dotenv writes into os.environ: put it back as it was."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_env_example_copied_verbatim_parses_as_settings(tmp_path, monkeypatch, restored_environ):
+    """`.env.example` copied to `.env` unchanged, as the README says; empty values mean unset."""
+    for var in _documented_vars():
         monkeypatch.delenv(var, raising=False)
-    values = dict(re.findall(r"^([A-Z0-9_]+)=(.*)$", ENV_EXAMPLE.read_text(), flags=re.M))
-    values = {k: v for k, v in values.items() if v != ""}
-    for k, v in values.items():
-        monkeypatch.setenv(k, v)
+    dotenv = tmp_path / ".env"
+    dotenv.write_bytes(ENV_EXAMPLE.read_bytes())
+    monkeypatch.setenv("HEMAFLOW_ENV_FILE", str(dotenv))
     s = get_settings()
     assert s.image_size == 224
     assert s.hemaflow_home.is_absolute()
+    assert s.serving_bundle_path is None  # not Path("."): serving follows the registry
+    assert s.airflow_api_url == ""
+
+
+def test_empty_environment_value_means_default(monkeypatch):
+    monkeypatch.setenv("SERVING_BUNDLE_PATH", "")
+    monkeypatch.setenv("IMAGE_SIZE", "")
+    s = get_settings()
+    assert s.serving_bundle_path is None and s.image_size == Settings.model_fields["image_size"].default
 
 
 def test_environment_overrides_defaults(monkeypatch):
