@@ -3,8 +3,8 @@
 Only objects that are new or whose ETag/size changed are downloaded (in parallel) into a
 local content-addressed cache, `HEMAFLOW_HOME/cache/objects/<sha256[:2]>/<sha256>`.
 Each file is written under `cache/objects/.tmp/` and renamed into place, so a crash or a
-SIGKILL never leaves a partial file under a content name; stale temporaries of dead
-processes are removed on the next run. Unchanged objects reuse their previous manifest row,
+SIGKILL never leaves a partial file under a content name; temporaries whose writer died
+(no lock held on them) are removed on the next run. Unchanged objects reuse their previous manifest row,
 so an unchanged re-run downloads nothing and writes no new manifest.
 
 Manifest rows (JSONL at `manifests/<dataset>/<ingest_id>.jsonl`): key, etag, sha256, bytes,
@@ -17,19 +17,21 @@ objects that are not under a class folder of the spec (reported, never silently 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pipeline.settings import Settings, get_settings
-from pipeline.stack import pid_alive
 
 MANIFEST_FIELDS = (
     "key", "etag", "sha256", "bytes", "format", "width", "height", "mode", "class", "label", "decoded", "error",
     "error_detail",
 )
+STALE_TEMP_AGE_S = 60.0  # a temp file younger than this may be between its writer's open and flock
 REPORT_LIMIT = 200  # most keys listed in latest.json per category (counts are always complete)
 
 
@@ -51,7 +53,7 @@ def _tmp_dir(settings: Settings) -> Path:
 
 
 def write_cached(settings: Settings, sha256: str, data: bytes) -> Path:
-    """Store `data` under its hash: temp file (name carries our pid) then atomic rename."""
+    """Store `data` under its hash: temp file (locked while written) then atomic rename."""
     target = cache_path(settings, sha256)
     if target.is_file() and target.stat().st_size == len(data):
         return target
@@ -61,8 +63,10 @@ def write_cached(settings: Settings, sha256: str, data: bytes) -> Path:
     tmp = tmp_dir / f"{os.getpid()}-{secrets.token_hex(6)}.part"
     try:
         with open(tmp, "wb") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # released by the kernel when we close or die
             fh.write(data)
-        os.replace(tmp, target)
+            fh.flush()
+            os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -70,19 +74,28 @@ def write_cached(settings: Settings, sha256: str, data: bytes) -> Path:
 
 
 def clean_stale_temporaries(settings: Settings) -> int:
-    """Remove temp files left by processes that died (killed ingest); live writers are untouched."""
+    """Remove temp files whose writer died (a killed ingest); files being written are untouched.
+
+    A writer holds an exclusive flock on its temp file until it is renamed; the kernel drops
+    the lock when the writer dies. So a temp file whose lock we can take has no live writer,
+    whatever pid namespace (container) wrote it: pids are not compared, since two Celery
+    workers sharing the cache volume each see the other's pids as dead.
+    """
     removed = 0
     tmp_dir = _tmp_dir(settings)
     if not tmp_dir.is_dir():
         return 0
     for tmp in tmp_dir.glob("*.part"):
         try:
-            pid = int(tmp.name.split("-", 1)[0])
-        except ValueError:
-            pid = -1
-        if pid != os.getpid() and not pid_alive(pid):
-            tmp.unlink(missing_ok=True)
-            removed += 1
+            if time.time() - tmp.stat().st_mtime < STALE_TEMP_AGE_S:
+                continue
+            with open(tmp, "rb") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if tmp.exists():  # not renamed away by its writer just before we locked it
+                    tmp.unlink()
+                    removed += 1
+        except (BlockingIOError, FileNotFoundError):
+            continue  # a live writer holds it, or it was just renamed into place
     return removed
 
 

@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -67,16 +68,32 @@ def test_write_cached_is_content_addressed_and_leaves_no_temporaries(tmp_path):
     assert list((path.parent.parent / ".tmp").iterdir()) == []
 
 
-def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+def test_stale_temporaries_are_removed_only_when_no_writer_holds_them(tmp_path):
+    """Another container's live writer (its pid means nothing here) keeps its file; a dead one's goes."""
     s = get_settings(hemaflow_home=tmp_path)
     tmp_dir = tmp_path / "cache" / "objects" / ".tmp"
     tmp_dir.mkdir(parents=True)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
-    (tmp_dir / f"{dead}-abc.part").write_bytes(b"partial")
-    (tmp_dir / f"{os.getppid()}-live.part").write_bytes(b"being written")  # a live writer
-    assert clean_stale_temporaries(s) == 1
-    assert [p.name for p in tmp_dir.iterdir()] == [f"{os.getppid()}-live.part"]
+    old = time.time() - 3600
+    for name in (f"{dead}-abandoned.part", f"{dead}-other-namespace.part", f"{dead}-just-opened.part"):
+        (tmp_dir / name).write_bytes(b"partial")
+    for name in (f"{dead}-abandoned.part", f"{dead}-other-namespace.part"):
+        os.utime(tmp_dir / name, (old, old))
+    writer = subprocess.Popen(  # holds the lock like write_cached does, from a pid that looks dead here
+        [sys.executable, "-c", "import fcntl, sys, time; fh = open(sys.argv[1], 'ab'); "
+         "fcntl.flock(fh, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+         str(tmp_dir / f"{dead}-other-namespace.part")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "locked"
+        assert clean_stale_temporaries(s) == 1
+        assert sorted(p.name for p in tmp_dir.iterdir()) == [f"{dead}-just-opened.part",
+                                                              f"{dead}-other-namespace.part"]
+    finally:
+        writer.kill()
+        writer.wait()
+    assert clean_stale_temporaries(s) == 1  # its writer is gone now
+    assert [p.name for p in tmp_dir.iterdir()] == [f"{dead}-just-opened.part"]
 
 
 def test_unreachable_s3_endpoint_fails_clearly_after_bounded_retries(tmp_path, caplog):
