@@ -24,7 +24,7 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from pipeline.dag_defaults import DAG_START, task_defaults
+from pipeline.dag_defaults import task_defaults
 from pipeline.dataset_spec import DatasetSpec, list_specs
 from pipeline.report import log_failure_summary
 from pipeline.settings import Settings, get_settings
@@ -97,8 +97,11 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
     """The retraining DAG of one dataset spec."""
     dataset = spec.name
     asset = Asset(name=raw_asset_name(dataset), uri=raw_asset_uri(settings.s3_bucket, spec.s3_prefix))
+    # No start_date and run_immediately=False: a new DAG waits for its first cron time instead of
+    # running the latest past interval at once (on a prefix that may still be empty).
     schedule = AssetOrTimeSchedule(
-        timetable=CronTriggerTimetable(settings.retrain_schedule, timezone="UTC"), assets=[asset]
+        timetable=CronTriggerTimetable(settings.retrain_schedule, timezone="UTC", run_immediately=False),
+        assets=[asset],
     )
     default_args = task_defaults(
         retry_delay=timedelta(seconds=30), max_retry_delay=timedelta(minutes=10),
@@ -109,8 +112,8 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
     @dag(
         dag_id=f"{DAG_ID_PREFIX}{dataset}",
         schedule=schedule,
-        start_date=DAG_START,
         catchup=False,
+        is_paused_upon_creation=False,  # a new spec retrains on its first upload
         max_active_runs=1,
         dagrun_timeout=train_timeout + timedelta(hours=2),
         default_args=default_args,
@@ -137,10 +140,12 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
         @task(doc_md="Validate every image and run the Great Expectations dataset suite on the manifest; "
                      "bad images go to `quarantine/`. Fails **without retry** when the bad fraction is too high.")
         def validate(ingested: dict) -> dict:
-            from pipeline.validate import ValidationFailed, validate as validate_manifest
+            from pipeline.validate import NoImages, ValidationFailed, validate as validate_manifest
 
             try:
                 return validate_manifest(ingested["manifest_key"], dataset, settings=_settings())
+            except NoImages as exc:  # an empty prefix is not an error: the run ends green, saying so
+                raise AirflowSkipException(f"nothing to do: {exc}") from exc
             except ValidationFailed as exc:  # a data problem: retrying cannot help
                 raise AirflowFailException(f"validation failed for {dataset}: {exc}") from exc
 
@@ -152,7 +157,7 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
 
             return preprocess_validated(validated["validated_key"], dataset, settings=_settings())
 
-        @task(retries=1, execution_timeout=train_timeout,
+        @task(retries=1, execution_timeout=train_timeout, queue=settings.train_queue,
               doc_md="Train a candidate, log it to MLflow and register a model version. **Skipped** when this "
                      "dataset version, configuration and code were already trained and registered.")
         def train(processed: dict) -> dict:

@@ -45,10 +45,12 @@ def build_summary(dataset: str, stages: dict[str, dict | None], run: dict[str, A
     trained = bool(train) and not _get(train, "skipped", False)
     promoted = bool(promote) and _get(gate, "passed", False) is True
     version = _get(train, "model_version")
-    if not train:
+    if ingest is not None and _get(ingest, "total") == 0:
+        outcome = "nothing to do: no images under the dataset's raw prefix yet"
+    elif not train:
         outcome = "training did not run"
     elif not trained:
-        outcome = f"no retraining: {_get(train, 'reason') or 'unchanged dataset, configuration and code'}"
+        outcome = f"nothing to do: {_get(train, 'reason') or 'unchanged dataset, configuration and code'}"
     elif promoted:
         outcome = f"model version {version} promoted to @champion: {_get(gate, 'reason', '')}"
     elif gate is not None:

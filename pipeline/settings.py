@@ -103,6 +103,8 @@ class Settings(BaseSettings):
     # --- Airflow -----------------------------------------------------------------------
     retrain_schedule: str = "@weekly"
     raw_watch_schedule: str = Field("*/10 * * * *", description="How often new raw images are looked for")
+    train_queue: str = Field("default", min_length=1,
+                             description="Celery queue of the train task (give training its own worker)")
     airflow_port: int = Field(8080, ge=1, le=65535)
     airflow_api_url: str = Field("", description="api-server base URL for upload asset events; empty = off")
     airflow_api_username: str = "admin"

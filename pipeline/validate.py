@@ -43,6 +43,10 @@ class ValidationFailed(RuntimeError):
     """The dataset is not fit for training (too many bad images or a failed dataset check)."""
 
 
+class NoImages(ValidationFailed):
+    """The manifest lists no images (an empty or new prefix): nothing to validate or train."""
+
+
 def check_facts(nbytes: int, fmt: str | None, width: int | None, height: int | None,
                 settings: Settings) -> tuple[str | None, str | None]:
     """The policy rules on a decoded image's facts: file size, format, side and pixel bounds."""
@@ -215,7 +219,7 @@ def validate(manifest_key: str, dataset: str, settings: Settings | None = None, 
 
     rows = s3_call(s, "read manifest", get_jsonl, client, s.s3_bucket, manifest_key)
     if not rows:
-        raise ValidationFailed(f"{manifest_key} lists no images: is anything under s3://{s.s3_bucket}/"
+        raise NoImages(f"{manifest_key} lists no images: is anything under s3://{s.s3_bucket}/"
                                f"{spec.s3_prefix}<class folder>/ ? (class folders: {spec.class_folders})")
 
     def _check(row: dict) -> dict:

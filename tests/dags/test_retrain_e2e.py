@@ -133,7 +133,7 @@ def test_unchanged_rerun_skips_training(retrain, local_stack):
     for task_id in ("evaluate", "gate", "promote", "keep_champion", "notify_serving"):
         assert states[task_id] == "skipped", (task_id, states)
     assert states["report"] == "success"
-    assert summary["trained"] is False and summary["outcome"].startswith("no retraining")
+    assert summary["trained"] is False and summary["outcome"].startswith("nothing to do")
     assert summary["ingested"]["new"] == 0 and summary["dataset_created"] is False
     assert summary["dataset_version"] == STATE["dataset_version"]
     assert _alias_version(local_stack, "champion") == STATE["champion"]

@@ -38,12 +38,18 @@ def test_summary_of_a_skipped_training_and_of_a_rejected_candidate():
     skipped = build_summary("leukemia", {"ingest": INGEST, "train": {**TRAINED, "skipped": True,
                                                                       "reason": "already registered as v3"}})
     assert not skipped["trained"] and not skipped["promoted"]
-    assert skipped["outcome"] == "no retraining: already registered as v3"
+    assert skipped["outcome"] == "nothing to do: already registered as v3"
     rejected = build_summary("leukemia", {"train": TRAINED, "gate": {"passed": False, "reason": "sensitivity 0.7"},
                                           "keep_champion": {"challenger": "3"}})
     assert not rejected["promoted"] and rejected["kept_as_challenger"]
     assert rejected["champion_version"] is None  # keep_champion result here names no champion
     assert "not promoted, @champion unchanged: sensitivity 0.7" in rejected["outcome"]
+
+
+def test_summary_of_a_run_on_an_empty_prefix_says_nothing_to_do():
+    empty = build_summary("wbc4", {"ingest": {**INGEST, "new": 0, "total": 0}})
+    assert empty["outcome"] == "nothing to do: no images under the dataset's raw prefix yet"
+    assert not empty["trained"] and not empty["promoted"]
 
 
 def test_failure_summary_names_dag_run_task_error_and_impact():
