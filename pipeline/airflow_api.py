@@ -1,4 +1,4 @@
-"""Tell Airflow that a dataset's raw images changed: an asset event through its REST API.
+"""Talk to Airflow's REST API: asset events after an upload, and watching DAG runs.
 
 `python -m pipeline upload` calls this after it sent new or changed images, so the
 retraining DAG (scheduled on the dataset's raw Asset) starts at once instead of waiting for
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pipeline.settings import Settings, get_settings
@@ -116,12 +118,9 @@ def find_raw_asset(client, dataset: str, s: Settings) -> dict:
                           f"there (`airflow dags reserialize`), with a spec for {dataset!r}?")
 
 
-def emit_raw_asset_event(dataset: str, extra: dict | None = None, settings: Settings | None = None) -> dict:
-    """Emit an event on the dataset's raw Asset; returns {asset_id, event_id, uri, timestamp, url}.
-
-    Raises AirflowApiError (clear message, no secret) when AIRFLOW_API_URL is unset or the
-    api-server cannot be reached, rejects the login, or does not know the Asset.
-    """
+@contextmanager
+def api_client(settings: Settings | None = None) -> Iterator[Any]:
+    """An httpx client of the api-server at AIRFLOW_API_URL, logged in (bearer token)."""
     import httpx
 
     s = settings or get_settings()
@@ -130,6 +129,17 @@ def emit_raw_asset_event(dataset: str, extra: dict | None = None, settings: Sett
         raise AirflowApiError("AIRFLOW_API_URL is not set")
     with httpx.Client(base_url=base, timeout=REQUEST_TIMEOUT_S) as client:
         client.headers["Authorization"] = f"Bearer {_token(client, s)}"
+        yield client
+
+
+def emit_raw_asset_event(dataset: str, extra: dict | None = None, settings: Settings | None = None) -> dict:
+    """Emit an event on the dataset's raw Asset; returns {asset_id, event_id, uri, timestamp, url}.
+
+    Raises AirflowApiError (clear message, no secret) when AIRFLOW_API_URL is unset or the
+    api-server cannot be reached, rejects the login, or does not know the Asset.
+    """
+    s = settings or get_settings()
+    with api_client(s) as client:
         asset = find_raw_asset(client, dataset, s)
         event = _checked(
             _request(client, "POST", "/api/v2/assets/events", "emit asset event",
@@ -137,7 +147,59 @@ def emit_raw_asset_event(dataset: str, extra: dict | None = None, settings: Sett
             f"emit an event on asset {asset['name']!r}",
         )
     return {"asset_id": asset["id"], "event_id": event.get("id"), "uri": asset["uri"],
-            "timestamp": event.get("timestamp"), "url": base}
+            "timestamp": event.get("timestamp"), "url": s.airflow_api_url.rstrip("/")}
+
+
+# --- DAGs and their runs -------------------------------------------------------------------------
+
+
+def get_dag(client, dag_id: str) -> dict | None:
+    """The DAG as the api-server knows it (parsed, with `is_paused`), or None if not (yet) parsed."""
+    response = _request(client, "GET", f"/api/v2/dags/{dag_id}", f"get DAG {dag_id}")
+    return None if response.status_code == 404 else _checked(response, f"get DAG {dag_id}")
+
+
+def dag_runs(client, dag_id: str, limit: int = 100) -> list[dict]:
+    """The DAG's runs, newest first (dag_run_id, state, run_type, run_after, start_date, end_date)."""
+    found = _checked(_request(client, "GET", f"/api/v2/dags/{dag_id}/dagRuns", f"list runs of {dag_id}",
+                              params={"order_by": "-run_after", "limit": limit}), f"list runs of {dag_id}")
+    return found.get("dag_runs", [])
+
+
+def task_instances(client, dag_id: str, run_id: str) -> list[dict]:
+    """The run's task instances (task_id, state, try_number, hostname, start_date, end_date, duration)."""
+    what = f"list task instances of {dag_id} {run_id}"
+    found = _checked(_request(client, "GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances", what,
+                              params={"limit": 100}), what)
+    return found.get("task_instances", [])
+
+
+def trigger_dag(client, dag_id: str, conf: dict | None = None) -> dict:
+    """A manual run of `dag_id` now; returns the new run."""
+    return _checked(_request(client, "POST", f"/api/v2/dags/{dag_id}/dagRuns", f"trigger {dag_id}",
+                             json={"logical_date": None, "conf": dict(conf or {})}), f"trigger {dag_id}")
+
+
+FINISHED_RUN_STATES = frozenset({"success", "failed"})
+
+
+def wait_for_run(client, dag_id: str, pick: Callable[[list[dict]], dict | None], timeout_s: float,
+                 on_poll: Callable[[dict, list[dict]], None] | None = None, poll_s: float = 2.0) -> dict:
+    """Wait until the run that `pick` chooses among the DAG's runs has finished; returns it.
+
+    `on_poll(run, task_instances)` is called on each poll once the run exists (progress display)."""
+    deadline = time.monotonic() + timeout_s
+    run: dict | None = None
+    while time.monotonic() < deadline:
+        run = pick(dag_runs(client, dag_id))
+        if run is not None:
+            if on_poll is not None:
+                on_poll(run, task_instances(client, dag_id, run["dag_run_id"]))
+            if run.get("state") in FINISHED_RUN_STATES:
+                return run
+        time.sleep(poll_s)
+    seen = f"run {run['dag_run_id']} still {run.get('state')}" if run else "no matching run"
+    raise AirflowApiError(f"{dag_id}: {seen} after {timeout_s:.0f}s")
 
 
 def announce_upload(dataset: str, summary: dict, settings: Settings | None = None) -> dict:

@@ -1,35 +1,34 @@
 """`make demo` / `make demo-down`: the whole pipeline on this machine, ending with a served model.
 
-`python -m scripts.demo up` brings the local stack up (SeaweedFS + MLflow), uploads a
-folder-per-class dataset, runs the retraining DAG as a real Airflow run (recorded in the
-demo's Airflow database, so it is visible in the UI afterwards), starts the serving
-container on the promoted @champion and the Airflow UI (`airflow standalone`, loopback
-only), then prints the URLs, the Airflow login and the champion's test metrics.
-Idempotent: a second `up` reuses what runs, uploads nothing already there, and the DAG run
-skips training when nothing changed. `python -m scripts.demo down` stops all of it.
+`python -m scripts.demo up` brings the local stack up (SeaweedFS + MLflow), then Airflow as
+it is deployed (api-server, scheduler, dag-processor, triggerer as separate processes,
+LocalExecutor, loopback only), uploads a folder-per-class dataset with `upload`, whose Asset
+event starts the retraining DAG through the scheduler: the run the terminal follows is the
+run the Airflow UI shows. Then it starts the serving container on the promoted @champion and
+prints the URLs, the Airflow login and the champion's test metrics.
+Idempotent: a second `up` reuses what runs and uploads nothing already there; with nothing
+new it starts no run (a manual run only when no @champion exists yet). `python -m scripts.demo
+down` stops all of it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import secrets
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from pipeline.settings import PROJECT_ROOT, Settings, get_settings
 
-DAGS_DIR = PROJECT_ROOT / "dags"
 SHARED_DEMO_DATA = Path(os.environ.get("HEMAFLOW_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
-AIRFLOW_PROCESS = "airflow"
+LEGACY_AIRFLOW_PROCESS = "airflow"  # `airflow standalone` of earlier demos
 SERVING_PROCESS = "serving"
-AIRFLOW_START_TIMEOUT_S = 240.0
 SERVING_START_TIMEOUT_S = 180.0
-PASSWORD_FILE = "simple_auth_manager_passwords.json.generated"
+DAG_PARSE_TIMEOUT_S = 180.0
+RUN_TIMEOUT_S = 3 * 3600.0
 HEADLINE_METRICS = ("test_balanced_accuracy", "test_sensitivity", "test_specificity", "test_accuracy",
                     "test_roc_auc", "test_macro_f1", "test_n")
 
@@ -41,82 +40,64 @@ class DemoError(RuntimeError):
 # --- Airflow on this machine --------------------------------------------------------------------
 
 
-def airflow_home(settings: Settings) -> Path:
-    return settings.hemaflow_home / "airflow"
+def airflow_site(settings: Settings, admin_key: str):
+    """The demo's Airflow: LocalExecutor, SQLite under HEMAFLOW_HOME, the repo's DAGs."""
+    from pipeline.airflow_local import AirflowSite
+
+    return AirflowSite(home=settings.hemaflow_home / "airflow", port=settings.airflow_port,
+                       extra_env={"SERVING_ADMIN_API_KEYS": admin_key})
 
 
-def airflow_env(settings: Settings, home: Path | None = None) -> dict[str, str]:
-    """Environment of every Airflow command of the demo: SQLite under HEMAFLOW_HOME, repo DAGs,
-    loopback only, low parallelism (the machine also trains)."""
-    home = home or airflow_home(settings)
-    home.mkdir(parents=True, exist_ok=True)
-    port = settings.airflow_port
-    return {
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_DIR),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-        "AIRFLOW__CORE__PARALLELISM": "2",
-        "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "2",
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__WORKERS": "1",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "60",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "60",
-        # `airflow standalone` starts its components as `airflow ...` from PATH.
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-    }
+def api_settings(settings: Settings, site) -> Settings:
+    """The settings with the demo's api-server and its admin login (for the asset event)."""
+    from pydantic import SecretStr
+
+    from pipeline.airflow_local import ADMIN_USER, admin_password
+
+    return settings.model_copy(update={"airflow_api_url": site.api_url, "airflow_api_username": ADMIN_USER,
+                                       "airflow_api_password": SecretStr(admin_password(site))})
 
 
-def _airflow_bin() -> str:
-    return str(Path(sys.executable).parent / "airflow")
+EPOCH_MARKER = re.compile(r"epoch \d+/\d+ [^\[\"]*?(?=\s+\[|\"|$)")
+FINISHED_TASK_STATES = frozenset({"success", "skipped", "failed", "upstream_failed", "removed"})
 
 
-def airflow_cli(settings: Settings, args: list[str], env: dict[str, str], log: Path | None = None,
-                echo: bool = False, timeout_s: float | None = None) -> subprocess.CompletedProcess:
-    """Run `airflow <args>`; with `log`, output goes there and `[DAG TEST]` progress is echoed."""
-    full_env = {**os.environ, **env}
-    if log is None:
-        return subprocess.run([_airflow_bin(), *args], env=full_env, capture_output=True, text=True,
-                              timeout=timeout_s, cwd=PROJECT_ROOT)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    full_env["PYTHONUNBUFFERED"] = "1"  # progress lines as they happen, not in 8 KiB chunks
-    with open(log, "a", encoding="utf-8") as fh:
-        proc = subprocess.Popen([_airflow_bin(), *args], env=full_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, cwd=PROJECT_ROOT)
-        assert proc.stdout is not None
-        progress = DagTestProgress()
-        for line in proc.stdout:
-            fh.write(line)
-            shown = progress.feed(line)
-            if echo and shown:
-                print(shown, flush=True)
-        rc = proc.wait(timeout=timeout_s)
-    return subprocess.CompletedProcess(proc.args, rc, "", "")
+class RunProgress:
+    """Turns polls of a DAG run into one line per finished task (a skipped training must not
+    read as "done") and one line per training epoch, read from the train task's log."""
 
+    def __init__(self, airflow_home: Path) -> None:
+        self.airflow_home = airflow_home
+        self.shown: set[tuple[str, int]] = set()
+        self.log_offsets: dict[Path, int] = {}
 
-EPOCH_MARKER = re.compile(r"epoch \d+/\d+ [^\[]*?(?=\s+\[|$)")
+    def task_lines(self, tis: list[dict]) -> list[str]:
+        lines = []
+        for ti in sorted(tis, key=lambda t: t.get("end_date") or "~"):
+            key = (ti["task_id"], ti.get("try_number") or 0)
+            if ti.get("state") in FINISHED_TASK_STATES and key not in self.shown:
+                self.shown.add(key)
+                state = "done" if ti["state"] == "success" else ti["state"]
+                lines.append(f"  . {ti['task_id']} {state} ({ti.get('duration') or 0:.1f}s)")
+        return lines
 
+    def epoch_lines(self, run: dict, tis: list[dict]) -> list[str]:
+        train = next((t for t in tis if t["task_id"] == "train" and t.get("state") == "running"), None)
+        if train is None:
+            return []
+        folder = (self.airflow_home / "logs" / f"dag_id={run['dag_id']}" / f"run_id={run['dag_run_id']}"
+                  / "task_id=train")
+        lines = []
+        for log in sorted(folder.glob("attempt=*.log")):
+            with open(log, encoding="utf-8", errors="replace") as fh:
+                fh.seek(self.log_offsets.get(log, 0))
+                text = fh.read()
+                self.log_offsets[log] = fh.tell()
+            lines += ["      " + m.group(0) for m in EPOCH_MARKER.finditer(text)]
+        return lines
 
-class DagTestProgress:
-    """Turns `airflow dags test` log lines into one line per finished task, with its state
-    (a skipped training must not read as "done")."""
-
-    def __init__(self) -> None:
-        self.state: str | None = None  # the running task's last reported state
-
-    def feed(self, line: str) -> str | None:
-        if "new_state=" in line:
-            self.state = line.split("new_state=", 1)[-1].split()[0]
-        if EPOCH_MARKER.search(line):  # training progress, one line per epoch
-            return "      " + EPOCH_MARKER.search(line).group(0)
-        if "[DAG TEST] end task" not in line:
-            return None
-        task = line.split("task_id=", 1)[-1].split()[0]
-        state, self.state = self.state, None
-        return f"  . {task} {'done' if state in (None, 'success') else state}"
+    def feed(self, run: dict, tis: list[dict]) -> list[str]:
+        return self.epoch_lines(run, tis) + self.task_lines(tis)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -124,86 +105,52 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.0f}" if k == "test_n" else f"{k}={v:.4f}" for k, v in metrics.items())
 
 
-def migrate_airflow_db(settings: Settings, env: dict[str, str]) -> None:
-    done = airflow_cli(settings, ["db", "migrate"], env, timeout_s=600)
-    if done.returncode != 0:
-        raise DemoError(f"airflow db migrate failed:\n{(done.stdout + done.stderr)[-2000:]}")
+def stop_legacy_airflow(settings: Settings) -> bool:
+    """An `airflow standalone` left by an earlier demo holds the port: stop its process group."""
+    from pipeline import stack
+
+    return stack.stop_process(settings, LEGACY_AIRFLOW_PROCESS)
 
 
-def last_run_state(settings: Settings, dag_id: str, env: dict[str, str]) -> dict:
-    done = airflow_cli(settings, ["dags", "list-runs", dag_id, "-o", "json"], env, timeout_s=120)
-    runs = None
-    for line in done.stdout.splitlines():  # the JSON is one line among warnings
-        if line.startswith("[{") or line.strip() == "[]":
-            runs = json.loads(line)
-    if runs is None:
-        raise DemoError(f"could not read the runs of {dag_id}:\n{(done.stdout + done.stderr)[-1500:]}")
-    if not runs:
-        raise DemoError(f"{dag_id} has no run")
-    return max(runs, key=lambda r: r.get("start_date") or r.get("run_after") or "")
+def start_airflow(settings: Settings, site) -> None:
+    from pipeline import airflow_local
+
+    stop_legacy_airflow(settings)
+    airflow_local.prepare(site)
+    airflow_local.start(settings, site)
 
 
-def run_retrain_dag(settings: Settings, dataset: str, env: dict[str, str], conf: dict | None = None) -> dict:
-    """One real Airflow run of the dataset's retraining DAG (`airflow dags test`); returns its run row."""
-    dag_id = f"hemaflow_retrain_{dataset}"
-    log = settings.hemaflow_home / "stack" / "logs" / "airflow-dag-runs.log"
-    args = ["dags", "test", dag_id]
-    if conf:
-        args += ["-c", json.dumps(conf)]
-    print(f"running {dag_id} in Airflow (log: {log})", flush=True)
-    done = airflow_cli(settings, args, env, log=log, echo=True)
-    run = last_run_state(settings, dag_id, env)
-    if done.returncode != 0 or run.get("state") != "success":
-        raise DemoError(f"{dag_id} run {run.get('run_id')} ended {run.get('state')} (exit {done.returncode}); "
-                        f"see {log} and the Airflow UI")
+def wait_for_dag(client, dag_id: str) -> None:
+    from pipeline.airflow_api import get_dag
+
+    deadline = time.monotonic() + DAG_PARSE_TIMEOUT_S
+    while get_dag(client, dag_id) is None:
+        if time.monotonic() > deadline:
+            raise DemoError(f"Airflow has not parsed {dag_id} after {DAG_PARSE_TIMEOUT_S:.0f}s; see "
+                            "HEMAFLOW_HOME/stack/logs/airflow-dag-processor.log")
+        time.sleep(2)
+
+
+def follow_run(client, site, dag_id: str, pick) -> dict:
+    """Wait for the run `pick` chooses, echoing its progress; raises DemoError unless it succeeded."""
+    from pipeline.airflow_api import wait_for_run
+
+    progress = RunProgress(site.home)
+    announced: list[str] = []
+
+    def _show(run: dict, tis: list[dict]) -> None:
+        if not announced:
+            announced.append(run["dag_run_id"])
+            print(f"following {dag_id} run {run['dag_run_id']} ({run['run_type']}) - also in the Airflow UI",
+                  flush=True)
+        for line in progress.feed(run, tis):
+            print(line, flush=True)
+
+    run = wait_for_run(client, dag_id, pick, timeout_s=RUN_TIMEOUT_S, on_poll=_show)
+    if run["state"] != "success":
+        raise DemoError(f"{dag_id} run {run['dag_run_id']} ended {run['state']}; see the Airflow UI "
+                        f"({site.api_url}) and HEMAFLOW_HOME/airflow/logs")
     return run
-
-
-def airflow_password(settings: Settings) -> str | None:
-    try:
-        return json.loads((airflow_home(settings) / PASSWORD_FILE).read_text()).get("admin")
-    except (OSError, ValueError):
-        return None
-
-
-def stop_airflow(settings: Settings, timeout_s: float = 30.0) -> bool:
-    """Stop `airflow standalone` and every component it started (its whole process group):
-    the api-server outlives its parent for a while after SIGTERM."""
-    import signal
-
-    from pipeline import stack
-
-    group = stack.read_pid(settings, AIRFLOW_PROCESS)
-    stopped = stack.stop_process(settings, AIRFLOW_PROCESS)
-    if group is None:
-        return stopped
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return stopped
-        time.sleep(0.2)
-    try:
-        os.killpg(group, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    return stopped
-
-
-def start_airflow_ui(settings: Settings, env: dict[str, str]) -> bool:
-    """`airflow standalone` as a managed process; returns True when it was started now."""
-    from pipeline import stack
-
-    url = f"http://127.0.0.1:{settings.airflow_port}/api/v2/version"
-    if stack.read_pid(settings, AIRFLOW_PROCESS) is not None and stack.http_ok(url):
-        return False
-    stop_airflow(settings)
-    stack.start_process(settings, AIRFLOW_PROCESS, [_airflow_bin(), "standalone"], env=env, cwd=PROJECT_ROOT)
-    _, log, _ = stack._paths(settings, AIRFLOW_PROCESS)
-    stack.wait_until(lambda: stack.http_ok(url), "Airflow UI", log,
-                     lambda: stack.read_pid(settings, AIRFLOW_PROCESS), timeout_s=AIRFLOW_START_TIMEOUT_S)
-    return True
 
 
 # --- serving ------------------------------------------------------------------------------------
@@ -294,9 +241,34 @@ def champion_report(settings: Settings, dataset: str) -> tuple[str | None, dict[
 # --- commands -----------------------------------------------------------------------------------
 
 
+def retrain(settings: Settings, site, dataset: str, data_dir: Path) -> dict | None:
+    """Upload; the upload's Asset event starts the retraining run, which is followed to its end.
+
+    With nothing new uploaded no event is emitted: a manual run is triggered only when there is
+    no @champion yet. Returns the run followed, or None when none was needed."""
+    from pipeline.airflow_api import api_client, dag_runs, trigger_dag
+    from pipeline.upload import upload_tree
+
+    dag_id = f"hemaflow_retrain_{dataset}"
+    with_api = api_settings(settings, site)
+    with api_client(with_api) as client:
+        wait_for_dag(client, dag_id)
+        before = {r["dag_run_id"] for r in dag_runs(client, dag_id)}
+        print(f"uploading {data_dir} as dataset '{dataset}'", flush=True)
+        uploaded = upload_tree(data_dir, dataset, settings=with_api, show_progress=True)
+        print(f"  {uploaded['uploaded']} uploaded, {uploaded['skipped']} already there; "
+              f"{uploaded['asset_event']['message']}", flush=True)
+        if not uploaded["asset_event"]["emitted"]:
+            if champion_report(settings, dataset)[0] is not None:
+                print("nothing new to train on: the current @champion stays in service", flush=True)
+                return None
+            before.discard(trigger_dag(client, dag_id)["dag_run_id"])
+        return follow_run(client, site, dag_id, lambda runs: next(
+            (r for r in reversed(runs) if r["dag_run_id"] not in before), None))
+
+
 def up() -> int:
     from pipeline import stack
-    from pipeline.upload import upload_tree
 
     settings = get_settings()
     dataset = settings.dataset
@@ -309,20 +281,11 @@ def up() -> int:
     print("starting the local stack (SeaweedFS S3 + MLflow)", flush=True)
     for name, url in stack.up(settings).items():
         print(f"  {name:8s} {url}")
-    print(f"uploading {data_dir} as dataset '{dataset}'", flush=True)
-    # No Airflow asset event: the demo runs the retraining DAG itself just below, and an event
-    # would queue a second, redundant run for when the scheduler starts.
-    uploaded = upload_tree(data_dir, dataset, settings=settings, show_progress=True, emit_asset_event=False)
-    print(f"  {uploaded['uploaded']} uploaded, {uploaded['skipped']} already there", flush=True)
-
     admin_key = demo_admin_key(settings)
-    env = {**airflow_env(settings), "SERVING_ADMIN_API_KEYS": admin_key}
-    migrate_airflow_db(settings, env)
-    # SQLite allows one writer: the DAG run goes first, the UI (scheduler and all) after it.
-    stop_airflow(settings)
-    run = run_retrain_dag(settings, dataset, env)
-    for dag_id in (f"hemaflow_retrain_{dataset}", "hemaflow_watch_raw"):
-        airflow_cli(settings, ["dags", "unpause", dag_id], env, timeout_s=120)
+    site = airflow_site(settings, admin_key)
+    print("starting Airflow (api-server, scheduler, dag-processor, triggerer; LocalExecutor)", flush=True)
+    start_airflow(settings, site)
+    run = retrain(settings, site, dataset, data_dir)
 
     version, metrics = champion_report(settings, dataset)
     if version is None:
@@ -330,20 +293,19 @@ def up() -> int:
                         "(see the run's report task and the MLflow 'pipeline-runs' experiment)")
     print("starting the serving container on @champion", flush=True)
     start_serving(settings, admin_key)
-    print("starting the Airflow UI (airflow standalone)", flush=True)
-    start_airflow_ui(settings, env)
 
-    password = airflow_password(settings)
-    login = f"admin / {password}" if password else f"see {airflow_home(settings) / PASSWORD_FILE}"
+    from pipeline.airflow_local import ADMIN_USER, admin_password
+
     print()
     print(f"HemaFlow demo ready in {time.monotonic() - started:.0f}s")
-    print(f"  Airflow UI   http://127.0.0.1:{settings.airflow_port}   login {login}")
-    print(f"               run {run.get('run_id')} of hemaflow_retrain_{dataset}: {run.get('state')}")
+    print(f"  Airflow UI   {site.api_url}   login {ADMIN_USER} / {admin_password(site)}")
+    if run is not None:
+        print(f"               run {run['dag_run_id']} of hemaflow_retrain_{dataset}: {run['state']}")
     print(f"  MLflow UI    {settings.mlflow_tracking_uri}   model {settings.model_name(dataset)}")
     print(f"  Serving      http://127.0.0.1:{settings.serving_port}/   (API docs: /docs)")
     print(f"  Champion     version {version}: {format_metrics(metrics)}")
-    print(f"  New images   AIRFLOW_API_URL=http://127.0.0.1:{settings.airflow_port} AIRFLOW_API_PASSWORD=<the "
-          f"password above> .venv/bin/python -m pipeline upload DIR --dataset {dataset}")
+    print(f"  New images   AIRFLOW_API_URL={site.api_url} AIRFLOW_API_PASSWORD=<the password above> "
+          f".venv/bin/python -m pipeline upload DIR --dataset {dataset}")
     print(f"               retrains at once (Airflow asset event); without AIRFLOW_API_URL the watcher DAG finds "
           f"them within {settings.raw_watch_schedule}")
     print("  Stop all of it with: make demo-down")
@@ -351,11 +313,11 @@ def up() -> int:
 
 
 def down() -> int:
-    from pipeline import stack
+    from pipeline import airflow_local, stack
 
     settings = get_settings()
-    airflow_stopped = stop_airflow(settings)
-    stopped = (["airflow"] if airflow_stopped else []) + stack.down(settings)
+    stopped = airflow_local.stop(settings) + (["airflow"] if stop_legacy_airflow(settings) else [])
+    stopped += stack.down(settings)
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     return 0
 

@@ -30,39 +30,48 @@ def test_demo_with_a_missing_data_dir_is_a_clear_error(tmp_path):
 
 
 def test_demo_airflow_is_loopback_only_with_low_parallelism_and_repo_dags(tmp_path):
-    from scripts.demo import airflow_env
+    from pipeline.airflow_local import site_env
+    from scripts.demo import airflow_site
 
     s = get_settings(hemaflow_home=tmp_path, airflow_port=18080)
-    env = airflow_env(s)
+    env = site_env(airflow_site(s, "admin-key"))
     assert env["AIRFLOW__API__HOST"] == "127.0.0.1" and env["AIRFLOW__API__PORT"] == "18080"
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://127.0.0.1:18080/execution/"
-    assert int(env["AIRFLOW__CORE__PARALLELISM"]) <= 2
+    assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor" and int(env["AIRFLOW__CORE__PARALLELISM"]) <= 2
     assert env["AIRFLOW__CORE__DAGS_FOLDER"] == str(PROJECT_ROOT / "dags")
     assert env["AIRFLOW_HOME"].startswith(str(tmp_path)) and env["AIRFLOW__CORE__LOAD_EXAMPLES"] == "False"
+    assert env["SERVING_ADMIN_API_KEYS"] == "admin-key"
 
 
-# Lines as `airflow dags test` (Airflow 3.3) writes them, trimmed.
-_TRAIN_SKIPPED_LINES = [
-    "2026-11-22T01:26:46.835471Z [info ] [DAG TEST] starting task_id=train map_index=-1 [airflow.sdk.definitions.dag]",
-    "2026-11-22T01:26:47.796013Z [info ] Skipping task. [task] reason='training skipped: same data, config, code'",
-    "2026-11-22T01:26:47.807138Z [info ] Task instance state updated [airflow.api_fastapi] new_state=skipped "
-    "rows_affected=1",
-    "2026-11-22T01:26:47.821162Z [info ] [DAG TEST] end task task_id=train map_index=-1 [airflow.sdk.definitions.dag]",
-]
-_REPORT_SUCCESS_LINES = [
-    "2026-11-22T01:26:49.851558Z [info ] [DAG TEST] starting task_id=report map_index=-1 [airflow.sdk]",
-    "2026-11-22T01:26:50.800000Z [info ] Task instance state updated [airflow.api_fastapi] new_state=success "
-    "rows_affected=1",
-    "2026-11-22T01:26:50.820511Z [info ] [DAG TEST] end task task_id=report map_index=-1 [airflow.sdk]",
-]
+def test_demo_airflow_secrets_are_random_per_install_and_owner_only(tmp_path):
+    from pipeline.airflow_local import site_env, site_secrets
+    from scripts.demo import airflow_site
+
+    first = site_env(airflow_site(get_settings(hemaflow_home=tmp_path / "a"), "k"))
+    second = site_env(airflow_site(get_settings(hemaflow_home=tmp_path / "b"), "k"))
+    assert first["AIRFLOW__API_AUTH__JWT_SECRET"] != second["AIRFLOW__API_AUTH__JWT_SECRET"]
+    assert len(first["AIRFLOW__API_AUTH__JWT_SECRET"]) >= 40
+    assert first == site_env(airflow_site(get_settings(hemaflow_home=tmp_path / "a"), "k"))  # stable per install
+    secrets_file = tmp_path / "a" / "airflow" / "site-secrets.json"
+    assert secrets_file.stat().st_mode & 0o777 == 0o600
+    assert site_secrets(tmp_path / "a" / "airflow")["admin_password"] not in str(first)
 
 
-def test_demo_progress_says_skipped_for_a_skipped_task_and_done_for_a_successful_one():
-    from scripts.demo import DagTestProgress
+def _ti(task_id: str, state: str, end: str, duration: float = 1.0, try_number: int = 1) -> dict:
+    return {"task_id": task_id, "state": state, "end_date": end, "duration": duration, "try_number": try_number}
 
-    progress = DagTestProgress()
-    shown = [out for line in _TRAIN_SKIPPED_LINES + _REPORT_SUCCESS_LINES if (out := progress.feed(line))]
-    assert shown == ["  . train skipped", "  . report done"]
+
+def test_demo_progress_says_skipped_for_a_skipped_task_and_done_for_a_successful_one(tmp_path):
+    from scripts.demo import RunProgress
+
+    progress = RunProgress(tmp_path)
+    run = {"dag_id": "hemaflow_retrain_leukemia", "dag_run_id": "r1"}
+    first = [_ti("train", "skipped", "2026-12-02T01:00:01Z", 0.9), _ti("report", "running", None)]
+    assert progress.feed(run, first) == ["  . train skipped (0.9s)"]
+    later = [first[0], _ti("report", "success", "2026-12-02T01:00:05Z", 2.5)]
+    assert progress.feed(run, later) == ["  . report done (2.5s)"]  # each task once
+    assert progress.feed(run, later + [_ti("report", "success", "2026-12-02T01:00:09Z", 1.0, 2)]) == [
+        "  . report done (1.0s)"]  # a retry is a new line
 
 
 def test_demo_champion_metrics_show_rates_to_4_decimals_and_the_test_count_as_an_integer():
@@ -72,11 +81,17 @@ def test_demo_champion_metrics_show_rates_to_4_decimals_and_the_test_count_as_an
         "test_balanced_accuracy=0.9784, test_n=401")
 
 
-def test_demo_progress_echoes_one_line_per_training_epoch():
-    from scripts.demo import DagTestProgress
+def test_demo_progress_echoes_each_training_epoch_from_the_task_log_once(tmp_path):
+    from scripts.demo import RunProgress
 
-    progress = DagTestProgress()
-    line = ("2026-11-22T01:13:53.398066Z [info     ] epoch 3/30 accuracy=0.9000 loss=0.2000 "
-            "val_accuracy=0.8000 val_loss=0.3000 [training] loc=train.py:372")
-    assert progress.feed(line) == "      epoch 3/30 accuracy=0.9000 loss=0.2000 val_accuracy=0.8000 val_loss=0.3000"
-    assert progress.feed("[info] reached the epoch boundary of the scheduler") is None
+    progress = RunProgress(tmp_path)
+    run = {"dag_id": "hemaflow_retrain_leukemia", "dag_run_id": "r1"}
+    log = tmp_path / "logs" / "dag_id=hemaflow_retrain_leukemia" / "run_id=r1" / "task_id=train" / "attempt=1.log"
+    log.parent.mkdir(parents=True)
+    log.write_text('{"timestamp":"2026-12-02T01:13:53Z","level":"info","event":"epoch 3/30 accuracy=0.9000 '
+                   'loss=0.2000 val_accuracy=0.8000 val_loss=0.3000","logger":"training"}\n'
+                   '{"event":"reached the epoch boundary of the scheduler"}\n')
+    running = [_ti("train", "running", None)]
+    assert progress.feed(run, running) == [
+        "      epoch 3/30 accuracy=0.9000 loss=0.2000 val_accuracy=0.8000 val_loss=0.3000"]
+    assert progress.feed(run, running) == []

@@ -1,0 +1,31 @@
+"""Fixtures: Airflow deployed as separate processes (pipeline.airflow_local) on the test stack."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.airflow.site import FAST_TRAINING_ENV, copy_env_example
+
+
+@pytest.fixture(scope="module")
+def hemaflow_env(local_stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """What every Airflow component, task and CLI of the module sees on top of the test stack's
+    environment: the user's `.env` (a verbatim copy of .env.example), an empty specs folder
+    (the test adds a spec, as a user does) and the fast training configuration."""
+    folder = tmp_path_factory.mktemp("hemaflow-user")
+    specs = folder / "specs"
+    specs.mkdir()
+    return {**os.environ, "HEMAFLOW_ENV_FILE": str(copy_env_example(folder)), "DATASET_SPECS_DIR": str(specs),
+            **FAST_TRAINING_ENV}
+
+
+@pytest.fixture(scope="module")
+def airflow_stop(local_stack) -> Iterator[None]:
+    """Stops every Airflow process of the test stack when the module is done."""
+    from pipeline import airflow_local
+
+    yield
+    airflow_local.stop(local_stack)
