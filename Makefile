@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: install browser test test-fast demo demo-down stack-up stack-down bench lint
+.PHONY: install browser services test test-fast demo demo-down stack-up stack-down bench lint
 
 install: $(STAMP)
 
@@ -22,7 +22,14 @@ browser:
 	  echo "installing Debian chromium for the browser tests"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; }
 
-test: install browser
+# Debian's Redis and PostgreSQL for the CeleryExecutor tests (tests/airflow), started by the tests
+# themselves as loopback processes, like docker-compose.yml's broker and database.
+services:
+	@command -v redis-server >/dev/null 2>&1 && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing Debian redis-server and postgresql for the Airflow tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server postgresql) >/dev/null; }
+
+test: install browser services
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Unit, DAG-parsing and serving tests only (no stack, no training): a quick local loop.

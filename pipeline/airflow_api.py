@@ -21,7 +21,7 @@ from pipeline.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-REQUEST_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 15.0  # a busy api-server (one worker, SQLite) can take seconds to answer
 ATTEMPTS = 3  # per request; only connection errors, timeouts, 429 and 5xx are retried
 BACKOFF_S = 0.5  # doubled after each failed attempt
 RETRIABLE_STATUS = frozenset({429, 500, 502, 503, 504})

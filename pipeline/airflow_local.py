@@ -129,7 +129,7 @@ def site_env(site: AirflowSite) -> dict[str, str]:
         if not site.broker_url or not site.database_url:
             raise AirflowSiteError("the CeleryExecutor needs a broker URL and a database URL")
         env["AIRFLOW__CELERY__BROKER_URL"] = site.broker_url
-        env["AIRFLOW__CELERY__RESULT_BACKEND"] = "db+" + site.database_url.replace("+psycopg2", "")
+        env["AIRFLOW__CELERY__RESULT_BACKEND"] = "db+" + site.database_url
     return {**env, **site.extra_env}
 
 

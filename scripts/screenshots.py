@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from pipeline.settings import PROJECT_ROOT, get_settings
-from scripts.demo import SHARED_DEMO_DATA, airflow_password
+from scripts.demo import SHARED_DEMO_DATA, airflow_site
 
 CHROMIUM = os.environ.get("HEMAFLOW_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -207,10 +207,13 @@ def main(argv: list[str] | None = None) -> int:
 
     s = get_settings()
     dataset = s.dataset
-    password = airflow_password(s)
-    if not password:
-        print("no Airflow password found: run `make demo` first", file=sys.stderr)
+    from pipeline.airflow_local import SECRETS_FILE, admin_password
+
+    site = airflow_site(s, admin_key="")
+    if not (site.home / SECRETS_FILE).is_file():
+        print("no Airflow site found: run `make demo` first", file=sys.stderr)
         return 2
+    password = admin_password(site)
     only = set(args.only or ["airflow", "mlflow", "serving"])
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hemaflow-shots-") as profile, sync_playwright() as pw:

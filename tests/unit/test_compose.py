@@ -47,8 +47,10 @@ def test_all_services_present_and_workers_scale():
     assert REQUIRED_SERVICES <= set(services)
     worker = services["airflow-worker"]
     assert "container_name" not in worker and "ports" not in worker  # --scale airflow-worker=N
-    assert worker["command"] == ["celery", "worker"]
+    assert worker["command"] == ["celery", "worker", "--queues", "default"]
     assert worker["environment"]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    trainer = services["airflow-worker-training"]  # TRAIN_QUEUE's own worker, off unless its profile is on
+    assert trainer["profiles"] == ["training-worker"] and "${TRAIN_QUEUE}" in trainer["command"]
 
 
 def test_mounted_files_exist_and_host_ports_are_loopback_only():
