@@ -83,7 +83,9 @@ def _overrides() -> dict[str, Any]:
 
 def _settings() -> Settings:
     """Settings for this task: environment/.env plus the run's params (validated by pydantic)."""
-    return get_settings(**_overrides())
+    from training.registry import run_settings
+
+    return run_settings(get_settings(), _overrides())
 
 
 def _params() -> dict[str, Param]:

@@ -2,7 +2,7 @@
 
     python -m training train --dataset leukemia [--dataset-version V] [--no-promote] [--epochs N]
     python -m training evaluate --dataset leukemia --version 3
-    python -m training promote --dataset leukemia --version 3
+    python -m training promote --dataset leukemia --version 3 [--reason "..." [--by NAME]]
     python -m training rollback --dataset leukemia [--reason "..."]
     python -m training status --dataset leukemia
 """
@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
@@ -34,8 +35,10 @@ def _print_gate(result: dict) -> None:
     if champ and champ.get("metrics"):
         print(f"champion v{champ['version']} re-evaluated on the same split")
         print("  " + _fmt(champ["metrics"]))
-    print(f"gate: {'PASSED' if decision['passed'] else 'FAILED'} - {decision['reason']}")
-    print(f"aliases: champion=v{result['applied'].get('champion')}")
+    verdict = "PASSED" if decision["passed"] else "NEEDS A PERSON" if decision.get("needs_review") else "FAILED"
+    print(f"gate: {verdict} - {decision['reason']}")
+    already = " (already; nothing changed)" if result["applied"].get("already_champion") else ""
+    print(f"aliases: champion=v{result['applied'].get('champion')}{already}")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -52,8 +55,8 @@ def _train(args: argparse.Namespace) -> int:
 
     result = train_candidate(args.dataset, args.dataset_version, get_settings(),
                              verbose=1 if sys.stdout.isatty() else 0, on_epoch=on_epoch, **overrides)
-    if result["skipped"]:
-        print(f"skipped: {result['reason']}")
+    if result["skipped"] or result["resumed"]:
+        print(f"{'skipped' if result['skipped'] else 'resumed'}: {result['reason']}")
     else:
         print(f"registered {result['model_name']} v{result['model_version']} (run {result['run_id']}, "
               f"{result['epochs_run']} epochs, {result['train_seconds']:.0f}s)")
@@ -74,10 +77,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _promote(args: argparse.Namespace) -> int:
-    from training.registry import promote_if_better
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError) as exc:
+        raise SystemExit("error: cannot tell who you are; say it with --by NAME") from exc
 
-    result = promote_if_better(args.dataset, args.version)
+
+def _promote(args: argparse.Namespace) -> int:
+    from training.registry import promote_by_person, promote_if_better
+
+    if args.reason is None:
+        result = promote_if_better(args.dataset, args.version)
+    else:
+        result = promote_by_person(args.dataset, args.version, args.reason, args.by or _login())
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -103,7 +116,7 @@ def _status(args: argparse.Namespace) -> int:
     print(f"{info['model_name']}: " + ", ".join(f"@{a}=v{v}" for a, v in sorted(info["aliases"].items())))
     for v in info["versions"]:
         m = v["metrics"]
-        print(f"  v{v['version']:<4} {v['dataset_version'] or '-':<22} gate={v['gate'] or '-':<7} "
+        print(f"  v{v['version']:<4} {v['dataset_version'] or '-':<22} gate={v['gate'] or '-':<12} "
               f"bal_acc={m.get('balanced_accuracy', '-')}  macro_f1={m.get('macro_f1', '-')}")
     return 0
 
@@ -127,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--version", required=True, help="registered model version")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+    # p is now the promote parser.
+    p.add_argument("--reason", default=None,
+                   help="a person's promotion (e.g. the champion is not comparable): why; recorded with --by")
+    p.add_argument("--by", default=None, help="who promotes (default: the login name)")
     p = sub.add_parser("rollback", help="move @champion back to @previous-champion")
     p.add_argument("--dataset", default=None)
     p.add_argument("--reason", default="manual rollback")

@@ -5,17 +5,24 @@ Gate (as TFX's Evaluator): the candidate must clear absolute floors and beat the
 serving bundles (TFLite, with their own stored thresholds) on the candidate's test split.
 Primary metric: balanced accuracy for binary tasks (robust to class imbalance, and what a
 screening threshold trades off), macro F1 for multiclass (every cell type counts equally).
-A tie does not promote (the candidate must be strictly better); with no champion, or a
-champion that cannot be compared (other labels or image size), the floors alone decide.
+A tie does not promote (the candidate must be strictly better); with no champion the floors
+alone decide. The gate fails closed: a champion that cannot be compared (other labels or
+image size) never lets the floors alone promote; the candidate waits as @challenger until
+a person promotes it with a reason (`promote_by_person`). Trigger-time overrides can make
+floors and margin stricter, never looser (`run_settings`).
 
 Pass: @champion -> candidate, the old champion keeps @previous-champion, and both versions
 get tags with reason and time. Fail: @challenger -> candidate, with the reason. Every event
 is also appended to the registered model's `history` tag; version tags are never removed.
+Alias moves are compare-and-set: a decision is applied only while @champion is still the
+version it was made against, and re-applying a promotion that already happened changes
+nothing (an Airflow retry).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from datetime import datetime, timezone
@@ -24,15 +31,25 @@ from typing import Any
 
 from pipeline.settings import Settings, get_settings
 
+log = logging.getLogger("training.registry")
+
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 PREVIOUS = "previous-champion"
 HISTORY_TAG = "history"
 HISTORY_KEEP = 30
+TAG_GATE_DECISION = "gate_decision"  # passed | failed | needs_review; absent = not gated yet
+NEEDS_REVIEW = "needs_review"
+# Gate settings a run's overrides may raise but never lower.
+GATE_THRESHOLDS = ("gate_min_balanced_accuracy", "gate_min_sensitivity", "gate_min_accuracy", "gate_margin")
 
 
 class RegistryError(RuntimeError):
     """A registry operation cannot be done (unknown version, nothing to roll back to...)."""
+
+
+class ChampionMoved(RegistryError):
+    """@champion changed between evaluate and apply: the decision is stale, evaluate again."""
 
 
 def _now() -> str:
@@ -142,12 +159,34 @@ def evaluate_against_champion(dataset: str, model_version: str, settings: Settin
 # --- the gate --------------------------------------------------------------------------------
 
 
-def decide_gate(comparison: dict, settings: Settings | None = None) -> dict:
-    """Pure decision from `evaluate_against_champion`'s result: {passed, reason, ...}."""
-    s = settings or get_settings()
+def run_settings(configured: Settings, overrides: dict[str, Any]) -> Settings:
+    """The configured settings with one run's overrides, validated; gate floors and margin only go up.
+
+    Trigger-time params may ask for a stricter gate, never a looser one than configured.
+    """
+    effective = dict(overrides)
+    for key in GATE_THRESHOLDS:
+        if key in effective and effective[key] is not None and effective[key] < getattr(configured, key):
+            log.warning("override %s=%s ignored: below the configured %s", key, effective[key],
+                        getattr(configured, key))
+            effective[key] = getattr(configured, key)
+    if not effective:
+        return configured
+    validated = type(configured)(**effective)  # the overrides are checked; the configured values stay as given
+    fields = type(configured).model_fields
+    return configured.model_copy(update={k: getattr(validated, k) for k in effective if k in fields})
+
+
+def decide_gate(comparison: dict, settings: Settings | None = None, overrides: dict | None = None) -> dict:
+    """Pure decision from `evaluate_against_champion`'s result: {passed, reason, compared_champion, ...}.
+
+    `settings` are the configured ones; `overrides` (a run's params) can only make the gate stricter.
+    """
+    s = run_settings(settings or get_settings(), overrides or {})
     task = comparison["task"]
     metric = comparison["primary_metric"]
     cand = comparison["candidate"]["metrics"]
+    champ = comparison.get("champion")
     floors = {"balanced_accuracy": s.gate_min_balanced_accuracy}
     if task == "binary" and "sensitivity" in cand:
         floors["sensitivity"] = s.gate_min_sensitivity
@@ -155,18 +194,22 @@ def decide_gate(comparison: dict, settings: Settings | None = None) -> dict:
         floors["accuracy"] = s.gate_min_accuracy
     failed = [f"{k} {cand.get(k, 0.0):.4f} < floor {v:.4f}" for k, v in floors.items() if cand.get(k, 0.0) < v]
     out = {"primary_metric": metric, "candidate_value": cand.get(metric), "champion_value": None,
-           "margin": s.gate_margin, "floors": floors, "champion_version": None}
+           "margin": s.gate_margin, "floors": floors, "champion_version": None, "needs_review": False,
+           # What apply_gate checks @champion against (compare-and-set).
+           "compared_champion": champ["version"] if champ else None}
     if failed:
         return {**out, "passed": False, "reason": "below floor: " + "; ".join(failed)}
-    champ = comparison.get("champion")
     if champ is None:
         return {**out, "passed": True, "reason": f"no champion yet; floors cleared ({metric} {cand[metric]:.4f})"}
     out["champion_version"] = champ["version"]
     if champ.get("same_as_candidate"):
         return {**out, "passed": False, "reason": f"version {champ['version']} is already the champion"}
     if champ.get("incomparable"):
-        return {**out, "passed": True,
-                "reason": f"champion v{champ['version']} not comparable ({champ['incomparable']}); floors cleared"}
+        candidate = comparison["candidate"]["version"]
+        return {**out, "passed": False, "needs_review": True,
+                "reason": f"needs a person: champion v{champ['version']} is not comparable ({champ['incomparable']}); "
+                          f"floors cleared; to promote: python -m training promote --dataset "
+                          f"{comparison.get('dataset', '<dataset>')} --version {candidate} --reason \"...\""}
     cv, hv = float(cand[metric]), float(champ["metrics"][metric])
     out["champion_value"] = hv
     if cv > hv + s.gate_margin:
@@ -188,40 +231,94 @@ def _record(client, name: str, event: dict) -> None:
     client.set_registered_model_tag(name, "last_event", json.dumps(event, separators=(",", ":")))
 
 
+def _check_champion_unchanged(name: str, decision: dict, current) -> None:
+    if "compared_champion" not in decision:
+        raise RegistryError("the decision does not say which @champion it was made against; run evaluate again")
+    expected, now = decision["compared_champion"], (str(current.version) if current is not None else None)
+    if expected != now:
+        raise ChampionMoved(
+            f"{name}@{CHAMPION} is v{now} but the decision was made against v{expected}: "
+            "nothing was changed; evaluate the candidate again against the current champion")
+
+
 def apply_gate(dataset: str, model_version: str, decision: dict, settings: Settings | None = None) -> dict:
-    """Move the aliases according to `decision` and record why and when."""
+    """Move the aliases according to `decision` and record why and when (compare-and-set on @champion)."""
     s = settings or get_settings()
     client = _client(s)
     name = s.model_name(dataset)
     version = str(model_version)
-    now = _now()
+    current = alias_version(client, name, CHAMPION)
+    if decision["passed"] and current is not None and str(current.version) == version:
+        return _already_champion(client, name, current)
+    _check_champion_unchanged(name, decision, current)
+    outcome = "passed" if decision["passed"] else NEEDS_REVIEW if decision.get("needs_review") else "failed"
     reason = decision["reason"]
-    for key, value in {"gate_decision": "passed" if decision["passed"] else "failed",
-                       "gate_reason": reason, "gate_at": now}.items():
-        client.set_model_version_tag(name, version, key, value)
     if not decision["passed"]:
-        champ = alias_version(client, name, CHAMPION)
-        if champ is None or str(champ.version) != version:
-            client.set_registered_model_alias(name, CHALLENGER, version)
-        event = {"event": "rejected", "version": version, "reason": reason, "at": now}
-        _record(client, name, event)
-        return {**event, "champion": champ.version if champ else None}
-    previous = alias_version(client, name, CHAMPION)
-    client.set_registered_model_alias(name, CHAMPION, version)
+        return _reject(client, name, version, outcome, reason, current)
+    now, by = _now(), decision.get("promoted_by")
+    for key, value in {TAG_GATE_DECISION: outcome, "gate_reason": reason, "gate_at": now,
+                       **({"promoted_by": by} if by else {})}.items():
+        client.set_model_version_tag(name, version, key, value)
+    return _promote(client, name, version, current, reason, now, by)
+
+
+def _reject(client, name: str, version: str, outcome: str, reason: str, current) -> dict:
+    """The candidate becomes @challenger with the reason; re-applying the same decision changes nothing."""
+    tags = client.get_model_version(name, version).tags
+    if tags.get(TAG_GATE_DECISION) == outcome and tags.get("gate_reason") == reason:
+        return {"event": "rejected", "version": version, "reason": reason, "at": tags.get("gate_at"),
+                "outcome": outcome, "champion": current.version if current else None, "already_applied": True}
+    now = _now()
+    for key, value in {TAG_GATE_DECISION: outcome, "gate_reason": reason, "gate_at": now}.items():
+        client.set_model_version_tag(name, version, key, value)
+    if current is None or str(current.version) != version:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+    event = {"event": "rejected", "version": version, "reason": reason, "at": now, "outcome": outcome}
+    _record(client, name, event)
+    return {**event, "champion": current.version if current else None}
+
+
+def _promote(client, name: str, version: str, previous, reason: str, now: str, by: str | None) -> dict:
+    """Everything about the previous champion is written first; moving @champion is the last step."""
     client.set_model_version_tag(name, version, "promoted_at", now)
     client.set_model_version_tag(name, version, "previous_champion_version", previous.version if previous else "")
-    if previous is not None and str(previous.version) != version:
-        client.set_registered_model_alias(name, PREVIOUS, str(previous.version))
+    if previous is not None:
         client.set_model_version_tag(name, str(previous.version), "demoted_at", now)
         client.set_model_version_tag(name, str(previous.version), "demoted_by_version", version)
         client.set_model_version_tag(name, str(previous.version), "demoted_reason", reason)
+        client.set_registered_model_alias(name, PREVIOUS, str(previous.version))
+    client.set_registered_model_alias(name, CHAMPION, version)
+    event = {"event": "promoted", "version": version, "previous": previous.version if previous else None,
+             "reason": reason, "at": now, **({"by": by} if by else {})}
+    _finish_promotion(client, name, version, event)
+    return {**event, "champion": version}
+
+
+def _finish_promotion(client, name: str, version: str, event: dict) -> None:
+    """After @champion moved: drop a stale @challenger, record the event once."""
     challenger = alias_version(client, name, CHALLENGER)
     if challenger is not None and str(challenger.version) == version:
         client.delete_registered_model_alias(name, CHALLENGER)
-    event = {"event": "promoted", "version": version, "previous": previous.version if previous else None,
-             "reason": reason, "at": now}
-    _record(client, name, event)
-    return {**event, "champion": version}
+    try:
+        last = json.loads(client.get_registered_model(name).tags.get("last_event", "{}"))
+    except ValueError:
+        last = {}
+    if (last.get("event"), last.get("version")) != ("promoted", version):
+        _record(client, name, event)
+
+
+def _already_champion(client, name: str, current) -> dict:
+    """A retried promote: nothing moves; @previous-champion stays the one recorded at promotion."""
+    version, tags = str(current.version), current.tags
+    previous = tags.get("previous_champion_version") or None
+    if previous is not None and previous != version:
+        held = alias_version(client, name, PREVIOUS)
+        if held is None or str(held.version) != previous:
+            client.set_registered_model_alias(name, PREVIOUS, previous)  # the first try stopped before it
+    event = {"event": "promoted", "version": version, "previous": previous,
+             "reason": tags.get("gate_reason", ""), "at": tags.get("promoted_at") or tags.get("gate_at")}
+    _finish_promotion(client, name, version, event)
+    return {**event, "champion": version, "already_champion": True}
 
 
 def promote_if_better(dataset: str, model_version: str, settings: Settings | None = None) -> dict:
@@ -229,6 +326,26 @@ def promote_if_better(dataset: str, model_version: str, settings: Settings | Non
     s = settings or get_settings()
     comparison = evaluate_against_champion(dataset, model_version, s)
     decision = decide_gate(comparison, s)
+    applied = apply_gate(dataset, model_version, decision, s)
+    return {"comparison": comparison, "decision": decision, "applied": applied}
+
+
+def promote_by_person(dataset: str, model_version: str, reason: str, by: str,
+                      settings: Settings | None = None) -> dict:
+    """A person promotes a candidate the gate could not judge (incomparable champion); who and why are recorded.
+
+    The floors and the comparison still run: a candidate the gate rejects is refused here too.
+    """
+    if not reason or not reason.strip():
+        raise RegistryError("a person's promotion needs a reason (--reason \"...\")")
+    s = settings or get_settings()
+    comparison = evaluate_against_champion(dataset, model_version, s)
+    decision = decide_gate(comparison, s)
+    if not decision["passed"] and not decision["needs_review"]:
+        raise RegistryError(f"the gate rejects version {model_version}: {decision['reason']}; "
+                            "a person decides only what the gate cannot (an incomparable champion)")
+    decision = {**decision, "passed": True, "promoted_by": by,
+                "reason": f"promoted by {by}: {reason.strip()} (gate: {decision['reason']})"}
     applied = apply_gate(dataset, model_version, decision, s)
     return {"comparison": comparison, "decision": decision, "applied": applied}
 
@@ -279,7 +396,7 @@ def status(dataset: str, settings: Settings | None = None) -> dict:
         "aliases": {alias: str(v) for alias, v in (model.aliases or {}).items()},
         "versions": [
             {"version": str(v.version), "run_id": v.run_id, "dataset_version": v.tags.get("dataset_version"),
-             "gate": v.tags.get("gate_decision"), "reason": v.tags.get("gate_reason"),
+             "gate": v.tags.get(TAG_GATE_DECISION), "reason": v.tags.get("gate_reason"),
              "metrics": {k[7:]: v.tags[k] for k in sorted(v.tags) if k.startswith("metric.")}}
             for v in versions
         ],

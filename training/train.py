@@ -2,9 +2,11 @@
 
 `train_candidate` is idempotent: a model version whose `config_hash` tag equals the hash of
 (dataset, dataset_version, training settings, training code, package versions) means the
-same training was already done, so it reports that version instead of training again.
-A NaN loss fails the MLflow run and registers nothing. Promotion is a separate step
-(`training.registry.promote_if_better`).
+same training was already done, so it reports that version instead of training again:
+as skipped once the gate has decided on it, else as the candidate still to gate (the
+gate failed after training). Two processes that start the same training at once register
+one version (`training.claim`). A NaN loss fails the MLflow run and registers nothing.
+Promotion is a separate step (`training.registry.promote_if_better`).
 """
 
 from __future__ import annotations
@@ -296,10 +298,12 @@ def train_candidate(
 
     `overrides` replace settings fields for this run (e.g. epochs=2). `verbose` is Keras'
     fit verbosity (the CLI shows a progress bar); `on_epoch(epoch, logs)` is called per epoch.
+    `resumed` is true when the version was registered earlier and still awaits its gate.
     """
     import mlflow
 
     from pipeline.processed import MANIFEST_FILE, fetch_processed, load_meta
+    from training.claim import CLAIM_SETTLE_S, claim_tags
 
     s = settings or get_settings()
     if overrides:
@@ -310,22 +314,23 @@ def train_candidate(
     chash = config_hash(s, dataset, dataset_version)
     existing = find_version_by_config(client, model_name, chash)
     if existing is not None:
-        reason = (f"{model_name} version {existing.version} was already trained on {dataset_version} "
-                  f"with the same configuration and code (config_hash {chash})")
-        log.info("skipped: %s", reason)
-        return {"run_id": existing.run_id, "model_version": str(existing.version), "skipped": True,
-                "reason": reason, "model_name": model_name, "dataset_version": dataset_version}
+        return _existing_version_result(existing, model_name, dataset_version, chash)
 
     meta = load_meta(dataset, dataset_version, s)
-    folder = fetch_processed(dataset, dataset_version, s)
-    manifest_sha = hashlib.sha256((folder / MANIFEST_FILE).read_bytes()).hexdigest()
     commit = git_commit()
     exp_id = experiment_id(client, model_name)
     started = time.monotonic()
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"train-{dataset_version}") as run:
+    # The run is the claim on this configuration: made before fitting, contested after a settle.
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"train-{dataset_version}", tags={
+            "dataset": dataset, "dataset_version": dataset_version, "git_commit": commit,
+            TAG_CONFIG_HASH: chash, "code_hash": code_hash(), **claim_tags()}) as run:
         run_id = run.info.run_id
-        mlflow.set_tags({"dataset": dataset, "dataset_version": dataset_version, "git_commit": commit,
-                         TAG_CONFIG_HASH: chash, "code_hash": code_hash()})
+        time.sleep(CLAIM_SETTLE_S)
+        lost = _contest(client, exp_id, run_id, model_name, chash, dataset_version, s)
+        if lost is not None:
+            return lost
+        folder = fetch_processed(dataset, dataset_version, s)
+        manifest_sha = hashlib.sha256((folder / MANIFEST_FILE).read_bytes()).hexdigest()
         mlflow.log_params({
             **training_config(s),
             "dataset": dataset,
@@ -339,14 +344,62 @@ def train_candidate(
             **{f"n_{split}": sum(meta.counts.get(split, {}).values()) for split in ("train", "val", "test")},
             **{f"pkg_{k}": v for k, v in package_versions().items()},
         })
-        result = _fit_evaluate_log(s, meta, folder, run_id, model_name, commit, chash, verbose, on_epoch)
+        result, model_uri, tags = _fit_evaluate_log(s, meta, folder, run_id, model_name, commit, chash,
+                                                    verbose, on_epoch)
+        lost = _contest(client, exp_id, run_id, model_name, chash, dataset_version, s)
+        if lost is not None:
+            return lost
+        version = mlflow.register_model(model_uri, model_name, tags=tags)
+        log.info("registered %s version %s (run %s)", model_name, version.version, run_id)
+        result["model_version"] = str(version.version)
         result["train_seconds"] = round(time.monotonic() - started, 1)
         mlflow.log_metric("wall_seconds", result["train_seconds"])
     return result
 
 
+def _existing_version_result(existing, model_name: str, dataset_version: str, chash: str) -> dict[str, Any]:
+    """The registered version of this configuration: skipped once gated, else the candidate to gate."""
+    from training.registry import TAG_GATE_DECISION
+
+    decision = existing.tags.get(TAG_GATE_DECISION)
+    done = (f"{model_name} version {existing.version} was already trained on {dataset_version} "
+            f"with the same configuration and code (config_hash {chash})")
+    reason = (f"{done}; gate decision: {decision}" if decision
+              else f"{done} but has no gate decision yet: it is the candidate to gate")
+    log.info("%s: %s", "skipped" if decision else "resumed", reason)
+    return {"run_id": existing.run_id, "model_version": str(existing.version), "skipped": bool(decision),
+            "resumed": not decision, "reason": reason, "model_name": model_name,
+            "dataset_version": dataset_version}
+
+
+def _contest(client, exp_id: str, run_id: str, model_name: str, chash: str, dataset_version: str,
+             s: Settings) -> dict[str, Any] | None:
+    """None while this run holds the claim; else it stands down and this says what to report.
+
+    The live claims are read before the registered versions: a winner registers its version
+    before its run stops being RUNNING, so one of the two reads sees it.
+    """
+    from training.claim import describe, live_claims, stand_down
+
+    claims = live_claims(client, exp_id, chash, s)
+    if claims and claims[0].info.run_id != run_id:
+        winner = claims[0]
+        stand_down(client, run_id, winner.info.run_id)
+        reason = (f"{describe(winner)} is already training {dataset_version} with this configuration "
+                  f"(config_hash {chash}); run {run_id} stood down")
+        log.info("skipped: %s", reason)
+        return {"run_id": winner.info.run_id, "model_version": None, "skipped": True, "reason": reason,
+                "model_name": model_name, "dataset_version": dataset_version, "stood_down_run_id": run_id}
+    existing = find_version_by_config(client, model_name, chash)
+    if existing is None:
+        return None
+    stand_down(client, run_id, existing.run_id)
+    return {**_existing_version_result(existing, model_name, dataset_version, chash), "stood_down_run_id": run_id}
+
+
 def _fit_evaluate_log(s, meta, folder: Path, run_id: str, model_name: str, commit: str, chash: str,
-                      verbose: int, on_epoch) -> dict[str, Any]:
+                      verbose: int, on_epoch) -> tuple[dict[str, Any], str, dict[str, str]]:
+    """Fit, evaluate and log everything of the run; returns (result, model URI, version tags) to register."""
     import keras
     import mlflow
     from mlflow.models import infer_signature
@@ -455,11 +508,9 @@ def _fit_evaluate_log(s, meta, folder: Path, run_id: str, model_name: str, commi
         **{f"metric.{k}": f"{v:.6f}" for k, v in ev.scalar_metrics(test_metrics).items() if "_" not in k or k in (
             "balanced_accuracy", "macro_f1", "roc_auc", "pr_auc")},
     }
-    version = mlflow.register_model(info.model_uri, model_name, tags=tags)
-    log.info("registered %s version %s (run %s)", model_name, version.version, run_id)
-    return {
-        "run_id": run_id, "model_version": str(version.version), "skipped": False,
-        "reason": f"trained on {meta.dataset_version}", "model_name": model_name,
-        "dataset_version": meta.dataset_version, "metrics": test_metrics, "threshold": threshold,
-        "epochs_run": len(history["loss"]),
+    result = {
+        "run_id": run_id, "skipped": False, "resumed": False, "reason": f"trained on {meta.dataset_version}",
+        "model_name": model_name, "dataset_version": meta.dataset_version, "metrics": test_metrics,
+        "threshold": threshold, "epochs_run": len(history["loss"]),
     }
+    return result, info.model_uri, tags

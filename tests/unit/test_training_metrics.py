@@ -86,8 +86,47 @@ def test_gate_floors_margin_and_ties():
     assert decide_gate(_comparison(GOOD, {**GOOD, "balanced_accuracy": 0.945}), s)["passed"] is False
     tie = decide_gate(_comparison(GOOD, dict(GOOD)), get_settings(gate_margin=0.0))
     assert tie["passed"] is False and "does not beat" in tie["reason"]
-    assert decide_gate(_comparison(GOOD, None, incomparable="labels differ"), s)["passed"] is True
     assert decide_gate(_comparison(GOOD, GOOD, same_as_candidate=True), s)["passed"] is False
+
+
+def test_gate_fails_closed_on_an_incomparable_champion():
+    s = get_settings(gate_margin=0.01)
+    decision = decide_gate(_comparison(GOOD, None, incomparable="labels differ"), s)
+    assert decision["passed"] is False and decision["needs_review"] is True
+    assert "needs a person" in decision["reason"] and "--reason" in decision["reason"]
+    # Below the floors it is a plain rejection: nothing for a person to decide.
+    low = decide_gate(_comparison({**GOOD, "sensitivity": 0.5}, None, incomparable="labels differ"), s)
+    assert low["passed"] is False and low["needs_review"] is False and "below floor" in low["reason"]
+
+
+def test_decision_records_the_champion_it_was_made_against():
+    s = get_settings(gate_margin=0.0)
+    assert decide_gate(_comparison(GOOD), s)["compared_champion"] is None
+    assert decide_gate(_comparison(GOOD, {**GOOD, "balanced_accuracy": 0.9}), s)["compared_champion"] == "1"
+    # Also when the floors already reject the candidate.
+    assert decide_gate(_comparison({**GOOD, "sensitivity": 0.1}, GOOD), s)["compared_champion"] == "1"
+
+
+def test_run_overrides_can_raise_but_never_lower_the_gate():
+    from training.registry import run_settings
+
+    configured = get_settings(gate_min_balanced_accuracy=0.8, gate_min_sensitivity=0.9, gate_margin=0.01,
+                              aws_secret_access_key="configured-secret")
+    lowered = {"gate_min_balanced_accuracy": 0.0, "gate_min_sensitivity": 0.0, "gate_margin": 0.0, "epochs": 3}
+    run = run_settings(configured, lowered)
+    assert (run.gate_min_balanced_accuracy, run.gate_min_sensitivity, run.gate_margin) == (0.8, 0.9, 0.01)
+    assert run.epochs == 3 and run.aws_secret_access_key.get_secret_value() == "configured-secret"
+    raised = run_settings(configured, {"gate_min_sensitivity": 0.99, "gate_margin": 0.05})
+    assert (raised.gate_min_sensitivity, raised.gate_margin) == (0.99, 0.05)
+    with pytest.raises(ValueError, match="epochs"):
+        run_settings(configured, {"epochs": 0})  # still validated
+    weak = {"balanced_accuracy": 0.6, "sensitivity": 0.6, "accuracy": 0.6}
+    decision = decide_gate(_comparison(weak), configured, overrides=lowered)
+    assert decision["passed"] is False and "below floor" in decision["reason"]
+    assert decision["floors"] == {"balanced_accuracy": 0.8, "sensitivity": 0.9}
+    beats_by_little = decide_gate(_comparison(GOOD, {**GOOD, "balanced_accuracy": 0.93}), configured,
+                                  overrides={"gate_margin": 0.05})
+    assert beats_by_little["passed"] is False and beats_by_little["margin"] == 0.05
 
 
 def test_multiclass_gate_uses_macro_f1_and_accuracy_floor():

@@ -1,0 +1,91 @@
+"""One training per configuration, even when the CLI and the DAG start it at the same moment.
+
+The MLflow training run itself is the claim: it is created (RUNNING, tagged with the
+config hash and with the host and process that own it) before anything is fitted. After
+CLAIM_SETTLE_S, every claimant looks at the live claims for its config hash: the earliest
+(start time, then run id) trains; the others stand down (their run ends KILLED with a
+`duplicate_of` tag, nothing is registered). The winner looks again just before it
+registers, so two claims made within the same instant, or on hosts whose clocks differ,
+still register one version: by then each sees the other's claim, or the version it
+registered (a run registers its version before it ends).
+
+A claim is live while its run is RUNNING, younger than `claim_expiry_s` and, when it was
+made on this host, its process still exists: an Airflow retry after a killed attempt on
+the same worker does not wait for the expiry.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import datetime, timezone
+
+from pipeline.settings import Settings
+
+CLAIM_SETTLE_S = 2.0
+TAG_HOST = "claim_host"
+TAG_PID = "claim_pid"
+TAG_PID_START = "claim_pid_start"
+TAG_DUPLICATE_OF = "duplicate_of"
+STOOD_DOWN = "KILLED"
+
+
+def host_id() -> str:
+    """This host and process namespace: containers that share a hostname do not share pids."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = "-"
+    return f"{socket.gethostname()}/{namespace}"
+
+
+def claim_tags() -> dict[str, str]:
+    from pipeline.stack import process_start_time
+
+    pid = os.getpid()
+    return {TAG_HOST: host_id(), TAG_PID: str(pid), TAG_PID_START: str(process_start_time(pid))}
+
+
+def claim_expiry_s(s: Settings) -> float:
+    """Longest a training run can hold its claim (the DAG's train task times out at the same)."""
+    return s.train_time_budget_s * 2 + 1800
+
+
+def _owner_gone(tags: dict[str, str]) -> bool:
+    """True only when the claim was made on this host and its process no longer exists."""
+    from pipeline.stack import pid_alive, process_start_time
+
+    if tags.get(TAG_HOST) != host_id():
+        return False
+    pid = int(tags.get(TAG_PID) or 0)
+    return not pid_alive(pid) or str(process_start_time(pid)) != tags.get(TAG_PID_START)
+
+
+def live_claims(client, experiment_id: str, chash: str, s: Settings) -> list:
+    """RUNNING runs of this config hash whose claim still holds, earliest first."""
+    from training.train import TAG_CONFIG_HASH
+
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.{TAG_CONFIG_HASH} = '{chash}' and attributes.status = 'RUNNING'"
+    )
+    oldest_ms = (datetime.now(timezone.utc).timestamp() - claim_expiry_s(s)) * 1000
+    live = [r for r in runs if r.info.start_time >= oldest_ms and not _owner_gone(r.data.tags)]
+    return sorted(live, key=lambda r: (r.info.start_time, r.info.run_id))
+
+
+def describe(run) -> str:
+    started = datetime.fromtimestamp(run.info.start_time / 1000, timezone.utc).isoformat(timespec="seconds")
+    tags = run.data.tags
+    return f"run {run.info.run_id} (started {started} on {tags.get(TAG_HOST, '?')}, pid {tags.get(TAG_PID, '?')})"
+
+
+def stand_down(client, run_id: str, winner: str) -> None:
+    """End this claimant's run as KILLED, naming what it stood down for (run id or model version)."""
+    import mlflow
+
+    client.set_tag(run_id, TAG_DUPLICATE_OF, winner)
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        mlflow.end_run(STOOD_DOWN)
+    else:
+        client.set_terminated(run_id, STOOD_DOWN)
