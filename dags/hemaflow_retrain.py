@@ -42,12 +42,13 @@ OVERRIDE_PARAMS: dict[str, tuple[list[str], dict[str, Any], str]] = {
     "max_bad_fraction": (["null", "number"], {"minimum": 0, "maximum": 1},
                          "Validation fails above this fraction of quarantined images (MAX_BAD_FRACTION)"),
     "gate_min_balanced_accuracy": (["null", "number"], {"minimum": 0, "maximum": 1},
-                                   "Promotion floor on test balanced accuracy"),
+                                   "Promotion floor on test balanced accuracy (can only raise the configured one)"),
     "gate_min_sensitivity": (["null", "number"], {"minimum": 0, "maximum": 1},
-                             "Promotion floor on test sensitivity"),
-    "gate_min_accuracy": (["null", "number"], {"minimum": 0, "maximum": 1}, "Promotion floor on test accuracy"),
+                             "Promotion floor on test sensitivity (can only raise the configured one)"),
+    "gate_min_accuracy": (["null", "number"], {"minimum": 0, "maximum": 1},
+                          "Promotion floor on test accuracy (can only raise the configured one)"),
     "gate_margin": (["null", "number"], {"minimum": 0, "maximum": 1},
-                    "The candidate must beat the champion by this much"),
+                    "The candidate must beat the champion by this much (can only raise)"),
 }
 
 DAG_DOC = """
@@ -72,7 +73,8 @@ Runs **{schedule}** (cron, no catch-up) **or** as soon as new images land under
 | report | run summary in the task log and in MLflow (`<prefix>-pipeline-runs`) | summary run id |
 
 **Params** (all optional, null = configured value) override settings for this run only:
-epochs, image size, network input size, bad-fraction threshold and gate thresholds.
+epochs, image size, network input size, bad-fraction threshold and gate thresholds (the gate's
+floors and margin can only be raised above the configured values, never lowered).
 """
 
 
@@ -86,6 +88,19 @@ def _settings() -> Settings:
     from training.registry import run_settings
 
     return run_settings(get_settings(), _overrides())
+
+
+def _apply_gate(dataset: str, trained: dict, decision: dict) -> dict:
+    """Record the gate decision in the registry (promote and keep_champion share this body).
+
+    A champion that moved since evaluate makes the decision stale: fail without retry (the
+    version stays ungated, so the next run evaluates it again against the new champion)."""
+    from training.registry import ChampionMoved, apply_gate
+
+    try:
+        return apply_gate(dataset, trained["model_version"], decision, settings=_settings())
+    except ChampionMoved as exc:
+        raise AirflowFailException(f"not applied: {exc}") from exc
 
 
 def _params() -> dict[str, Param]:
@@ -189,16 +204,12 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
 
         @task(doc_md="Move `@champion` to the candidate (the previous one becomes `@previous-champion`).")
         def promote(trained: dict, decision: dict) -> dict:
-            from training.registry import apply_gate
-
-            return apply_gate(dataset, trained["model_version"], decision, settings=_settings())
+            return _apply_gate(dataset, trained, decision)
 
         @task(doc_md="The candidate did not pass: record it as `@challenger` with the reason; "
                      "`@champion` is untouched.")
         def keep_champion(trained: dict, decision: dict) -> dict:
-            from training.registry import apply_gate
-
-            return apply_gate(dataset, trained["model_version"], decision, settings=_settings())
+            return _apply_gate(dataset, trained, decision)
 
         @task(retries=0, execution_timeout=timedelta(minutes=5),
               doc_md="POST `/v1/admin/reload` to the serving container. Tolerant: when serving is down it logs "

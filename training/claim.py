@@ -9,15 +9,20 @@ registers, so two claims made within the same instant, or on hosts whose clocks 
 still register one version: by then each sees the other's claim, or the version it
 registered (a run registers its version before it ends).
 
-A claim is live while its run is RUNNING, younger than `claim_expiry_s` and, when it was
-made on this host, its process still exists: an Airflow retry after a killed attempt on
-the same worker does not wait for the expiry.
+A claim is live while its run is RUNNING, younger than `claim_expiry_s`, its heartbeat
+(a tag the claimant refreshes every CLAIM_HEARTBEAT_S while it trains) is fresher than
+CLAIM_STALE_S and, when it was made on this host, its process still exists. So an Airflow
+retry after an attempt killed with its worker, on this host or another one (a lost
+container), takes over within minutes instead of waiting for the expiry.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from pipeline.settings import Settings
@@ -27,6 +32,9 @@ TAG_HOST = "claim_host"
 TAG_PID = "claim_pid"
 TAG_PID_START = "claim_pid_start"
 TAG_DUPLICATE_OF = "duplicate_of"
+TAG_HEARTBEAT = "claim_heartbeat"  # unix seconds of the claimant's last sign of life
+CLAIM_HEARTBEAT_S = 30.0
+CLAIM_STALE_S = 300.0  # ten missed heartbeats: the claimant is gone (a slow MLflow is not enough)
 STOOD_DOWN = "KILLED"
 
 
@@ -43,7 +51,39 @@ def claim_tags() -> dict[str, str]:
     from pipeline.stack import process_start_time
 
     pid = os.getpid()
-    return {TAG_HOST: host_id(), TAG_PID: str(pid), TAG_PID_START: str(process_start_time(pid))}
+    return {TAG_HOST: host_id(), TAG_PID: str(pid), TAG_PID_START: str(process_start_time(pid)),
+            TAG_HEARTBEAT: str(int(_now_s()))}
+
+
+def _now_s() -> float:
+    return datetime.now(timezone.utc).timestamp()
+
+
+@contextmanager
+def heartbeat(client, run_id: str, every_s: float = CLAIM_HEARTBEAT_S) -> Iterator[None]:
+    """Refresh the claim's heartbeat tag in the background while the body (training) runs."""
+    stop = threading.Event()
+
+    def _beat() -> None:
+        while not stop.wait(every_s):
+            try:
+                client.set_tag(run_id, TAG_HEARTBEAT, str(int(_now_s())))
+            except Exception:  # noqa: BLE001 - MLflow briefly down: the next beat tries again
+                continue
+
+    thread = threading.Thread(target=_beat, name=f"claim-heartbeat-{run_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def _heartbeat_stale(run) -> bool:
+    last = run.data.tags.get(TAG_HEARTBEAT)
+    last_s = float(last) if last else run.info.start_time / 1000
+    return _now_s() - last_s > CLAIM_STALE_S
 
 
 def claim_expiry_s(s: Settings) -> float:
@@ -68,8 +108,9 @@ def live_claims(client, experiment_id: str, chash: str, s: Settings) -> list:
     runs = client.search_runs(
         [experiment_id], filter_string=f"tags.{TAG_CONFIG_HASH} = '{chash}' and attributes.status = 'RUNNING'"
     )
-    oldest_ms = (datetime.now(timezone.utc).timestamp() - claim_expiry_s(s)) * 1000
-    live = [r for r in runs if r.info.start_time >= oldest_ms and not _owner_gone(r.data.tags)]
+    oldest_ms = (_now_s() - claim_expiry_s(s)) * 1000
+    live = [r for r in runs
+            if r.info.start_time >= oldest_ms and not _heartbeat_stale(r) and not _owner_gone(r.data.tags)]
     return sorted(live, key=lambda r: (r.info.start_time, r.info.run_id))
 
 

@@ -302,8 +302,8 @@ def train_candidate(
     """
     import mlflow
 
-    from pipeline.processed import MANIFEST_FILE, fetch_processed, load_meta
-    from training.claim import CLAIM_SETTLE_S, claim_tags
+    from pipeline.processed import load_meta
+    from training.claim import claim_tags, heartbeat
 
     s = settings or get_settings()
     if overrides:
@@ -325,35 +325,51 @@ def train_candidate(
             "dataset": dataset, "dataset_version": dataset_version, "git_commit": commit,
             TAG_CONFIG_HASH: chash, "code_hash": code_hash(), **claim_tags()}) as run:
         run_id = run.info.run_id
-        time.sleep(CLAIM_SETTLE_S)
-        lost = _contest(client, exp_id, run_id, model_name, chash, dataset_version, s)
-        if lost is not None:
-            return lost
-        folder = fetch_processed(dataset, dataset_version, s)
-        manifest_sha = hashlib.sha256((folder / MANIFEST_FILE).read_bytes()).hexdigest()
-        mlflow.log_params({
-            **training_config(s),
-            "dataset": dataset,
-            "dataset_version": dataset_version,
-            "image_size": meta.image_size,
-            "labels": ",".join(meta.labels),
-            "positive_label": meta.positive_label or "",
-            "git_commit": commit,
-            "manifest_sha256": manifest_sha,
-            "source_manifest_key": meta.source_manifest_key,
-            **{f"n_{split}": sum(meta.counts.get(split, {}).values()) for split in ("train", "val", "test")},
-            **{f"pkg_{k}": v for k, v in package_versions().items()},
-        })
-        result, model_uri, tags = _fit_evaluate_log(s, meta, folder, run_id, model_name, commit, chash,
-                                                    verbose, on_epoch)
-        lost = _contest(client, exp_id, run_id, model_name, chash, dataset_version, s)
-        if lost is not None:
-            return lost
-        version = mlflow.register_model(model_uri, model_name, tags=tags)
-        log.info("registered %s version %s (run %s)", model_name, version.version, run_id)
-        result["model_version"] = str(version.version)
-        result["train_seconds"] = round(time.monotonic() - started, 1)
-        mlflow.log_metric("wall_seconds", result["train_seconds"])
+        with heartbeat(client, run_id):
+            result = _claimed_training(client, s, meta, run_id=run_id, exp_id=exp_id, model_name=model_name,
+                                       chash=chash, commit=commit, verbose=verbose, on_epoch=on_epoch,
+                                       started=started)
+    return result
+
+
+def _claimed_training(client, s: Settings, meta, *, run_id: str, exp_id: str, model_name: str, chash: str,
+                      commit: str, verbose: int, on_epoch, started: float) -> dict[str, Any]:
+    """Inside the claim's run (heartbeat on): contest it, fit, evaluate, log, contest again, register."""
+    import mlflow
+
+    from pipeline.processed import MANIFEST_FILE, fetch_processed
+    from training.claim import CLAIM_SETTLE_S
+
+    dataset, dataset_version = meta.dataset, meta.dataset_version
+    time.sleep(CLAIM_SETTLE_S)
+    lost = _contest(client, exp_id, run_id, model_name, chash, dataset_version, s)
+    if lost is not None:
+        return lost
+    folder = fetch_processed(dataset, dataset_version, s)
+    manifest_sha = hashlib.sha256((folder / MANIFEST_FILE).read_bytes()).hexdigest()
+    mlflow.log_params({
+        **training_config(s),
+        "dataset": dataset,
+        "dataset_version": dataset_version,
+        "image_size": meta.image_size,
+        "labels": ",".join(meta.labels),
+        "positive_label": meta.positive_label or "",
+        "git_commit": commit,
+        "manifest_sha256": manifest_sha,
+        "source_manifest_key": meta.source_manifest_key,
+        **{f"n_{split}": sum(meta.counts.get(split, {}).values()) for split in ("train", "val", "test")},
+        **{f"pkg_{k}": v for k, v in package_versions().items()},
+    })
+    result, model_uri, tags = _fit_evaluate_log(s, meta, folder, run_id, model_name, commit, chash,
+                                                verbose, on_epoch)
+    lost = _contest(client, exp_id, run_id, model_name, chash, dataset_version, s)
+    if lost is not None:
+        return lost
+    version = mlflow.register_model(model_uri, model_name, tags=tags)
+    log.info("registered %s version %s (run %s)", model_name, version.version, run_id)
+    result["model_version"] = str(version.version)
+    result["train_seconds"] = round(time.monotonic() - started, 1)
+    mlflow.log_metric("wall_seconds", result["train_seconds"])
     return result
 
 

@@ -279,8 +279,10 @@ def test_two_processes_training_the_same_configuration_register_one_version(loca
 
 
 def test_only_live_claims_count(local_stack):
-    """A claim of a process that is gone (same host) or older than the expiry does not block training."""
-    from training.claim import TAG_HOST, TAG_PID, TAG_PID_START, claim_expiry_s, claim_tags, host_id, live_claims
+    """A claim of a process that is gone (same host), silent for too long (any host: a lost worker
+    container) or older than the expiry does not block training."""
+    from training.claim import (CLAIM_STALE_S, TAG_HEARTBEAT, TAG_HOST, TAG_PID, TAG_PID_START, claim_expiry_s,
+                                claim_tags, heartbeat, host_id, live_claims)
     from training.train import experiment_id
 
     s = local_stack.model_copy(update=TINY_TRAIN)
@@ -297,8 +299,15 @@ def test_only_live_claims_count(local_stack):
     expired = claim({TAG_HOST: "elsewhere/pid:[1]", TAG_PID: "1", TAG_PID_START: "1"},
                     now_ms - int(claim_expiry_s(s) * 1000) - 60_000)
     elsewhere = claim({TAG_HOST: "elsewhere/pid:[1]", TAG_PID: "1", TAG_PID_START: "1"}, now_ms - 30_000)
+    silent_s = time.time() - CLAIM_STALE_S - 60
+    lost = claim({TAG_HOST: "elsewhere/pid:[2]", TAG_PID: "1", TAG_PID_START: "1", TAG_HEARTBEAT: str(int(silent_s))},
+                 int(silent_s * 1000))
     mine = claim(claim_tags(), now_ms)
     finished = claim(claim_tags(), now_ms - 90_000)
     client.set_terminated(finished, "FINISHED")
     assert [r.info.run_id for r in live_claims(client, exp, chash, s)] == [elsewhere, mine]
-    assert dead and expired  # created, and ignored
+    assert dead and expired and lost  # created, and ignored
+
+    with heartbeat(client, lost, every_s=0.2):  # its owner beats again: the claim holds once more
+        time.sleep(1.0)
+    assert lost in [r.info.run_id for r in live_claims(client, exp, chash, s)]
