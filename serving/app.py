@@ -313,6 +313,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             loaded_at=manager.loaded_at,
             created_at=meta.get("created_at"),
             git_commit=meta.get("git_commit"),
+            signed_by=model.identity.signed_by,
             clinical={lab: schemas.ClinicalContext(**context_for(lab)) for lab in model.labels},
         )
 
