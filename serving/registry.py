@@ -119,6 +119,13 @@ def _artifact_base(base: str, run_id: str, auth: str | None) -> tuple[str, bool]
     return f"{base}/get-artifact", False
 
 
+def _listed_names(base: str, run_id: str, auth: str | None) -> set[str]:
+    """File names directly under the run's serving_bundle/ folder."""
+    query = urllib.parse.urlencode({"run_id": run_id, "path": BUNDLE_DIR})
+    doc = _get_json(f"{base}/api/2.0/mlflow/artifacts/list?{query}", auth)
+    return {str(f.get("path", "")).rsplit("/", 1)[-1] for f in doc.get("files") or [] if not f.get("is_dir")}
+
+
 def download_bundle(
     tracking_uri: str,
     run_id: str,
@@ -143,10 +150,9 @@ def download_bundle(
     except NoChampion:
         raise BundleError("missing", f"run {run_id} has no {BUNDLE_DIR}/{SUMS_FILE}") from None
     files = {SUMS_FILE: sums_bytes}
-    try:
+    # MLflow's artifact proxy answers 500 (not 404) for a missing file: ask the listing instead.
+    if SIGNATURE_FILE in _listed_names(base, run_id, auth):
         files[SIGNATURE_FILE] = fetch(SIGNATURE_FILE)
-    except NoChampion:  # 404: an unsigned bundle; check_sums / load_bundle refuse it
-        pass
     if check_sums is not None:
         check_sums(files)
     for rel in parse_sums(sums_bytes.decode("utf-8", errors="replace")):

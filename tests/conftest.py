@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -41,10 +42,17 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     env["S3_MAX_ATTEMPTS"] = "2"
     # One session key pair: bundles trained on the stack and built by fixtures verify alike.
     env["BUNDLE_SIGNING_KEY"], env["BUNDLE_TRUSTED_PUBLIC_KEYS"] = SIGNING_KEY, PUBLIC_KEY
+    with patched_environ(env):
+        yield env
+
+
+@contextmanager
+def patched_environ(env: dict[str, str]) -> Iterator[None]:
+    """os.environ with `env` applied, restored afterwards (in-process MLflow clients read it)."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        yield env
+        yield
     finally:
         for key, value in saved.items():
             if value is None:
