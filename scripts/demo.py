@@ -48,10 +48,13 @@ def airflow_home(settings: Settings) -> Path:
 def airflow_env(settings: Settings, home: Path | None = None) -> dict[str, str]:
     """Environment of every Airflow command of the demo: SQLite under HEMAFLOW_HOME, repo DAGs,
     loopback only, low parallelism (the machine also trains)."""
+    from pipeline.credentials import airflow_secret_env
+
     home = home or airflow_home(settings)
     home.mkdir(parents=True, exist_ok=True)
     port = settings.airflow_port
     return {
+        **airflow_secret_env(settings),  # security: per-install JWT secret and Fernet key
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_DIR),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -296,8 +299,10 @@ def champion_report(settings: Settings, dataset: str) -> tuple[str | None, dict[
 
 def up() -> int:
     from pipeline import stack
+    from pipeline.credentials import init_secrets
     from pipeline.upload import upload_tree
 
+    init_secrets()  # security: random per-install secrets under HEMAFLOW_HOME (kept across runs)
     settings = get_settings()
     dataset = settings.dataset
     started = time.monotonic()

@@ -132,7 +132,10 @@ class MetricsMiddleware:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    from pipeline.credentials import check_component
+
     s = settings or get_settings()
+    check_component("serving", s)  # guessable API keys or MLflow password: refuse to start
     metrics = ServingMetrics()
     manager = ModelManager(s, metrics)
     batcher = MicroBatcher(s.serving_micro_batch, on_batch=lambda n: metrics.batch_size.observe(n))

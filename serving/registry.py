@@ -41,6 +41,10 @@ class RegistryUnavailable(RuntimeError):
 class RegistryUnauthorized(RegistryUnavailable):
     """MLflow refused serving's credentials (401/403): check SERVING_MLFLOW_USERNAME/PASSWORD."""
 
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 class NoChampion(RuntimeError):
     """The registered model (or its @champion alias) does not exist yet."""
@@ -70,7 +74,7 @@ def _get(url: str, limit: int = MAX_BUNDLE_BYTES, auth: str | None = None) -> by
         body = exc.read(2000).decode("utf-8", errors="replace")
         if exc.code in (401, 403):
             raise RegistryUnauthorized(f"HTTP {exc.code} from MLflow for {url.split('?')[0]}: serving's "
-                                       "MLflow identity is missing or lacks read permission") from None
+                                       "MLflow identity is missing or lacks read permission", exc.code) from None
         if exc.code == 404 or "RESOURCE_DOES_NOT_EXIST" in body or "INVALID_PARAMETER_VALUE" in body:
             raise NoChampion(f"{exc.code} from MLflow: {body[:300]}") from None
         raise RegistryUnavailable(f"HTTP {exc.code} from MLflow for {url.split('?')[0]}") from None
@@ -102,11 +106,23 @@ def _promoted_at(version: dict) -> str | None:
 def resolve_champion(tracking_uri: str, model_name: str, alias: str = CHAMPION, auth: str | None = None) -> ChampionRef:
     base = tracking_uri.rstrip("/")
     query = urllib.parse.urlencode({"name": model_name, "alias": alias})
-    doc = _get_json(f"{base}/api/2.0/mlflow/registered-models/alias?{query}", auth)
+    try:
+        doc = _get_json(f"{base}/api/2.0/mlflow/registered-models/alias?{query}", auth)
+    except RegistryUnauthorized as exc:
+        # MLflow's auth answers 403 for a model that does not exist: tell that apart from a denial.
+        if exc.status == 403 and not _model_visible(base, model_name, auth):
+            raise NoChampion(f"registered model {model_name} does not exist (or serving may not read it)") from None
+        raise
     mv = doc.get("model_version") or {}
     if not mv.get("version") or not mv.get("run_id"):
         raise NoChampion(f"{model_name}@{alias} has no version with a run")
     return ChampionRef(model_name, str(mv["version"]), str(mv["run_id"]), _promoted_at(mv))
+
+
+def _model_visible(base: str, model_name: str, auth: str | None) -> bool:
+    query = urllib.parse.urlencode({"filter": f"name = '{model_name}'", "max_results": 1})
+    doc = _get_json(f"{base}/api/2.0/mlflow/registered-models/search?{query}", auth)
+    return bool(doc.get("registered_models"))
 
 
 def _artifact_base(base: str, run_id: str, auth: str | None) -> tuple[str, bool]:

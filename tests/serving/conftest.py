@@ -193,7 +193,7 @@ def local_bundle_server(serving_bundles, tmp_path_factory) -> Iterator[ServingPr
     link = work / "current"
     point_link(link, serving_bundles["good"])
     proc = ServingProcess(
-        {"SERVING_BUNDLE_PATH": str(link), "SERVING_ADMIN_API_KEYS": "admin-key-1,admin-key-2",
+        {"SERVING_BUNDLE_PATH": str(link), "SERVING_ADMIN_API_KEYS": "admin-key-1-0123456789ab,admin-key-2-0123456789ab",
          "SERVING_MAX_UPLOAD_BYTES": "2000000", "SERVING_MAX_BATCH": "4"},
         work,
     )

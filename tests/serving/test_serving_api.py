@@ -118,8 +118,8 @@ def test_metrics_count_requests_errors_and_model(local_bundle_server):
 def test_admin_reload_needs_the_key(local_bundle_server):
     url = f"{local_bundle_server.url}/v1/admin/reload"
     assert httpx.post(url).status_code == 401
-    assert httpx.post(url, headers={"X-API-Key": "admin-key-3"}).status_code == 403
-    r = httpx.post(url, headers={"X-API-Key": "admin-key-2"})
+    assert httpx.post(url, headers={"X-API-Key": "admin-key-3-0123456789ab"}).status_code == 403
+    r = httpx.post(url, headers={"X-API-Key": "admin-key-2-0123456789ab"})
     assert r.status_code == 200 and r.json()["ok"] and not r.json()["changed"]
 
 
