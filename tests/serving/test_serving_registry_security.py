@@ -164,6 +164,16 @@ def test_polling_never_swaps_in_a_forged_champion(own_stack, publisher, serving_
     _serves(server.url, v_good)
 
 
+def test_serving_with_wrong_mlflow_credentials_is_live_but_refused(own_stack, publisher, serving_server):
+    _, env = own_stack
+    publisher.publish()
+    server = serving_server(_serving_env(env, SERVING_MLFLOW_PASSWORD="not-the-password-0123456789"),
+                            wait_ready=False)
+    ready = httpx.get(f"{server.url}/readyz")
+    assert ready.status_code == 503 and ready.json()["last_error"].startswith("registry_auth"), ready.text
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
 def test_serving_stays_ready_while_s3_behind_mlflow_is_down(own_stack, publisher, serving_server):
     """Runs last in this module: it stops the module stack's S3."""
     from pipeline import stack
