@@ -318,7 +318,7 @@ def up(settings: Settings | None = None) -> dict[str, str]:
     """Start (or reuse) SeaweedFS and MLflow, wait for health, ensure the bucket exists."""
     from pipeline import mlflow_auth
     from pipeline.credentials import check_component
-    from pipeline.storage import ensure_bucket
+    from pipeline.storage import wait_for_bucket
 
     s = settings or get_settings()
     check_component("mlflow-server", s)  # refuses guessable secrets before anything starts
@@ -327,16 +327,7 @@ def up(settings: Settings | None = None) -> dict[str, str]:
         stop_process(s, "s3")
         _start_s3(s)
         wait_until(lambda: _s3_healthy(s), "SeaweedFS S3", s3_log, lambda: read_pid(s, "s3"))
-    # The gateway answers before its filer is ready for writes: retry the bucket briefly.
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            ensure_bucket(settings=s)
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    wait_for_bucket(s)  # the gateway answers before its filer is ready for writes
 
     _, ml_log, _ = _paths(s, "mlflow")
     want_auth = _mlflow_auth_wanted(s)
