@@ -144,6 +144,32 @@ def sign_bundle(folder: Path | str, signing_key: str) -> str:
     return key_id(load_private_key(signing_key).public_key())
 
 
+def sign_registered_bundle(settings: Any, model_name: str, version: str | None = None) -> dict[str, str]:
+    """Sign (or re-sign) the serving bundle of a registered model version (default: @champion) with
+    BUNDLE_SIGNING_KEY, after checking it as serving would (checksums, its own run id, canaries).
+
+    For key rotation without retraining (re-sign the champion with the new key, then drop the old
+    one) and for bundles trained before signing existed. Needs MLflow's writer identity."""
+    from mlflow import MlflowClient
+
+    from serving.bundle import BUNDLE_DIR
+
+    key = signing_key_of(settings)
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    mv = (client.get_model_version(model_name, version) if version
+          else client.get_model_version_by_alias(model_name, "champion"))
+    with tempfile.TemporaryDirectory(prefix="hemaflow-sign-") as tmp:
+        local = Path(client.download_artifacts(mv.run_id, BUNDLE_DIR, tmp))
+        bundle = read_bundle(local)
+        if bundle.meta.get("run_id") != mv.run_id or bundle.meta.get("model_name") != model_name:
+            raise BundleError(f"{model_name} version {mv.version}: bundle.json names run {bundle.meta.get('run_id')!r} "
+                              f"and model {bundle.meta.get('model_name')!r}; refusing to sign it")
+        check_canaries(bundle)
+        kid = sign_bundle(local, key)
+        client.log_artifact(mv.run_id, str(local / SIGNATURE_FILE), BUNDLE_DIR)
+    return {"model": model_name, "version": str(mv.version), "run_id": mv.run_id, "key_id": kid}
+
+
 def signing_key_of(settings: Any) -> str:
     """BUNDLE_SIGNING_KEY, checked before hours of training are spent on a bundle serving would refuse."""
     from serving.signing import load_private_key

@@ -164,6 +164,30 @@ def test_polling_never_swaps_in_a_forged_champion(own_stack, publisher, serving_
     _serves(server.url, v_good)
 
 
+def test_rotation_without_retraining_re_signs_the_champion_with_the_new_key(own_stack, publisher, serving_server):
+    """`python -m training sign`: the champion (here a bundle from before signing) is checked as
+    serving would and signed with the new key; a server that trusts only the new key serves it."""
+    from training.bundle import sign_registered_bundle
+
+    from pydantic import SecretStr
+
+    settings, env = own_stack
+    signer = settings.model_copy(update={"bundle_signing_key": SecretStr(NEW_SIGNING_KEY)})
+    version, _ = publisher.publish(sign_with=None)
+    server = serving_server(_serving_env(env, BUNDLE_TRUSTED_PUBLIC_KEYS=NEW_PUBLIC_KEY), wait_ready=False)
+    assert httpx.get(f"{server.url}/readyz").json()["last_error"].startswith("unsigned")
+    with patched_environ(env):
+        done = sign_registered_bundle(signer, publisher.model_name)
+    assert done["version"] == version
+    r = _reload(server.url)
+    assert r.status_code == 200 and r.json()["version"] == version, r.text
+    # A bundle whose signed metadata names another run is not adopted by re-signing either.
+    _, run_other = publisher.publish()
+    publisher.publish(run_id=run_other)
+    with patched_environ(env), pytest.raises(Exception, match="refusing to sign"):
+        sign_registered_bundle(signer, publisher.model_name)
+
+
 def test_serving_with_wrong_mlflow_credentials_is_live_but_refused(own_stack, publisher, serving_server):
     _, env = own_stack
     publisher.publish()
