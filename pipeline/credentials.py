@@ -195,7 +195,9 @@ def airflow_secret_env(settings: Settings) -> dict[str, str]:
 def init_secrets(path: Path | None = None) -> tuple[Path | None, list[str]]:
     """Create or complete the per-install secrets file; returns (path, names generated now).
     (None, []) when HEMAFLOW_SECRETS_FILE is empty: the environment supplies every secret."""
-    path = path or secrets_file_path()
+    if path is None:
+        get_settings()  # loads .env first: it may set HEMAFLOW_HOME, which locates the file
+        path = secrets_file_path()
     if path is None:
         return None, []
     existing = _read(path)

@@ -97,6 +97,17 @@ def test_settings_fill_unset_or_empty_variables_from_the_secrets_file(tmp_path, 
     assert secrets_file_path() == tmp_path / "secrets.env"  # default: HEMAFLOW_HOME/secrets.env
 
 
+def test_init_finds_the_home_that_dotenv_sets(tmp_path, monkeypatch):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(f"HEMAFLOW_HOME={tmp_path / 'elsewhere'}\n")
+    monkeypatch.setenv("HEMAFLOW_ENV_FILE", str(dotenv))
+    monkeypatch.delenv("HEMAFLOW_SECRETS_FILE")
+    monkeypatch.setenv("HEMAFLOW_HOME", "recorded")  # so that monkeypatch restores what .env sets
+    monkeypatch.delenv("HEMAFLOW_HOME")  # unset, as for `make demo` without an exported home
+    path, added = init_secrets()
+    assert path == tmp_path / "elsewhere" / "secrets.env" and path.is_file() and added
+
+
 def test_make_env_fills_empty_secrets_and_keeps_what_is_set(tmp_path):
     secrets_path = tmp_path / "secrets.env"
     target = tmp_path / ".env"
