@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: install browser services test test-fast demo demo-down stack-up stack-down bench lint
+.PHONY: install browser services test test-fast demo demo-down stack-up stack-down secrets env bench lint
 
 install: $(STAMP)
 
@@ -41,6 +41,14 @@ demo: install
 
 demo-down: install
 	$(PY) -m scripts.demo down
+
+# Per-install random secrets under HEMAFLOW_HOME/secrets.env (make demo does this itself).
+secrets: install
+	$(PY) -m pipeline secrets init
+
+# A ready .env for docker compose: .env (else .env.example) with every empty secret filled.
+env: install
+	$(PY) -m pipeline secrets env
 
 stack-up: install
 	$(PY) -m pipeline stack up

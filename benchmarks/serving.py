@@ -298,10 +298,12 @@ def main() -> int:
         if own_stack:
             trained = _train_champion(data, args.dataset, args.epochs, args.train_budget_s)
             if args.save_bundle:
-                from serving.registry import download_bundle
+                from serving.registry import basic_auth, download_bundle
 
                 out = Path(args.save_bundle)
-                for rel, blob in download_bundle(get_settings().mlflow_tracking_uri, trained["run_id"]).items():
+                s = get_settings()
+                reader = basic_auth(s.serving_mlflow_username, s.serving_mlflow_password.get_secret_value())
+                for rel, blob in download_bundle(s.mlflow_tracking_uri, trained["run_id"], auth=reader).items():
                     (out / rel).parent.mkdir(parents=True, exist_ok=True)
                     (out / rel).write_bytes(blob)
         s = get_settings()

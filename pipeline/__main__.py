@@ -12,7 +12,10 @@ from pipeline.settings import get_settings
 
 def _stack(args: argparse.Namespace) -> int:
     from pipeline import stack
+    from pipeline.credentials import init_secrets
 
+    if args.action == "up":
+        init_secrets()  # per-install random secrets on first use (never rotated afterwards)
     settings = get_settings()
     if args.action == "up":
         for name, url in stack.up(settings).items():
@@ -30,12 +33,46 @@ def _stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secrets(args: argparse.Namespace) -> int:
+    """init: generate missing per-install secrets; env: write a ready .env for docker compose;
+    check: refuse (exit 1) when a component's secrets are guessable. Values are never printed."""
+    from pipeline import credentials
+
+    if args.action == "init":
+        path, added = credentials.init_secrets()
+        if path is None:
+            print("HEMAFLOW_SECRETS_FILE is empty: nothing generated (the environment supplies the secrets)")
+        else:
+            print(f"{path}: " + (f"generated {', '.join(added)}" if added else "every secret already set"))
+    elif args.action == "env":
+        path, filled = credentials.write_compose_env()
+        print(f"{path}: " + (f"filled {', '.join(filled)}" if filled else "no empty secret to fill"))
+    else:
+        try:
+            credentials.check_component(args.component)
+        except credentials.WeakSecret as exc:
+            print(str(exc))
+            return 1
+        print(f"{args.component}: no guessable secret")
+    return 0
+
+
+def _components() -> tuple[str, ...]:
+    from pipeline.credentials import COMPONENTS
+
+    return COMPONENTS
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("stack", help="start, stop or report the local SeaweedFS + MLflow stack")
     p.add_argument("action", choices=["up", "down", "status"])
     p.set_defaults(func=_stack)
+    p = sub.add_parser("secrets", help="generate per-install secrets, write a compose .env, or check a component")
+    p.add_argument("action", choices=["init", "env", "check"])
+    p.add_argument("--component", choices=list(_components()), default="compose", help="for check")
+    p.set_defaults(func=_secrets)
     add_stage_commands(sub)
     return parser
 

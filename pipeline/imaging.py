@@ -22,6 +22,10 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 RESAMPLE = Image.Resampling.BILINEAR
 DEFAULT_MAX_PIXELS = 40_000_000
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# High-bit images are scaled to 8 bits this many pixels at a time: the float64 working set stays
+# at a few MB instead of 8 bytes per pixel of the whole image (320 MB at 40 Mpx).
+STRIP_PIXELS = 1 << 18
 
 
 class ImageRejected(ValueError):
@@ -85,15 +89,27 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInf
     return ImageInfo(format=str(img.format or "UNKNOWN"), width=img.width, height=img.height, mode=img.mode)
 
 
+def high_bit_to_l(img: Image.Image) -> Image.Image:
+    """16-bit / 32-bit integer / float grey -> 8-bit "L", in strips of rows (bounded memory).
+
+    Policy: 16-bit images and any whose maximum exceeds 255 are scaled from 0..65535, others
+    from 0..255; values round half up and clip to 0..255."""
+    width, height = img.size
+    top = 65535.0 if img.mode.startswith("I;16") or max(0, img.getextrema()[1]) > 255 else 255.0
+    out = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, STRIP_PIXELS // max(1, width))
+    for y in range(0, height, rows):
+        strip = np.asarray(img.crop((0, y, width, min(height, y + rows))), dtype=np.float64)
+        out[y : y + rows] = np.clip(strip / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(out, mode="L")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB; transparency is composited over white."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        arr8 = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if img.mode in HIGH_BIT_MODES:
+        return high_bit_to_l(img).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -122,5 +138,10 @@ def prepare_image(data: bytes | Image.Image, size: int, max_pixels: int = DEFAUL
     """Bytes or a Pillow image -> uint8 array of shape (size, size, 3). The serving contract."""
     img = open_image(data, max_pixels) if isinstance(data, (bytes, bytearray, memoryview)) else data
     img = ImageOps.exif_transpose(img) or img
-    img = resize_center_crop(to_rgb(img), size)
+    if img.mode in HIGH_BIT_MODES or img.mode == "L":
+        # Grey: resize the 1-byte image, then replicate to RGB. The same pixels as converting first
+        # (bilinear works per channel), without a full-size 4-byte-per-pixel RGB copy.
+        img = resize_center_crop(high_bit_to_l(img) if img.mode != "L" else img, size).convert("RGB")
+    else:
+        img = resize_center_crop(to_rgb(img), size)
     return np.asarray(img, dtype=np.uint8).reshape(size, size, 3)

@@ -1,7 +1,8 @@
 """Ingest: list the dataset's S3 prefix, diff against the previous manifest, cache new bytes.
 
-Only objects that are new or whose ETag/size changed are downloaded (in parallel) into a
-local content-addressed cache, `HEMAFLOW_HOME/cache/objects/<sha256[:2]>/<sha256>`.
+Only objects that are new or whose ETag/size changed are downloaded (in parallel, streamed in
+1 MiB chunks, at most MAX_FILE_BYTES per object: larger ones get `error=file_too_large` and are
+never read whole) into a local content-addressed cache, `HEMAFLOW_HOME/cache/objects/<sha256[:2]>/<sha256>`.
 Each file is written under `cache/objects/.tmp/` and renamed into place, so a crash or a
 SIGKILL never leaves a partial file under a content name; temporaries whose writer died
 (no lock held on them) are removed on the next run. Unchanged objects reuse their previous manifest row,
@@ -73,6 +74,55 @@ def write_cached(settings: Settings, sha256: str, data: bytes) -> Path:
     return target
 
 
+class ObjectTooLarge(ValueError):
+    """An S3 object is larger than MAX_FILE_BYTES: it is not read further (nor cached)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"{size} bytes > MAX_FILE_BYTES={limit}")
+        self.size = size
+
+
+STREAM_CHUNK_BYTES = 1 << 20
+
+
+def stream_to_cache(settings: Settings, client, key: str, limit: int) -> tuple[str, int, Path]:
+    """Download `key` into the cache in chunks, hashing as it goes, reading at most `limit` bytes.
+
+    Memory stays at one chunk whatever the object's size; an object over `limit` (by its
+    Content-Length, or by what actually arrives) raises ObjectTooLarge and leaves nothing behind.
+    Returns (sha256, size, cache path)."""
+    import hashlib
+
+    from pipeline.storage import s3_call
+
+    response = s3_call(settings, f"get {key}", client.get_object, Bucket=settings.s3_bucket, Key=key)
+    body = response["Body"]
+    declared = int(response.get("ContentLength") or 0)
+    if declared > limit:
+        body.close()
+        raise ObjectTooLarge(declared, limit)
+    tmp_dir = _tmp_dir(settings)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f"{os.getpid()}-{secrets.token_hex(6)}.part"
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(tmp, "wb") as fh:
+            for chunk in body.iter_chunks(STREAM_CHUNK_BYTES):
+                size += len(chunk)
+                if size > limit:
+                    raise ObjectTooLarge(max(size, declared), limit)
+                digest.update(chunk)
+                fh.write(chunk)
+        target = cache_path(settings, digest.hexdigest())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, target)
+    except BaseException:
+        body.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return digest.hexdigest(), size, target
+
+
 def clean_stale_temporaries(settings: Settings) -> int:
     """Remove temp files whose writer died (a killed ingest); files being written are untouched.
 
@@ -105,22 +155,24 @@ def ensure_cached(row: dict[str, Any], settings: Settings | None = None, client=
     The downloaded bytes must hash to the row's sha256, else CacheMismatch: the object
     changed in S3 after ingest, and using it would silently mix dataset versions.
     """
-    from pipeline.common import sha256_hex
-    from pipeline.storage import s3_call, s3_client
+    from pipeline.storage import s3_client
 
     s = settings or get_settings()
     path = cache_path(s, row["sha256"])
     if path.is_file() and path.stat().st_size == int(row["bytes"]):
         return path
     client = client or s3_client(s)
-    data = s3_call(s, f"get {row['key']}", client.get_object, Bucket=s.s3_bucket, Key=row["key"])["Body"].read()
-    digest = sha256_hex(data)
+    try:
+        digest, _, path = stream_to_cache(s, client, row["key"], int(row["bytes"]))
+    except ObjectTooLarge as exc:  # grew since ingest
+        raise CacheMismatch(f"s3://{s.s3_bucket}/{row['key']} changed after ingest ({exc}); run ingest again") from None
     if digest != row["sha256"]:
+        path.unlink(missing_ok=True)  # cached under its true hash, which no manifest row names
         raise CacheMismatch(
             f"s3://{s.s3_bucket}/{row['key']} now has sha256 {digest[:12]}, the manifest says "
             f"{row['sha256'][:12]}: it changed after ingest; run ingest again"
         )
-    return write_cached(s, digest, data)
+    return path
 
 
 def read_cached(row: dict[str, Any], settings: Settings | None = None, client=None) -> bytes:
@@ -168,9 +220,13 @@ def describe_bytes(data: bytes, max_pixels: int) -> dict[str, Any]:
                  "mode": img.mode}
         to_rgb(img)
     except ImageRejected as exc:
-        return {"format": None, "width": None, "height": None, "mode": None, "decoded": False,
-                "error": exc.reason, "error_detail": exc.detail}
+        return _undecoded(exc.reason, exc.detail)
     return {**facts, "decoded": True, "error": None, "error_detail": None}
+
+
+def _undecoded(error: str, detail: str) -> dict[str, Any]:
+    return {"format": None, "width": None, "height": None, "mode": None, "decoded": False,
+            "error": error, "error_detail": detail}
 
 
 def manifest_prefix(dataset: str) -> str:
@@ -203,7 +259,7 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
     downloaded_bytes, reused}; `reused` is True when nothing changed and the previous
     manifest is still current (no new manifest written).
     """
-    from pipeline.common import progress, put_jsonl, sha256_hex, utc_now, utc_stamp
+    from pipeline.common import progress, put_jsonl, utc_now, utc_stamp
     from pipeline.dataset_spec import load_spec
     from pipeline.storage import ensure_bucket, iter_objects, put_json, s3_call, s3_client
 
@@ -231,13 +287,16 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
 
     def _fetch(obj: dict) -> dict[str, Any]:
         key = obj["Key"]
-        data = s3_call(s, f"get {key}", client.get_object, Bucket=s.s3_bucket, Key=key)["Body"].read()
-        digest = sha256_hex(data)
-        write_cached(s, digest, data)
         folder = spec.class_of_key(key)
-        row = {"key": key, "etag": str(obj.get("ETag", "")).strip('"'), "sha256": digest, "bytes": len(data),
-               "class": folder, "label": spec.classes[folder]}
-        row.update(describe_bytes(data, s.max_image_pixels))
+        row = {"key": key, "etag": str(obj.get("ETag", "")).strip('"'), "class": folder, "label": spec.classes[folder]}
+        try:  # never more than MAX_FILE_BYTES of one object: by the listing's size, then while streaming
+            if int(obj.get("Size") or 0) > s.max_file_bytes:
+                raise ObjectTooLarge(int(obj["Size"]), s.max_file_bytes)
+            digest, size, path = stream_to_cache(s, client, key, s.max_file_bytes)
+        except ObjectTooLarge as exc:  # validate quarantines it with this reason
+            return {**row, "sha256": None, "bytes": exc.size, **_undecoded("file_too_large", str(exc))}
+        row.update({"sha256": digest, "bytes": size})
+        row.update(describe_bytes(path.read_bytes(), s.max_image_pixels))
         return row
 
     fetched: list[dict] = []
@@ -268,4 +327,4 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
         })
     return {"manifest_key": manifest_key, "ingest_id": ingest_id, **counts, "reused": reused,
             "deleted_keys": deleted[:REPORT_LIMIT], "unassigned_keys": unassigned[:REPORT_LIMIT],
-            "downloaded_bytes": sum(r["bytes"] for r in fetched)}
+            "downloaded_bytes": sum(r["bytes"] for r in fetched if r["sha256"])}

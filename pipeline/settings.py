@@ -4,6 +4,8 @@ Every stage, the DAGs and the serving container read their configuration through
 `get_settings()`, called inside functions (never at import time) so that tests and
 Airflow tasks see the environment as it is when they run. Values come from the
 process environment first, then from `.env` (loaded by python-dotenv), then from the
+per-install secrets file `HEMAFLOW_HOME/secrets.env` that `make demo` / `make env`
+generate (it only fills variables that are still unset or empty), then from the
 defaults below. Every field is documented in `.env.example`.
 """
 
@@ -13,7 +15,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-from dotenv import load_dotenv
+from dotenv import dotenv_values, load_dotenv
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -34,7 +36,7 @@ class Settings(BaseSettings):
     s3_bucket: str = "hemaflow"
     s3_region: str = "us-east-1"
     aws_access_key_id: str = "hemaflow"
-    aws_secret_access_key: SecretStr = SecretStr("change-me-hemaflow-secret")
+    aws_secret_access_key: SecretStr = SecretStr("")
     s3_max_attempts: int = Field(4, ge=1, description="Attempts per S3 call, with exponential backoff")
     s3_connect_timeout_s: float = Field(3.0, gt=0)
     s3_read_timeout_s: float = Field(30.0, gt=0)
@@ -43,6 +45,13 @@ class Settings(BaseSettings):
     # --- MLflow ------------------------------------------------------------------------
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
     mlflow_artifacts_prefix: str = "mlflow-artifacts"
+    # MLflow's basic-auth identities (MLflow's own client reads the first pair from the environment).
+    mlflow_tracking_username: str = Field("", description="Pipeline identity: writes runs and models")
+    mlflow_tracking_password: SecretStr = SecretStr("")
+    serving_mlflow_username: str = Field("", description="Serving identity: read-only")
+    serving_mlflow_password: SecretStr = SecretStr("")
+    mlflow_admin_password: SecretStr = Field(SecretStr(""), description="MLflow server only: user management")
+    mlflow_flask_secret_key: SecretStr = Field(SecretStr(""), description="MLflow server only: CSRF key")
 
     # --- datasets ----------------------------------------------------------------------
     dataset: str = "leukemia"
@@ -100,6 +109,11 @@ class Settings(BaseSettings):
     serving_max_batch: int = Field(16, ge=1)
     serving_micro_batch: int = Field(1, ge=1, description="Most queued images per interpreter call (1 = off)")
 
+    # --- signed bundles and secrets policy -----------------------------------------------
+    bundle_signing_key: SecretStr = Field(SecretStr(""), description="Ed25519 private key (base64) training signs with")
+    bundle_trusted_public_keys: str = Field("", description="Comma-separated base64 Ed25519 keys serving accepts")
+    insecure_demo_secrets: bool = Field(False, description="Accept empty/placeholder secrets (throw-away demo only)")
+
     # --- Airflow -----------------------------------------------------------------------
     retrain_schedule: str = "@weekly"
     raw_watch_schedule: str = Field("*/10 * * * *", description="How often new raw images are looked for")
@@ -110,10 +124,31 @@ class Settings(BaseSettings):
     airflow_api_username: str = "admin"
     airflow_api_password: SecretStr = SecretStr("")
 
+    # --- docker-compose only (checked by `python -m pipeline secrets check`) ---------------
+    postgres_password: SecretStr = SecretStr("")
+    airflow_jwt_secret: SecretStr = SecretStr("")
+    airflow_fernet_key: SecretStr = SecretStr("")
+
     @field_validator("hemaflow_home", "dataset_specs_dir", mode="after")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value if value.is_absolute() else (PROJECT_ROOT / value).resolve()
+
+    @field_validator("bundle_trusted_public_keys", mode="after")
+    @classmethod
+    def _trusted_keys_parse(cls, value: str) -> str:
+        """A malformed pinned key is a start-up error, not a silently smaller trust set."""
+        import base64
+        import binascii
+
+        for i, item in enumerate(part.strip() for part in value.split(",") if part.strip()):
+            try:
+                raw = base64.b64decode(item, validate=True)
+            except (binascii.Error, ValueError):
+                raw = b""
+            if len(raw) != 32:
+                raise ValueError(f"BUNDLE_TRUSTED_PUBLIC_KEYS entry #{i + 1} is not base64 of a 32-byte Ed25519 key")
+        return value
 
     # --- derived values ------------------------------------------------------------------
     @property
@@ -140,12 +175,37 @@ def _port_of(url: str, default: int) -> int:
     return urlparse(url).port or default
 
 
+SECRETS_FILE_NAME = "secrets.env"
+
+
+def secrets_file_path() -> Path | None:
+    """The per-install secrets dotenv: `HEMAFLOW_SECRETS_FILE`, else `HEMAFLOW_HOME/secrets.env`
+    ("" = none; tests use this to stay hermetic)."""
+    given = os.environ.get("HEMAFLOW_SECRETS_FILE")
+    if given is not None:
+        return Path(given) if given else None
+    home = Path(os.environ.get("HEMAFLOW_HOME") or ".hemaflow")
+    return (home if home.is_absolute() else PROJECT_ROOT / home) / SECRETS_FILE_NAME
+
+
+def load_secrets_file() -> None:
+    """Fill variables that are unset *or empty* from the secrets file: `.env.example` copied verbatim
+    leaves every secret empty, and the generated per-install value must still win over that."""
+    path = secrets_file_path()
+    if path is None or not path.is_file():
+        return
+    for key, value in dotenv_values(path).items():
+        if value and not os.environ.get(key):
+            os.environ[key] = value
+
+
 def get_settings(**overrides: object) -> Settings:
-    """Load settings from the environment and `.env` (environment wins).
+    """Load settings from the environment, `.env`, then the secrets file (earlier sources win).
 
     `HEMAFLOW_ENV_FILE` points at another dotenv file (tests use this to stay hermetic).
     """
     env_file = os.environ.get("HEMAFLOW_ENV_FILE", str(PROJECT_ROOT / ".env"))
     if env_file and Path(env_file).is_file():
         load_dotenv(env_file, override=False)
+    load_secrets_file()
     return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,7 +1,8 @@
 """The embedded local stack: SeaweedFS (S3) and an MLflow server as plain processes.
 
-`up` is idempotent (a healthy service that is already running is reused), waits for
-health and returns the endpoints; `down` stops exactly the processes that were started
+`up` is idempotent (a healthy service that is already running is reused), refuses guessable
+secrets, waits for health, sets up MLflow's basic-auth users (`pipeline.mlflow_auth`) and
+returns the endpoints; `down` stops exactly the processes that were started
 here, found by their pid files. Everything lives under `<HEMAFLOW_HOME>/stack`:
 `run/*.pid`, `logs/*.log`, `data/<service>/`. Other long-running processes of the demo
 (Airflow, serving) are managed with the same `start_process` / `stop_process`.
@@ -268,7 +269,15 @@ def _start_s3(settings: Settings) -> None:
     start_process(settings, "s3", cmd)
 
 
+def _mlflow_auth_wanted(settings: Settings) -> bool:
+    """Basic auth is on whenever an admin password is configured; only the explicit insecure demo
+    mode may run MLflow open (check_component refuses an empty password otherwise)."""
+    return bool(settings.mlflow_admin_password.get_secret_value())
+
+
 def _start_mlflow(settings: Settings) -> None:
+    from pipeline import mlflow_auth
+
     _, log_file, data_dir = _paths(settings, "mlflow")
     data_dir.mkdir(parents=True, exist_ok=True)
     env = {
@@ -278,9 +287,16 @@ def _start_mlflow(settings: Settings) -> None:
         "AWS_DEFAULT_REGION": settings.s3_region,
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
+    auth = []
+    if _mlflow_auth_wanted(settings):
+        config = mlflow_auth.write_auth_config(
+            stack_dir(settings) / "run" / "mlflow-auth.ini", f"sqlite:///{data_dir / 'basic_auth.db'}")
+        env.update(mlflow_auth.server_env(settings, config))
+        auth = ["--app-name", "basic-auth"]
     cmd = [
         _bin("mlflow"),
         "server",
+        *auth,
         "--backend-store-uri",
         f"sqlite:///{data_dir / 'mlflow.db'}",
         "--artifacts-destination",
@@ -300,30 +316,28 @@ SERVICES = ("s3", "mlflow")
 
 def up(settings: Settings | None = None) -> dict[str, str]:
     """Start (or reuse) SeaweedFS and MLflow, wait for health, ensure the bucket exists."""
-    from pipeline.storage import ensure_bucket
+    from pipeline import mlflow_auth
+    from pipeline.credentials import check_component
+    from pipeline.storage import wait_for_bucket
 
     s = settings or get_settings()
+    check_component("mlflow-server", s)  # refuses guessable secrets before anything starts
     _, s3_log, _ = _paths(s, "s3")
     if read_pid(s, "s3") is None or not _s3_healthy(s):
         stop_process(s, "s3")
         _start_s3(s)
         wait_until(lambda: _s3_healthy(s), "SeaweedFS S3", s3_log, lambda: read_pid(s, "s3"))
-    # The gateway answers before its filer is ready for writes: retry the bucket briefly.
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            ensure_bucket(settings=s)
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    wait_for_bucket(s)  # the gateway answers before its filer is ready for writes
 
     _, ml_log, _ = _paths(s, "mlflow")
-    if read_pid(s, "mlflow") is None or not _mlflow_healthy(s):
+    want_auth = _mlflow_auth_wanted(s)
+    if read_pid(s, "mlflow") is None or not _mlflow_healthy(s) or \
+            (want_auth and not mlflow_auth.auth_enabled(s.mlflow_tracking_uri)):  # e.g. started before auth
         stop_process(s, "mlflow")
         _start_mlflow(s)
         wait_until(lambda: _mlflow_healthy(s), "MLflow server", ml_log, lambda: read_pid(s, "mlflow"))
+    if want_auth:
+        mlflow_auth.ensure_users(s)
     return endpoints(s)
 
 
@@ -393,15 +407,19 @@ def free_s3_port() -> int:
 
 
 def private_stack_env(home: Path, bucket: str = "hemaflow") -> dict[str, str]:
-    """Environment for a throw-away stack: its own home, free ports, random credentials, no .env."""
+    """Environment for a throw-away stack: its own home, free ports, random credentials (S3, the
+    MLflow users, a bundle-signing key pair), no .env and no secrets file."""
     import secrets
+
+    from pipeline.credentials import stack_secrets
 
     return {
         "HEMAFLOW_HOME": str(home),
         "HEMAFLOW_ENV_FILE": "",
+        "HEMAFLOW_SECRETS_FILE": "",
         "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_s3_port()}",
         "S3_BUCKET": bucket,
         "AWS_ACCESS_KEY_ID": "hf-" + secrets.token_hex(4),
-        "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(24),
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
+        **stack_secrets(),
     }

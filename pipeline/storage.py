@@ -84,6 +84,22 @@ def ensure_bucket(client=None, settings: Settings | None = None) -> str:
     return s.s3_bucket
 
 
+def wait_for_bucket(settings: Settings | None = None, timeout_s: float = 30.0, interval_s: float = 0.5) -> str:
+    """ensure_bucket, retried until S3 answers (a gateway answers before its filer takes writes;
+    a compose stack starts S3 and its users at the same time); the last error after `timeout_s`."""
+    import time
+
+    s = settings or get_settings()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ensure_bucket(settings=s)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(interval_s)
+
+
 def check_reachable(settings: Settings | None = None) -> None:
     """Raise StorageUnavailable with a clear message when the S3 endpoint does not answer."""
     ensure_bucket(settings=settings)

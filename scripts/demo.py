@@ -269,7 +269,9 @@ def retrain(settings: Settings, site, dataset: str, data_dir: Path) -> dict | No
 
 def up() -> int:
     from pipeline import stack
+    from pipeline.credentials import init_secrets
 
+    init_secrets()  # security: random per-install secrets under HEMAFLOW_HOME (kept across runs)
     settings = get_settings()
     dataset = settings.dataset
     started = time.monotonic()

@@ -157,7 +157,8 @@ def close_mlflow_assistant(page) -> None:
         page.wait_for_timeout(500)
 
 
-def shoot_mlflow(context, out: Path, base: str, model: str) -> None:
+def shoot_mlflow(context, out: Path, base: str, model: str, auth: dict[str, str]) -> None:
+    """`auth`: MLflow basic-auth header of the read-only serving identity (the context has its credentials)."""
     page = context.new_page()
     page.set_viewport_size({"width": 1440, "height": 1080})  # the versions table with its aliases fits
     page.goto(f"{base}/#/models/{model}", wait_until="load", timeout=TIMEOUT_MS)
@@ -167,9 +168,9 @@ def shoot_mlflow(context, out: Path, base: str, model: str) -> None:
     page.wait_for_timeout(1000)
     save_shot(page, out / "mlflow-registry.png")
 
-    run_id = _get_json(f"{base}/api/2.0/mlflow/registered-models/alias?name={model}&alias=champion")[
+    run_id = _get_json(f"{base}/api/2.0/mlflow/registered-models/alias?name={model}&alias=champion", auth)[
         "model_version"]["run_id"]
-    experiment_id = _get_json(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]["info"]["experiment_id"]
+    experiment_id = _get_json(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}", auth)["run"]["info"]["experiment_id"]
     page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run_id}", wait_until="load",
               timeout=TIMEOUT_MS)
     page.get_by_text("test_balanced_accuracy").first.wait_for(timeout=TIMEOUT_MS)
@@ -217,14 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only or ["airflow", "mlflow", "serving"])
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hemaflow-shots-") as profile, sync_playwright() as pw:
+        # MLflow asks for basic auth: the browser answers with serving's read-only identity.
+        reader = {"username": s.serving_mlflow_username, "password": s.serving_mlflow_password.get_secret_value()}
         context = pw.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, viewport=VIEWPORT)
+            profile, executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, viewport=VIEWPORT,
+            http_credentials=reader)
         try:
             if "airflow" in only:
                 shoot_airflow(context, args.out, f"http://127.0.0.1:{s.airflow_port}", password,
                               f"hemaflow_retrain_{dataset}")
             if "mlflow" in only:
-                shoot_mlflow(context, args.out, s.mlflow_tracking_uri, s.model_name(dataset))
+                from serving.registry import basic_auth
+
+                auth = {"Authorization": basic_auth(reader["username"], reader["password"]) or ""}
+                shoot_mlflow(context, args.out, s.mlflow_tracking_uri, s.model_name(dataset), auth)
             if "serving" in only:
                 shoot_serving(context, args.out, f"http://127.0.0.1:{s.serving_port}",
                               args.image or demo_image(dataset))

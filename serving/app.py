@@ -22,7 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pipeline.imaging import ImageRejected, open_image, prepare_image
+from pipeline.imaging import ImageRejected, open_image, prepare_image, read_header
 from pipeline.settings import Settings, get_settings
 from serving import gradcam, schemas
 from serving.batcher import MicroBatcher
@@ -35,6 +35,7 @@ from serving.upload import UploadedFile, UploadError, read_files
 log = logging.getLogger("serving")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 API_KEY_HEADER = "X-API-Key"
+DECODE_SLOTS = 2
 
 # ImageRejected reasons that mean "not an image we can read" (415); the rest are 422.
 UNSUPPORTED_REASONS = {"not_an_image", "unsupported_format"}
@@ -132,7 +133,10 @@ class MetricsMiddleware:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    from pipeline.credentials import check_component
+
     s = settings or get_settings()
+    check_component("serving", s)  # guessable API keys or MLflow password: refuse to start
     metrics = ServingMetrics()
     manager = ModelManager(s, metrics)
     batcher = MicroBatcher(s.serving_micro_batch, on_batch=lambda n: metrics.batch_size.observe(n))
@@ -202,19 +206,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # --- inference helpers -------------------------------------------------------------------
     def _prepare(data: bytes, size: int) -> np.ndarray:
-        img = open_image(data, s.max_image_pixels)
-        fmt = str(img.format or "").upper()
+        # Format and sides from the header: nothing is decoded for an image that will be refused.
+        head = read_header(data, s.max_image_pixels)
+        fmt = head.format.upper()
         if fmt not in s.allowed_format_set:
             raise ImageRejected("unsupported_format", f"{fmt or 'this'} format is not accepted; use "
                                 + ", ".join(sorted(s.allowed_format_set)))
-        if min(img.size) < s.min_image_side or max(img.size) > s.max_image_side:
-            raise ImageRejected("bad_dimensions", f"{img.width}x{img.height}: sides must be between "
+        if min(head.width, head.height) < s.min_image_side or max(head.width, head.height) > s.max_image_side:
+            raise ImageRejected("bad_dimensions", f"{head.width}x{head.height}: sides must be between "
                                 f"{s.min_image_side} and {s.max_image_side} pixels")
-        return prepare_image(img, size)
+        return prepare_image(open_image(data, s.max_image_pixels), size)
+
+    # At most this many images are decoded at once, so concurrent uploads cannot multiply the
+    # per-image peak (a 40 Mpx image is ~200 MB while it is decoded) without bound.
+    decode_slots = asyncio.Semaphore(DECODE_SLOTS)
 
     async def _prepare_async(upload: UploadedFile, size: int) -> np.ndarray:
         try:
-            return await asyncio.to_thread(_prepare, bytes(upload.data), size)
+            async with decode_slots:
+                return await asyncio.to_thread(_prepare, bytes(upload.data), size)
         except ImageRejected as exc:
             status = 415 if exc.reason in UNSUPPORTED_REASONS else 422
             raise ApiError(status, exc.reason, exc.detail) from None
@@ -313,6 +323,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             loaded_at=manager.loaded_at,
             created_at=meta.get("created_at"),
             git_commit=meta.get("git_commit"),
+            signed_by=model.identity.signed_by,
             clinical={lab: schemas.ClinicalContext(**context_for(lab)) for lab in model.labels},
         )
 

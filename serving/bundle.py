@@ -3,7 +3,9 @@
 A bundle is held entirely in memory (`{relative path: bytes}`): it is small, the
 container's filesystem can stay read-only, and the bytes that were checksummed are
 exactly the bytes the interpreter runs. Nothing is swapped in before `load_bundle`
-has verified SHA256SUMS and re-predicted every canary within `CANARY_TOLERANCE`.
+has verified the Ed25519 signature of SHA256SUMS against the pinned public keys
+(`serving.signing`), every file against SHA256SUMS, and re-predicted every canary within
+`CANARY_TOLERANCE`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ FORMAT_VERSION = 1
 BUNDLE_DIR = "serving_bundle"  # run artifact folder
 CANARY_TOLERANCE = 1e-4
 SUMS_FILE = "SHA256SUMS"
+SIGNATURE_FILE = "SHA256SUMS.sig"  # signs SHA256SUMS, so it is the one file SHA256SUMS does not list
 BUNDLE_JSON = "bundle.json"
 MODEL_FILE = "model.tflite"
 SIGNATURE = "serving_default"
@@ -51,6 +54,7 @@ class ModelIdentity:
     run_id: str
     source: str  # "registry" or "local"
     promoted_at: str | None = None
+    signed_by: str | None = None  # id of the trusted public key that verified the bundle
 
 
 @dataclass
@@ -123,6 +127,19 @@ def parse_sums(text: str) -> dict[str, str]:
     return sums
 
 
+def verify_signature(files: dict[str, bytes], trusted_keys: dict[str, Any]) -> str:
+    """The id of the trusted key that signed SHA256SUMS; BundleError (unsigned, bad_signature,
+    unknown_key) otherwise. Checked before anything else: an untrusted bundle is never parsed."""
+    from serving.signing import SignatureRejected, verify_sums
+
+    if SUMS_FILE not in files:
+        raise BundleError("bad_checksums", "bundle has no SHA256SUMS")
+    try:
+        return verify_sums(files[SUMS_FILE], files.get(SIGNATURE_FILE), trusted_keys)
+    except SignatureRejected as exc:
+        raise BundleError(exc.reason, exc.detail) from None
+
+
 def verify_checksums(files: dict[str, bytes]) -> None:
     if SUMS_FILE not in files:
         raise BundleError("bad_checksums", "bundle has no SHA256SUMS")
@@ -153,6 +170,20 @@ def _read_meta(files: dict[str, bytes]) -> dict[str, Any]:
     if meta.get("task") not in ("binary", "multiclass"):
         raise BundleError("bad_metadata", f"bad task {meta.get('task')!r}")
     return meta
+
+
+# bundle.json field -> refusal reason when it differs from what the registry promised.
+MISMATCH_REASONS = {"run_id": "run_mismatch", "model_name": "model_mismatch"}
+
+
+def _check_expected(meta: dict[str, Any], expect: dict[str, str]) -> None:
+    """The signed bundle.json must name the run and model the registry resolved: a genuinely signed
+    bundle copied into another run or model (replayed) is refused. An empty field never matches."""
+    for key, wanted in expect.items():
+        got = str(meta.get(key) or "")
+        if got != wanted:
+            raise BundleError(MISMATCH_REASONS.get(key, "bad_metadata"),
+                              f"bundle.json says {key} {got or '(empty)'!r}, the registry says {wanted!r}")
 
 
 def _interpreter(model_bytes: bytes, num_threads: int | None):
@@ -201,14 +232,22 @@ def _check_canaries(model: LoadedModel, files: dict[str, bytes]) -> None:
 def load_bundle(
     files: dict[str, bytes],
     *,
+    trusted_keys: dict[str, Any],
     version: str | None = None,
     source: str = "local",
     promoted_at: str | None = None,
     num_threads: int | None = None,
+    expect: dict[str, str] | None = None,
 ) -> LoadedModel:
-    """Verify checksums, build the interpreter, run the canaries; raises BundleError."""
+    """Verify signature and checksums, build the interpreter, run the canaries; raises BundleError.
+
+    `trusted_keys` is `serving.signing.parse_public_keys(settings.bundle_trusted_public_keys)`;
+    `expect` ({"run_id": ..., "model_name": ...}) is what the registry says the bundle must be.
+    """
+    signed_by = verify_signature(files, trusted_keys)
     verify_checksums(files)
     meta = _read_meta(files)
+    _check_expected(meta, expect or {})
     _, runner, input_name = _interpreter(files[MODEL_FILE], num_threads)
     identity = ModelIdentity(
         name=str(meta.get("model_name") or "model"),
@@ -217,6 +256,7 @@ def load_bundle(
         run_id=str(meta.get("run_id", "")),
         source=source,
         promoted_at=promoted_at,
+        signed_by=signed_by,
     )
     threshold = meta.get("threshold")
     model = LoadedModel(

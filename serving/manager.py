@@ -4,7 +4,8 @@
 `LoadedModel` until it has answered, so an in-flight request finishes on the model it
 started with while new requests see the new one (the swap is one attribute assignment,
 atomic under the GIL). Reloads are serialised by a lock; a candidate is fully verified
-(checksums + canaries) before the swap, and a failure leaves the current model in place.
+(signature under a pinned key, checksums, run and model names, canaries) before the swap, and
+a failure leaves the current model in place.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from datetime import UTC, datetime
 
 from pipeline.settings import Settings
 from serving import registry
-from serving.bundle import BundleError, LoadedModel, load_bundle, read_local_bundle
+from serving.bundle import BundleError, LoadedModel, load_bundle, read_local_bundle, verify_signature
 from serving.metrics import ServingMetrics
+from serving.signing import parse_public_keys
 
 log = logging.getLogger("serving.manager")
 
@@ -42,6 +44,14 @@ class ModelManager:
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        # Pinned at start-up: whatever MLflow says, only bundles signed by these keys are served.
+        self.trusted_keys = parse_public_keys(settings.bundle_trusted_public_keys)
+        self._mlflow_auth = registry.basic_auth(settings.serving_mlflow_username,
+                                                settings.serving_mlflow_password.get_secret_value())
+        if not self.trusted_keys:
+            log.warning("BUNDLE_TRUSTED_PUBLIC_KEYS is empty: every bundle will be refused (unknown_key)")
+        else:
+            log.info("trusting bundles signed by key(s) %s", ", ".join(sorted(self.trusted_keys)))
 
     # --- sources ---------------------------------------------------------------------------
     @property
@@ -52,21 +62,21 @@ class ModelManager:
         path = self.settings.serving_bundle_path
         assert path is not None
         files = read_local_bundle(path)
-        return load_bundle(files, source="local", num_threads=self._threads())
+        return load_bundle(files, trusted_keys=self.trusted_keys, source="local", num_threads=self._threads())
 
     def _load_registry(self, force: bool) -> LoadedModel | None:
         s = self.settings
-        ref = registry.resolve_champion(s.mlflow_tracking_uri, s.model_name())
+        ref = registry.resolve_champion(s.mlflow_tracking_uri, s.model_name(), auth=self._mlflow_auth)
         cur = self.current
         if not force and cur is not None and cur.identity.source == "registry" and cur.identity.version == ref.version:
             return None  # already serving the champion
-        files = registry.download_bundle(s.mlflow_tracking_uri, ref.run_id)
-        model = load_bundle(
-            files, version=ref.version, source="registry", promoted_at=ref.promoted_at, num_threads=self._threads()
+        files = registry.download_bundle(s.mlflow_tracking_uri, ref.run_id, auth=self._mlflow_auth,
+                                         check_sums=lambda sums: verify_signature(sums, self.trusted_keys))
+        return load_bundle(
+            files, trusted_keys=self.trusted_keys, version=ref.version, source="registry",
+            promoted_at=ref.promoted_at, num_threads=self._threads(),
+            expect={"run_id": ref.run_id, "model_name": ref.name},
         )
-        if model.identity.run_id and model.identity.run_id != ref.run_id:
-            raise BundleError("run_mismatch", f"bundle says run {model.identity.run_id}, registry says {ref.run_id}")
-        return model
 
     @staticmethod
     def _threads() -> int:
@@ -91,6 +101,8 @@ class ModelManager:
                 return self._refused(exc.reason, exc.detail, trigger)
             except registry.NoChampion as exc:
                 return self._refused("no_champion", str(exc), trigger)
+            except registry.RegistryUnauthorized as exc:
+                return self._refused("registry_auth", str(exc), trigger)
             except registry.RegistryUnavailable as exc:
                 return self._refused("registry_unavailable", str(exc), trigger)
             except Exception as exc:  # never let a reload take the server down

@@ -71,6 +71,7 @@ class ModelInfo(BaseModel):
     loaded_at: str | None = None
     created_at: str | None = None
     git_commit: str | None = None
+    signed_by: str | None = Field(None, description="id of the pinned public key that verified the bundle")
     clinical: dict[str, ClinicalContext]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,9 @@ pytest_plugins = ["tests.fixtures.data", "tests.fixtures.training"]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("HEMAFLOW_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
-# Tests never read a developer's .env.
+# Tests never read a developer's .env or generated per-install secrets.
 os.environ["HEMAFLOW_ENV_FILE"] = ""
+os.environ["HEMAFLOW_SECRETS_FILE"] = ""
 
 
 def shared_dataset(name: str) -> Path:
@@ -34,12 +36,23 @@ def shared_dataset(name: str) -> Path:
 @pytest.fixture(scope="session")
 def stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Environment for a private stack: temp home, free ports, random credentials."""
+    from tests.fixtures.keys import PUBLIC_KEY, SIGNING_KEY
+
     env = private_stack_env(tmp_path_factory.mktemp("hemaflow-home"), bucket="hemaflow-test")
     env["S3_MAX_ATTEMPTS"] = "2"
+    # One session key pair: bundles trained on the stack and built by fixtures verify alike.
+    env["BUNDLE_SIGNING_KEY"], env["BUNDLE_TRUSTED_PUBLIC_KEYS"] = SIGNING_KEY, PUBLIC_KEY
+    with patched_environ(env):
+        yield env
+
+
+@contextmanager
+def patched_environ(env: dict[str, str]) -> Iterator[None]:
+    """os.environ with `env` applied, restored afterwards (in-process MLflow clients read it)."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        yield env
+        yield
     finally:
         for key, value in saved.items():
             if value is None:

@@ -121,6 +121,15 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sign(args: argparse.Namespace) -> int:
+    from training.bundle import sign_registered_bundle
+
+    s = get_settings()
+    done = sign_registered_bundle(s, s.model_name(args.dataset), args.version)
+    print(f"signed {done['model']} version {done['version']} (run {done['run_id']}) with key {done['key_id']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None)
     p.add_argument("--reason", default="manual rollback")
     p.set_defaults(func=_rollback)
+    p = sub.add_parser("sign", help="(re-)sign a version's serving bundle with BUNDLE_SIGNING_KEY (key rotation)")
+    p.add_argument("--dataset", default=None, help="default: DATASET")
+    p.add_argument("--version", default=None, help="default: the @champion version")
+    p.set_defaults(func=_sign)
     p = sub.add_parser("status", help="aliases, versions and gate history")
     p.add_argument("--dataset", default=None)
     p.add_argument("--json", action="store_true")

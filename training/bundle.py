@@ -5,6 +5,7 @@
     bundle.json    labels, threshold, preprocessing, metrics, canaries, provenance
     canary/*.png   lossless preprocessed canary inputs with their expected outputs
     SHA256SUMS     "<sha256>  <relative path>" for every other file
+    SHA256SUMS.sig Ed25519 signature of SHA256SUMS (serving.signing) by BUNDLE_SIGNING_KEY
 
 `export_bundle` builds it from a trained Keras model and refuses to write a bundle whose
 TFLite outputs differ from Keras (max abs diff > CANARY_TOLERANCE); `read_bundle` and
@@ -33,6 +34,7 @@ from serving.bundle import (
     OUTPUT_CLASS_MAPS,
     OUTPUT_PROBABILITIES,
     SIGNATURE,
+    SIGNATURE_FILE,
     SUMS_FILE,
 )
 from training.model import INPUT_NAME, serving_function
@@ -103,8 +105,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+UNLISTED = (SUMS_FILE, SIGNATURE_FILE)  # the checksum list and its signature are not in the list
+
+
 def _write_sums(folder: Path) -> None:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SUMS_FILE)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in UNLISTED)
     lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}" for p in files]
     (folder / SUMS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -119,12 +124,65 @@ def verify_checksums(folder: Path) -> None:
         if line.strip():
             digest, _, rel = line.partition("  ")
             listed[rel] = digest
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != SUMS_FILE}
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - set(UNLISTED)
     if present != set(listed):
         raise BundleError(f"{folder}: files differ from {SUMS_FILE}: {sorted(present ^ set(listed))}")
     for rel, digest in listed.items():
         if sha256_file(folder / rel) != digest:
             raise BundleError(f"{folder}: sha256 mismatch for {rel}")
+
+
+def sign_bundle(folder: Path | str, signing_key: str) -> str:
+    """Sign the folder's SHA256SUMS with a base64 Ed25519 private key; returns the key id.
+
+    Serving refuses any bundle whose signature does not verify under a key it pins, so a run
+    forged in MLflow (checksums and all) is never served."""
+    from serving.signing import key_id, load_private_key, sign_sums
+
+    folder = Path(folder)
+    (folder / SIGNATURE_FILE).write_bytes(sign_sums((folder / SUMS_FILE).read_bytes(), signing_key))
+    return key_id(load_private_key(signing_key).public_key())
+
+
+def sign_registered_bundle(settings: Any, model_name: str, version: str | None = None) -> dict[str, str]:
+    """Sign (or re-sign) the serving bundle of a registered model version (default: @champion) with
+    BUNDLE_SIGNING_KEY, after checking it as serving would (checksums, its own run id, canaries).
+
+    For key rotation without retraining (re-sign the champion with the new key, then drop the old
+    one) and for bundles trained before signing existed. Needs MLflow's writer identity."""
+    from mlflow import MlflowClient
+
+    from serving.bundle import BUNDLE_DIR
+
+    key = signing_key_of(settings)
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    mv = (client.get_model_version(model_name, version) if version
+          else client.get_model_version_by_alias(model_name, "champion"))
+    with tempfile.TemporaryDirectory(prefix="hemaflow-sign-") as tmp:
+        local = Path(client.download_artifacts(mv.run_id, BUNDLE_DIR, tmp))
+        bundle = read_bundle(local)
+        if bundle.meta.get("run_id") != mv.run_id or bundle.meta.get("model_name") != model_name:
+            raise BundleError(f"{model_name} version {mv.version}: bundle.json names run {bundle.meta.get('run_id')!r} "
+                              f"and model {bundle.meta.get('model_name')!r}; refusing to sign it")
+        check_canaries(bundle)
+        kid = sign_bundle(local, key)
+        client.log_artifact(mv.run_id, str(local / SIGNATURE_FILE), BUNDLE_DIR)
+    return {"model": model_name, "version": str(mv.version), "run_id": mv.run_id, "key_id": kid}
+
+
+def signing_key_of(settings: Any) -> str:
+    """BUNDLE_SIGNING_KEY, checked before hours of training are spent on a bundle serving would refuse."""
+    from serving.signing import load_private_key
+
+    key = settings.bundle_signing_key.get_secret_value()
+    if not key:
+        raise BundleError("BUNDLE_SIGNING_KEY is not set: serving refuses unsigned bundles. `make demo` or "
+                          "`python -m pipeline secrets init` generates a key pair under HEMAFLOW_HOME")
+    try:
+        load_private_key(key)
+    except ValueError as exc:
+        raise BundleError(f"BUNDLE_SIGNING_KEY is unusable: {exc}") from None
+    return key
 
 
 @dataclass(frozen=True)
@@ -196,11 +254,13 @@ def export_bundle(
     model_name: str = "",
     git_commit: str = "",
     extra: dict[str, Any] | None = None,
+    signing_key: str | None = None,
 ) -> Bundle:
     """Convert `model` to TFLite and write a complete, verified bundle into `out_dir`.
 
     The bundle is assembled in a sibling temp folder and renamed into place, so a reader
     never sees half a bundle. Raises BundleError if TFLite and Keras disagree on the canaries.
+    With `signing_key` (base64 Ed25519 private key) SHA256SUMS is signed (SHA256SUMS.sig).
     """
     from PIL import Image
 
@@ -250,6 +310,8 @@ def export_bundle(
         }
         (staging / BUNDLE_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
         _write_sums(staging)
+        if signing_key:
+            sign_bundle(staging, signing_key)
         bundle = read_bundle(staging)
         check_canaries(bundle)
         if out_dir.exists():

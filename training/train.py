@@ -422,10 +422,11 @@ def _fit_evaluate_log(s, meta, folder: Path, run_id: str, model_name: str, commi
 
     from training import evaluate as ev
     from serving.bundle import BUNDLE_DIR
-    from training.bundle import export_bundle
+    from training.bundle import export_bundle, signing_key_of
     from training.data import class_weights, configure_threads, load_split_arrays, make_dataset
     from training.model import build_model, served_twin
 
+    signing_key = signing_key_of(s)  # security: fail before training, not after, when no key is set
     configure_threads()
     keras.utils.set_random_seed(s.seed)
     labels, binary = list(meta.labels), len(meta.labels) == 2
@@ -507,7 +508,7 @@ def _fit_evaluate_log(s, meta, folder: Path, run_id: str, model_name: str, commi
             model, tmpdir / BUNDLE_DIR, dataset=meta.dataset, dataset_version=meta.dataset_version,
             labels=labels, classes=meta.classes, image_size=meta.image_size, canary_images=canary_x,
             canary_labels=canary_labels, positive_label=positive, threshold=threshold, metrics=bundle_metrics,
-            run_id=run_id, model_name=model_name, git_commit=commit,
+            run_id=run_id, model_name=model_name, git_commit=commit, signing_key=signing_key,
         )
         mlflow.log_artifacts(str(bundle.folder), BUNDLE_DIR)
         mlflow.log_metric("keras_tflite_max_abs_diff", bundle.meta["keras_tflite_max_abs_diff"])

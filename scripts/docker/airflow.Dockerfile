@@ -19,7 +19,10 @@ COPY pipeline/ pipeline/
 COPY training/ training/
 COPY serving/ serving/
 COPY dags/ dags/
-RUN mkdir -p /opt/airflow /opt/hemaflow/state && chown -R airflow /opt/airflow /opt/hemaflow/state
+# Every named-volume mount point exists in the image, owned by uid 50000: Docker initialises a new
+# named volume from the image folder (ownership included), so logs and passwords are writable.
+RUN mkdir -p /opt/airflow/logs /opt/airflow/passwords /opt/hemaflow/state \
+    && chown -R airflow /opt/airflow /opt/hemaflow/state
 
 USER airflow
 ENTRYPOINT ["tini", "--", "airflow"]

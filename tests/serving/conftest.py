@@ -27,23 +27,46 @@ from PIL import Image
 
 from pipeline.stack import free_port
 from tests.conftest import REPO_ROOT
+from tests.fixtures.keys import OTHER_SIGNING_KEY, PUBLIC_KEY, SIGNING_KEY
 
 START_TIMEOUT_S = 60.0
 
 
-def resum(folder: Path) -> None:
-    """Rewrite SHA256SUMS after a test edited a bundle on purpose (a signed-but-wrong bundle)."""
+def resum(folder: Path, signing_key: str | None = SIGNING_KEY) -> None:
+    """Rewrite SHA256SUMS after a test edited a bundle on purpose, and sign it with `signing_key`
+    (None: keep the old, now stale, signature file)."""
+    from training.bundle import sign_bundle
+
     lines = []
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != "SHA256SUMS":
+        if p.is_file() and p.name not in ("SHA256SUMS", "SHA256SUMS.sig"):
             lines.append(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(folder).as_posix()}")
     (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    if signing_key is not None:
+        sign_bundle(folder, signing_key)
+
+
+def forge(source: Path, target: Path, signing_key: str | None, **meta_changes) -> Path:
+    """A copy of `source` with bundle.json edited, checksums recomputed (self-consistent, as a forger
+    with MLflow write access would make it), then signed with `signing_key` (None: keep the stale
+    signature; "" : no signature file at all)."""
+    shutil.copytree(source, target)
+    meta = json.loads((target / "bundle.json").read_text())
+    meta.update(meta_changes)
+    (target / "bundle.json").write_text(json.dumps(meta))
+    if signing_key == "":
+        (target / "SHA256SUMS.sig").unlink()
+    resum(target, signing_key or None)  # None / "": the copied signature stays stale, or is gone
+    return target
 
 
 @pytest.fixture(scope="session")
 def serving_bundles(tiny_bundle_dir: Path, tiny_keras_model, tmp_path_factory) -> dict[str, Path]:
     """good (training's tiny bundle), good2 (same model, another dataset version),
-    tampered (model bytes changed, stale checksums) and bad_canary (checksums fine, canary wrong)."""
+    tampered (model bytes changed, stale checksums), bad_canary (checksums fine, canary wrong);
+    forgeries with self-consistent checksums: unsigned (no signature), forged_other_key (signed by
+    a key serving does not trust) and forged_stale_sig (the genuine signature of other checksums).
+    Every bundle but the forgeries is signed with the session key."""
     from tests.fixtures.training import TINY_CLASSES, TINY_LABELS, TINY_SIZE
     from training.bundle import export_bundle
 
@@ -54,7 +77,7 @@ def serving_bundles(tiny_bundle_dir: Path, tiny_keras_model, tmp_path_factory) -
         model, good2, dataset="tiny", dataset_version="tiny-v2", labels=TINY_LABELS, classes=TINY_CLASSES,
         image_size=TINY_SIZE, canary_images=images[4:6], canary_labels=[TINY_LABELS[k] for k in labels[4:6]],
         positive_label="abnormal", threshold=0.5, metrics={"accuracy": 1.0}, run_id="local-test-2",
-        model_name="hemaflow-tiny", git_commit="test",
+        model_name="hemaflow-tiny", git_commit="test", signing_key=SIGNING_KEY,
     )
     tampered = base / "tampered"
     shutil.copytree(tiny_bundle_dir, tampered)
@@ -67,7 +90,13 @@ def serving_bundles(tiny_bundle_dir: Path, tiny_keras_model, tmp_path_factory) -
     meta["canaries"][0]["probabilities"] = [0.5] * len(meta["labels"])
     (bad_canary / "bundle.json").write_text(json.dumps(meta))
     resum(bad_canary)
-    return {"good": tiny_bundle_dir, "good2": good2, "tampered": tampered, "bad_canary": bad_canary}
+    forged = {"threshold": 0.01}  # a forger's edit: call nearly everything abnormal
+    return {
+        "good": tiny_bundle_dir, "good2": good2, "tampered": tampered, "bad_canary": bad_canary,
+        "unsigned": forge(tiny_bundle_dir, base / "unsigned", "", **forged),
+        "forged_other_key": forge(tiny_bundle_dir, base / "forged_other_key", OTHER_SIGNING_KEY, **forged),
+        "forged_stale_sig": forge(tiny_bundle_dir, base / "forged_stale_sig", None, **forged),
+    }
 
 
 def point_link(link: Path, target: Path) -> None:
@@ -91,7 +120,9 @@ class ServingProcess:
         self.log_path = workdir / "serving.log"
         self.env = {
             **os.environ,
+            "BUNDLE_TRUSTED_PUBLIC_KEYS": PUBLIC_KEY,  # a test pins other keys through `env`
             "HEMAFLOW_ENV_FILE": "",
+            "HEMAFLOW_SECRETS_FILE": "",
             "PYTHONPATH": str(REPO_ROOT),
             "TMPDIR": str(self.tmpdir),  # the privacy test checks nothing lands here
             "SERVING_PORT": str(self.port),
@@ -162,7 +193,7 @@ def local_bundle_server(serving_bundles, tmp_path_factory) -> Iterator[ServingPr
     link = work / "current"
     point_link(link, serving_bundles["good"])
     proc = ServingProcess(
-        {"SERVING_BUNDLE_PATH": str(link), "SERVING_ADMIN_API_KEYS": "admin-key-1,admin-key-2",
+        {"SERVING_BUNDLE_PATH": str(link), "SERVING_ADMIN_API_KEYS": "admin-key-1-0123456789ab,admin-key-2-0123456789ab",
          "SERVING_MAX_UPLOAD_BYTES": "2000000", "SERVING_MAX_BATCH": "4"},
         work,
     )

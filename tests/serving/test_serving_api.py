@@ -118,8 +118,8 @@ def test_metrics_count_requests_errors_and_model(local_bundle_server):
 def test_admin_reload_needs_the_key(local_bundle_server):
     url = f"{local_bundle_server.url}/v1/admin/reload"
     assert httpx.post(url).status_code == 401
-    assert httpx.post(url, headers={"X-API-Key": "admin-key-3"}).status_code == 403
-    r = httpx.post(url, headers={"X-API-Key": "admin-key-2"})
+    assert httpx.post(url, headers={"X-API-Key": "admin-key-3-0123456789ab"}).status_code == 403
+    r = httpx.post(url, headers={"X-API-Key": "admin-key-2-0123456789ab"})
     assert r.status_code == 200 and r.json()["ok"] and not r.json()["changed"]
 
 
@@ -132,15 +132,21 @@ def test_web_page_and_assets_are_served_locally(local_bundle_server):
         assert httpx.get(url + asset).status_code == 200
 
 
+USER_KEY = "user-key-0123456789abcdef"
+
+
 def test_prediction_keys_when_required(serving_bundles):
     from pipeline.settings import get_settings
     from serving.app import create_app
 
+    from tests.fixtures.keys import PUBLIC_KEY
+
     settings = get_settings(serving_bundle_path=serving_bundles["good"], serving_require_api_key=True,
-                            serving_api_keys="user-key", serving_poll_interval_s=0)
+                            serving_api_keys=USER_KEY, serving_poll_interval_s=0,
+                            bundle_trusted_public_keys=PUBLIC_KEY)
     with TestClient(create_app(settings)) as client:
         files = {"file": ("x.png", image_bytes("PNG"), "image/png")}
         assert client.post("/v1/predict", files=files).status_code == 401
         assert client.post("/v1/predict", files=files, headers={"X-API-Key": "nope"}).status_code == 403
-        assert client.post("/v1/predict", files=files, headers={"X-API-Key": "user-key"}).status_code == 200
+        assert client.post("/v1/predict", files=files, headers={"X-API-Key": USER_KEY}).status_code == 200
         assert client.get("/healthz").status_code == 200  # probes stay open

@@ -14,7 +14,7 @@ from tests.serving.conftest import image_bytes, point_link
 
 pytestmark = pytest.mark.slow
 
-ADMIN = {"X-API-Key": "swap-admin"}
+ADMIN = {"X-API-Key": "swap-admin-key-0123456789"}
 WORKERS = 8
 
 
@@ -35,7 +35,7 @@ def test_hot_swap_under_load_and_bad_bundles_are_refused(serving_server, serving
     link = tmp_path / "current"
     point_link(link, serving_bundles["good"])
     # Micro-batching on: queued requests from before and after the swap must each run on their own model.
-    server = serving_server({"SERVING_BUNDLE_PATH": str(link), "SERVING_ADMIN_API_KEYS": "swap-admin",
+    server = serving_server({"SERVING_BUNDLE_PATH": str(link), "SERVING_ADMIN_API_KEYS": "swap-admin-key-0123456789",
                              "SERVING_MICRO_BATCH": "8"})
     url = server.url
     v1 = httpx.get(f"{url}/v1/model").json()["model"]["version"]
@@ -86,7 +86,7 @@ def test_hot_swap_under_load_and_bad_bundles_are_refused(serving_server, serving
 
 def test_server_starts_unready_without_a_bundle_then_loads_one(serving_server, serving_bundles, tmp_path):
     link = tmp_path / "later"
-    server = serving_server({"SERVING_BUNDLE_PATH": str(link), "SERVING_ADMIN_API_KEYS": "swap-admin"},
+    server = serving_server({"SERVING_BUNDLE_PATH": str(link), "SERVING_ADMIN_API_KEYS": "swap-admin-key-0123456789"},
                             wait_ready=False)
     ready = httpx.get(f"{server.url}/readyz")
     assert ready.status_code == 503 and ready.json()["ready"] is False

@@ -42,7 +42,7 @@ def test_follows_champion_and_survives_mlflow_outage(tiny_registered_model, serv
             "DATASET": reg["dataset"],
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.port}",
             "SERVING_POLL_INTERVAL_S": "1",
-            "SERVING_ADMIN_API_KEYS": "reg-admin",
+            "SERVING_ADMIN_API_KEYS": "reg-admin-key-0123456789",
         })
         url = server.url
         model = httpx.get(f"{url}/v1/model").json()
@@ -67,7 +67,7 @@ def test_follows_champion_and_survives_mlflow_outage(tiny_registered_model, serv
         assert ready.status_code == 200 and ready.json()["model_version"] == str(new.version)
         r = httpx.post(f"{url}/v1/predict", files={"file": ("x.png", image_bytes("PNG"), "image/png")})
         assert r.status_code == 200 and r.json()["model"]["version"] == str(new.version)
-        reload = httpx.post(f"{url}/v1/admin/reload", headers={"X-API-Key": "reg-admin"}, timeout=60)
+        reload = httpx.post(f"{url}/v1/admin/reload", headers={"X-API-Key": "reg-admin-key-0123456789"}, timeout=60)
         assert reload.status_code == 409 and reload.json()["reason"].startswith("registry_unavailable")
         assert 'hemaflow_model_reload_failures_total{reason="registry_unavailable"}' in httpx.get(f"{url}/metrics").text
     finally:

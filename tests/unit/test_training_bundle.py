@@ -21,14 +21,14 @@ from training.synthetic import synthetic_images
 def test_bundle_files_and_metadata(tiny_bundle_dir):
     bundle = read_bundle(tiny_bundle_dir)
     names = {p.relative_to(tiny_bundle_dir).as_posix() for p in tiny_bundle_dir.rglob("*") if p.is_file()}
-    assert {"model.tflite", "bundle.json", "SHA256SUMS", "canary/0.png"} <= names
+    assert {"model.tflite", "bundle.json", "SHA256SUMS", "SHA256SUMS.sig", "canary/0.png"} <= names
     meta = bundle.meta
     assert meta["format_version"] == 1 and meta["task"] == "binary"
     assert meta["labels"] == ["abnormal", "normal"] and meta["positive_label"] == "abnormal"
     assert meta["preprocessing"] == {"policy": "resize_shorter_center_crop", "resample": "bilinear"}
     assert len(meta["canaries"]) == 4 and all(len(c["probabilities"]) == 2 for c in meta["canaries"])
     sums = (tiny_bundle_dir / "SHA256SUMS").read_text().splitlines()
-    assert len(sums) == len(names) - 1
+    assert len(sums) == len(names) - 2  # every file but SHA256SUMS and its signature
 
 
 def test_tflite_matches_keras_on_unseen_images(tiny_keras_model, tiny_bundle_dir):
