@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.settings import PROJECT_ROOT, Settings, get_settings
+from pipeline.settings import PROJECT_ROOT, Settings, get_settings, secrets_file_path
 
 SHARED_DEMO_DATA = Path(os.environ.get("HEMAFLOW_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 LEGACY_AIRFLOW_PROCESS = "airflow"  # `airflow standalone` of earlier demos
@@ -304,6 +304,9 @@ def up() -> int:
     if run is not None:
         print(f"               run {run['dag_run_id']} of hemaflow_retrain_{dataset}: {run['state']}")
     print(f"  MLflow UI    {settings.mlflow_tracking_uri}   model {settings.model_name(dataset)}")
+    if settings.serving_mlflow_username:
+        print(f"               login {settings.serving_mlflow_username} (read-only) / SERVING_MLFLOW_PASSWORD "
+              f"in {secrets_file_path()}")
     print(f"  Serving      http://127.0.0.1:{settings.serving_port}/   (API docs: /docs)")
     print(f"  Champion     version {version}: {format_metrics(metrics)}")
     print(f"  New images   AIRFLOW_API_URL={site.api_url} AIRFLOW_API_PASSWORD=<the password above> "
