@@ -18,165 +18,17 @@ objects that are not under a class folder of the spec (reported, never silently 
 
 from __future__ import annotations
 
-import fcntl
-import os
-import secrets
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
+from pipeline.cache import ObjectTooLarge, clean_stale_temporaries, stream_to_cache
 from pipeline.settings import Settings, get_settings
 
 MANIFEST_FIELDS = (
     "key", "etag", "sha256", "bytes", "format", "width", "height", "mode", "class", "label", "decoded", "error",
     "error_detail",
 )
-STALE_TEMP_AGE_S = 60.0  # a temp file younger than this may be between its writer's open and flock
 REPORT_LIMIT = 200  # most keys listed in latest.json per category (counts are always complete)
-
-
-class CacheMismatch(RuntimeError):
-    """The S3 object no longer has the content the manifest recorded (re-run ingest)."""
-
-
-# --- content-addressed cache --------------------------------------------------------------
-def cache_root(settings: Settings) -> Path:
-    return settings.hemaflow_home / "cache" / "objects"
-
-
-def cache_path(settings: Settings, sha256: str) -> Path:
-    return cache_root(settings) / sha256[:2] / sha256
-
-
-def _tmp_dir(settings: Settings) -> Path:
-    return cache_root(settings) / ".tmp"
-
-
-def write_cached(settings: Settings, sha256: str, data: bytes) -> Path:
-    """Store `data` under its hash: temp file (locked while written) then atomic rename."""
-    target = cache_path(settings, sha256)
-    if target.is_file() and target.stat().st_size == len(data):
-        return target
-    tmp_dir = _tmp_dir(settings)
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{os.getpid()}-{secrets.token_hex(6)}.part"
-    try:
-        with open(tmp, "wb") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)  # released by the kernel when we close or die
-            fh.write(data)
-            fh.flush()
-            os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
-
-
-class ObjectTooLarge(ValueError):
-    """An S3 object is larger than MAX_FILE_BYTES: it is not read further (nor cached)."""
-
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"{size} bytes > MAX_FILE_BYTES={limit}")
-        self.size = size
-
-
-STREAM_CHUNK_BYTES = 1 << 20
-
-
-def stream_to_cache(settings: Settings, client, key: str, limit: int) -> tuple[str, int, Path]:
-    """Download `key` into the cache in chunks, hashing as it goes, reading at most `limit` bytes.
-
-    Memory stays at one chunk whatever the object's size; an object over `limit` (by its
-    Content-Length, or by what actually arrives) raises ObjectTooLarge and leaves nothing behind.
-    Returns (sha256, size, cache path)."""
-    import hashlib
-
-    from pipeline.storage import s3_call
-
-    response = s3_call(settings, f"get {key}", client.get_object, Bucket=settings.s3_bucket, Key=key)
-    body = response["Body"]
-    declared = int(response.get("ContentLength") or 0)
-    if declared > limit:
-        body.close()
-        raise ObjectTooLarge(declared, limit)
-    tmp_dir = _tmp_dir(settings)
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{os.getpid()}-{secrets.token_hex(6)}.part"
-    digest, size = hashlib.sha256(), 0
-    try:
-        with open(tmp, "wb") as fh:
-            for chunk in body.iter_chunks(STREAM_CHUNK_BYTES):
-                size += len(chunk)
-                if size > limit:
-                    raise ObjectTooLarge(max(size, declared), limit)
-                digest.update(chunk)
-                fh.write(chunk)
-        target = cache_path(settings, digest.hexdigest())
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, target)
-    except BaseException:
-        body.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return digest.hexdigest(), size, target
-
-
-def clean_stale_temporaries(settings: Settings) -> int:
-    """Remove temp files whose writer died (a killed ingest); files being written are untouched.
-
-    A writer holds an exclusive flock on its temp file until it is renamed; the kernel drops
-    the lock when the writer dies. So a temp file whose lock we can take has no live writer,
-    whatever pid namespace (container) wrote it: pids are not compared, since two Celery
-    workers sharing the cache volume each see the other's pids as dead.
-    """
-    removed = 0
-    tmp_dir = _tmp_dir(settings)
-    if not tmp_dir.is_dir():
-        return 0
-    for tmp in tmp_dir.glob("*.part"):
-        try:
-            if time.time() - tmp.stat().st_mtime < STALE_TEMP_AGE_S:
-                continue
-            with open(tmp, "rb") as fh:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if tmp.exists():  # not renamed away by its writer just before we locked it
-                    tmp.unlink()
-                    removed += 1
-        except (BlockingIOError, FileNotFoundError):
-            continue  # a live writer holds it, or it was just renamed into place
-    return removed
-
-
-def ensure_cached(row: dict[str, Any], settings: Settings | None = None, client=None) -> Path:
-    """Local path of a manifest row's bytes; re-downloads by key on a cache miss (another worker).
-
-    The downloaded bytes must hash to the row's sha256, else CacheMismatch: the object
-    changed in S3 after ingest, and using it would silently mix dataset versions.
-    """
-    from pipeline.storage import s3_client
-
-    s = settings or get_settings()
-    path = cache_path(s, row["sha256"])
-    if path.is_file() and path.stat().st_size == int(row["bytes"]):
-        return path
-    client = client or s3_client(s)
-    try:
-        digest, _, path = stream_to_cache(s, client, row["key"], int(row["bytes"]))
-    except ObjectTooLarge as exc:  # grew since ingest
-        raise CacheMismatch(f"s3://{s.s3_bucket}/{row['key']} changed after ingest ({exc}); run ingest again") from None
-    if digest != row["sha256"]:
-        path.unlink(missing_ok=True)  # cached under its true hash, which no manifest row names
-        raise CacheMismatch(
-            f"s3://{s.s3_bucket}/{row['key']} now has sha256 {digest[:12]}, the manifest says "
-            f"{row['sha256'][:12]}: it changed after ingest; run ingest again"
-        )
-    return path
-
-
-def read_cached(row: dict[str, Any], settings: Settings | None = None, client=None) -> bytes:
-    return ensure_cached(row, settings, client).read_bytes()
 
 
 # --- manifest diff ---------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
     """Write the processed dataset version for the validated rows (or find it already there)."""
     from pipeline.common import get_jsonl, progress, to_jsonl, utc_now
     from pipeline.dataset_spec import load_spec
-    from pipeline.ingest import ensure_cached
+    from pipeline.cache import ensure_cached
     from pipeline.processed import (MANIFEST_FILE, META_FILE, SPLITS, DatasetMeta, TFRecordWriter,
                                     local_version_dir, shard_name, version_prefix)
     from pipeline.splits import assign_splits, split_score

@@ -195,7 +195,7 @@ def validate(manifest_key: str, dataset: str, settings: Settings | None = None, 
     """Check every image and the dataset; quarantine failures; save results; raise when unusable."""
     from pipeline.common import get_jsonl, progress, put_bytes, put_jsonl, utc_now
     from pipeline.dataset_spec import load_spec
-    from pipeline.ingest import ensure_cached
+    from pipeline.cache import ensure_cached
     from pipeline.storage import ensure_bucket, get_json_or_none, put_json, s3_call, s3_client
 
     s = settings or get_settings()

@@ -11,7 +11,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def test_oversized_object_is_never_read_whole_and_is_quarantined(tiny_dataset_factory, s3, tmp_path):
-    from pipeline.ingest import cache_root, ingest
+    from pipeline.cache import cache_root
+    from pipeline.ingest import ingest
     from pipeline.upload import upload_tree
     from pipeline.validate import validate
 
@@ -39,7 +40,7 @@ def test_oversized_object_is_never_read_whole_and_is_quarantined(tiny_dataset_fa
 
 
 def test_stream_to_cache_stops_at_the_limit_and_leaves_nothing(tiny_dataset_factory, s3, tmp_path):
-    from pipeline.ingest import ObjectTooLarge, _tmp_dir, cache_root, stream_to_cache
+    from pipeline.cache import ObjectTooLarge, _tmp_dir, cache_root, stream_to_cache
 
     settings, _, _ = tiny_dataset_factory({"neg": 1, "pos": 1})
     settings = settings.model_copy(update={"hemaflow_home": tmp_path / "home"})

@@ -86,7 +86,8 @@ def test_bad_files_in_the_bucket_are_quarantined_with_reasons(tiny_dataset_facto
 
 
 def test_killed_ingest_leaves_no_partial_file_and_rerun_completes(tiny_dataset_factory, tmp_path):
-    from pipeline.ingest import cache_root, ingest
+    from pipeline.cache import cache_root
+    from pipeline.ingest import ingest
     from pipeline.upload import upload_tree
 
     settings, dataset, _ = tiny_dataset_factory({"neg": 1, "pos": 1})

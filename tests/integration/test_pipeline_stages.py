@@ -95,7 +95,8 @@ def test_upload_skips_identical_and_ingest_diffs(tiny_dataset_factory, s3, tmp_p
 
 
 def test_cache_miss_redownloads_and_detects_changed_objects(tiny_dataset_factory, s3, tmp_path):
-    from pipeline.ingest import CacheMismatch, cache_path, ensure_cached, ingest
+    from pipeline.cache import CacheMismatch, cache_path, ensure_cached
+    from pipeline.ingest import ingest
     from pipeline.upload import upload_tree
     from pipeline.validate import ValidationFailed, validate
 

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from pipeline.ingest import cache_path, clean_stale_temporaries, diff_listing, write_cached
+from pipeline.cache import cache_path, clean_stale_temporaries, write_cached
+from pipeline.ingest import diff_listing
 from pipeline.preprocess import dataset_version
 from pipeline.settings import get_settings
 from pipeline.validate import resolve_duplicates
