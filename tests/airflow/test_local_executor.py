@@ -15,6 +15,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timezone
 
 import httpx
 import pytest
@@ -89,7 +90,7 @@ def test_first_scheduled_run_on_an_empty_prefix_ends_green_with_nothing_to_do(si
     from pipeline.airflow_api import task_instances, wait_for_run
 
     _, _, _, due = site
-    wait_s = max(0.0, (due - __import__("datetime").datetime.now(due.tzinfo)).total_seconds())
+    wait_s = max(0.0, (due - datetime.now(timezone.utc)).total_seconds())
     run = wait_for_run(api, DAG_ID, lambda runs: next((r for r in runs if r["run_type"] == "scheduled"), None),
                        timeout_s=wait_s + RUN_TIMEOUT_S)
     tis = task_instances(api, DAG_ID, run["dag_run_id"])
