@@ -8,29 +8,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
 from pipeline.stack import private_stack_env
+from tests.helpers import patched_environ
 
 pytest_plugins = ["tests.fixtures.data", "tests.fixtures.training"]
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("HEMAFLOW_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 # Tests never read a developer's .env or generated per-install secrets.
 os.environ["HEMAFLOW_ENV_FILE"] = ""
 os.environ["HEMAFLOW_SECRETS_FILE"] = ""
-
-
-def shared_dataset(name: str) -> Path:
-    """The real dataset folder, or skip with a clear reason when ../shared/data is absent."""
-    path = SHARED_DATA / name
-    if not path.is_dir():
-        pytest.skip(f"real data not found at {path} (set HEMAFLOW_SHARED_DATA or add ../shared/data)")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -44,21 +32,6 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     env["BUNDLE_SIGNING_KEY"], env["BUNDLE_TRUSTED_PUBLIC_KEYS"] = SIGNING_KEY, PUBLIC_KEY
     with patched_environ(env):
         yield env
-
-
-@contextmanager
-def patched_environ(env: dict[str, str]) -> Iterator[None]:
-    """os.environ with `env` applied, restored afterwards (in-process MLflow clients read it)."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ import pytest
 from pipeline.settings import PROJECT_ROOT
 from tests.airflow.site import (NEW_SPEC, TEMPLATE_SPEC, cron_at, image_tree, next_minute_after,
                                 run_wall_s, serving_model_version, task_table, upload_cli, wait_for)
-from tests.conftest import SHARED_DATA
+from tests.helpers import SHARED_DATA
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

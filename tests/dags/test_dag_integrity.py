@@ -8,7 +8,8 @@ import time
 
 from pipeline.dataset_spec import list_specs
 from pipeline.settings import get_settings
-from tests.dags.conftest import AIRFLOW_ENV, DAGS_DIR, REPO_ROOT
+from tests.dags.airflow_home import AIRFLOW_ENV, DAGS_DIR
+from tests.helpers import REPO_ROOT
 
 PARSE_BUDGET_S = 2.0  # per file, as measured by the DagBag (the scheduler's default limit is 30 s)
 UNRETRIED_TASKS = {"notify_serving"}  # serving polls the registry anyway: a retry only delays the report

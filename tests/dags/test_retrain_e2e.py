@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import shared_dataset
+from tests.helpers import shared_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.stack import free_port
-from tests.dags.conftest import AIRFLOW_ENV, REPO_ROOT
+from tests.dags.airflow_home import AIRFLOW_ENV
+from tests.helpers import REPO_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

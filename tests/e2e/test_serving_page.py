@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from scripts.screenshots import CHROMIUM, CHROMIUM_ARGS, drop_file
-from tests.conftest import REPO_ROOT, SHARED_DATA
+from tests.helpers import REPO_ROOT, SHARED_DATA
 from tests.serving.conftest import ServingProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]

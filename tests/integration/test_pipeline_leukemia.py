@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import shared_dataset
+from tests.helpers import shared_dataset
 from tests.fixtures.data import TINY_SETTINGS, unique_dataset_name, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

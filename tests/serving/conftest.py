@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from pipeline.stack import free_port
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 from tests.fixtures.keys import OTHER_SIGNING_KEY, PUBLIC_KEY, SIGNING_KEY
 
 START_TIMEOUT_S = 60.0

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from serving.signing import generate_key_pair
-from tests.conftest import patched_environ
+from tests.helpers import patched_environ
 from tests.fixtures.keys import OTHER_SIGNING_KEY, PUBLIC_KEY, SIGNING_KEY
 from tests.serving.conftest import image_bytes, resum
 
