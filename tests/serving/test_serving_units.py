@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from serving import gradcam
-from serving.app import _key_matches
+from serving.deps import key_matches
 from serving.bundle import BundleError, parse_sums, verify_checksums
 from serving.clinical import SCREENING_NOTE, context_for
 
@@ -67,4 +67,4 @@ def test_white_cell_types_state_their_normal_share():
 
 
 def test_key_compare():
-    assert _key_matches("b", ["a", "b"]) and not _key_matches("c", ["a", "b"]) and not _key_matches("a", [])
+    assert key_matches("b", ["a", "b"]) and not key_matches("c", ["a", "b"]) and not key_matches("a", [])
