@@ -65,7 +65,7 @@ def prepare_before(data: bytes, max_pixels: int):
 
 
 def prepare_after(data: bytes, max_pixels: int):
-    """What serving ships (the same steps as serving/app.py `_prepare`)."""
+    """What serving ships (the same steps as serving/inference.py `prepare`)."""
     from pipeline.imaging import open_image, prepare_image, read_header
 
     head = read_header(data, max_pixels)

@@ -1,7 +1,9 @@
-"""Prometheus metrics of one app instance (its own registry, so apps in one process never clash)."""
+"""Prometheus metrics of one app instance (its own registry, so apps in one process never clash),
+and the ASGI middleware that counts every request by route template."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -9,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 if TYPE_CHECKING:
     from serving.bundle import LoadedModel
 
+# The scope key where an error handler leaves the error code it answered (see serving.errors).
+ERROR_SCOPE_KEY = "hemaflow.error"
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -56,3 +60,38 @@ class ServingMetrics:
         i = model.identity
         self.model_info.labels(i.name, i.version, i.dataset_version, i.source).set(1)
         self.model_loaded.set(1)
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware: requests, errors and latency by route template and status.
+
+    Route templates (not raw paths) keep label cardinality bounded; the error code comes from
+    ERROR_SCOPE_KEY, set by the error handlers, else the status.
+    """
+
+    def __init__(self, app, metrics: ServingMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or ("/static" if scope["path"].startswith("/static") else "unmatched")
+            code = status["code"]
+            self.metrics.requests.labels(route=path, method=scope["method"], status=str(code)).inc()
+            self.metrics.latency.labels(route=path).observe(time.perf_counter() - start)
+            if code >= 400:
+                self.metrics.errors.labels(route=path, code=scope.get(ERROR_SCOPE_KEY, str(code))).inc()

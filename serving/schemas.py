@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from serving.bundle import LoadedModel
 
 
 class ModelRef(BaseModel):
@@ -12,6 +15,12 @@ class ModelRef(BaseModel):
     version: str = Field(description="Registry version, or local-<sha256 prefix> for a local bundle")
     dataset_version: str
     run_id: str = ""
+
+
+def model_ref(model: LoadedModel) -> ModelRef:
+    """The identity every prediction and /v1/model answer names."""
+    i = model.identity
+    return ModelRef(name=i.name, version=i.version, dataset_version=i.dataset_version, run_id=i.run_id)
 
 
 class ClinicalContext(BaseModel):
@@ -97,3 +106,13 @@ class ReloadResponse(BaseModel):
 class ErrorBody(BaseModel):
     error: str = Field(description="Machine-readable code, e.g. too_large, not_an_image, truncated")
     detail: str = Field(description="What is wrong, in words")
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "API key missing"},
+    403: {"model": ErrorBody, "description": "API key wrong"},
+    413: {"model": ErrorBody, "description": "Upload over SERVING_MAX_UPLOAD_BYTES (or too many files)"},
+    415: {"model": ErrorBody, "description": "Not an image, or an unsupported format"},
+    422: {"model": ErrorBody, "description": "Empty, truncated, corrupt, bomb or unusable image"},
+    503: {"model": ErrorBody, "description": "No model loaded yet"},
+}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from serving import gradcam
-from serving.app import _key_matches
+from serving.deps import key_matches
 from serving.bundle import BundleError, parse_sums, verify_checksums
 from serving.clinical import SCREENING_NOTE, context_for
 
@@ -67,4 +67,44 @@ def test_white_cell_types_state_their_normal_share():
 
 
 def test_key_compare():
-    assert _key_matches("b", ["a", "b"]) and not _key_matches("c", ["a", "b"]) and not _key_matches("a", [])
+    assert key_matches("b", ["a", "b"]) and not key_matches("c", ["a", "b"]) and not key_matches("a", [])
+
+
+USER_KEY = "user-key-0123456789abcdef"
+ADMIN_KEY = "admin-key-0123456789abcd"
+
+
+def test_overriding_the_settings_dependency_changes_who_may_predict_and_reload(tmp_path):
+    """Auth reads the settings through `serving.deps.get_settings`, so `app.dependency_overrides`
+    locks a running app down (prediction and admin keys) without rebuilding it; probes stay open."""
+    from fastapi.testclient import TestClient
+
+    from pipeline.settings import Settings
+    from serving import deps
+    from serving.app import create_app
+    from tests.fixtures.keys import PUBLIC_KEY
+
+    base = {"serving_bundle_path": tmp_path / "no-bundle-yet", "serving_poll_interval_s": 0,
+            "bundle_trusted_public_keys": PUBLIC_KEY}
+    locked = Settings(**base, serving_require_api_key=True, serving_api_keys=USER_KEY,
+                      serving_admin_api_keys=ADMIN_KEY)
+    app = create_app(Settings(**base))
+    with TestClient(app) as client:
+        # As built: prediction is open (it gets past auth to "no model yet"); there are no admin keys.
+        assert client.post("/v1/predict").json()["error"] == "no_model"
+        assert client.post("/v1/admin/reload", headers={"X-API-Key": ADMIN_KEY}).status_code == 403
+
+        app.dependency_overrides[deps.get_settings] = lambda: locked
+        r = client.post("/v1/predict")
+        assert r.status_code == 401 and r.json()["error"] == "api_key_missing"
+        r = client.post("/v1/explain", headers={"X-API-Key": "not-" + USER_KEY})
+        assert r.status_code == 403 and r.json()["error"] == "api_key_invalid"
+        r = client.post("/v1/predict/batch", headers={"X-API-Key": USER_KEY})
+        assert r.status_code == 503 and r.json()["error"] == "no_model"
+        assert client.post("/v1/admin/reload", headers={"X-API-Key": USER_KEY}).status_code == 403
+        r = client.post("/v1/admin/reload", headers={"X-API-Key": ADMIN_KEY})  # the manager really reloads
+        assert r.status_code == 409 and r.json()["reason"].startswith("missing:")
+        assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 503
+
+        app.dependency_overrides.clear()
+        assert client.post("/v1/predict").json()["error"] == "no_model"

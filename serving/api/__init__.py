@@ -1,0 +1,1 @@
+"""The HTTP surface, one `APIRouter` per concern; `serving.api.main.api_router` gathers them."""

@@ -1,0 +1,11 @@
+"""All routers in one `api_router`, in the order their routes appear in the OpenAPI document."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from serving.api import admin, health, model, page, predict
+
+api_router = APIRouter()
+for _module in (predict, model, admin, health, page):
+    api_router.include_router(_module.router)

@@ -1,0 +1,35 @@
+"""GET /v1/model: what is being served, so a lab user (and the page) can name the model version."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from serving import schemas
+from serving.clinical import context_for
+from serving.deps import ManagerDep, current_model
+
+router = APIRouter(prefix="/v1", tags=["model"])
+
+
+@router.get("/model", response_model=schemas.ModelInfo, responses={503: schemas.ERROR_RESPONSES[503]})
+async def model_info(manager: ManagerDep):
+    """The model being served: version, dataset version, test metrics, promotion time."""
+    model = current_model(manager)
+    meta = model.meta
+    return schemas.ModelInfo(
+        model=schemas.model_ref(model),
+        source=model.identity.source,
+        labels=model.labels,
+        task=model.task,
+        positive_label=model.positive_label,
+        threshold=model.threshold,
+        image_size=model.image_size,
+        metrics=dict(meta.get("metrics") or {}),
+        dataset=meta.get("dataset"),
+        promoted_at=model.identity.promoted_at,
+        loaded_at=manager.loaded_at,
+        created_at=meta.get("created_at"),
+        git_commit=meta.get("git_commit"),
+        signed_by=model.identity.signed_by,
+        clinical={lab: schemas.ClinicalContext(**context_for(lab)) for lab in model.labels},
+    )

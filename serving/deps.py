@@ -1,0 +1,86 @@
+"""FastAPI dependencies: settings, model manager, inference engine, metrics and API-key auth.
+
+Routers take everything they need through `Depends`, never from a closure or a global, so a
+test (or another deployment) can swap any of them with `app.dependency_overrides[...]`. The
+objects themselves are built once per app: settings and metrics in `create_app`, the manager
+and the inference engine in the lifespan (serving.app), and kept on `app.state`.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from pipeline.settings import Settings
+from serving.bundle import LoadedModel
+from serving.errors import ApiError
+from serving.inference import Inference
+from serving.manager import ModelManager
+from serving.metrics import ServingMetrics
+
+API_KEY_HEADER = "X-API-Key"
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_manager(request: Request) -> ModelManager:
+    return request.app.state.manager
+
+
+def get_inference(request: Request) -> Inference:
+    return request.app.state.inference
+
+
+def get_metrics(request: Request) -> ServingMetrics:
+    return request.app.state.metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ManagerDep = Annotated[ModelManager, Depends(get_manager)]
+InferenceDep = Annotated[Inference, Depends(get_inference)]
+MetricsDep = Annotated[ServingMetrics, Depends(get_metrics)]
+
+
+def current_model(manager: ModelManager) -> LoadedModel:
+    """The model a request runs on, read once: it finishes on this model even across a hot swap.
+
+    Called in the handler body, not as a dependency, so query validation (422) and the upload's
+    own errors keep their order relative to "no model yet" (503).
+    """
+    model = manager.current
+    if model is None:
+        raise ApiError(503, "no_model", "no model is loaded yet; see /readyz")
+    return model
+
+
+def key_matches(given: str, keys: list[str]) -> bool:
+    """Constant-time comparison against every configured key (no early exit)."""
+    given_b = given.encode()
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(given_b, key.encode())
+    return found
+
+
+def _check_key(request: Request, keys: list[str], what: str) -> None:
+    given = request.headers.get(API_KEY_HEADER)
+    if not given:
+        raise ApiError(401, "api_key_missing", f"{what} needs the {API_KEY_HEADER} header")
+    if not keys or not key_matches(given, keys):
+        raise ApiError(403, "api_key_invalid", f"the {API_KEY_HEADER} is not valid for {what}")
+
+
+def require_admin(request: Request, settings: SettingsDep) -> None:
+    """Admin keys only; with none configured the admin endpoints refuse every key (403)."""
+    _check_key(request, settings.key_list(settings.serving_admin_api_keys), "admin endpoints")
+
+
+def require_predict_key(request: Request, settings: SettingsDep) -> None:
+    """Open unless SERVING_REQUIRE_API_KEY; then a prediction key or an admin key."""
+    if settings.serving_require_api_key:
+        keys = settings.key_list(settings.serving_api_keys) + settings.key_list(settings.serving_admin_api_keys)
+        _check_key(request, keys, "prediction")
