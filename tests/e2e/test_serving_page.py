@@ -18,7 +18,7 @@ from PIL import Image
 
 from scripts.screenshots import CHROMIUM, CHROMIUM_ARGS, drop_file
 from tests.helpers import REPO_ROOT, SHARED_DATA
-from tests.serving.conftest import ServingProcess
+from tests.serving.support import ServingProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

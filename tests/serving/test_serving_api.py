@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.serving.conftest import image_bytes
+from tests.serving.support import image_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.serving.conftest import image_bytes
+from tests.serving.support import image_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.serving.conftest import image_bytes, point_link
+from tests.serving.support import image_bytes, point_link
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.serving.conftest import TcpProxy, image_bytes
+from tests.serving.support import TcpProxy, image_bytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -20,7 +20,7 @@ import pytest
 from serving.signing import generate_key_pair
 from tests.helpers import patched_environ
 from tests.fixtures.keys import OTHER_SIGNING_KEY, PUBLIC_KEY, SIGNING_KEY
-from tests.serving.conftest import image_bytes, resum
+from tests.serving.support import image_bytes, resum
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

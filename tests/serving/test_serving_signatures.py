@@ -10,7 +10,7 @@ import pytest
 
 from serving.signing import generate_key_pair
 from tests.fixtures.keys import PUBLIC_KEY
-from tests.serving.conftest import forge, image_bytes, point_link
+from tests.serving.support import forge, image_bytes, point_link
 
 pytestmark = pytest.mark.slow
 
