@@ -245,7 +245,8 @@ def retrain(settings: Settings, site, dataset: str, data_dir: Path) -> dict | No
     """Upload; the upload's Asset event starts the retraining run, which is followed to its end.
 
     With nothing new uploaded no event is emitted: a manual run is triggered only when there is
-    no @champion yet. Returns the run followed, or None when none was needed."""
+    no @champion yet (or when images went up but the event could not be emitted). Returns the run
+    followed, or None when none was needed."""
     from pipeline.airflow_api import api_client, dag_runs, trigger_dag
     from pipeline.upload import upload_tree
 
@@ -259,10 +260,10 @@ def retrain(settings: Settings, site, dataset: str, data_dir: Path) -> dict | No
         print(f"  {uploaded['uploaded']} uploaded, {uploaded['skipped']} already there; "
               f"{uploaded['asset_event']['message']}", flush=True)
         if not uploaded["asset_event"]["emitted"]:
-            if champion_report(settings, dataset)[0] is not None:
+            if not uploaded["uploaded"] and champion_report(settings, dataset)[0] is not None:
                 print("nothing new to train on: the current @champion stays in service", flush=True)
                 return None
-            before.discard(trigger_dag(client, dag_id)["dag_run_id"])
+            trigger_dag(client, dag_id)  # no champion yet, or the event failed: run it by hand
         return follow_run(client, site, dag_id, lambda runs: next(
             (r for r in reversed(runs) if r["dag_run_id"] not in before), None))
 
