@@ -185,13 +185,6 @@ def stack_secrets() -> dict[str, str]:
     return {k: v for k, v in generate_missing({}).items() if k in STACK_NAMES}
 
 
-def airflow_secret_env(settings: Settings) -> dict[str, str]:
-    """Airflow's own variables for the per-install JWT secret and Fernet key (empty ones are left out)."""
-    pairs = {"AIRFLOW__API_AUTH__JWT_SECRET": settings.airflow_jwt_secret,
-             "AIRFLOW__CORE__FERNET_KEY": settings.airflow_fernet_key}
-    return {k: v.get_secret_value() for k, v in pairs.items() if v.get_secret_value()}
-
-
 def init_secrets(path: Path | None = None) -> tuple[Path | None, list[str]]:
     """Create or complete the per-install secrets file; returns (path, names generated now).
     (None, []) when HEMAFLOW_SECRETS_FILE is empty: the environment supplies every secret."""
