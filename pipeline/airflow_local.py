@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.common import write_private_file
 from pipeline.settings import PROJECT_ROOT, Settings
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
@@ -72,19 +73,10 @@ def site_secrets(home: Path) -> dict[str, str]:
     path = home / SECRETS_FILE
     if path.is_file():
         return json.loads(path.read_text())
-    home.mkdir(parents=True, exist_ok=True)
     values = {"jwt_secret": secrets.token_urlsafe(48), "fernet_key": Fernet.generate_key().decode(),
               "admin_password": secrets.token_urlsafe(18)}
-    _write_private(path, json.dumps(values))
+    write_private_file(path, json.dumps(values))
     return values
-
-
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def admin_password(site: AirflowSite) -> str:
@@ -142,7 +134,7 @@ def prepare(site: AirflowSite) -> None:
     env = site_env(site)
     passwords = site.home / PASSWORD_FILE
     if not passwords.is_file():
-        _write_private(passwords, json.dumps({ADMIN_USER: admin_password(site)}))
+        write_private_file(passwords, json.dumps({ADMIN_USER: admin_password(site)}))
     done = subprocess.run([airflow_bin(), "db", "migrate"], env={**os.environ, **env}, capture_output=True,
                           text=True, timeout=MIGRATE_TIMEOUT_S, cwd=PROJECT_ROOT)
     if done.returncode != 0:

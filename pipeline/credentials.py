@@ -11,11 +11,11 @@ variables, never their values.
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from pipeline.common import write_private_file
 from pipeline.settings import PROJECT_ROOT, Settings, get_settings, secrets_file_path
 
 MIN_SECRET_CHARS = 16
@@ -156,16 +156,6 @@ def _read(path: Path) -> dict[str, str]:
     return {k: v for k, v in dotenv_values(path).items() if v} if path.is_file() else {}
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Owner-only file, written to a temp name and renamed (never half-written, never world-readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def generate_missing(values: dict[str, str]) -> dict[str, str]:
     """`values` completed with a fresh value for every generated name it lacks (nothing is replaced)."""
     from serving.signing import generate_key_pair, public_key_of
@@ -199,7 +189,7 @@ def init_secrets(path: Path | None = None) -> tuple[Path | None, list[str]]:
     if added:
         header = ("# HemaFlow per-install secrets, generated once (never committed, owner-only).\n"
                   "# get_settings() fills unset or empty variables from this file; .env and the environment win.\n")
-        _write_private(path, header + "".join(f"{k}={v}\n" for k, v in sorted(complete.items())))
+        write_private_file(path, header + "".join(f"{k}={v}\n" for k, v in sorted(complete.items())))
     return path, added
 
 
@@ -222,5 +212,5 @@ def write_compose_env(target: Path | None = None, secrets_path: Path | None = No
             line = f"{m.group(1)}={values[m.group(1)]}"
             filled.append(m.group(1))
         lines.append(line)
-    _write_private(target, "\n".join(lines) + "\n")
+    write_private_file(target, "\n".join(lines) + "\n")
     return target, filled

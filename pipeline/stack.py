@@ -22,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.common import write_private_file
 from pipeline.settings import Settings, get_settings
 
 HEALTH_TIMEOUT_S = 90.0
@@ -240,11 +241,7 @@ def _start_s3(settings: Settings) -> None:
     pid_file, log_file, data_dir = _paths(settings, "s3")
     port = settings.s3_port
     config = stack_dir(settings) / "run" / "s3-identities.json"
-    config.parent.mkdir(parents=True, exist_ok=True)
-    # Written with owner-only permissions: it holds the secret key.
-    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(_s3_identities(settings), fh)
+    write_private_file(config, json.dumps(_s3_identities(settings)))  # it holds the secret key
     # Internal SeaweedFS ports are derived from the S3 port so that several stacks
     # (tests on free ports) never collide; gRPC ports are these + 10000.
     base = port + 1

@@ -183,15 +183,14 @@ def start_serving(settings: Settings, admin_key: str) -> bool:
 
 def demo_admin_key(settings: Settings) -> str:
     """The configured serving admin key, or one generated once for this demo (kept owner-only)."""
+    from pipeline.common import write_private_file
+
     keys = settings.key_list(settings.serving_admin_api_keys)
     if keys:
         return keys[0]
     path = settings.hemaflow_home / "demo" / "serving-admin-key"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(24))
+        write_private_file(path, secrets.token_urlsafe(24))
     return path.read_text().strip()
 
 
