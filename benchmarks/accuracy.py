@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline import stack
     from pipeline.run import run_pipeline
-    from pipeline.settings import get_settings
+    from contracts.settings import get_settings
     from pipeline.upload import upload_tree
 
     settings = get_settings()
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         train_s = time.perf_counter() - t_train
         gate = promote_if_better(args.dataset, trained["model_version"], settings)
 
-        from pipeline.processed import fetch_processed, read_local_meta
+        from contracts.processed import read_local_meta
+        from pipeline.storage import fetch_processed
 
         folder = fetch_processed(args.dataset, version, settings)
         images, _ = load_split_arrays(folder, read_local_meta(folder), "test")

@@ -70,7 +70,7 @@ def main() -> int:
     })
     from pipeline import airflow_local, stack
     from pipeline.airflow_api import api_client, dag_runs, get_dag, trigger_dag
-    from pipeline.settings import get_settings
+    from contracts.settings import get_settings
     from pipeline.upload import upload_tree
     from scripts.demo import airflow_site, api_settings, champion_report
 

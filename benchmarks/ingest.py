@@ -72,9 +72,9 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="hemaflow-bench-"))
     os.environ.update(private_stack_env(home, bucket="hemaflow-bench"))
     from pipeline import stack
-    from pipeline.dataset_spec import load_spec
+    from contracts.dataset_spec import load_spec
     from pipeline.run import run_pipeline
-    from pipeline.settings import get_settings
+    from contracts.settings import get_settings
     from pipeline.upload import upload_tree
 
     settings = get_settings()

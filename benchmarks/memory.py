@@ -6,7 +6,7 @@ before and after the bounded-memory changes.
 "before" is the previous code path, kept verbatim below for the comparison: decode everything,
 then check format and sides, then convert 16-bit to 8-bit through a float64 copy of the whole
 image and build a full-size RGB image before resizing. "after" is the code that ships: format
-and sides from the header first (`pipeline.imaging.read_header`), strip-wise 16-bit conversion
+and sides from the header first (`contracts.imaging.read_header`), strip-wise 16-bit conversion
 (`high_bit_to_l`) and grey images resized before they become RGB (`prepare_image`).
 Each measurement runs in a fresh process; peak RSS is the process high-water mark
 (`ru_maxrss`) minus what it had after importing and reading the PNG bytes. A batch is what
@@ -43,11 +43,11 @@ def make_png(path: Path, megapixels: float) -> tuple[int, int]:
 
 
 def prepare_before(data: bytes, max_pixels: int):
-    """The previous serving path (serving/app.py `_prepare` + pipeline.imaging.to_rgb), verbatim."""
+    """The previous serving path (serving/app.py `_prepare` + contracts.imaging.to_rgb), verbatim."""
     import numpy as np
     from PIL import Image, ImageOps
 
-    from pipeline.imaging import open_image, resize_center_crop
+    from contracts.imaging import open_image, resize_center_crop
 
     img = open_image(data, max_pixels)  # full decode before any check
     fmt = str(img.format or "").upper()
@@ -66,7 +66,7 @@ def prepare_before(data: bytes, max_pixels: int):
 
 def prepare_after(data: bytes, max_pixels: int):
     """What serving ships (the same steps as serving/inference.py `prepare`)."""
-    from pipeline.imaging import open_image, prepare_image, read_header
+    from contracts.imaging import open_image, prepare_image, read_header
 
     head = read_header(data, max_pixels)
     assert head.format.upper() in {"JPEG", "PNG", "TIFF", "BMP"}

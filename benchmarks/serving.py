@@ -61,7 +61,7 @@ def _requests(kind: str, images: list[Path], size: int) -> list[bytes]:
             body, ctype = _multipart(data, path.name)
             target = "/v1/predict"
         else:
-            from pipeline.imaging import prepare_image
+            from contracts.imaging import prepare_image
 
             arr = prepare_image(data, size).astype("float32")[None]
             body = json.dumps({"inputs": arr.tolist()}).encode()
@@ -225,7 +225,7 @@ def _dir_mb(path: Path) -> float:
 # --------------------------------------------------------------------------- model
 def _train_champion(data: Path, dataset: str, epochs: int, budget_s: float) -> dict:
     from pipeline.run import run_pipeline
-    from pipeline.settings import get_settings
+    from contracts.settings import get_settings
     from pipeline.upload import upload_tree
     from training.registry import promote_if_better
     from training.train import train_candidate
@@ -283,7 +283,7 @@ def main() -> int:
     images_file.write_text(json.dumps([str(p) for p in jpegs[: args.images]]))
 
     from pipeline import stack
-    from pipeline.settings import get_settings
+    from contracts.settings import get_settings
     from pipeline.stack import free_port, private_stack_env
 
     own_stack = args.tracking_uri is None and args.bundle is None

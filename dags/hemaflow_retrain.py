@@ -25,9 +25,9 @@ from airflow.sdk import (
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from pipeline.dag_defaults import task_defaults
-from pipeline.dataset_spec import DatasetSpec, list_specs
+from contracts.dataset_spec import DatasetSpec, list_specs
 from pipeline.report import log_failure_summary
-from pipeline.settings import Settings, get_settings
+from contracts.settings import Settings, get_settings
 from pipeline.watch import raw_asset_name, raw_asset_uri
 
 DAG_ID_PREFIX = "hemaflow_retrain_"

@@ -15,8 +15,8 @@ from airflow.sdk import Asset, CronTriggerTimetable, dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from pipeline.dag_defaults import DAG_START, task_defaults
-from pipeline.dataset_spec import list_specs
-from pipeline.settings import get_settings
+from contracts.dataset_spec import list_specs
+from contracts.settings import get_settings
 from pipeline.watch import raw_asset_name, raw_asset_uri
 
 WATCH_DAG_ID = "hemaflow_watch_raw"

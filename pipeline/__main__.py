@@ -7,7 +7,7 @@ import sys
 
 from pipeline.cli_stages import add_stage_commands
 from pipeline.cli import run_command
-from pipeline.settings import get_settings
+from contracts.settings import get_settings
 
 
 def _stack(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pipeline.settings import Settings, get_settings
+from contracts.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _checked(response, what: str) -> dict:
 
 def find_raw_asset(client, dataset: str, s: Settings) -> dict:
     """The Asset row of the dataset's raw images, matched on name and URI."""
-    from pipeline.dataset_spec import load_spec
+    from contracts.dataset_spec import load_spec
     from pipeline.watch import raw_asset_name, raw_asset_uri
 
     name = raw_asset_name(dataset)

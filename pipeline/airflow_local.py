@@ -24,8 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.common import write_private_file
-from pipeline.settings import PROJECT_ROOT, Settings
+from contracts.common import write_private_file
+from contracts.settings import PROJECT_ROOT, Settings
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 PROCESS_PREFIX = "airflow-"

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pipeline.settings import Settings, get_settings
+from contracts.settings import Settings, get_settings
 
 STALE_TEMP_AGE_S = 60.0  # a temp file younger than this may be between its writer's open and flock
 STREAM_CHUNK_BYTES = 1 << 20

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.settings import get_settings
+from contracts.settings import get_settings
 
 
 def _dataset(args: argparse.Namespace) -> str:

@@ -15,8 +15,8 @@ import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from pipeline.common import write_private_file
-from pipeline.settings import PROJECT_ROOT, Settings, get_settings, secrets_file_path
+from contracts.common import write_private_file
+from contracts.settings import PROJECT_ROOT, Settings, get_settings, secrets_file_path
 
 MIN_SECRET_CHARS = 16
 PLACEHOLDER_PREFIXES = ("change-me", "changeme", "change_me")

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.cache import ObjectTooLarge, clean_stale_temporaries, stream_to_cache
-from pipeline.settings import Settings, get_settings
+from contracts.settings import Settings, get_settings
 
 MANIFEST_FIELDS = (
     "key", "etag", "sha256", "bytes", "format", "width", "height", "mode", "class", "label", "decoded", "error",
@@ -64,7 +64,7 @@ def describe_bytes(data: bytes, max_pixels: int) -> dict[str, Any]:
     to these facts without decoding every image a second time. The decompression-bomb guard
     runs on the header, before any pixel is decoded. Validation decides what the facts mean.
     """
-    from pipeline.imaging import ImageRejected, open_image, to_rgb
+    from contracts.imaging import ImageRejected, open_image, to_rgb
 
     try:
         img = open_image(data, max_pixels)
@@ -90,8 +90,7 @@ def latest_key(dataset: str) -> str:
 
 
 def load_previous(client, settings: Settings, dataset: str) -> tuple[dict | None, dict[str, dict]]:
-    from pipeline.common import get_jsonl
-    from pipeline.storage import get_json_or_none
+    from pipeline.storage import get_json_or_none, get_jsonl
 
     pointer = get_json_or_none(client, settings.s3_bucket, latest_key(dataset))
     if not pointer:
@@ -111,9 +110,9 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
     downloaded_bytes, reused}; `reused` is True when nothing changed and the previous
     manifest is still current (no new manifest written).
     """
-    from pipeline.common import progress, put_jsonl, utc_now, utc_stamp
-    from pipeline.dataset_spec import load_spec
-    from pipeline.storage import ensure_bucket, iter_objects, put_json, s3_call, s3_client
+    from contracts.common import progress, utc_now, utc_stamp
+    from contracts.dataset_spec import load_spec
+    from pipeline.storage import ensure_bucket, iter_objects, put_json, put_jsonl, s3_call, s3_client
 
     s = settings or get_settings()
     spec = load_spec(dataset, s.dataset_specs_dir)

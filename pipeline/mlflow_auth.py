@@ -21,7 +21,7 @@ import configparser
 import os
 from pathlib import Path
 
-from pipeline.settings import Settings
+from contracts.settings import Settings
 
 ADMIN_USER = "hemaflow-admin"
 DEFAULT_PERMISSION = "READ"  # what serving (and any other authenticated user) gets
@@ -131,7 +131,7 @@ def main() -> int:
     mlflow-users job), retrying while the server starts."""
     import time
 
-    from pipeline.settings import get_settings
+    from contracts.settings import get_settings
 
     settings = get_settings()
     deadline = time.monotonic() + float(os.environ.get("MLFLOW_AUTH_SETUP_TIMEOUT_S", "300"))

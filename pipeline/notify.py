@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.settings import Settings, get_settings
+from contracts.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

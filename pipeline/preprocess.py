@@ -25,15 +25,15 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pipeline.settings import Settings, get_settings
+from contracts.settings import Settings, get_settings
 
 PREPROCESS_VERSION = 1
 
 
 def encode_cached_file(path: str, size: int, max_pixels: int, label: int, sha256: str) -> bytes:
     """One cached image file -> serialized tf.train.Example bytes (runs in the encoder threads)."""
-    from pipeline.imaging import prepare_image
-    from pipeline.processed import encode_example
+    from contracts.imaging import prepare_image
+    from contracts.processed import encode_example
 
     with open(path, "rb") as fh:
         data = fh.read()
@@ -41,7 +41,7 @@ def encode_cached_file(path: str, size: int, max_pixels: int, label: int, sha256
 
 
 def preprocessing_params(settings: Settings) -> dict[str, Any]:
-    from pipeline.imaging import RESAMPLE
+    from contracts.imaging import RESAMPLE
 
     return {"policy": "resize_shorter_center_crop", "resample": RESAMPLE.name.lower(),
             "image_size": settings.image_size, "preprocess_version": PREPROCESS_VERSION}
@@ -56,7 +56,7 @@ def split_params(settings: Settings) -> dict[str, Any]:
 
 def dataset_version(pairs: list[tuple[str, str]], labels: list[str], preprocessing: dict, splits: dict) -> str:
     """Content hash of the dataset: sorted (sha256, label) + label order + parameters."""
-    from pipeline.common import stable_hash
+    from contracts.common import stable_hash
 
     return stable_hash({"pairs": sorted(pairs), "labels": list(labels), "preprocessing": preprocessing,
                         "splits": splits}, 20)
@@ -65,13 +65,13 @@ def dataset_version(pairs: list[tuple[str, str]], labels: list[str], preprocessi
 def preprocess(validated_key: str, dataset: str, settings: Settings | None = None,
                show_progress: bool = False) -> dict:
     """Write the processed dataset version for the validated rows (or find it already there)."""
-    from pipeline.common import get_jsonl, progress, to_jsonl, utc_now
-    from pipeline.dataset_spec import load_spec
+    from contracts.common import progress, to_jsonl, utc_now
+    from contracts.dataset_spec import load_spec
+    from contracts.processed import (MANIFEST_FILE, META_FILE, SPLITS, DatasetMeta, TFRecordWriter,
+                                     local_version_dir, shard_name, version_prefix)
     from pipeline.cache import ensure_cached
-    from pipeline.processed import (MANIFEST_FILE, META_FILE, SPLITS, DatasetMeta, TFRecordWriter,
-                                    local_version_dir, shard_name, version_prefix)
     from pipeline.splits import assign_splits, split_score
-    from pipeline.storage import ensure_bucket, object_exists, s3_call, s3_client
+    from pipeline.storage import ensure_bucket, get_jsonl, object_exists, s3_call, s3_client
 
     s = settings or get_settings()
     spec = load_spec(dataset, s.dataset_specs_dir)

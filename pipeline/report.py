@@ -14,7 +14,7 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
-from pipeline.settings import Settings, get_settings
+from contracts.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

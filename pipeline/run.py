@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from pipeline.settings import Settings, get_settings
+from contracts.settings import Settings, get_settings
 
 
 def _prewarm_imports() -> threading.Thread:

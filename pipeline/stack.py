@@ -22,8 +22,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.common import write_private_file
-from pipeline.settings import Settings, get_settings
+from contracts.common import write_private_file
+from contracts.settings import Settings, get_settings
 
 HEALTH_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 15.0

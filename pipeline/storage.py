@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.settings import Settings, get_settings
+from contracts.common import from_jsonl, to_jsonl
+from contracts.processed import MANIFEST_FILE, META_FILE, SPLITS, DatasetMeta, local_version_dir, version_prefix
+from contracts.settings import Settings, get_settings
 
 
 class StorageUnavailable(RuntimeError):
@@ -161,3 +163,55 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def get_jsonl(client, bucket: str, key: str) -> list[dict[str, Any]]:
+    return from_jsonl(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def put_bytes(client, bucket: str, key: str, body: bytes, content_type: str = "application/octet-stream") -> None:
+    client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
+
+
+def put_jsonl(client, bucket: str, key: str, rows: Iterable[dict[str, Any]]) -> None:
+    put_bytes(client, bucket, key, to_jsonl(rows), "application/x-ndjson")
+
+
+# --- processed dataset versions (format: contracts/processed.py) ------------------------------
+
+
+def load_meta(dataset: str, dataset_version: str, settings: Settings | None = None, client=None) -> DatasetMeta:
+    """Read `dataset.json` of a processed version from S3 (raises if the version is incomplete)."""
+    s = settings or get_settings()
+    client = client or s3_client(s)
+    key = version_prefix(dataset, dataset_version) + META_FILE
+    body = client.get_object(Bucket=s.s3_bucket, Key=key)["Body"].read()
+    return DatasetMeta.from_json(body.decode("utf-8"))
+
+
+def fetch_processed(dataset: str, dataset_version: str, settings: Settings | None = None) -> Path:
+    """Download a processed version into the local cache (once) and return its folder.
+
+    Files are written to a temporary name and renamed; the folder counts as complete
+    only when its `dataset.json` is present, which is written last.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = settings or get_settings()
+    target = local_version_dir(s, dataset, dataset_version)
+    if (target / META_FILE).is_file():
+        return target
+    client = s3_client(s)
+    meta = load_meta(dataset, dataset_version, s, client)
+    prefix = version_prefix(dataset, dataset_version)
+    names = [n for split in SPLITS for n in meta.shards.get(split, [])] + [MANIFEST_FILE]
+
+    def _get(name: str) -> None:
+        if not (target / name).is_file():
+            data = client.get_object(Bucket=s.s3_bucket, Key=prefix + name)["Body"].read()
+            atomic_write_bytes(target / name, data)
+
+    with ThreadPoolExecutor(max_workers=s.transfer_workers) as pool:
+        list(pool.map(_get, names))
+    atomic_write_bytes(target / META_FILE, meta.to_json().encode("utf-8"))
+    return target

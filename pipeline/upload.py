@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.settings import Settings, get_settings
+from contracts.settings import Settings, get_settings
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ def upload_tree(root: Path, dataset: str, settings: Settings | None = None, show
     Returns {uploaded, skipped, bytes, ignored, prefix, asset_event}; `bytes` counts what was sent,
     `asset_event` is {emitted, message, event?} (see pipeline.airflow_api.announce_upload).
     """
-    from pipeline.common import progress
-    from pipeline.dataset_spec import load_spec
+    from contracts.common import progress
+    from contracts.dataset_spec import load_spec
     from pipeline.storage import ensure_bucket, iter_objects, s3_call, s3_client
 
     s = settings or get_settings()

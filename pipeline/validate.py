@@ -33,7 +33,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pipeline.settings import Settings, get_settings
+from contracts.settings import Settings, get_settings
 
 CHECKS_VERSION = 2  # bump when the checks change: old validation results are then not reused
 SUMMARY_FILE = "summary.json"
@@ -68,7 +68,7 @@ def check_facts(nbytes: int, fmt: str | None, width: int | None, height: int | N
 
 def check_image(data: bytes, settings: Settings) -> tuple[str | None, str | None]:
     """(reason, detail) of the first failed per-image check, or (None, None) if the image is usable."""
-    from pipeline.imaging import ImageRejected, open_image, to_rgb
+    from contracts.imaging import ImageRejected, open_image, to_rgb
 
     s = settings
     if len(data) > s.max_file_bytes:  # before decoding: never decode an oversized file
@@ -91,7 +91,7 @@ def check_row(row: dict[str, Any], settings: Settings, read_bytes) -> tuple[str 
 
 
 def _run_id(manifest_key: str, spec, s: Settings) -> str:
-    from pipeline.common import stable_hash
+    from contracts.common import stable_hash
 
     params = {
         "manifest_key": manifest_key, "classes": spec.classes, "checks_version": CHECKS_VERSION,
@@ -193,10 +193,11 @@ def _summary_md(summary: dict[str, Any]) -> str:
 
 def validate(manifest_key: str, dataset: str, settings: Settings | None = None, show_progress: bool = False) -> dict:
     """Check every image and the dataset; quarantine failures; save results; raise when unusable."""
-    from pipeline.common import get_jsonl, progress, put_bytes, put_jsonl, utc_now
-    from pipeline.dataset_spec import load_spec
+    from contracts.common import progress, utc_now
+    from contracts.dataset_spec import load_spec
     from pipeline.cache import ensure_cached
-    from pipeline.storage import ensure_bucket, get_json_or_none, put_json, s3_call, s3_client
+    from pipeline.storage import (ensure_bucket, get_json_or_none, get_jsonl, put_bytes, put_json, put_jsonl, s3_call,
+                                  s3_client)
 
     s = settings or get_settings()
     spec = load_spec(dataset, s.dataset_specs_dir)

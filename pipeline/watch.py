@@ -8,7 +8,7 @@ the prefix and reads the latest manifest: no image is downloaded.
 
 from __future__ import annotations
 
-from pipeline.settings import Settings, get_settings
+from contracts.settings import Settings, get_settings
 
 
 def raw_asset_uri(bucket: str, s3_prefix: str) -> str:
@@ -26,7 +26,7 @@ def pending_raw_changes(dataset: str, settings: Settings | None = None) -> dict:
     Returns {dataset, pending: bool, new, changed, deleted, listed, manifest_key}; `pending` is
     True when an ingest would find something to do (or no ingest ever ran and images exist).
     """
-    from pipeline.dataset_spec import load_spec
+    from contracts.dataset_spec import load_spec
     from pipeline.ingest import diff_listing, load_previous
     from pipeline.storage import iter_objects, s3_client
 

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.settings import PROJECT_ROOT, Settings, get_settings, secrets_file_path
+from contracts.settings import PROJECT_ROOT, Settings, get_settings, secrets_file_path
 
 SHARED_DEMO_DATA = Path(os.environ.get("HEMAFLOW_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 LEGACY_AIRFLOW_PROCESS = "airflow"  # `airflow standalone` of earlier demos
@@ -183,7 +183,7 @@ def start_serving(settings: Settings, admin_key: str) -> bool:
 
 def demo_admin_key(settings: Settings) -> str:
     """The configured serving admin key, or one generated once for this demo (kept owner-only)."""
-    from pipeline.common import write_private_file
+    from contracts.common import write_private_file
 
     keys = settings.key_list(settings.serving_admin_api_keys)
     if keys:
@@ -210,7 +210,7 @@ def resolve_data_dir(dataset: str) -> Path | None:
 
 
 def no_data_help(dataset: str) -> str:
-    from pipeline.dataset_spec import load_spec
+    from contracts.dataset_spec import load_spec
 
     spec = load_spec(dataset)
     folders = "\n".join(f"    {folder}/   ({label})" for folder, label in sorted(spec.classes.items()))

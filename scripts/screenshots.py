@@ -26,7 +26,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from pipeline.settings import PROJECT_ROOT, get_settings
+from contracts.settings import PROJECT_ROOT, get_settings
 from scripts.demo import SHARED_DEMO_DATA, airflow_site
 
 CHROMIUM = os.environ.get("HEMAFLOW_CHROMIUM", "/usr/bin/chromium")

@@ -8,7 +8,7 @@ import os
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.settings import get_settings
+    from contracts.settings import get_settings
 
     parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
     parser.add_argument("--host", help="default: SERVING_HOST")

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from pipeline.settings import Settings, get_settings
+from contracts.settings import Settings, get_settings
 from serving.api import page
 from serving.api.main import api_router
 from serving.errors import install_error_handlers

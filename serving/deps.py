@@ -13,7 +13,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from pipeline.settings import Settings
+from contracts.settings import Settings
 from serving.bundle import LoadedModel
 from serving.errors import ApiError
 from serving.inference import Inference

@@ -11,8 +11,8 @@ import asyncio
 
 import numpy as np
 
-from pipeline.imaging import ImageRejected, open_image, prepare_image, read_header
-from pipeline.settings import Settings
+from contracts.imaging import ImageRejected, open_image, prepare_image, read_header
+from contracts.settings import Settings
 from serving import gradcam, schemas
 from serving.batcher import MicroBatcher, Result
 from serving.bundle import LoadedModel

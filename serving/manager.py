@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from pipeline.settings import Settings
+from contracts.settings import Settings
 from serving import registry
 from serving.bundle import BundleError, LoadedModel, load_bundle, read_local_bundle, verify_signature
 from serving.metrics import ServingMetrics

@@ -38,7 +38,7 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
 def local_stack(stack_env: dict[str, str]):
     """A running SeaweedFS + MLflow; yields the Settings pointing at them."""
     from pipeline import stack
-    from pipeline.settings import get_settings
+    from contracts.settings import get_settings
 
     settings = get_settings()
     stack.up(settings)

@@ -18,7 +18,7 @@ import sys
 import time
 
 from pipeline.cli import run_command
-from pipeline.settings import get_settings
+from contracts.settings import get_settings
 
 
 def _fmt(metrics: dict) -> str:

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from pipeline.settings import Settings
+from contracts.settings import Settings
 
 CLAIM_SETTLE_S = 2.0
 TAG_HOST = "claim_host"

@@ -1,4 +1,4 @@
-"""tf.data input pipelines over a processed dataset version (see pipeline/processed.py).
+"""tf.data input pipelines over a processed dataset version (see contracts/processed.py).
 
 Shards hold raw uint8 pixels, so "decoding" is a reshape: the pipeline parses, caches the
 uint8 tensors in memory once, and only augmentation runs per epoch. Augmentation is
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.processed import DatasetMeta, feature_spec
+from contracts.processed import DatasetMeta, feature_spec
 
 SHIFT_FRACTION = 0.08
 HUE_DELTA = 0.04

@@ -2,7 +2,7 @@
 
 Architecture (no pretrained weights can be downloaded here):
 
-    image [S, S, 3] float 0..255  (exactly what `pipeline.imaging.prepare_image` returns)
+    image [S, S, 3] float 0..255  (exactly what `contracts.imaging.prepare_image` returns)
       -> Rescaling(1/255) -> Resizing(TRAIN_INPUT_SIZE)       normalisation lives IN the model
       -> MODEL_DEPTH conv blocks (3x3 conv, BatchNorm, ReLU; width doubles per block, capped),
          every block but the last halves the resolution with max-pooling

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline.settings import Settings, get_settings
+from contracts.settings import Settings, get_settings
 
 log = logging.getLogger("training.registry")
 
@@ -110,7 +110,8 @@ def evaluate_bundle(bundle, images, y) -> dict[str, Any]:
 
 def evaluate_against_champion(dataset: str, model_version: str, settings: Settings | None = None) -> dict:
     """Candidate and @champion, both evaluated via their bundles on the candidate's test split."""
-    from pipeline.processed import fetch_processed, read_local_meta
+    from contracts.processed import read_local_meta
+    from pipeline.storage import fetch_processed
     from training.data import load_split_arrays
 
     s = settings or get_settings()

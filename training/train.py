@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.settings import PROJECT_ROOT, Settings, get_settings
+from contracts.settings import PROJECT_ROOT, Settings, get_settings
 
 log = logging.getLogger("training")
 
@@ -50,7 +50,7 @@ CODE_FILES = (
     "training/train.py",
     "training/evaluate.py",
     "training/bundle.py",
-    "pipeline/processed.py",
+    "contracts/processed.py",
 )
 MODEL_ARTIFACT = "model"
 TAG_CONFIG_HASH = "config_hash"
@@ -179,7 +179,7 @@ def find_version_by_config(client, model_name: str, chash: str):
 
 def latest_dataset_version(dataset: str, settings: Settings | None = None) -> str:
     """The newest complete processed version of `dataset` (by dataset.json creation time)."""
-    from pipeline.processed import META_FILE, DatasetMeta
+    from contracts.processed import META_FILE, DatasetMeta
     from pipeline.storage import iter_objects, s3_client
 
     s = settings or get_settings()
@@ -302,7 +302,7 @@ def train_candidate(
     """
     import mlflow
 
-    from pipeline.processed import load_meta
+    from pipeline.storage import load_meta
     from training.claim import claim_tags, heartbeat
 
     s = settings or get_settings()
@@ -337,7 +337,8 @@ def _claimed_training(client, s: Settings, meta, *, run_id: str, exp_id: str, mo
     """Inside the claim's run (heartbeat on): contest it, fit, evaluate, log, contest again, register."""
     import mlflow
 
-    from pipeline.processed import MANIFEST_FILE, fetch_processed
+    from contracts.processed import MANIFEST_FILE
+    from pipeline.storage import fetch_processed
     from training.claim import CLAIM_SETTLE_S
 
     dataset, dataset_version = meta.dataset, meta.dataset_version

@@ -15,6 +15,7 @@ COPY requirements.txt .
 RUN pip install -r requirements.txt \
         apache-airflow-providers-celery==3.26.0 celery==5.7.0 redis==8.1.0 psycopg2-binary==2.9.13
 
+COPY contracts/ contracts/
 COPY pipeline/ pipeline/
 COPY training/ training/
 COPY serving/ serving/

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from pipeline.settings import PROJECT_ROOT
+from contracts.settings import PROJECT_ROOT
 from tests.fixtures.data import make_image_tree
 
 NEW_SPEC = "wbc4"  # what `cp pipeline/specs/_template.toml pipeline/specs/wbc4.toml` creates

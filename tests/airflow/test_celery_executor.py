@@ -65,7 +65,7 @@ def celery_site(local_stack, hemaflow_env, tmp_path_factory):
 @pytest.fixture(scope="module")
 def api(celery_site):
     from pipeline.airflow_api import api_client
-    from pipeline.settings import get_settings
+    from contracts.settings import get_settings
 
     _, cli_env, _ = celery_site
     settings = get_settings(airflow_api_url=cli_env["AIRFLOW_API_URL"], airflow_api_username="admin",

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 import httpx
 import pytest
 
-from pipeline.settings import PROJECT_ROOT
+from contracts.settings import PROJECT_ROOT
 from tests.airflow.site import (NEW_SPEC, TEMPLATE_SPEC, cron_at, image_tree, next_minute_after,
                                 run_wall_s, serving_model_version, task_table, upload_cli, wait_for)
 from tests.helpers import SHARED_DATA
@@ -56,7 +56,7 @@ def site(local_stack, hemaflow_env, airflow_stop, tmp_path_factory):
 @pytest.fixture(scope="module")
 def api(site, local_stack):
     from pipeline.airflow_api import api_client
-    from pipeline.settings import get_settings
+    from contracts.settings import get_settings
 
     _, cli_env, _, _ = site
     settings = get_settings(airflow_api_url=cli_env["AIRFLOW_API_URL"], airflow_api_username="admin",

@@ -6,8 +6,8 @@ import subprocess
 import sys
 import time
 
-from pipeline.dataset_spec import list_specs
-from pipeline.settings import get_settings
+from contracts.dataset_spec import list_specs
+from contracts.settings import get_settings
 from tests.dags.airflow_home import AIRFLOW_ENV, DAGS_DIR
 from tests.helpers import REPO_ROOT
 

@@ -85,7 +85,7 @@ def retrain(local_stack, airflow_db, dagbag):
 
 @pytest.fixture(scope="module")
 def data(local_stack):
-    from pipeline.dataset_spec import load_spec
+    from contracts.dataset_spec import load_spec
 
     root = shared_dataset(DATASET)
     spec = load_spec(DATASET)

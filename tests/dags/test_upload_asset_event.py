@@ -75,7 +75,7 @@ def upload_tree_dir(tmp_path, local_stack, s3):
     """A factory of small new image trees for DATASET; every uploaded object is deleted afterwards."""
     from PIL import Image
 
-    from pipeline.dataset_spec import load_spec
+    from contracts.dataset_spec import load_spec
 
     spec = load_spec(DATASET)
 
@@ -118,7 +118,7 @@ def _upload_events(client, asset_id: int) -> list[dict]:
 
 
 def test_upload_emits_the_raw_asset_event_and_queues_retraining(airflow_api, upload_tree_dir, local_stack):
-    from pipeline.dataset_spec import load_spec
+    from contracts.dataset_spec import load_spec
     from pipeline.watch import raw_asset_name, raw_asset_uri
 
     uri = raw_asset_uri(local_stack.s3_bucket, load_spec(DATASET).s3_prefix)
@@ -157,7 +157,7 @@ def test_upload_without_airflow_api_url_says_the_watcher_will_pick_it_up(upload_
 
 
 def test_wrong_airflow_password_warns_but_the_upload_succeeds(airflow_api, upload_tree_dir, s3, local_stack):
-    from pipeline.dataset_spec import load_spec
+    from contracts.dataset_spec import load_spec
     from pipeline.storage import iter_objects
 
     wrong = "wrong-" + secrets.token_hex(8)

@@ -37,7 +37,7 @@ def _queued_retrain(dag_id: str) -> int:
 
 
 def test_watcher_emits_asset_on_new_images_and_skips_when_ingested(local_stack, airflow_db, dagbag, s3):
-    from pipeline.dataset_spec import load_spec
+    from contracts.dataset_spec import load_spec
     from pipeline.ingest import ingest
     from pipeline.watch import pending_raw_changes, raw_asset_uri
 

@@ -16,10 +16,11 @@ PRO_RANGE = range(1, 41)  # Pro 001-040 holds several byte-identical pairs (e.g.
 
 
 def test_real_leukemia_subset_end_to_end(local_stack, s3, tmp_path):
-    from pipeline.dataset_spec import load_spec
-    from pipeline.processed import fetch_processed, read_local_manifest
+    from contracts.dataset_spec import load_spec
+    from contracts.processed import read_local_manifest
+    from pipeline.storage import fetch_processed
     from pipeline.run import run_pipeline
-    from pipeline.settings import get_settings
+    from contracts.settings import get_settings
     from pipeline.upload import upload_tree
 
     source = shared_dataset("leukemia")

@@ -11,7 +11,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def test_processed_tiny_is_complete_and_readable(processed_tiny):
-    from pipeline.processed import META_FILE, fetch_processed, read_local_manifest, read_local_meta
+    from contracts.processed import META_FILE, read_local_manifest, read_local_meta
+    from pipeline.storage import fetch_processed
 
     settings, dataset, version = processed_tiny
     folder = fetch_processed(dataset, version, settings)
@@ -28,7 +29,7 @@ def test_processed_tiny_is_complete_and_readable(processed_tiny):
 
     import tensorflow as tf
 
-    from pipeline.processed import feature_spec
+    from contracts.processed import feature_spec
 
     names = [str(folder / n) for n in meta.shards["train"]]
     records = list(tf.data.TFRecordDataset(names))
@@ -129,7 +130,7 @@ def test_threaded_encoding_writes_byte_identical_shards_on_rerun(tiny_dataset_fa
 
     from pipeline.ingest import ingest
     from pipeline.preprocess import preprocess
-    from pipeline.processed import META_FILE, local_version_dir
+    from contracts.processed import META_FILE, local_version_dir
     from pipeline.upload import upload_tree
     from pipeline.validate import validate
 

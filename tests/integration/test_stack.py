@@ -7,7 +7,7 @@ import pytest
 from pydantic import SecretStr
 
 from pipeline import stack
-from pipeline.settings import get_settings
+from contracts.settings import get_settings
 from pipeline.stack import free_port, free_s3_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -164,7 +164,7 @@ def test_a_retried_promote_keeps_the_previous_champion(trained):
 
 
 def test_an_incomparable_champion_needs_a_person(trained):
-    from pipeline.settings import PROJECT_ROOT
+    from contracts.settings import PROJECT_ROOT
     from training.registry import promote_if_better
 
     s, dataset, champion, candidate = _with_champion(trained, "tinyincomp", "other")
@@ -236,7 +236,7 @@ print(json.dumps(train_candidate(dataset, version), default=str))
 
 def test_two_processes_training_the_same_configuration_register_one_version(local_stack, tmp_path):
     """The CLI and the DAG start the same training at the same moment: one version, one trained run."""
-    from pipeline.settings import PROJECT_ROOT
+    from contracts.settings import PROJECT_ROOT
     from training.train import config_hash
 
     s = local_stack.model_copy(update=TINY_TRAIN)

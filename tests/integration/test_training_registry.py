@@ -158,7 +158,7 @@ def test_cli_status_and_clear_error_on_rollback_without_previous(tiny_registered
     import subprocess
     import sys
 
-    from pipeline.settings import PROJECT_ROOT
+    from contracts.settings import PROJECT_ROOT
 
     info = tiny_registered_model
     cmd = [sys.executable, "-m", "training"]

@@ -136,7 +136,7 @@ USER_KEY = "user-key-0123456789abcdef"
 
 
 def test_prediction_keys_when_required(serving_bundles):
-    from pipeline.settings import get_settings
+    from contracts.settings import get_settings
     from serving.app import create_app
 
     from tests.fixtures.keys import PUBLIC_KEY

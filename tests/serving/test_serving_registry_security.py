@@ -33,7 +33,7 @@ NEW_SIGNING_KEY, NEW_PUBLIC_KEY = generate_key_pair()  # a key rotated in during
 def own_stack(tmp_path_factory):
     """A private SeaweedFS + MLflow for this module only; yields (settings, env)."""
     from pipeline import stack
-    from pipeline.settings import get_settings
+    from contracts.settings import get_settings
     from pipeline.stack import private_stack_env
 
     env = private_stack_env(tmp_path_factory.mktemp("secreg-home"), bucket="hemaflow-secreg")

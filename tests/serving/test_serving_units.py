@@ -79,7 +79,7 @@ def test_overriding_the_settings_dependency_changes_who_may_predict_and_reload(t
     locks a running app down (prediction and admin keys) without rebuilding it; probes stay open."""
     from fastapi.testclient import TestClient
 
-    from pipeline.settings import Settings
+    from contracts.settings import Settings
     from serving import deps
     from serving.app import create_app
     from tests.fixtures.keys import PUBLIC_KEY

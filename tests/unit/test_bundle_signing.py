@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipeline.settings import Settings
+from contracts.settings import Settings
 from serving.bundle import SIGNATURE_FILE, SUMS_FILE, BundleError, verify_signature
 from serving.signing import (
     SignatureRejected,

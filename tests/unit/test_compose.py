@@ -9,7 +9,7 @@ import re
 import yaml
 
 from pipeline.credentials import GENERATED_NAMES
-from pipeline.settings import PROJECT_ROOT, Settings
+from contracts.settings import PROJECT_ROOT, Settings
 
 COMPOSE = PROJECT_ROOT / "docker-compose.yml"
 ENV_EXAMPLE = PROJECT_ROOT / ".env.example"

@@ -16,7 +16,7 @@ from pipeline.credentials import (
     weakness,
     write_compose_env,
 )
-from pipeline.settings import PROJECT_ROOT, Settings, get_settings
+from contracts.settings import PROJECT_ROOT, Settings, get_settings
 
 USERNAMES = {"MLFLOW_TRACKING_USERNAME", "SERVING_MLFLOW_USERNAME"}
 
@@ -92,7 +92,7 @@ def test_settings_fill_unset_or_empty_variables_from_the_secrets_file(tmp_path, 
     assert s.mlflow_tracking_password.get_secret_value() == "from-the-environment-0123456789"  # env wins
     monkeypatch.setenv("HEMAFLOW_HOME", str(tmp_path))
     monkeypatch.delenv("HEMAFLOW_SECRETS_FILE")
-    from pipeline.settings import secrets_file_path
+    from contracts.settings import secrets_file_path
 
     assert secrets_file_path() == tmp_path / "secrets.env"  # default: HEMAFLOW_HOME/secrets.env
 
@@ -130,7 +130,7 @@ def test_env_example_and_defaults_carry_no_secret_values():
     example = dict(re.findall(r"^([A-Z0-9_]+)=(.*)$", (PROJECT_ROOT / ".env.example").read_text(), flags=re.M))
     for name in GENERATED_NAMES:
         assert example[name] == "", f"{name} must be empty in .env.example (generated per install)"
-    for path in (".env.example", "docker-compose.yml", "pipeline/settings.py"):
+    for path in (".env.example", "docker-compose.yml", "contracts/settings.py"):
         text = (PROJECT_ROOT / path).read_text().lower()
         assert not re.search(r"[=:(\"' ]\s*[\"']?change-me-", text), path  # no placeholder value anywhere
     for field, info in Settings.model_fields.items():

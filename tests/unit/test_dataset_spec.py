@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.dataset_spec import SpecError, list_specs, load_spec, parse_spec
-from pipeline.settings import PROJECT_ROOT
+from contracts.dataset_spec import SpecError, list_specs, load_spec, parse_spec
+from contracts.settings import PROJECT_ROOT
 
 
 def test_shipped_specs_load():

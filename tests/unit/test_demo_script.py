@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from pipeline.settings import PROJECT_ROOT, get_settings
+from contracts.settings import PROJECT_ROOT, get_settings
 
 
 def test_demo_without_data_explains_folder_per_class_layout_and_starts_nothing(tmp_path):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import imaging
-from pipeline.imaging import prepare_image, resize_center_crop, to_rgb
+from contracts import imaging
+from contracts.imaging import prepare_image, resize_center_crop, to_rgb
 
 
 def reference_rgb(img: Image.Image) -> Image.Image:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.imaging import ImageRejected, open_image, prepare_image, read_header
+from contracts.imaging import ImageRejected, open_image, prepare_image, read_header
 from tests.fixtures.data import bad_images, encode, png_claiming, unusual_images
 
 

@@ -13,7 +13,7 @@ import pytest
 from pipeline.cache import cache_path, clean_stale_temporaries, write_cached
 from pipeline.ingest import diff_listing
 from pipeline.preprocess import dataset_version
-from pipeline.settings import get_settings
+from contracts.settings import get_settings
 from pipeline.validate import resolve_duplicates
 
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from pipeline.notify import RELOAD_PATH, notify_serving
 from pipeline.report import build_summary, failure_summary, summary_markdown
-from pipeline.settings import get_settings
+from contracts.settings import get_settings
 from pipeline.stack import free_port
 
 INGEST = {"manifest_key": "manifests/leukemia/1.jsonl", "new": 5, "changed": 0, "deleted": 1, "unchanged": 80,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.processed import TFRecordWriter, encode_example, feature_spec
+from contracts.processed import TFRecordWriter, encode_example, feature_spec
 
 
 @pytest.mark.slow  # imports TensorFlow (several seconds)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.settings import get_settings
+from contracts.settings import get_settings
 from pipeline.validate import check_image, failed_expectations, run_gx_suite
 from tests.fixtures.data import bad_images, encode, make_image, unusual_images
 

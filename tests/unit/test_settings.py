@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from pipeline.settings import PROJECT_ROOT, Settings, get_settings
+from contracts.settings import PROJECT_ROOT, Settings, get_settings
 
 ENV_EXAMPLE = PROJECT_ROOT / ".env.example"
 

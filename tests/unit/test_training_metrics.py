@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.settings import get_settings
+from contracts.settings import get_settings
 from training.evaluate import choose_threshold, classification_report, compute_metrics, expected_calibration_error
 from training.registry import decide_gate
 

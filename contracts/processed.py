@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.settings import Settings, get_settings
+from contracts.settings import Settings
 
 SPLITS = ("train", "val", "test")
 META_FILE = "dataset.json"
@@ -169,47 +169,6 @@ def feature_spec():
 
 def local_version_dir(settings: Settings, dataset: str, dataset_version: str) -> Path:
     return settings.hemaflow_home / "cache" / "processed" / dataset / dataset_version
-
-
-def load_meta(dataset: str, dataset_version: str, settings: Settings | None = None, client=None) -> DatasetMeta:
-    """Read `dataset.json` of a processed version from S3 (raises if the version is incomplete)."""
-    from pipeline.storage import s3_client
-
-    s = settings or get_settings()
-    client = client or s3_client(s)
-    key = version_prefix(dataset, dataset_version) + META_FILE
-    body = client.get_object(Bucket=s.s3_bucket, Key=key)["Body"].read()
-    return DatasetMeta.from_json(body.decode("utf-8"))
-
-
-def fetch_processed(dataset: str, dataset_version: str, settings: Settings | None = None) -> Path:
-    """Download a processed version into the local cache (once) and return its folder.
-
-    Files are written to a temporary name and renamed; the folder counts as complete
-    only when its `dataset.json` is present, which is written last.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from pipeline.storage import atomic_write_bytes, s3_client
-
-    s = settings or get_settings()
-    target = local_version_dir(s, dataset, dataset_version)
-    if (target / META_FILE).is_file():
-        return target
-    client = s3_client(s)
-    meta = load_meta(dataset, dataset_version, s, client)
-    prefix = version_prefix(dataset, dataset_version)
-    names = [n for split in SPLITS for n in meta.shards.get(split, [])] + [MANIFEST_FILE]
-
-    def _get(name: str) -> None:
-        if not (target / name).is_file():
-            data = client.get_object(Bucket=s.s3_bucket, Key=prefix + name)["Body"].read()
-            atomic_write_bytes(target / name, data)
-
-    with ThreadPoolExecutor(max_workers=s.transfer_workers) as pool:
-        list(pool.map(_get, names))
-    atomic_write_bytes(target / META_FILE, meta.to_json().encode("utf-8"))
-    return target
 
 
 def read_local_meta(folder: Path) -> DatasetMeta:

@@ -1,4 +1,4 @@
-"""Small helpers shared by the pipeline stages: hashing, JSONL in S3, progress bars, ids."""
+"""Small pure helpers every package may use: hashing, ids, JSONL encoding, owner-only files, progress bars."""
 
 from __future__ import annotations
 
@@ -63,15 +63,3 @@ def to_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
 
 def from_jsonl(data: bytes) -> list[dict[str, Any]]:
     return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
-
-
-def get_jsonl(client, bucket: str, key: str) -> list[dict[str, Any]]:
-    return from_jsonl(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-
-
-def put_bytes(client, bucket: str, key: str, body: bytes, content_type: str = "application/octet-stream") -> None:
-    client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
-
-
-def put_jsonl(client, bucket: str, key: str, rows: Iterable[dict[str, Any]]) -> None:
-    put_bytes(client, bucket, key, to_jsonl(rows), "application/x-ndjson")
