@@ -112,7 +112,7 @@ def problems(settings: Settings, fields: Iterable[str]) -> list[str]:
 
 
 def _signing_key_problem(value: str) -> str | None:
-    from serving.signing import load_private_key
+    from contracts.signing import load_private_key
 
     try:
         load_private_key(value)
@@ -158,7 +158,7 @@ def _read(path: Path) -> dict[str, str]:
 
 def generate_missing(values: dict[str, str]) -> dict[str, str]:
     """`values` completed with a fresh value for every generated name it lacks (nothing is replaced)."""
-    from serving.signing import generate_key_pair, public_key_of
+    from contracts.signing import generate_key_pair, public_key_of
 
     out = dict(values)
     for name, make in GENERATORS.items():

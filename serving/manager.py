@@ -16,11 +16,12 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from contracts.bundle import BundleError, read_local_bundle, verify_signature
 from contracts.settings import Settings
+from contracts.signing import parse_public_keys
 from serving import registry
-from serving.bundle import BundleError, LoadedModel, load_bundle, read_local_bundle, verify_signature
+from serving.bundle import LoadedModel, load_bundle
 from serving.metrics import ServingMetrics
-from serving.signing import parse_public_keys
 
 log = logging.getLogger("serving.manager")
 

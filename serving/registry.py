@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from serving.bundle import (
+from contracts.bundle import (
     BUNDLE_DIR,
     BUNDLE_JSON,
     MAX_BUNDLE_BYTES,

@@ -1,50 +1,44 @@
-"""The serving bundle: what training hands to serving (format in .notes/CONTRACT.md).
-
-    model.tflite   signature "serving_default": image [N,S,S,3] float 0..255 ->
-                   {probabilities [N,C], class_maps [N,h,w,C]}
-    bundle.json    labels, threshold, preprocessing, metrics, canaries, provenance
-    canary/*.png   lossless preprocessed canary inputs with their expected outputs
-    SHA256SUMS     "<sha256>  <relative path>" for every other file
-    SHA256SUMS.sig Ed25519 signature of SHA256SUMS (serving.signing) by BUNDLE_SIGNING_KEY
+"""Writing the serving bundle (format and reader: contracts/bundle.py).
 
 `export_bundle` builds it from a trained Keras model and refuses to write a bundle whose
-TFLite outputs differ from Keras (max abs diff > CANARY_TOLERANCE); `read_bundle` and
-`check_canaries` are the reader side (used by the tests and by the promotion gate).
+TFLite outputs differ from Keras (max abs diff > CANARY_TOLERANCE); `sign_bundle` and
+`sign_registered_bundle` sign its SHA256SUMS with BUNDLE_SIGNING_KEY (contracts.signing).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from serving.bundle import (
+from contracts.bundle import (
+    BUNDLE_DIR,
     BUNDLE_JSON,
+    CANARY_DIR,
     CANARY_TOLERANCE,
     FORMAT_VERSION,
     MODEL_FILE,
-    OUTPUT_CLASS_MAPS,
     OUTPUT_PROBABILITIES,
     SIGNATURE,
     SIGNATURE_FILE,
     SUMS_FILE,
+    Bundle,
+    BundleError,
+    TFLiteRunner,
+    check_canaries,
+    read_bundle,
+    read_local_bundle,
+    sums_text,
 )
-from training.model import INPUT_NAME, serving_function
+from training.model import serving_function
 
-CANARY_DIR = "canary"
 PREPROCESSING = {"policy": "resize_shorter_center_crop", "resample": "bilinear"}
-
-
-class BundleError(RuntimeError):
-    """A bundle is incomplete, tampered with, or does not reproduce its canaries."""
 
 
 def convert_to_tflite(model: Any, image_size: int) -> bytes:
@@ -69,67 +63,9 @@ def convert_to_tflite(model: Any, image_size: int) -> bytes:
         return converter.convert()
 
 
-class TFLiteRunner:
-    """Runs a bundle's model with ai-edge-litert, reading outputs by name."""
-
-    def __init__(self, model_path: Path | str, num_threads: int | None = None) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
-        self.interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
-        signatures = self.interpreter.get_signature_list()
-        if SIGNATURE not in signatures:
-            raise BundleError(f"{model_path}: no '{SIGNATURE}' signature (found {sorted(signatures)})")
-        outputs = set(signatures[SIGNATURE]["outputs"])
-        missing = {OUTPUT_PROBABILITIES, OUTPUT_CLASS_MAPS} - outputs
-        if missing:
-            raise BundleError(f"{model_path}: signature lacks outputs {sorted(missing)}")
-        self.runner = self.interpreter.get_signature_runner(SIGNATURE)
-
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        batch = np.ascontiguousarray(images, dtype=np.float32)
-        if batch.ndim == 3:
-            batch = batch[None]
-        out = self.runner(**{INPUT_NAME: batch})
-        return {OUTPUT_PROBABILITIES: np.array(out[OUTPUT_PROBABILITIES]), OUTPUT_CLASS_MAPS: np.array(out[OUTPUT_CLASS_MAPS])}
-
-    def predict_proba(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        parts = [self(images[i : i + batch_size])[OUTPUT_PROBABILITIES] for i in range(0, len(images), batch_size)]
-        return np.concatenate(parts, axis=0) if parts else np.zeros((0, 0), np.float32)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-UNLISTED = (SUMS_FILE, SIGNATURE_FILE)  # the checksum list and its signature are not in the list
-
-
-def _write_sums(folder: Path) -> None:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in UNLISTED)
-    lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}" for p in files]
-    (folder / SUMS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def verify_checksums(folder: Path) -> None:
-    """Every file listed in SHA256SUMS exists with its hash, and no file is unlisted."""
-    sums = folder / SUMS_FILE
-    if not sums.is_file():
-        raise BundleError(f"{folder}: {SUMS_FILE} is missing")
-    listed: dict[str, str] = {}
-    for line in sums.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            digest, _, rel = line.partition("  ")
-            listed[rel] = digest
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - set(UNLISTED)
-    if present != set(listed):
-        raise BundleError(f"{folder}: files differ from {SUMS_FILE}: {sorted(present ^ set(listed))}")
-    for rel, digest in listed.items():
-        if sha256_file(folder / rel) != digest:
-            raise BundleError(f"{folder}: sha256 mismatch for {rel}")
+def write_sums(folder: Path) -> None:
+    """SHA256SUMS for every file of the folder (but itself and its signature)."""
+    (folder / SUMS_FILE).write_text(sums_text(read_local_bundle(folder)), encoding="utf-8")
 
 
 def sign_bundle(folder: Path | str, signing_key: str) -> str:
@@ -137,7 +73,7 @@ def sign_bundle(folder: Path | str, signing_key: str) -> str:
 
     Serving refuses any bundle whose signature does not verify under a key it pins, so a run
     forged in MLflow (checksums and all) is never served."""
-    from serving.signing import key_id, load_private_key, sign_sums
+    from contracts.signing import key_id, load_private_key, sign_sums
 
     folder = Path(folder)
     (folder / SIGNATURE_FILE).write_bytes(sign_sums((folder / SUMS_FILE).read_bytes(), signing_key))
@@ -152,8 +88,6 @@ def sign_registered_bundle(settings: Any, model_name: str, version: str | None =
     one) and for bundles trained before signing existed. Needs MLflow's writer identity."""
     from mlflow import MlflowClient
 
-    from serving.bundle import BUNDLE_DIR
-
     key = signing_key_of(settings)
     client = MlflowClient(settings.mlflow_tracking_uri)
     mv = (client.get_model_version(model_name, version) if version
@@ -162,8 +96,9 @@ def sign_registered_bundle(settings: Any, model_name: str, version: str | None =
         local = Path(client.download_artifacts(mv.run_id, BUNDLE_DIR, tmp))
         bundle = read_bundle(local)
         if bundle.meta.get("run_id") != mv.run_id or bundle.meta.get("model_name") != model_name:
-            raise BundleError(f"{model_name} version {mv.version}: bundle.json names run {bundle.meta.get('run_id')!r} "
-                              f"and model {bundle.meta.get('model_name')!r}; refusing to sign it")
+            raise BundleError("bad_metadata", f"{model_name} version {mv.version}: bundle.json names run "
+                              f"{bundle.meta.get('run_id')!r} and model {bundle.meta.get('model_name')!r}; "
+                              "refusing to sign it")
         check_canaries(bundle)
         kid = sign_bundle(local, key)
         client.log_artifact(mv.run_id, str(local / SIGNATURE_FILE), BUNDLE_DIR)
@@ -172,68 +107,17 @@ def sign_registered_bundle(settings: Any, model_name: str, version: str | None =
 
 def signing_key_of(settings: Any) -> str:
     """BUNDLE_SIGNING_KEY, checked before hours of training are spent on a bundle serving would refuse."""
-    from serving.signing import load_private_key
+    from contracts.signing import load_private_key
 
     key = settings.bundle_signing_key.get_secret_value()
     if not key:
-        raise BundleError("BUNDLE_SIGNING_KEY is not set: serving refuses unsigned bundles. `make demo` or "
-                          "`python -m pipeline secrets init` generates a key pair under HEMAFLOW_HOME")
+        raise BundleError("no_signing_key", "BUNDLE_SIGNING_KEY is not set: serving refuses unsigned bundles. "
+                          "`make demo` or `python -m pipeline secrets init` generates a key pair under HEMAFLOW_HOME")
     try:
         load_private_key(key)
     except ValueError as exc:
-        raise BundleError(f"BUNDLE_SIGNING_KEY is unusable: {exc}") from None
+        raise BundleError("bad_signing_key", f"BUNDLE_SIGNING_KEY is unusable: {exc}") from None
     return key
-
-
-@dataclass(frozen=True)
-class Bundle:
-    folder: Path
-    meta: dict[str, Any]
-
-    @property
-    def model_path(self) -> Path:
-        return self.folder / MODEL_FILE
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self.meta["labels"])
-
-    def runner(self) -> TFLiteRunner:
-        return TFLiteRunner(self.model_path)
-
-
-def read_bundle(folder: Path | str, verify: bool = True) -> Bundle:
-    folder = Path(folder)
-    if verify:
-        verify_checksums(folder)
-    try:
-        meta = json.loads((folder / BUNDLE_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"{folder}: cannot read {BUNDLE_JSON}: {exc}") from exc
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{folder}: unsupported bundle format_version {meta.get('format_version')!r}")
-    return Bundle(folder, meta)
-
-
-def load_canary(folder: Path, rel: str) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(folder / rel) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def check_canaries(bundle: Bundle, tolerance: float = CANARY_TOLERANCE) -> float:
-    """Run the canaries; returns the max abs diff, raises BundleError beyond `tolerance`."""
-    runner = bundle.runner()
-    worst = 0.0
-    for canary in bundle.meta["canaries"]:
-        image = load_canary(bundle.folder, canary["file"]).astype(np.float32)
-        got = runner(image)[OUTPUT_PROBABILITIES][0]
-        diff = float(np.max(np.abs(got - np.asarray(canary["probabilities"], np.float32))))
-        worst = diff if np.isnan(diff) else max(worst, diff)
-    if not worst <= tolerance:  # also catches NaN
-        raise BundleError(f"{bundle.folder}: canary outputs differ by {worst:.2e} (> {tolerance:.0e})")
-    return worst
 
 
 def export_bundle(
@@ -267,10 +151,11 @@ def export_bundle(
     out_dir = Path(out_dir)
     canary_images = np.asarray(canary_images, dtype=np.uint8)
     if canary_images.ndim != 4 or canary_images.shape[1:] != (image_size, image_size, 3):
-        raise BundleError(f"canary images must be [N,{image_size},{image_size},3] uint8, got {canary_images.shape}")
+        raise BundleError("bad_canaries",
+                          f"canary images must be [N,{image_size},{image_size},3] uint8, got {canary_images.shape}")
     task = "binary" if len(labels) == 2 else "multiclass"
     if task == "binary" and (positive_label not in labels or threshold is None):
-        raise BundleError("a binary bundle needs positive_label (one of labels) and a threshold")
+        raise BundleError("bad_metadata", "a binary bundle needs positive_label (one of labels) and a threshold")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
@@ -281,7 +166,8 @@ def export_bundle(
         keras_probs = np.asarray(model.predict(canary_images.astype(np.float32), verbose=0), dtype=np.float32)
         diff = float(np.max(np.abs(lite - keras_probs)))
         if not diff <= CANARY_TOLERANCE:  # also catches NaN
-            raise BundleError(f"TFLite and Keras disagree on the canaries by {diff:.2e} (> {CANARY_TOLERANCE:.0e})")
+            raise BundleError("canary_mismatch",
+                              f"TFLite and Keras disagree on the canaries by {diff:.2e} (> {CANARY_TOLERANCE:.0e})")
         (staging / CANARY_DIR).mkdir()
         canaries = []
         for i, (image, label) in enumerate(zip(canary_images, canary_labels, strict=True)):
@@ -309,7 +195,7 @@ def export_bundle(
             **(extra or {}),
         }
         (staging / BUNDLE_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
-        _write_sums(staging)
+        write_sums(staging)
         if signing_key:
             sign_bundle(staging, signing_key)
         bundle = read_bundle(staging)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from serving.bundle import OUTPUT_CLASS_MAPS, OUTPUT_PROBABILITIES
+from contracts.bundle import OUTPUT_CLASS_MAPS, OUTPUT_PROBABILITIES
 
 FEATURES_LAYER = "features"
 LOGITS_LAYER = "logits"

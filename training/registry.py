@@ -81,8 +81,7 @@ def primary_metric(task: str) -> str:
 
 def download_bundle(client, run_id: str, s: Settings):
     """Download and verify a run's serving bundle (cached per run id)."""
-    from serving.bundle import BUNDLE_DIR
-    from training.bundle import read_bundle
+    from contracts.bundle import BUNDLE_DIR, read_bundle
 
     target = s.hemaflow_home / "cache" / "bundles" / run_id
     if (target / "SHA256SUMS").is_file():

@@ -50,6 +50,7 @@ CODE_FILES = (
     "training/train.py",
     "training/evaluate.py",
     "training/bundle.py",
+    "contracts/bundle.py",
     "contracts/processed.py",
 )
 MODEL_ARTIFACT = "model"
@@ -422,7 +423,7 @@ def _fit_evaluate_log(s, meta, folder: Path, run_id: str, model_name: str, commi
     from mlflow.models import infer_signature
 
     from training import evaluate as ev
-    from serving.bundle import BUNDLE_DIR
+    from contracts.bundle import BUNDLE_DIR
     from training.bundle import export_bundle, signing_key_of
     from training.data import class_weights, configure_threads, load_split_arrays, make_dataset
     from training.model import build_model, served_twin

@@ -18,7 +18,7 @@ def _client(settings):
 
 
 def test_tiny_training_registers_a_version_with_bundle_and_provenance(tiny_registered_model):
-    from training.bundle import check_canaries
+    from contracts.bundle import check_canaries
     from training.registry import download_bundle
 
     info = tiny_registered_model

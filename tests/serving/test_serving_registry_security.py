@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.signing import generate_key_pair
+from contracts.signing import generate_key_pair
 from tests.helpers import patched_environ
 from tests.fixtures.keys import OTHER_SIGNING_KEY, PUBLIC_KEY, SIGNING_KEY
 from tests.serving.support import image_bytes, resum

@@ -8,7 +8,7 @@ import shutil
 import httpx
 import pytest
 
-from serving.signing import generate_key_pair
+from contracts.signing import generate_key_pair
 from tests.fixtures.keys import PUBLIC_KEY
 from tests.serving.support import forge, image_bytes, point_link
 

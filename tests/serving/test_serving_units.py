@@ -7,7 +7,7 @@ import pytest
 
 from serving import gradcam
 from serving.deps import key_matches
-from serving.bundle import BundleError, parse_sums, verify_checksums
+from contracts.bundle import BundleError, parse_sums, verify_checksums
 from serving.clinical import SCREENING_NOTE, context_for
 
 

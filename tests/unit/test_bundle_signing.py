@@ -1,4 +1,4 @@
-"""Ed25519 signatures of SHA256SUMS: who may publish a servable bundle (serving.signing)."""
+"""Ed25519 signatures of SHA256SUMS: who may publish a servable bundle (contracts.signing)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import pytest
 
 from contracts.settings import Settings
-from serving.bundle import SIGNATURE_FILE, SUMS_FILE, BundleError, verify_signature
-from serving.signing import (
+from contracts.bundle import SIGNATURE_FILE, SUMS_FILE, BundleError, verify_signature
+from contracts.signing import (
     SignatureRejected,
     generate_key_pair,
     key_id,

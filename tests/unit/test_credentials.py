@@ -71,7 +71,7 @@ def test_secrets_file_is_private_complete_idempotent_and_never_rotated(tmp_path)
     other = tmp_path / "other.env"
     init_secrets(other)
     assert credentials._read(other)["MLFLOW_TRACKING_PASSWORD"] != first["MLFLOW_TRACKING_PASSWORD"]  # per install
-    from serving.signing import public_key_of
+    from contracts.signing import public_key_of
 
     assert first["BUNDLE_TRUSTED_PUBLIC_KEYS"] == public_key_of(first["BUNDLE_SIGNING_KEY"])
 

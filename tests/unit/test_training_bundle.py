@@ -7,14 +7,17 @@ import json
 import numpy as np
 import pytest
 
-from training.bundle import (
+from contracts.bundle import (
+    OUTPUT_CLASS_MAPS,
+    OUTPUT_PROBABILITIES,
     BundleError,
     TFLiteRunner,
     check_canaries,
     read_bundle,
+    read_local_bundle,
     verify_checksums,
 )
-from training.model import OUTPUT_CLASS_MAPS, OUTPUT_PROBABILITIES, gradcam_keras
+from training.model import gradcam_keras
 from training.synthetic import synthetic_images
 
 
@@ -70,7 +73,7 @@ def test_canaries_pass_and_tampering_is_detected(tiny_bundle_dir, tmp_path):
     meta["threshold"] = 0.01
     (copy / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="sha256 mismatch"):
-        verify_checksums(copy)
+        verify_checksums(read_local_bundle(copy))
     (copy / "extra.txt").write_text("x")
     with pytest.raises(BundleError, match="differ"):
         read_bundle(copy)
@@ -83,7 +86,7 @@ def test_wrong_expected_canary_output_is_rejected(tiny_bundle_dir, tmp_path):
     shutil.copytree(tiny_bundle_dir, copy)
     bundle = read_bundle(copy)
     bundle.meta["canaries"][0]["probabilities"][0] += 0.01
-    with pytest.raises(BundleError, match="canary outputs differ"):
+    with pytest.raises(BundleError, match="canary_mismatch: canary canary/0.png: outputs differ"):
         check_canaries(bundle)
 
 
