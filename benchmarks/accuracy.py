@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from training.data import load_split_arrays
         from training.registry import download_bundle, promote_if_better
-        from training.train import mlflow_client, train_candidate
+        from training.tracking import mlflow_client
+        from training.train import train_candidate
 
         def on_epoch(epoch: int, logs: dict) -> None:
             shown = " ".join(f"{k}={float(v):.4f}" for k, v in logs.items() if k != "learning_rate")

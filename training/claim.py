@@ -103,7 +103,7 @@ def _owner_gone(tags: dict[str, str]) -> bool:
 
 def live_claims(client, experiment_id: str, chash: str, s: Settings) -> list:
     """RUNNING runs of this config hash whose claim still holds, earliest first."""
-    from training.train import TAG_CONFIG_HASH
+    from training.tracking import TAG_CONFIG_HASH
 
     runs = client.search_runs(
         [experiment_id], filter_string=f"tags.{TAG_CONFIG_HASH} = '{chash}' and attributes.status = 'RUNNING'"

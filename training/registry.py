@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.settings import Settings, get_settings
+from training.tracking import mlflow_client
 
 log = logging.getLogger("training.registry")
 
@@ -54,12 +55,6 @@ class ChampionMoved(RegistryError):
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _client(s: Settings):
-    from training.train import mlflow_client
-
-    return mlflow_client(s)
 
 
 def alias_version(client, model_name: str, alias: str):
@@ -114,7 +109,7 @@ def evaluate_against_champion(dataset: str, model_version: str, settings: Settin
     from training.data import load_split_arrays
 
     s = settings or get_settings()
-    client = _client(s)
+    client = mlflow_client(s)
     name = s.model_name(dataset)
     candidate = client.get_model_version(name, str(model_version))
     ds_version = candidate.tags.get("dataset_version")
@@ -244,7 +239,7 @@ def _check_champion_unchanged(name: str, decision: dict, current) -> None:
 def apply_gate(dataset: str, model_version: str, decision: dict, settings: Settings | None = None) -> dict:
     """Move the aliases according to `decision` and record why and when (compare-and-set on @champion)."""
     s = settings or get_settings()
-    client = _client(s)
+    client = mlflow_client(s)
     name = s.model_name(dataset)
     version = str(model_version)
     current = alias_version(client, name, CHAMPION)
@@ -353,7 +348,7 @@ def promote_by_person(dataset: str, model_version: str, reason: str, by: str,
 def rollback(dataset: str, settings: Settings | None = None, reason: str = "manual rollback") -> dict:
     """@champion back to @previous-champion; the demoted version is tagged, nothing is deleted."""
     s = settings or get_settings()
-    client = _client(s)
+    client = mlflow_client(s)
     name = s.model_name(dataset)
     current = alias_version(client, name, CHAMPION)
     previous = alias_version(client, name, PREVIOUS)
@@ -381,7 +376,7 @@ def rollback(dataset: str, settings: Settings | None = None, reason: str = "manu
 def status(dataset: str, settings: Settings | None = None) -> dict:
     """Aliases and every version with its key tags (for the CLI and the DAG logs)."""
     s = settings or get_settings()
-    client = _client(s)
+    client = mlflow_client(s)
     name = s.model_name(dataset)
     from mlflow.exceptions import MlflowException
 

@@ -237,7 +237,7 @@ print(json.dumps(train_candidate(dataset, version), default=str))
 def test_two_processes_training_the_same_configuration_register_one_version(local_stack, tmp_path):
     """The CLI and the DAG start the same training at the same moment: one version, one trained run."""
     from contracts.settings import PROJECT_ROOT
-    from training.train import config_hash
+    from training.tracking import config_hash
 
     s = local_stack.model_copy(update=TINY_TRAIN)
     dataset = f"tinyrace{secrets.token_hex(3)}"
@@ -283,7 +283,7 @@ def test_only_live_claims_count(local_stack):
     container) or older than the expiry does not block training."""
     from training.claim import (CLAIM_STALE_S, TAG_HEARTBEAT, TAG_HOST, TAG_PID, TAG_PID_START, claim_expiry_s,
                                 claim_tags, heartbeat, host_id, live_claims)
-    from training.train import experiment_id
+    from training.tracking import experiment_id
 
     s = local_stack.model_copy(update=TINY_TRAIN)
     client = _client(s)

@@ -130,7 +130,8 @@ def test_floors_reject_a_candidate_when_there_is_no_champion(local_stack):
 
 
 def test_nan_loss_fails_the_run_and_registers_nothing(local_stack):
-    from training.train import TrainingError, train_candidate
+    from training.errors import TrainingError
+    from training.train import train_candidate
 
     s = local_stack.model_copy(update=TINY_TRAIN)
     dataset = f"tinynan{secrets.token_hex(3)}"
@@ -145,7 +146,8 @@ def test_nan_loss_fails_the_run_and_registers_nothing(local_stack):
 
 
 def test_mlflow_unreachable_gives_a_clear_error(local_stack):
-    from training.train import MlflowUnavailable, train_candidate
+    from training.errors import MlflowUnavailable
+    from training.train import train_candidate
 
     from pipeline.stack import free_port
 

@@ -1,0 +1,175 @@
+"""Fit and evaluate one model on a processed dataset version: data -> Keras fit -> metrics.
+
+No MLflow here: the caller (training/train.py) logs what `fit_and_evaluate` returns and passes
+`on_epoch` to see each epoch. TensorFlow/Keras are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from contracts.processed import DatasetMeta
+from contracts.settings import Settings
+from training.errors import Diverged
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    """What one fit needs: settings (training fields), the processed version and its local copy."""
+
+    settings: Settings
+    meta: DatasetMeta
+    folder: Path
+    verbose: int = 0  # Keras' fit verbosity (the CLI shows a progress bar)
+    on_epoch: Callable[[int, dict], None] | None = None
+
+
+@dataclass
+class FitResult:
+    """The served model (input IMAGE_SIZE) and everything measured on it."""
+
+    model: Any
+    history: dict[str, list[float]]
+    model_params: int
+    stopped_for_time_budget: bool
+    labels: list[str]
+    positive_label: str | None  # binary tasks only
+    threshold: float | None  # chosen on validation for the target sensitivity (binary tasks)
+    val_metrics: dict[str, Any]
+    test_metrics: dict[str, Any]
+    val_x: np.ndarray
+    val_y: np.ndarray
+    test_y: np.ndarray
+    test_p: np.ndarray
+
+    @property
+    def binary(self) -> bool:
+        return len(self.labels) == 2
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history["loss"])
+
+
+def _callbacks(s: Settings, on_epoch: Callable[[int, dict], None] | None):
+    import keras
+
+    class TimeBudget(keras.callbacks.Callback):
+        """Stop before the next epoch would overrun the wall-clock budget."""
+
+        def __init__(self, budget_s: float) -> None:
+            super().__init__()
+            self.budget_s = budget_s
+            self.stopped_for_budget = False
+
+        def on_train_begin(self, logs=None):
+            self.start = time.monotonic()
+
+        def on_epoch_end(self, epoch, logs=None):
+            elapsed = time.monotonic() - self.start
+            per_epoch = elapsed / (epoch + 1)
+            if elapsed + per_epoch > self.budget_s:
+                self.stopped_for_budget = True
+                self.model.stop_training = True
+
+    class EpochHook(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if on_epoch is not None:
+                on_epoch(epoch, dict(logs or {}))
+
+    budget = TimeBudget(s.train_time_budget_s)
+    callbacks = [
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=s.early_stopping_patience, restore_best_weights=True, verbose=0
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.5, patience=max(1, s.early_stopping_patience // 3), min_lr=1e-5
+        ),
+        budget,
+        EpochHook(),
+    ]
+    return callbacks, budget
+
+
+def _finite(history: dict[str, list[float]], model) -> bool:
+    losses = history.get("loss", [])
+    if not losses or any(not math.isfinite(v) for v in losses):
+        return False
+    return all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def pick_canaries(images: np.ndarray, y: np.ndarray, labels: list[str], count: int):
+    """Up to `count` images, round-robin over labels, so every class has a canary when possible."""
+    order: list[int] = []
+    per_label = [list(np.flatnonzero(y == k)) for k in range(len(labels))]
+    while len(order) < min(count, len(y)) and any(per_label):
+        for bucket in per_label:
+            if bucket and len(order) < count:
+                order.append(int(bucket.pop(0)))
+    return images[order], [labels[int(y[i])] for i in order]
+
+
+def _fit(req: FitRequest):
+    """Train at the network's input size; returns (served twin, history, params, stopped for budget)."""
+    import keras
+
+    from training.data import class_weights, configure_threads, make_dataset
+    from training.model import build_model, served_twin
+
+    s, meta, folder = req.settings, req.meta, req.folder
+    configure_threads()
+    keras.utils.set_random_seed(s.seed)
+    labels, size = list(meta.labels), s.train_input_size
+    train_ds = make_dataset(folder, meta, "train", s.batch_size, training=True, seed=s.seed, resize_to=size)
+    val_ds = make_dataset(folder, meta, "val", s.batch_size, resize_to=size)
+    net = build_model(len(labels), size, size, s.model_width, s.model_depth, seed=s.seed)
+    net.compile(
+        optimizer=keras.optimizers.Adam(s.learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    callbacks, budget = _callbacks(s, req.on_epoch)
+    history = net.fit(
+        train_ds, validation_data=val_ds, epochs=s.epochs, class_weight=class_weights(meta),
+        callbacks=callbacks, verbose=req.verbose,
+    ).history
+    if not _finite(history, net):
+        raise Diverged(f"training of {meta.dataset} {meta.dataset_version} diverged (NaN/inf loss); "
+                       "the run is marked FAILED and nothing was registered", net.count_params())
+    # The served twin (input IMAGE_SIZE, Resizing inside) gets the trained weights.
+    model = served_twin(net, len(labels), meta.image_size, size, s.model_width, s.model_depth)
+    return model, history, net.count_params(), budget.stopped_for_budget
+
+
+def fit_and_evaluate(req: FitRequest) -> FitResult:
+    """Fit, then evaluate: the threshold is chosen on validation, the figures come from test."""
+    from training import evaluate as ev
+    from training.data import load_split_arrays
+
+    s, meta = req.settings, req.meta
+    model, history, params, stopped = _fit(req)
+    labels = list(meta.labels)
+    val_x, val_y = load_split_arrays(req.folder, meta, "val")
+    test_x, test_y = load_split_arrays(req.folder, meta, "test")
+    val_p = model.predict(val_x.astype(np.float32), batch_size=64, verbose=0)
+    test_p = model.predict(test_x.astype(np.float32), batch_size=64, verbose=0)
+    positive = meta.positive_label if len(labels) == 2 else None
+    threshold = None
+    if positive is not None:
+        pos = labels.index(positive)
+        threshold = ev.choose_threshold(val_y == pos, val_p[:, pos], s.target_sensitivity)
+    return FitResult(
+        model=model, history=history, model_params=params, stopped_for_time_budget=stopped, labels=labels,
+        positive_label=positive, threshold=threshold,
+        val_metrics=ev.compute_metrics(val_y, val_p, labels, positive, threshold),
+        test_metrics=ev.compute_metrics(test_y, test_p, labels, positive, threshold),
+        val_x=val_x, val_y=val_y, test_y=test_y, test_p=test_p,
+    )
