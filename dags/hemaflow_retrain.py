@@ -24,10 +24,11 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from pipeline.dag_defaults import task_defaults
 from contracts.dataset_spec import DatasetSpec, list_specs
-from pipeline.report import log_failure_summary
 from contracts.settings import Settings, get_settings
+from contracts.stages import GateDecision, IngestResult, PreprocessResult, TrainResult, ValidateResult
+from pipeline.dag_defaults import task_defaults
+from pipeline.report import log_failure_summary
 from pipeline.watch import raw_asset_name, raw_asset_uri
 
 DAG_ID_PREFIX = "hemaflow_retrain_"
@@ -98,7 +99,8 @@ def _apply_gate(dataset: str, trained: dict, decision: dict) -> dict:
     from training.registry import ChampionMoved, apply_gate
 
     try:
-        return apply_gate(dataset, trained["model_version"], decision, settings=_settings())
+        model_version = TrainResult.from_dict(trained).model_version
+        return apply_gate(dataset, model_version, GateDecision.from_dict(decision).to_dict(), settings=_settings())
     except ChampionMoved as exc:
         raise AirflowFailException(f"not applied: {exc}") from exc
 
@@ -152,7 +154,7 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
         def ingest() -> dict:
             from pipeline.ingest import ingest as ingest_raw
 
-            return ingest_raw(dataset, settings=_settings())
+            return ingest_raw(dataset, settings=_settings()).to_dict()
 
         @task(doc_md="Validate every image and run the Great Expectations dataset suite on the manifest; "
                      "bad images go to `quarantine/`. Fails **without retry** when the bad fraction is too high.")
@@ -160,7 +162,8 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
             from pipeline.validate import NoImages, ValidationFailed, validate as validate_manifest
 
             try:
-                return validate_manifest(ingested["manifest_key"], dataset, settings=_settings())
+                manifest_key = IngestResult.from_dict(ingested).manifest_key
+                return validate_manifest(manifest_key, dataset, settings=_settings()).to_dict()
             except NoImages as exc:  # an empty prefix is not an error: the run ends green, saying so
                 raise AirflowSkipException(f"nothing to do: {exc}") from exc
             except ValidationFailed as exc:  # a data problem: retrying cannot help
@@ -172,7 +175,8 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
         def preprocess(validated: dict) -> dict:
             from pipeline.preprocess import preprocess as preprocess_validated
 
-            return preprocess_validated(validated["validated_key"], dataset, settings=_settings())
+            validated_key = ValidateResult.from_dict(validated).validated_key
+            return preprocess_validated(validated_key, dataset, settings=_settings()).to_dict()
 
         @task(retries=1, execution_timeout=train_timeout, queue=settings.train_queue,
               doc_md="Train a candidate, log it to MLflow and register a model version. **Skipped** when this "
@@ -180,27 +184,29 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
         def train(processed: dict) -> dict:
             from training.train import train_candidate
 
-            result = train_candidate(dataset, processed["dataset_version"], settings=_settings())
+            dataset_version = PreprocessResult.from_dict(processed).dataset_version
+            result = TrainResult.from_dict(train_candidate(dataset, dataset_version, settings=_settings()))
             # The report reads this key whether or not training was skipped.
-            get_current_context()["ti"].xcom_push(key="result", value=result)
-            if result.get("skipped"):
-                raise AirflowSkipException(f"training skipped: {result.get('reason')}")
-            return result
+            get_current_context()["ti"].xcom_push(key="result", value=result.to_dict())
+            if result.skipped:
+                raise AirflowSkipException(f"training skipped: {result.reason}")
+            return result.to_dict()
 
         @task(doc_md="Evaluate the candidate and the current `@champion` on the candidate's held-out test split.")
         def evaluate(trained: dict) -> dict:
             from training.registry import evaluate_against_champion
 
-            return evaluate_against_champion(dataset, trained["model_version"], settings=_settings())
+            model_version = TrainResult.from_dict(trained).model_version
+            return evaluate_against_champion(dataset, model_version, settings=_settings())
 
         @task.branch(doc_md="Apply the promotion gate (absolute floors, margin over the champion). "
                             "Chooses `promote` or `keep_champion`; the decision is in XCom key `decision`.")
         def gate(comparison: dict) -> str:
             from training.registry import decide_gate
 
-            decision = decide_gate(comparison, settings=_settings())
-            get_current_context()["ti"].xcom_push(key="decision", value=decision)
-            return "promote" if decision.get("passed") else "keep_champion"
+            decision = GateDecision.from_dict(decide_gate(comparison, settings=_settings()))
+            get_current_context()["ti"].xcom_push(key="decision", value=decision.to_dict())
+            return "promote" if decision.passed else "keep_champion"
 
         @task(doc_md="Move `@champion` to the candidate (the previous one becomes `@previous-champion`).")
         def promote(trained: dict, decision: dict) -> dict:

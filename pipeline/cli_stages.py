@@ -56,7 +56,7 @@ def _upload(args: argparse.Namespace) -> int:
 def _ingest(args: argparse.Namespace) -> int:
     from pipeline.ingest import ingest
 
-    _print_ingest(ingest(_dataset(args), show_progress=True))
+    _print_ingest(ingest(_dataset(args), show_progress=True).to_dict())
     return 0
 
 
@@ -73,7 +73,7 @@ def _validate(args: argparse.Namespace) -> int:
         if not pointer:
             raise SystemExit(f"no manifest for {dataset!r} yet: run 'python -m pipeline ingest' first")
         manifest_key = pointer["manifest_key"]
-    _print_validate(validate(manifest_key, dataset, show_progress=True))
+    _print_validate(validate(manifest_key, dataset, show_progress=True).to_dict())
     return 0
 
 
@@ -82,7 +82,7 @@ def _preprocess(args: argparse.Namespace) -> int:
 
     if not args.validated:
         raise SystemExit("preprocess needs --validated KEY (printed by 'validate'), or use 'run'")
-    _print_preprocess(preprocess(args.validated, _dataset(args), show_progress=True))
+    _print_preprocess(preprocess(args.validated, _dataset(args), show_progress=True).to_dict())
     return 0
 
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pipeline.cache import ObjectTooLarge, clean_stale_temporaries, stream_to_cache
 from contracts.settings import Settings, get_settings
+from contracts.stages import IngestResult
+from pipeline.cache import ObjectTooLarge, clean_stale_temporaries, stream_to_cache
 
 MANIFEST_FIELDS = (
     "key", "etag", "sha256", "bytes", "format", "width", "height", "mode", "class", "label", "decoded", "error",
@@ -100,7 +101,7 @@ def load_previous(client, settings: Settings, dataset: str) -> tuple[dict | None
 
 
 def ingest(dataset: str, settings: Settings | None = None, show_progress: bool = False,
-           before_download=None) -> dict:
+           before_download=None) -> IngestResult:
     """Bring the manifest of `dataset` up to date with its S3 prefix.
 
     `before_download(n)` is called when n > 0 objects are about to be downloaded (run_pipeline
@@ -176,6 +177,6 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
             "deleted": deleted[:REPORT_LIMIT], "unassigned": unassigned[:REPORT_LIMIT],
             "changed": [o["Key"] for o in changed][:REPORT_LIMIT],
         })
-    return {"manifest_key": manifest_key, "ingest_id": ingest_id, **counts, "reused": reused,
-            "deleted_keys": deleted[:REPORT_LIMIT], "unassigned_keys": unassigned[:REPORT_LIMIT],
-            "downloaded_bytes": sum(r["bytes"] for r in fetched if r["sha256"])}
+    return IngestResult(manifest_key=manifest_key, ingest_id=ingest_id, **counts, reused=reused,
+                        deleted_keys=deleted[:REPORT_LIMIT], unassigned_keys=unassigned[:REPORT_LIMIT],
+                        downloaded_bytes=sum(r["bytes"] for r in fetched if r["sha256"]))

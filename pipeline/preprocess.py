@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from contracts.settings import Settings, get_settings
+from contracts.stages import PreprocessResult
 
 PREPROCESS_VERSION = 1
 
@@ -63,7 +64,7 @@ def dataset_version(pairs: list[tuple[str, str]], labels: list[str], preprocessi
 
 
 def preprocess(validated_key: str, dataset: str, settings: Settings | None = None,
-               show_progress: bool = False) -> dict:
+               show_progress: bool = False) -> PreprocessResult:
     """Write the processed dataset version for the validated rows (or find it already there)."""
     from contracts.common import progress, to_jsonl, utc_now
     from contracts.dataset_spec import load_spec
@@ -84,8 +85,8 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
     version = dataset_version([(r["sha256"], r["label"]) for r in rows], spec.labels, prep, split_cfg)
     prefix = version_prefix(dataset, version)
     if s3_call(s, "check version", object_exists, client, s.s3_bucket, prefix + META_FILE):
-        return {"dataset_version": version, "prefix": prefix, "created": False, "counts": None,
-                "message": f"dataset version {version} already exists: nothing to do"}
+        return PreprocessResult(dataset_version=version, prefix=prefix, created=False,
+                                message=f"dataset version {version} already exists: nothing to do")
 
     splits = assign_splits(((r["sha256"], r["label"]) for r in rows), s.val_fraction, s.test_fraction,
                            s.split_salt)
@@ -156,5 +157,5 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
     finally:
         shutil.rmtree(work, ignore_errors=True)
     per_split = {sp: sum(c.values()) for sp, c in counts.items()}
-    return {"dataset_version": version, "prefix": prefix, "created": True, "counts": counts,
-            "per_split": per_split, "message": f"dataset version {version} written: {per_split}"}
+    return PreprocessResult(dataset_version=version, prefix=prefix, created=True, counts=counts,
+                            per_split=per_split, message=f"dataset version {version} written: {per_split}")

@@ -25,7 +25,7 @@ def _prewarm_imports() -> threading.Thread:
 
 
 def run_pipeline(dataset: str | None = None, settings: Settings | None = None, show_progress: bool = False) -> dict:
-    """Run ingest, validate and preprocess for `dataset`; returns each stage's result and timings."""
+    """Run ingest, validate and preprocess for `dataset`; returns each stage's result as a JSON-ready dict, and timings."""
     from pipeline.ingest import ingest
     from pipeline.preprocess import preprocess
     from pipeline.validate import validate
@@ -40,11 +40,11 @@ def run_pipeline(dataset: str | None = None, settings: Settings | None = None, s
                       before_download=lambda n: warm.append(_prewarm_imports()))
     timings["ingest_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
-    validated = validate(ingested["manifest_key"], dataset, s, show_progress=show_progress)
+    validated = validate(ingested.manifest_key, dataset, s, show_progress=show_progress)
     timings["validate_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
-    processed = preprocess(validated["validated_key"], dataset, s, show_progress=show_progress)
+    processed = preprocess(validated.validated_key, dataset, s, show_progress=show_progress)
     timings["preprocess_s"] = round(time.perf_counter() - t0, 3)
     timings["total_s"] = round(time.perf_counter() - started, 3)
-    return {"dataset": dataset, "ingest": ingested, "validate": validated, "preprocess": processed,
-            "timings": timings}
+    return {"dataset": dataset, "ingest": ingested.to_dict(), "validate": validated.to_dict(),
+            "preprocess": processed.to_dict(), "timings": timings}

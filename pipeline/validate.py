@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from contracts.settings import Settings, get_settings
+from contracts.stages import ValidateResult
 
 CHECKS_VERSION = 2  # bump when the checks change: old validation results are then not reused
 SUMMARY_FILE = "summary.json"
@@ -191,7 +192,7 @@ def _summary_md(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def validate(manifest_key: str, dataset: str, settings: Settings | None = None, show_progress: bool = False) -> dict:
+def validate(manifest_key: str, dataset: str, settings: Settings | None = None, show_progress: bool = False) -> ValidateResult:
     """Check every image and the dataset; quarantine failures; save results; raise when unusable."""
     from contracts.common import progress, utc_now
     from contracts.dataset_spec import load_spec
@@ -211,9 +212,9 @@ def validate(manifest_key: str, dataset: str, settings: Settings | None = None, 
 
     previous = s3_call(s, "read summary", get_json_or_none, client, s.s3_bucket, keys[SUMMARY_FILE])
     if previous is not None:  # same manifest, same checks: the saved verdict stands
-        out = {**result, "quarantined": previous["quarantined"], "bad_fraction": previous["bad_fraction"],
-               "kept": previous["kept"], "duplicates_dropped": previous["duplicates_dropped"], "reused": True,
-               "status": previous["status"]}
+        out = ValidateResult(**result, quarantined=previous["quarantined"], bad_fraction=previous["bad_fraction"],
+                             kept=previous["kept"], duplicates_dropped=previous["duplicates_dropped"], reused=True,
+                             status=previous["status"])
         if previous["status"] != "passed":
             raise ValidationFailed(f"{previous['failure']} (saved result: s3://{s.s3_bucket}/{keys['summary.md']})")
         return out
@@ -284,5 +285,5 @@ def validate(manifest_key: str, dataset: str, settings: Settings | None = None, 
     put_json(client, s.s3_bucket, keys[SUMMARY_FILE], summary)  # last: its presence means "complete"
     if failure:
         raise ValidationFailed(f"{failure} (summary: s3://{s.s3_bucket}/{keys['summary.md']})")
-    return {**result, "quarantined": len(bad), "bad_fraction": summary["bad_fraction"], "kept": len(kept),
-            "duplicates_dropped": len(duplicates), "reused": False, "status": "passed"}
+    return ValidateResult(**result, quarantined=len(bad), bad_fraction=summary["bad_fraction"], kept=len(kept),
+                          duplicates_dropped=len(duplicates), reused=False, status="passed")

@@ -24,15 +24,15 @@ def test_oversized_object_is_never_read_whole_and_is_quarantined(tiny_dataset_fa
     upload_tree(root, dataset, settings)
     result = ingest(dataset, settings)
     rows = {r["key"]: r for r in map(json.loads, s3.get_object(
-        Bucket=settings.s3_bucket, Key=result["manifest_key"])["Body"].read().splitlines())}
+        Bucket=settings.s3_bucket, Key=result.manifest_key)["Body"].read().splitlines())}
     row = next(r for k, r in rows.items() if k.endswith("huge.bmp"))
     assert row["error"] == "file_too_large" and row["sha256"] is None and row["bytes"] == 120_002
     assert "MAX_FILE_BYTES=50000" in row["error_detail"]
-    assert result["downloaded_bytes"] < 12 * 50_000  # the big object was not downloaded
+    assert result.downloaded_bytes < 12 * 50_000  # the big object was not downloaded
     cached = [p for p in cache_root(settings).rglob("*") if p.is_file()]
     assert len(cached) == 12 and all(p.stat().st_size <= 50_000 for p in cached)  # 12 images, no .part left
-    checked = validate(result["manifest_key"], dataset, settings)
-    assert checked["quarantined"] == 1
+    checked = validate(result.manifest_key, dataset, settings)
+    assert checked.quarantined == 1
     reason = json.loads(s3.get_object(Bucket=settings.s3_bucket, Key=next(
         o["Key"] for o in s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix=f"quarantine/{dataset}/")["Contents"]
         if o["Key"].endswith(".reason.json")))["Body"].read())

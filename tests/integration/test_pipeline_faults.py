@@ -42,17 +42,17 @@ def test_bad_files_in_the_bucket_are_quarantined_with_reasons(tiny_dataset_facto
     upload_tree(root, dataset, settings)
 
     ingested = ingest(dataset, settings)  # nothing crashes; unreadable files are recorded
-    assert ingested["total"] == 40 + len(bad_images()) + len(unusual_images()) + 2
-    assert ingested["errors"] >= 4  # empty, not-an-image, two bombs (header-level)
-    result = validate(ingested["manifest_key"], dataset, settings)
+    assert ingested.total == 40 + len(bad_images()) + len(unusual_images()) + 2
+    assert ingested.errors >= 4  # empty, not-an-image, two bombs (header-level)
+    result = validate(ingested.manifest_key, dataset, settings)
     bucket = settings.s3_bucket
-    summary = _get_json(s3, bucket, result["summary_key"])
+    summary = _get_json(s3, bucket, result.summary_key)
     got = {item["key"]: item["reason"] for item in summary["quarantined_items"]}
     assert got == expected
-    assert result["quarantined"] == len(expected)
+    assert result.quarantined == len(expected)
     for key, reason in expected.items():
         rel = key.split(f"raw/{dataset}/", 1)[1]
-        qkey = f"quarantine/{dataset}/{result['run_id']}/{rel}"
+        qkey = f"quarantine/{dataset}/{result.run_id}/{rel}"
         record = _get_json(s3, bucket, qkey + ".reason.json")
         assert record["reason"] == reason and record["detail"] and record["key"] == key
         assert s3.head_object(Bucket=bucket, Key=qkey)["ContentLength"] == s3.head_object(
@@ -63,26 +63,26 @@ def test_bad_files_in_the_bucket_are_quarantined_with_reasons(tiny_dataset_facto
                                                    f"raw/{dataset}/pos/also_neg_0002.png"])]
     assert summary["duplicates_dropped"] == 1
     assert any("expect_column_values_to_be_unique" in w for w in summary["warnings"])
-    md = s3.get_object(Bucket=bucket, Key=result["summary_key"].replace("summary.json", "summary.md"))["Body"]
+    md = s3.get_object(Bucket=bucket, Key=result.summary_key.replace("summary.json", "summary.md"))["Body"]
     assert "decompression_bomb" in md.read().decode()
-    gx = _get_json(s3, bucket, result["gx_result_key"])
+    gx = _get_json(s3, bucket, result.gx_result_key)
     assert len(gx["results"]) >= 10
 
-    validated = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=result["validated_key"])["Body"]
+    validated = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=result.validated_key)["Body"]
                  .read().splitlines()]
     keys = {r["key"] for r in validated}
     assert not keys & set(expected)
     assert {f"raw/{dataset}/pos/{n}" for n in unusual_images()} <= keys  # accepted and converted
     assert len(validated) == 40 - 1 + len(unusual_images())  # neg_0002 quarantined, one duplicate dropped
-    processed = preprocess(result["validated_key"], dataset, settings)
-    assert sum(processed["per_split"].values()) == len(validated)
+    processed = preprocess(result.validated_key, dataset, settings)
+    assert sum(processed.per_split.values()) == len(validated)
 
     # The same bad data with the default 5% threshold fails, clearly, and says where to look.
     strict = settings.model_copy(update={"max_bad_fraction": 0.05})
     with pytest.raises(ValidationFailed, match=r"MAX_BAD_FRACTION=5\.0%.*quarantine/"):
-        validate(ingested["manifest_key"], dataset, strict)
+        validate(ingested.manifest_key, dataset, strict)
     with pytest.raises(ValidationFailed):  # the saved verdict is reused, and still fails
-        validate(ingested["manifest_key"], dataset, strict)
+        validate(ingested.manifest_key, dataset, strict)
 
 
 def test_killed_ingest_leaves_no_partial_file_and_rerun_completes(tiny_dataset_factory, tmp_path):
@@ -115,7 +115,7 @@ def test_killed_ingest_leaves_no_partial_file_and_rerun_completes(tiny_dataset_f
         assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
 
     result = ingest(dataset, worker)
-    assert result["total"] == 120 and result["new"] == 120 and result["errors"] == 0
+    assert result.total == 120 and result.new == 120 and result.errors == 0
     files = cached()
     assert len(files) == 120
     for path in files:

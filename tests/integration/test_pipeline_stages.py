@@ -63,7 +63,7 @@ def test_upload_skips_identical_and_ingest_diffs(tiny_dataset_factory, s3, tmp_p
     assert again["uploaded"] == 0 and again["skipped"] == 10
 
     r1 = ingest(dataset, settings)
-    assert (r1["new"], r1["total"], r1["reused"]) == (10, 10, False)
+    assert (r1.new, r1.total, r1.reused) == (10, 10, False)
     # change one image, delete one, add one outside any class folder
     changed = sorted((root / "neg").iterdir())[0]
     changed.write_bytes((root / "pos" / "pos_0000.png").read_bytes())
@@ -73,25 +73,25 @@ def test_upload_skips_identical_and_ingest_diffs(tiny_dataset_factory, s3, tmp_p
     s3.put_object(Bucket=bucket, Key=f"raw/{dataset}/stray.png", Body=b"x")
     s3.put_object(Bucket=bucket, Key=f"raw/{dataset}/Unknown/a.png", Body=b"x")
     r2 = ingest(dataset, settings)
-    assert (r2["new"], r2["changed"], r2["deleted"], r2["unchanged"]) == (0, 1, 1, 8)
-    assert r2["deleted_keys"] == [f"raw/{dataset}/pos/pos_0004.png"]
-    assert sorted(r2["unassigned_keys"]) == [f"raw/{dataset}/Unknown/a.png", f"raw/{dataset}/stray.png"]
+    assert (r2.new, r2.changed, r2.deleted, r2.unchanged) == (0, 1, 1, 8)
+    assert r2.deleted_keys == [f"raw/{dataset}/pos/pos_0004.png"]
+    assert sorted(r2.unassigned_keys) == [f"raw/{dataset}/Unknown/a.png", f"raw/{dataset}/stray.png"]
     latest = json.loads(s3.get_object(Bucket=bucket, Key=f"manifests/{dataset}/latest.json")["Body"].read())
-    assert latest["manifest_key"] == r2["manifest_key"] and latest["counts"]["deleted"] == 1
-    rows = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=r2["manifest_key"])["Body"].read().splitlines()]
+    assert latest["manifest_key"] == r2.manifest_key and latest["counts"]["deleted"] == 1
+    rows = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=r2.manifest_key)["Body"].read().splitlines()]
     assert len(rows) == 9
     row = next(r for r in rows if r["key"].endswith("neg/neg_0000.png"))
     assert row["label"] == "normal" and row["format"] == "PNG" and row["width"] == 48 and row["mode"] == "RGB"
     assert row["decoded"] is True and row["error"] is None
 
-    assert ingest(dataset, settings)["reused"] is True
+    assert ingest(dataset, settings).reused is True
     # Editing the spec (swapping the labels) relabels the reused rows and writes a new manifest.
     spec_file = settings.dataset_specs_dir / f"{dataset}.toml"
     text = spec_file.read_text().replace('"normal"', '"tmp"').replace('"abnormal"', '"normal"')
     spec_file.write_text(text.replace('"tmp"', '"abnormal"'))
     r3 = ingest(dataset, settings)
-    assert r3["reused"] is False and r3["relabeled"] == 9 and r3["new"] == r3["changed"] == 0
-    rows = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=r3["manifest_key"])["Body"].read().splitlines()]
+    assert r3.reused is False and r3.relabeled == 9 and r3.new == r3.changed == 0
+    rows = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=r3.manifest_key)["Body"].read().splitlines()]
     assert {r["label"] for r in rows if "/neg/" in r["key"]} == {"abnormal"}
 
 
@@ -104,7 +104,7 @@ def test_cache_miss_redownloads_and_detects_changed_objects(tiny_dataset_factory
     settings, dataset, root = tiny_dataset_factory({"neg": 3, "pos": 3})
     upload_tree(root, dataset, settings)
     result = ingest(dataset, settings)
-    rows = [json.loads(x) for x in s3.get_object(Bucket=settings.s3_bucket, Key=result["manifest_key"])["Body"]
+    rows = [json.loads(x) for x in s3.get_object(Bucket=settings.s3_bucket, Key=result.manifest_key)["Body"]
             .read().splitlines()]
     row = rows[0]
     # Another worker: empty cache -> the bytes are fetched again by key and verified.
@@ -121,7 +121,7 @@ def test_cache_miss_redownloads_and_detects_changed_objects(tiny_dataset_factory
     empty, _, _ = tiny_dataset_factory({"neg": 1, "pos": 1})
     name = empty.dataset_specs_dir.glob("*.toml").__next__().stem
     with pytest.raises(ValidationFailed, match="lists no images"):
-        validate(ingest(name, empty)["manifest_key"], name, empty)
+        validate(ingest(name, empty).manifest_key, name, empty)
 
 
 def test_threaded_encoding_writes_byte_identical_shards_on_rerun(tiny_dataset_factory, s3):
@@ -136,13 +136,13 @@ def test_threaded_encoding_writes_byte_identical_shards_on_rerun(tiny_dataset_fa
 
     settings, dataset, root = tiny_dataset_factory({"neg": 12, "pos": 12}, size=(40, 56))  # needs resizing
     upload_tree(root, dataset, settings)
-    validated = validate(ingest(dataset, settings)["manifest_key"], dataset, settings)["validated_key"]
+    validated = validate(ingest(dataset, settings).manifest_key, dataset, settings).validated_key
     outputs = []
     for _ in range(2):
         result = preprocess(validated, dataset, settings)
-        assert result["created"] is True
-        folder = local_version_dir(settings, dataset, result["dataset_version"])
+        assert result.created is True
+        folder = local_version_dir(settings, dataset, result.dataset_version)
         outputs.append({p.name: p.read_bytes() for p in folder.iterdir() if p.name != META_FILE})
-        s3.delete_object(Bucket=settings.s3_bucket, Key=result["prefix"] + META_FILE)
+        s3.delete_object(Bucket=settings.s3_bucket, Key=result.prefix + META_FILE)
         shutil.rmtree(folder)
     assert outputs[0] == outputs[1] and any(name.endswith(".tfrecord") for name in outputs[0])
