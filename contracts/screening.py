@@ -1,0 +1,85 @@
+"""The screening workflow's storage contract: where batches, results and reviews live in S3.
+
+Batch scoring (the `hemaflow_score_<dataset>` DAG), the review queue (serving) and the feedback
+step (reviews -> raw/) all meet here, so the layout and the row formats are defined once.
+Nothing heavy is imported: this module is part of the shared kernel.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+INBOX_ROOT = "inbox"
+RESULTS_ROOT = "results"
+REVIEWS_ROOT = "reviews"
+
+PREDICTIONS_FILE = "predictions.csv"
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.html"
+HEATMAPS_DIR = "heatmaps"
+THUMBNAILS_DIR = "thumbnails"
+
+# Batch ids become S3 key segments and URL path segments: keep them boring.
+BATCH_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# Columns of predictions.csv, in order; per-class probabilities follow as `p_<label>`.
+PREDICTION_COLUMNS = ("key", "sha256", "label", "confidence", "in_scope", "rank", "error")
+
+
+class InvalidBatchId(ValueError):
+    """A batch id that is not safe as an S3 key segment and URL path segment."""
+
+
+def check_batch_id(batch_id: str) -> str:
+    if not BATCH_ID_PATTERN.match(batch_id or ""):
+        raise InvalidBatchId(
+            f"batch id {batch_id!r} must be 1-64 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return batch_id
+
+
+def inbox_prefix(dataset: str, batch_id: str | None = None) -> str:
+    """`inbox/<dataset>/` or `inbox/<dataset>/<batch_id>/`: where a batch to score is uploaded."""
+    base = f"{INBOX_ROOT}/{dataset}/"
+    return base if batch_id is None else f"{base}{check_batch_id(batch_id)}/"
+
+
+def results_prefix(dataset: str, batch_id: str, model_version: str | int) -> str:
+    """`results/<dataset>/<batch_id>/<model_version>/`: one scoring of one batch by one model."""
+    return f"{RESULTS_ROOT}/{dataset}/{check_batch_id(batch_id)}/{model_version}/"
+
+
+def review_key(dataset: str, batch_id: str) -> str:
+    """`reviews/<dataset>/<batch_id>.jsonl`: append-only reviewer decisions for a batch."""
+    return f"{REVIEWS_ROOT}/{dataset}/{check_batch_id(batch_id)}.jsonl"
+
+
+@dataclass(frozen=True)
+class ReviewDecision:
+    """One reviewer decision on one scored image (a line of the batch's review file)."""
+
+    review_id: str  # uuid4 hex
+    dataset: str
+    batch_id: str
+    image_key: str  # the inbox key of the image
+    sha256: str
+    model_version: str
+    predicted_label: str
+    reviewed_label: str  # equal to predicted_label when the reviewer confirms
+    reviewer: str
+    reviewed_at: str  # ISO 8601 UTC
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def confirmed(self) -> bool:
+        return self.reviewed_label == self.predicted_label
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ReviewDecision":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
