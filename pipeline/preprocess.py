@@ -27,7 +27,8 @@ from typing import Any
 
 from pipeline.settings import Settings, get_settings
 
-PREPROCESS_VERSION = 1
+# 2: large JPEGs are decoded at reduced scale before resizing (pipeline.imaging.DRAFT_FACTOR).
+PREPROCESS_VERSION = 2
 
 
 def encode_cached_file(path: str, size: int, max_pixels: int, label: int, sha256: str) -> bytes:

@@ -11,7 +11,7 @@ import asyncio
 
 import numpy as np
 
-from pipeline.imaging import ImageRejected, open_image, prepare_image, read_header
+from pipeline.imaging import ImageRejected, prepare_image, read_header
 from pipeline.settings import Settings
 from serving import gradcam, schemas
 from serving.batcher import MicroBatcher, Result
@@ -40,7 +40,7 @@ def prepare(data: bytes, size: int, s: Settings) -> np.ndarray:
     if min(head.width, head.height) < s.min_image_side or max(head.width, head.height) > s.max_image_side:
         raise ImageRejected("bad_dimensions", f"{head.width}x{head.height}: sides must be between "
                             f"{s.min_image_side} and {s.max_image_side} pixels")
-    return prepare_image(open_image(data, s.max_image_pixels), size)
+    return prepare_image(data, size, s.max_image_pixels)
 
 
 class Inference:
