@@ -148,8 +148,11 @@ def prepare_image(data: bytes | Image.Image, size: int, max_pixels: int = DEFAUL
 
     Bytes are decoded with `draft_size=size` (training and serving both pass bytes, so both see
     the same reduced-scale decode of large JPEGs)."""
-    img = open_image(data, max_pixels, draft_size=size) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    img = ImageOps.exif_transpose(img) or img
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        img = open_image(data, max_pixels, draft_size=size)
+        ImageOps.exif_transpose(img, in_place=True)  # our own image: no full-size copy when upright
+    else:
+        img = ImageOps.exif_transpose(data) or data
     if img.mode in HIGH_BIT_MODES or img.mode == "L":
         # Grey: resize the 1-byte image, then replicate to RGB. The same pixels as converting first
         # (bilinear works per channel), without a full-size 4-byte-per-pixel RGB copy.

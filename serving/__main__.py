@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         # Access logs carry paths and status only: never bodies, so never images.
         access_log=False,
         timeout_graceful_shutdown=10,
+        workers=settings.serving_workers,
     )
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,8 @@ class ModelIdentity:
 
 @dataclass
 class LoadedModel:
-    """An interpreter plus the bundle metadata; `predict` is thread-safe (one invoke at a time)."""
+    """Interpreters plus the bundle metadata; `predict` is thread-safe (each call borrows its own
+    interpreter from a `serving.runners.RunnerPool`, so `interpreters` calls run in parallel)."""
 
     identity: ModelIdentity
     meta: dict[str, Any]
@@ -68,15 +68,13 @@ class LoadedModel:
     task: str
     positive_label: str | None
     threshold: float | None
-    _runner: Any = field(repr=False)
+    _runner: Any = field(repr=False)  # a serving.runners.RunnerPool
     _input_name: str = field(repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8/float (N,S,S,3) raw 0..255 -> (probabilities (N,C), class_maps (N,h,w,C))."""
         batch = np.ascontiguousarray(images, dtype=np.float32)
-        with self._lock:
-            out = self._runner(**{self._input_name: batch})
+        out = self._runner(**{self._input_name: batch})
         return np.array(out[OUTPUT_PROBABILITIES]), np.array(out[OUTPUT_CLASS_MAPS])
 
     def decide(self, probs: np.ndarray) -> tuple[str, float]:
@@ -238,17 +236,22 @@ def load_bundle(
     promoted_at: str | None = None,
     num_threads: int | None = None,
     expect: dict[str, str] | None = None,
+    interpreters: int = 1,
 ) -> LoadedModel:
     """Verify signature and checksums, build the interpreter, run the canaries; raises BundleError.
 
     `trusted_keys` is `serving.signing.parse_public_keys(settings.bundle_trusted_public_keys)`;
     `expect` ({"run_id": ..., "model_name": ...}) is what the registry says the bundle must be.
+    `interpreters` (each with `num_threads`) can run at once, one per inference thread.
     """
+    from serving.runners import RunnerPool
+
     signed_by = verify_signature(files, trusted_keys)
     verify_checksums(files)
     meta = _read_meta(files)
     _check_expected(meta, expect or {})
     _, runner, input_name = _interpreter(files[MODEL_FILE], num_threads)
+    runners = [runner] + [_interpreter(files[MODEL_FILE], num_threads)[1] for _ in range(interpreters - 1)]
     identity = ModelIdentity(
         name=str(meta.get("model_name") or "model"),
         version=version or f"local-{sha256(files[SUMS_FILE])[:12]}",
@@ -267,7 +270,7 @@ def load_bundle(
         task=str(meta["task"]),
         positive_label=meta.get("positive_label"),
         threshold=float(threshold) if threshold is not None else None,
-        _runner=runner,
+        _runner=RunnerPool(runners),
         _input_name=input_name,
     )
     try:

@@ -20,6 +20,7 @@ from pipeline.settings import Settings
 from serving import registry
 from serving.bundle import BundleError, LoadedModel, load_bundle, read_local_bundle, verify_signature
 from serving.metrics import ServingMetrics
+from serving.runners import cpu_cores, default_threads
 from serving.signing import parse_public_keys
 
 log = logging.getLogger("serving.manager")
@@ -62,7 +63,7 @@ class ModelManager:
         path = self.settings.serving_bundle_path
         assert path is not None
         files = read_local_bundle(path)
-        return load_bundle(files, trusted_keys=self.trusted_keys, source="local", num_threads=self._threads())
+        return load_bundle(files, trusted_keys=self.trusted_keys, source="local", **self._interpreters())
 
     def _load_registry(self, force: bool) -> LoadedModel | None:
         s = self.settings
@@ -74,15 +75,16 @@ class ModelManager:
                                          check_sums=lambda sums: verify_signature(sums, self.trusted_keys))
         return load_bundle(
             files, trusted_keys=self.trusted_keys, version=ref.version, source="registry",
-            promoted_at=ref.promoted_at, num_threads=self._threads(),
+            promoted_at=ref.promoted_at, **self._interpreters(),
             expect={"run_id": ref.run_id, "model_name": ref.name},
         )
 
-    @staticmethod
-    def _threads() -> int:
-        import os
-
-        return max(1, min(4, os.cpu_count() or 1))
+    def _interpreters(self) -> dict[str, int]:
+        """load_bundle's interpreters (one per inference thread) and the threads of each: the cores
+        left to it, at most 4 (1 by default: one single-threaded interpreter per core)."""
+        s = self.settings
+        n = default_threads(s.serving_inference_threads, s.serving_workers)
+        return {"interpreters": n, "num_threads": max(1, min(4, cpu_cores() // (n * s.serving_workers)))}
 
     # --- reload ----------------------------------------------------------------------------
     def reload(self, *, force: bool = False, trigger: str = "admin") -> ReloadResult:
