@@ -237,12 +237,14 @@ def load_bundle(
     num_threads: int | None = None,
     expect: dict[str, str] | None = None,
     interpreters: int = 1,
+    solo_threads: int = 0,
 ) -> LoadedModel:
     """Verify signature and checksums, build the interpreter, run the canaries; raises BundleError.
 
     `trusted_keys` is `serving.signing.parse_public_keys(settings.bundle_trusted_public_keys)`;
     `expect` ({"run_id": ..., "model_name": ...}) is what the registry says the bundle must be.
-    `interpreters` (each with `num_threads`) can run at once, one per inference thread.
+    `interpreters` (each with `num_threads`) can run at once, one per inference thread; with
+    `solo_threads`, one more interpreter with that many threads serves a request that runs alone.
     """
     from serving.runners import RunnerPool
 
@@ -270,7 +272,7 @@ def load_bundle(
         task=str(meta["task"]),
         positive_label=meta.get("positive_label"),
         threshold=float(threshold) if threshold is not None else None,
-        _runner=RunnerPool(runners),
+        _runner=RunnerPool(runners, _interpreter(files[MODEL_FILE], solo_threads)[1] if solo_threads else None),
         _input_name=input_name,
     )
     try:

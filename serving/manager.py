@@ -81,10 +81,13 @@ class ModelManager:
 
     def _interpreters(self) -> dict[str, int]:
         """load_bundle's interpreters (one per inference thread) and the threads of each: the cores
-        left to it, at most 4 (1 by default: one single-threaded interpreter per core)."""
+        left to it, at most 4 (1 by default: one single-threaded interpreter per core), plus a
+        multi-threaded one for a request that runs alone (lowest latency when the server is idle)."""
         s = self.settings
         n = default_threads(s.serving_inference_threads, s.serving_workers)
-        return {"interpreters": n, "num_threads": max(1, min(4, cpu_cores() // (n * s.serving_workers)))}
+        share = max(1, cpu_cores() // s.serving_workers)  # this worker's cores
+        return {"interpreters": n, "num_threads": max(1, min(4, share // n)),
+                "solo_threads": min(4, share) if n > 1 and share > 1 else 0}
 
     # --- reload ----------------------------------------------------------------------------
     def reload(self, *, force: bool = False, trigger: str = "admin") -> ReloadResult:

@@ -155,3 +155,27 @@ def test_every_interpreter_of_a_model_gives_the_canary_answers(tiny_bundle_dir):
     outs = [model.predict(x) for _ in range(6)]  # the pool hands runners out in turn
     for probs, maps in outs[1:]:
         assert np.array_equal(probs, outs[0][0]) and np.array_equal(maps, outs[0][1])
+
+
+def test_a_lone_call_runs_on_the_solo_runner_and_concurrent_ones_spread():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.runners import RunnerPool
+
+    barrier = threading.Barrier(2, timeout=5)
+
+    def runner(name: str, wait: bool = False):
+        def run(**_):
+            if wait:
+                barrier.wait()  # both pooled runners busy at the same moment
+            return {"who": name}
+        return run
+
+    pool = RunnerPool([runner("a", True), runner("b", True)], solo=runner("solo"))
+    assert {pool(x=1)["who"] for _ in range(5)} == {"solo"}  # one at a time: always the solo interpreter
+    # Two calls held in flight together: the first may take the solo runner, so hold it busy too.
+    pool = RunnerPool([runner("a", True), runner("b", True)], solo=runner("solo", True))
+    with ThreadPoolExecutor(3) as ex:
+        who = sorted(ex.map(lambda _: pool(x=1)["who"], range(2)))
+    assert len(set(who)) == 2  # never the same runner twice at once
