@@ -31,7 +31,10 @@ async def get_settings(request: Request) -> Settings:
 
 
 async def get_manager(request: Request) -> ModelManager:
-    return request.app.state.manager
+    """The model manager, caught up with the other workers' last swap (SERVING_WORKERS > 1)."""
+    manager = request.app.state.manager
+    await manager.catch_up()
+    return manager
 
 
 async def get_inference(request: Request) -> Inference:

@@ -10,6 +10,7 @@ a failure leaves the current model in place.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -22,8 +23,11 @@ from serving.bundle import BundleError, LoadedModel, load_bundle, read_local_bun
 from serving.metrics import ServingMetrics
 from serving.runners import cpu_cores, default_threads
 from serving.signing import parse_public_keys
+from serving.workers import generation_from_env
 
 log = logging.getLogger("serving.manager")
+
+WORKER_SYNC = "worker-sync"  # reload trigger: another worker swapped its model
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,9 @@ class ModelManager:
         self.last_error: str | None = None
         self.last_check_at: str | None = None
         self._reload_lock = threading.Lock()
+        # Several workers (serving.workers): the generation of the model swapped in anywhere.
+        self.generation = generation_from_env()
+        self._catch_up_lock: asyncio.Lock | None = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         # Pinned at start-up: whatever MLflow says, only bundles signed by these keys are served.
@@ -118,6 +125,8 @@ class ModelManager:
                 self.metrics.reloads.labels(result="unchanged").inc()
                 return ReloadResult(False, old.identity.version, "already serving this version", True)
             self.current = model  # the atomic swap
+            if self.generation is not None and trigger not in ("startup", WORKER_SYNC):
+                self.generation.publish()  # the other workers reload before their next request
             self.loaded_at = _now()
             self.last_error = None
             self.metrics.set_model(model, old)
@@ -128,6 +137,20 @@ class ModelManager:
                 old.identity.version if old else "none",
             )
             return ReloadResult(True, model.identity.version, "loaded", True)
+
+    async def catch_up(self) -> None:
+        """With several workers: if another worker swapped its model since, reload here first
+        (requests arriving meanwhile wait for it). One `stat` when nothing changed."""
+        gen = self.generation.pending() if self.generation is not None else None
+        if gen is None:
+            return
+        if self._catch_up_lock is None:
+            self._catch_up_lock = asyncio.Lock()
+        async with self._catch_up_lock:
+            if self.generation.seen >= gen:
+                return
+            await asyncio.to_thread(self.reload, trigger=WORKER_SYNC)
+            self.generation.seen = max(self.generation.seen, gen)
 
     def _refused(self, reason: str, detail: str, trigger: str) -> ReloadResult:
         self.last_error = f"{reason}: {detail}"
