@@ -66,12 +66,12 @@ def prepare_before(data: bytes, max_pixels: int):
 
 def prepare_after(data: bytes, max_pixels: int):
     """What serving ships (the same steps as serving/inference.py `prepare`)."""
-    from contracts.imaging import open_image, prepare_image, read_header
+    from contracts.imaging import prepare_image, read_header
 
     head = read_header(data, max_pixels)
     assert head.format.upper() in {"JPEG", "PNG", "TIFF", "BMP"}
     assert min(head.width, head.height) >= 32 and max(head.width, head.height) <= 8192
-    return prepare_image(open_image(data, max_pixels), SIZE)
+    return prepare_image(data, SIZE, max_pixels)
 
 
 def _rss_mb() -> float:

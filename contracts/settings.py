@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     serving_max_upload_bytes: int = Field(10_000_000, ge=1)
     serving_max_batch: int = Field(16, ge=1)
     serving_micro_batch: int = Field(1, ge=1, description="Most queued images per interpreter call (1 = off)")
+    serving_inference_threads: int = Field(0, ge=0, le=64, description="Threads per worker that decode and run "
+                                           "the model, each with its own interpreter (0 = cores / workers)")
+    serving_workers: int = Field(1, ge=1, le=32, description="uvicorn worker processes")
 
     # --- signed bundles and secrets policy -----------------------------------------------
     bundle_signing_key: SecretStr = Field(SecretStr(""), description="Ed25519 private key (base64) training signs with")

@@ -28,7 +28,8 @@ from typing import Any
 from contracts.settings import Settings, get_settings
 from contracts.stages import PreprocessResult
 
-PREPROCESS_VERSION = 1
+# 2: large JPEGs are decoded at reduced scale before resizing (contracts.imaging.DRAFT_FACTOR).
+PREPROCESS_VERSION = 2
 
 
 def encode_cached_file(path: str, size: int, max_pixels: int, label: int, sha256: str) -> bytes:

@@ -23,6 +23,19 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
+    from serving.workers import SYNC_DIR_ENV, make_sync_dir, remove_sync_dir
+
+    sync_dir = make_sync_dir() if settings.serving_workers > 1 else None
+    if sync_dir is not None:
+        os.environ[SYNC_DIR_ENV] = str(sync_dir)  # the workers inherit it
+    try:
+        _run(uvicorn, args, settings)
+    finally:
+        if sync_dir is not None:
+            remove_sync_dir(sync_dir)
+
+
+def _run(uvicorn, args: argparse.Namespace, settings) -> None:
     uvicorn.run(
         "serving.app:create_app",
         factory=True,
@@ -32,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         # Access logs carry paths and status only: never bodies, so never images.
         access_log=False,
         timeout_graceful_shutdown=10,
+        workers=settings.serving_workers,
     )
 
 

@@ -9,6 +9,7 @@ live only in memory and are never logged; every bad input is answered with a 4xx
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from contextlib import asynccontextmanager
 
@@ -37,6 +38,9 @@ async def lifespan(app: FastAPI):
         log.warning("no model at start-up (%s); %s", result.reason,
                     "polling the registry" if manager.source == "registry" else "use POST /v1/admin/reload")
     manager.start_polling()
+    # Everything alive now (modules, app, model) lives as long as the server: keep it out of the
+    # cyclic collector's full passes, which otherwise took ~20% of the event loop's time under load.
+    gc.freeze()
     try:
         yield
     finally:

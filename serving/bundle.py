@@ -7,7 +7,6 @@ and model the registry resolved, and re-predicted every canary within `CANARY_TO
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +14,8 @@ import numpy as np
 
 from contracts.bundle import (
     MODEL_FILE,
+    OUTPUT_CLASS_MAPS,
+    OUTPUT_PROBABILITIES,
     SUMS_FILE,
     Bundle,
     BundleError,
@@ -42,7 +43,8 @@ class ModelIdentity:
 
 @dataclass
 class LoadedModel:
-    """An interpreter plus the bundle metadata; `predict` is thread-safe (one invoke at a time)."""
+    """Interpreters plus the bundle metadata; `predict` is thread-safe (each call borrows its own
+    interpreter from a `serving.runners.RunnerPool`, so `interpreters` calls run in parallel)."""
 
     identity: ModelIdentity
     meta: dict[str, Any]
@@ -51,13 +53,12 @@ class LoadedModel:
     task: str
     positive_label: str | None
     threshold: float | None
-    _runner: TFLiteRunner = field(repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _runner: Any = field(repr=False)  # a serving.runners.RunnerPool of contracts.bundle.TFLiteRunner
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8/float (N,S,S,3) raw 0..255 -> (probabilities (N,C), class_maps (N,h,w,C))."""
-        with self._lock:
-            return self._runner.predict(images)
+        out = self._runner(images)
+        return out[OUTPUT_PROBABILITIES], out[OUTPUT_CLASS_MAPS]
 
     def decide(self, probs: np.ndarray) -> tuple[str, float]:
         """The predicted label and its probability (binary tasks use the bundle's threshold)."""
@@ -93,17 +94,24 @@ def load_bundle(
     promoted_at: str | None = None,
     num_threads: int | None = None,
     expect: dict[str, str] | None = None,
+    interpreters: int = 1,
+    solo_threads: int = 0,
 ) -> LoadedModel:
     """Verify signature and checksums, build the interpreter, run the canaries; raises BundleError.
 
     `trusted_keys` is `contracts.signing.parse_public_keys(settings.bundle_trusted_public_keys)`;
     `expect` ({"run_id": ..., "model_name": ...}) is what the registry says the bundle must be.
+    `interpreters` (each with `num_threads`) can run at once, one per inference thread; with
+    `solo_threads`, one more interpreter with that many threads serves a request that runs alone.
     """
+    from serving.runners import RunnerPool
+
     signed_by = verify_signature(files, trusted_keys)
     verify_checksums(files)
     meta = read_meta(files)
     _check_expected(meta, expect or {})
-    runner = TFLiteRunner(files[MODEL_FILE], num_threads)
+    runners = [TFLiteRunner(files[MODEL_FILE], num_threads) for _ in range(max(1, interpreters))]
+    solo = TFLiteRunner(files[MODEL_FILE], solo_threads) if solo_threads else None
     identity = ModelIdentity(
         name=str(meta.get("model_name") or "model"),
         version=version or f"local-{sha256_hex(files[SUMS_FILE])[:12]}",
@@ -122,7 +130,7 @@ def load_bundle(
         task=str(meta["task"]),
         positive_label=meta.get("positive_label"),
         threshold=float(threshold) if threshold is not None else None,
-        _runner=runner,
+        _runner=RunnerPool(runners, solo),
     )
     try:
         check_canaries(Bundle(files, meta), model.predict)

@@ -1,17 +1,24 @@
 """The model-running half of a prediction request: image checks, bounded decoding, the
-(micro-batched) interpreter call, and the response built from its outputs.
+interpreter call, and the response built from its outputs.
 
-One `Inference` per app, built in the lifespan: it owns the micro-batcher's worker task and the
-decode slots, which both belong to the server's event loop.
+One `Inference` per app, built in the lifespan. It owns the inference threads: by default one
+per core, each job decodes, prepares and runs one upload on a free interpreter of the request's
+model (`serving.runners`), so Pillow and LiteRT, which release the GIL, use every core while the
+event loop only parses HTTP. With SERVING_MICRO_BATCH > 1 the interpreter call goes through the
+micro-batcher instead (its worker task belongs to the server's event loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 
-from contracts.imaging import ImageRejected, open_image, prepare_image, read_header
+from contracts.imaging import ImageRejected, prepare_image, read_header
 from contracts.settings import Settings
 from serving import gradcam, schemas
 from serving.batcher import MicroBatcher, Result
@@ -20,7 +27,10 @@ from serving.clinical import context_for
 from serving.errors import ApiError
 from serving.manager import monotonic_ms
 from serving.metrics import ServingMetrics
+from serving.runners import default_threads
 from serving.upload import UploadedFile
+
+T = TypeVar("T")
 
 # At most this many images are decoded at once, so concurrent uploads cannot multiply the
 # per-image peak (a 40 Mpx image is ~200 MB while it is decoded) without bound.
@@ -40,34 +50,63 @@ def prepare(data: bytes, size: int, s: Settings) -> np.ndarray:
     if min(head.width, head.height) < s.min_image_side or max(head.width, head.height) > s.max_image_side:
         raise ImageRejected("bad_dimensions", f"{head.width}x{head.height}: sides must be between "
                             f"{s.min_image_side} and {s.max_image_side} pixels")
-    return prepare_image(open_image(data, s.max_image_pixels), size)
+    return prepare_image(data, size, s.max_image_pixels)
 
 
 class Inference:
-    """Decode slots, the micro-batcher and the metrics of predictions, shared by every request."""
+    """Inference threads, decode slots, the micro-batcher and the metrics of predictions, shared by every request."""
 
     def __init__(self, settings: Settings, metrics: ServingMetrics) -> None:
         self.metrics = metrics
+        self.threads = default_threads(settings.serving_inference_threads, settings.serving_workers)
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="inference")
         self.batcher = MicroBatcher(settings.serving_micro_batch, on_batch=lambda n: metrics.batch_size.observe(n))
-        self.decode_slots = asyncio.Semaphore(DECODE_SLOTS)
+        self.decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
 
     async def start(self) -> None:
         await self.batcher.start()
 
     async def stop(self) -> None:
         await self.batcher.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
-    async def prepare(self, upload: UploadedFile, size: int, settings: Settings) -> np.ndarray:
-        """The model input of one upload, decoded off the event loop; a refused image is an ApiError."""
+    async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on an inference thread; a refused image becomes its 415/422 ApiError."""
         try:
-            async with self.decode_slots:
-                return await asyncio.to_thread(prepare, bytes(upload.data), size, settings)
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
         except ImageRejected as exc:
             status = 415 if exc.reason in UNSUPPORTED_REASONS else 422
             raise ApiError(status, exc.reason, exc.detail) from None
 
+    def _prepare(self, data: bytearray, size: int, settings: Settings) -> np.ndarray:
+        with self.decode_slots:
+            return prepare(data, size, settings)
+
+    async def prepare(self, upload: UploadedFile, size: int, settings: Settings) -> np.ndarray:
+        """The model input of one upload, decoded on an inference thread; a refused image is an ApiError."""
+        return await self._in_pool(self._prepare, upload.data, size, settings)
+
     async def predict(self, model: LoadedModel, images: np.ndarray) -> list[Result]:
         return await self.batcher.predict(model, images)
+
+    def _answer(self, model: LoadedModel, upload: UploadedFile, settings: Settings, explain: bool,
+                start: float) -> schemas.Prediction:
+        image = self._prepare(upload.data, model.image_size, settings)
+        probs, cmaps = model.predict(image[None])
+        self.metrics.batch_size.observe(1)
+        return self.result(model, upload, image, probs[0], cmaps[0], explain, start)
+
+    async def answer(self, model: LoadedModel, upload: UploadedFile, settings: Settings, explain: bool,
+                     start: float) -> schemas.Prediction:
+        """One upload's prediction on `model`: one inference-thread job (decode, prepare, model,
+        Grad-CAM when asked), or, with micro-batching, decode in a thread and a shared interpreter call."""
+        if self.batcher.max_batch == 1:
+            return await self._in_pool(self._answer, model, upload, settings, explain, start)
+        image = await self.prepare(upload, model.image_size, settings)
+        ((probs, cmap),) = await self.predict(model, image[None])
+        if explain:
+            return await self._in_pool(self.result, model, upload, image, probs, cmap, True, start)
+        return self.result(model, upload, image, probs, cmap, False, start)
 
     def result(self, model: LoadedModel, upload: UploadedFile, image: np.ndarray, probs: np.ndarray,
                cmap: np.ndarray, explain: bool, start: float) -> schemas.Prediction:

@@ -10,6 +10,7 @@ a failure leaves the current model in place.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -22,8 +23,12 @@ from contracts.signing import parse_public_keys
 from serving import registry
 from serving.bundle import LoadedModel, load_bundle
 from serving.metrics import ServingMetrics
+from serving.runners import cpu_cores, default_threads
+from serving.workers import generation_from_env
 
 log = logging.getLogger("serving.manager")
+
+WORKER_SYNC = "worker-sync"  # reload trigger: another worker swapped its model
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,9 @@ class ModelManager:
         self.last_error: str | None = None
         self.last_check_at: str | None = None
         self._reload_lock = threading.Lock()
+        # Several workers (serving.workers): the generation of the model swapped in anywhere.
+        self.generation = generation_from_env()
+        self._catch_up_lock: asyncio.Lock | None = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         # Pinned at start-up: whatever MLflow says, only bundles signed by these keys are served.
@@ -63,7 +71,7 @@ class ModelManager:
         path = self.settings.serving_bundle_path
         assert path is not None
         files = read_local_bundle(path)
-        return load_bundle(files, trusted_keys=self.trusted_keys, source="local", num_threads=self._threads())
+        return load_bundle(files, trusted_keys=self.trusted_keys, source="local", **self._interpreters())
 
     def _load_registry(self, force: bool) -> LoadedModel | None:
         s = self.settings
@@ -75,15 +83,19 @@ class ModelManager:
                                          check_sums=lambda sums: verify_signature(sums, self.trusted_keys))
         return load_bundle(
             files, trusted_keys=self.trusted_keys, version=ref.version, source="registry",
-            promoted_at=ref.promoted_at, num_threads=self._threads(),
+            promoted_at=ref.promoted_at, **self._interpreters(),
             expect={"run_id": ref.run_id, "model_name": ref.name},
         )
 
-    @staticmethod
-    def _threads() -> int:
-        import os
-
-        return max(1, min(4, os.cpu_count() or 1))
+    def _interpreters(self) -> dict[str, int]:
+        """load_bundle's interpreters (one per inference thread) and the threads of each: the cores
+        left to it, at most 4 (1 by default: one single-threaded interpreter per core), plus a
+        multi-threaded one for a request that runs alone (lowest latency when the server is idle)."""
+        s = self.settings
+        n = default_threads(s.serving_inference_threads, s.serving_workers)
+        share = max(1, cpu_cores() // s.serving_workers)  # this worker's cores
+        return {"interpreters": n, "num_threads": max(1, min(4, share // n)),
+                "solo_threads": min(4, share) if n > 1 and share > 1 else 0}
 
     # --- reload ----------------------------------------------------------------------------
     def reload(self, *, force: bool = False, trigger: str = "admin") -> ReloadResult:
@@ -114,6 +126,8 @@ class ModelManager:
                 self.metrics.reloads.labels(result="unchanged").inc()
                 return ReloadResult(False, old.identity.version, "already serving this version", True)
             self.current = model  # the atomic swap
+            if self.generation is not None and trigger not in ("startup", WORKER_SYNC):
+                self.generation.publish()  # the other workers reload before their next request
             self.loaded_at = _now()
             self.last_error = None
             self.metrics.set_model(model, old)
@@ -124,6 +138,20 @@ class ModelManager:
                 old.identity.version if old else "none",
             )
             return ReloadResult(True, model.identity.version, "loaded", True)
+
+    async def catch_up(self) -> None:
+        """With several workers: if another worker swapped its model since, reload here first
+        (requests arriving meanwhile wait for it). One `stat` when nothing changed."""
+        gen = self.generation.pending() if self.generation is not None else None
+        if gen is None:
+            return
+        if self._catch_up_lock is None:
+            self._catch_up_lock = asyncio.Lock()
+        async with self._catch_up_lock:
+            if self.generation.seen >= gen:
+                return
+            await asyncio.to_thread(self.reload, trigger=WORKER_SYNC)
+            self.generation.seen = max(self.generation.seen, gen)
 
     def _refused(self, reason: str, detail: str, trigger: str) -> ReloadResult:
         self.last_error = f"{reason}: {detail}"

@@ -6,12 +6,11 @@ request reads the current model once, so it finishes on that model even across a
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from serving import schemas
 from serving.deps import InferenceDep, ManagerDep, SettingsDep, current_model, require_predict_key
@@ -40,15 +39,13 @@ router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[Depends(require
 
 
 async def _predict_one(request: Request, settings: SettingsDep, manager: ManagerDep, inference: InferenceDep,
-                       explain: bool) -> schemas.Prediction:
+                       explain: bool) -> Response:
     start = time.perf_counter()
     model = current_model(manager)
     (upload,) = await read_files(request, max_file_bytes=settings.serving_max_upload_bytes, max_files=1)
-    image = await inference.prepare(upload, model.image_size, settings)
-    ((probs, cmap),) = await inference.predict(model, image[None])
-    if explain:
-        return await asyncio.to_thread(inference.result, model, upload, image, probs, cmap, True, start)
-    return inference.result(model, upload, image, probs, cmap, False, start)
+    prediction = await inference.answer(model, upload, settings, explain, start)
+    # Already a validated schemas.Prediction: serialise it once, not again through response_model.
+    return Response(prediction.model_dump_json(), media_type="application/json")
 
 
 @router.post("/predict", response_model=schemas.Prediction, openapi_extra=MULTIPART_BODY)

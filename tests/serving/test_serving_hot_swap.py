@@ -31,12 +31,14 @@ def _load(url: str, stop: threading.Event, log: list) -> None:
                 log.append((started, time.monotonic(), repr(exc), None))
 
 
-def test_hot_swap_under_load_and_bad_bundles_are_refused(serving_server, serving_bundles, tmp_path):
+# The shipped defaults (inference threads, one interpreter each), and micro-batching on, where queued
+# requests from before and after the swap must each run on their own model.
+@pytest.mark.parametrize("extra_env", [{}, {"SERVING_MICRO_BATCH": "8"}], ids=["defaults", "micro_batch_8"])
+def test_hot_swap_under_load_and_bad_bundles_are_refused(serving_server, serving_bundles, tmp_path, extra_env):
     link = tmp_path / "current"
     point_link(link, serving_bundles["good"])
-    # Micro-batching on: queued requests from before and after the swap must each run on their own model.
     server = serving_server({"SERVING_BUNDLE_PATH": str(link), "SERVING_ADMIN_API_KEYS": "swap-admin-key-0123456789",
-                             "SERVING_MICRO_BATCH": "8"})
+                             **extra_env})
     url = server.url
     v1 = httpx.get(f"{url}/v1/model").json()["model"]["version"]
 

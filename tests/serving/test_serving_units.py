@@ -108,3 +108,75 @@ def test_overriding_the_settings_dependency_changes_who_may_predict_and_reload(t
 
         app.dependency_overrides.clear()
         assert client.post("/v1/predict").json()["error"] == "no_model"
+
+
+def test_runner_pool_never_shares_a_runner_between_threads():
+    """Each concurrent call gets a runner no other thread holds (LiteRT interpreters are not thread-safe)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.runners import RunnerPool
+
+    in_use: set[int] = set()
+    overlaps: list[int] = []
+    most = [0]
+    guard = threading.Lock()
+
+    def make(i: int):
+        def run(**_):
+            with guard:
+                if i in in_use:
+                    overlaps.append(i)
+                in_use.add(i)
+                most[0] = max(most[0], len(in_use))
+            time.sleep(0.002)
+            with guard:
+                in_use.discard(i)
+            return {"who": i}
+        return run
+
+    pool = RunnerPool([make(i) for i in range(3)])
+    with ThreadPoolExecutor(8) as ex:
+        who = list(ex.map(lambda _: pool(x=1)["who"], range(200)))
+    assert overlaps == [] and set(who) == {0, 1, 2}
+    assert most[0] >= 2  # runners really ran at the same time
+
+
+def test_every_interpreter_of_a_model_gives_the_canary_answers(tiny_bundle_dir):
+    """load_bundle(interpreters=3): each pooled interpreter is the verified model (same outputs)."""
+    from contracts.bundle import read_local_bundle
+    from serving.bundle import load_bundle
+    from contracts.signing import parse_public_keys
+    from tests.fixtures.keys import PUBLIC_KEY
+
+    model = load_bundle(read_local_bundle(tiny_bundle_dir), trusted_keys=parse_public_keys(PUBLIC_KEY), interpreters=3)
+    assert model._runner.size == 3
+    x = np.random.default_rng(0).integers(0, 255, (1, model.image_size, model.image_size, 3)).astype(np.uint8)
+    outs = [model.predict(x) for _ in range(6)]  # the pool hands runners out in turn
+    for probs, maps in outs[1:]:
+        assert np.array_equal(probs, outs[0][0]) and np.array_equal(maps, outs[0][1])
+
+
+def test_a_lone_call_runs_on_the_solo_runner_and_concurrent_ones_spread():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.runners import RunnerPool
+
+    barrier = threading.Barrier(2, timeout=5)
+
+    def runner(name: str, wait: bool = False):
+        def run(**_):
+            if wait:
+                barrier.wait()  # both pooled runners busy at the same moment
+            return {"who": name}
+        return run
+
+    pool = RunnerPool([runner("a", True), runner("b", True)], solo=runner("solo"))
+    assert {pool(x=1)["who"] for _ in range(5)} == {"solo"}  # one at a time: always the solo interpreter
+    # Two calls held in flight together: the first may take the solo runner, so hold it busy too.
+    pool = RunnerPool([runner("a", True), runner("b", True)], solo=runner("solo", True))
+    with ThreadPoolExecutor(3) as ex:
+        who = sorted(ex.map(lambda _: pool(x=1)["who"], range(2)))
+    assert len(set(who)) == 2  # never the same runner twice at once
