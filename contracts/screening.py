@@ -60,6 +60,16 @@ def result_image_key(dataset: str, batch_id: str, model_version: str | int, kind
     return f"{results_prefix(dataset, batch_id, model_version)}{kind}/{sha256}.png"
 
 
+# Reviewed images that feedback copies into raw/ are named `reviewed-<batch_id>-<sha256 prefix><ext>`,
+# so ingest counts them from the listing alone (their provenance is in the objects' metadata).
+REVIEWED_NAME_PREFIX = "reviewed-"
+
+
+def is_reviewed_key(key: str) -> bool:
+    """Whether a raw/ key is a reviewed image joined by feedback (screening.feedback)."""
+    return key.rsplit("/", 1)[-1].startswith(REVIEWED_NAME_PREFIX)
+
+
 def review_key(dataset: str, batch_id: str) -> str:
     """`reviews/<dataset>/<batch_id>.jsonl`: append-only reviewer decisions for a batch."""
     return f"{REVIEWS_ROOT}/{dataset}/{check_batch_id(batch_id)}.jsonl"

@@ -17,13 +17,12 @@ import posixpath
 from dataclasses import asdict, dataclass, field
 
 from contracts.dataset_spec import DatasetSpec, load_spec
-from contracts.screening import REVIEWS_ROOT, ReviewDecision, check_batch_id
+from contracts.screening import REVIEWED_NAME_PREFIX, REVIEWS_ROOT, ReviewDecision, check_batch_id
 from contracts.settings import Settings, get_settings
 from screening.reviews import latest_by_image, read_decisions
 
 log = logging.getLogger(__name__)
 
-REVIEWED_NAME_PREFIX = "reviewed-"
 # S3 user metadata (x-amz-meta-*) of a reviewed image in raw/: its provenance.
 META_REVIEW_ID = "hemaflow-review-id"
 META_REVIEWER = "hemaflow-reviewer"
@@ -60,11 +59,6 @@ def class_folder_for(spec: DatasetSpec, label: str) -> str | None:
 def reviewed_name(decision: ReviewDecision) -> str:
     ext = posixpath.splitext(decision.image_key)[1].lower()[:8]
     return f"{REVIEWED_NAME_PREFIX}{decision.batch_id}-{decision.sha256[:16]}{ext}"
-
-
-def is_reviewed_key(key: str) -> bool:
-    """Whether a raw/ key is a reviewed image joined by feedback (ingest can count them by name)."""
-    return posixpath.basename(key).startswith(REVIEWED_NAME_PREFIX)
 
 
 def _error_code(exc: Exception) -> str:
