@@ -166,3 +166,6 @@ class ScreeningStore:
 
     def get_object(self, key: str) -> bytes | None:
         return self._get(key)
+
+    def put_object(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data)

@@ -46,7 +46,7 @@ class ReviewRequest(BaseModel):
     model_version: str | None = Field(None, description="The scoring reviewed (default: the newest)")
 
 
-async def _s3(fn, *args):
+async def store_call(fn, *args):
     """A blocking store call in a thread, its failures as API errors (never a 500 for S3 trouble)."""
     from serving.review_queue import BatchNotFound
 
@@ -80,14 +80,14 @@ def _positive_label(manager) -> str | None:
 async def list_batches(settings: SettingsDep, store: StoreDep, reviewer: ReviewerDep):
     """Scored batches of the served dataset, each with its newest scoring and how many images are reviewed."""
     return {"dataset": settings.dataset, "reviewer": reviewer,
-            "batches": await _s3(store.list_batches, settings.dataset)}
+            "batches": await store_call(store.list_batches, settings.dataset)}
 
 
 @router.get("/{batch_id}")
 async def get_batch(batch_id: BatchId, settings: SettingsDep, manager: ManagerDep, store: StoreDep,
                     reviewer: ReviewerDep, version: Version = None):
     """A scoring's images in review order, each with its latest review; refused images apart."""
-    batch = await _s3(store.load_batch, settings.dataset, _batch_id(batch_id), version, _positive_label(manager))
+    batch = await store_call(store.load_batch, settings.dataset, _batch_id(batch_id), version, _positive_label(manager))
     return {"dataset": batch.dataset, "batch_id": batch.batch_id, "model_version": batch.model_version,
             "versions": batch.versions, "labels": batch.labels, "summary": batch.summary, "reviewer": reviewer,
             "items": batch.items, "refused": batch.refused}
@@ -100,15 +100,15 @@ async def batch_image(batch_id: BatchId, sha256: Sha256, kind: Literal["thumbnai
     """The scorer's thumbnail or Grad-CAM heatmap of one image (PNG); a missing thumbnail is made from the image.
     The page passes `version`, so a picture costs one S3 read."""
     batch_id = _batch_id(batch_id)
-    versions = [version] if version else (await _s3(store.versions, settings.dataset, batch_id))[:1]
+    versions = [version] if version else (await store_call(store.versions, settings.dataset, batch_id))[:1]
     if not versions:
         raise ApiError(404, "batch_not_found", f"batch {batch_id!r} of {settings.dataset!r} has no scoring")
     folder = HEATMAPS_DIR if kind == "heatmap" else THUMBNAILS_DIR
-    data = await _s3(store.get_object, result_image_key(settings.dataset, batch_id, versions[0], folder, sha256))
+    data = await store_call(store.get_object, result_image_key(settings.dataset, batch_id, versions[0], folder, sha256))
     if data is None and kind == "thumbnail":
-        batch = await _s3(store.load_batch, settings.dataset, batch_id, versions[0], _positive_label(manager))
+        batch = await store_call(store.load_batch, settings.dataset, batch_id, versions[0], _positive_label(manager))
         row = batch.item(sha256)
-        original = row and await _s3(store.get_object, row["key"])
+        original = row and await store_call(store.get_object, row["key"])
         data = original and await asyncio.to_thread(_thumbnail, original, settings.max_image_pixels)
     if not data:
         raise ApiError(404, "image_not_found", f"no {kind} for {sha256[:12]}... in batch {batch_id}")
@@ -138,7 +138,7 @@ async def batch_reviews(batch_id: BatchId, settings: SettingsDep, store: StoreDe
     """Every decision on the batch, oldest first (the file as stored, append-only)."""
     from screening.reviews import read_decisions
 
-    decisions = await _s3(read_decisions, store.client, store.bucket, settings.dataset, _batch_id(batch_id))
+    decisions = await store_call(read_decisions, store.client, store.bucket, settings.dataset, _batch_id(batch_id))
     return {"batch_id": batch_id, "decisions": [d.to_dict() for d in decisions]}
 
 
@@ -148,7 +148,7 @@ async def post_review(batch_id: BatchId, body: ReviewRequest, settings: Settings
     """Confirm or correct one image's label; the decision (reviewer, time, model version) is appended."""
     from screening.reviews import append_decisions, new_decision
 
-    batch = await _s3(store.load_batch, settings.dataset, _batch_id(batch_id), body.model_version,
+    batch = await store_call(store.load_batch, settings.dataset, _batch_id(batch_id), body.model_version,
                       _positive_label(manager))
     row = batch.item(body.sha256)
     if row is None:
@@ -158,7 +158,7 @@ async def post_review(batch_id: BatchId, body: ReviewRequest, settings: Settings
     decision = new_decision(dataset=batch.dataset, batch_id=batch.batch_id, image_key=row["key"],
                             sha256=row["sha256"], model_version=batch.model_version, predicted_label=row["label"],
                             reviewed_label=body.reviewed_label, reviewer=reviewer)
-    await _s3(append_decisions, store.client, store.bucket, [decision])
+    await store_call(append_decisions, store.client, store.bucket, [decision])
     return JSONResponse(decision.to_dict(), status_code=201)
 
 

@@ -89,3 +89,37 @@ def test_keyboard_review_of_a_batch(review_page_server, browser, local_stack, s3
     assert page.locator("#queue li.current").get_attribute("data-index") == "2"
     assert "2 / 6 reviewed" in page.inner_text("#progress")
     assert external == [], external
+
+
+def test_contribute_is_offered_to_reviewers_only_and_off_by_default(local_stack, s3, tiny_bundle_dir, browser,  # noqa: F811
+                                                                     tmp_path):
+    from scripts.screenshots import drop_file
+    from tests.fixtures.data import make_image
+
+    dataset = unique_dataset_name("cp")
+    server = ServingProcess({"SERVING_BUNDLE_PATH": str(tiny_bundle_dir), "DATASET": dataset,
+                             "SERVING_REVIEWER_API_KEYS": f"alice:{REVIEWER_KEY}"}, tmp_path / "server").start()
+    try:
+        image = tmp_path / "cell.png"
+        make_image(3, (200, 80, 90), (48, 48)).save(image)
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        drop_file(page, "#dropzone", image, "image/png")
+        page.wait_for_selector("#result:not([hidden])", timeout=20_000)
+        assert page.locator("#contribute").is_hidden()  # not a reviewer in this tab: no offer
+
+        page.evaluate(f"sessionStorage.setItem('hemaflow-reviewer-key', '{REVIEWER_KEY}')")
+        drop_file(page, "#dropzone", image, "image/png")
+        page.wait_for_selector("#contribute:not([hidden])", timeout=20_000)
+        assert not page.is_checked("#contribute-opt-in") and page.is_disabled("#contribute-send")
+        predicted = page.text_content("#pred-label")  # inner_text is CSS-capitalised
+        assert page.input_value("#contribute-label") == predicted
+        page.check("#contribute-opt-in")
+        page.click("#contribute-send")
+        page.wait_for_function("document.getElementById('contribute-status').textContent.startsWith('Contributed')")
+        (batch,) = [o["Key"] for o in s3.list_objects_v2(Bucket=local_stack.s3_bucket,
+                                                          Prefix=f"reviews/{dataset}/").get("Contents", [])]
+        (decision,) = read_decisions(s3, local_stack.s3_bucket, dataset, batch.rsplit("/", 1)[1][:-len(".jsonl")])
+        assert decision.reviewer == "alice" and decision.reviewed_label == predicted
+    finally:
+        server.stop()

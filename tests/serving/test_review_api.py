@@ -127,3 +127,42 @@ def test_roles_and_bad_requests(review_server):
     assert _post(server, "/v1/batches/b1/reviews", {"sha256": "nothex"}).status_code == 422
     page = httpx.get(server.url + "/batches/b1", timeout=10)  # the page itself holds no data
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+
+
+def test_contribution_is_explicit_reviewer_only_and_stored_with_a_decision(local_stack, tiny_bundle_dir, tmp_path):
+    from pipeline.storage import iter_objects, s3_client
+    from tests.fixtures.data import make_image
+    from tests.fixtures.screening import png_bytes
+
+    dataset = unique_dataset_name("ct")
+    proc = ServingProcess({"SERVING_BUNDLE_PATH": str(tiny_bundle_dir), "DATASET": dataset,
+                           "SERVING_REVIEWER_API_KEYS": f"alice:{ALICE}", "SERVING_API_KEYS": PREDICT},
+                          tmp_path / "server").start()
+    try:
+        client = s3_client(local_stack)
+        image = png_bytes(make_image(5, (200, 80, 90), (48, 48)))
+        labels = httpx.get(proc.url + "/v1/model", timeout=10).json()["labels"]
+
+        def send(key, label=labels[0], data=image):
+            return httpx.post(proc.url + "/v1/contributions", params={"label": label, "predicted_label": labels[1]},
+                              files={"file": ("x.png", data, "image/png")}, headers={"X-API-Key": key} if key else {},
+                              timeout=30)
+
+        assert httpx.post(proc.url + "/v1/predict", files={"file": ("x.png", image, "image/png")},
+                          timeout=30).status_code == 200
+        assert list(iter_objects(client, local_stack.s3_bucket, f"inbox/{dataset}/")) == []  # predict stores nothing
+        assert send(None).status_code == 401 and send(PREDICT).status_code == 403
+        assert send(ALICE, label="blast").status_code == 422
+        assert send(ALICE, data=b"not an image at all" * 10).status_code in (415, 422)
+        assert list(iter_objects(client, local_stack.s3_bucket, f"inbox/{dataset}/")) == []  # refusals store nothing
+        answer = send(ALICE)
+        assert answer.status_code == 201, answer.text
+        decision = answer.json()
+        assert decision["reviewer"] == "alice" and decision["reviewed_label"] == labels[0]
+        assert decision["batch_id"].startswith("contributed-") and decision["extra"] == {"source": "contribution"}
+        stored = client.get_object(Bucket=local_stack.s3_bucket, Key=decision["image_key"])["Body"].read()
+        assert stored == image and decision["sha256"] == hashlib.sha256(image).hexdigest()
+        (saved,) = read_decisions(client, local_stack.s3_bucket, dataset, decision["batch_id"])
+        assert saved.review_id == decision["review_id"] and saved.model_version == decision["model_version"]
+    finally:
+        proc.stop()
