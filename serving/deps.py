@@ -108,7 +108,7 @@ def require_reviewer(request: Request, settings: SettingsDep) -> str:
 
 
 def get_screening_store(request: Request):
-    """The app's ScreeningStore, made on first use (the boto3 client is only built when reviewing)."""
+    """The app's ScreeningStore, made on first use (its S3 client is only built when reviewing)."""
     from serving.review_queue import ScreeningStore
 
     store = getattr(request.app.state, "screening_store", None)

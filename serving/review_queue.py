@@ -3,7 +3,8 @@
 Batch scoring writes `results/<dataset>/<batch_id>/<model_version>/` (contracts.screening); this
 module lists those batches, reads a scoring's predictions.csv in review order (highest P(positive)
 first for a two-label task, lowest confidence first otherwise; failed images apart) and appends
-reviewer decisions with screening.reviews. boto3 calls are blocking: routers run them in threads.
+reviewer decisions with screening.reviews, through serving.s3 (no boto3 in the serving image).
+Calls are blocking: routers run them in threads.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def review_order(items: list[dict[str, Any]], labels: list[str], positive_label:
 
 
 class ScreeningStore:
-    """Reads scored batches and review files of one S3 bucket (one boto3 client, made on first use)."""
+    """Reads scored batches and review files of one S3 bucket (one client, made on first use)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -101,9 +102,9 @@ class ScreeningStore:
     @property
     def client(self):
         if self._client is None:
-            from pipeline.storage import s3_client
+            from serving.s3 import S3Lite
 
-            self._client = s3_client(self.settings)
+            self._client = S3Lite(self.settings)
         return self._client
 
     def _folders(self, prefix: str) -> list[str]:

@@ -27,6 +27,7 @@ from serving import schemas
 from serving.api.page import STATIC_DIR
 from serving.deps import ManagerDep, ReviewerDep, SettingsDep, get_screening_store
 from serving.errors import ApiError
+from serving.s3 import S3Error
 
 THUMBNAIL_SIDE = 192
 ERRORS = {**schemas.ERROR_RESPONSES, 400: {"model": schemas.ErrorBody, "description": "Bad batch id"},
@@ -56,10 +57,12 @@ async def store_call(fn, *args):
         raise ApiError(400, "bad_batch_id", str(exc)) from None
     except BatchNotFound as exc:
         raise ApiError(404, "batch_not_found", str(exc)) from None
+    except S3Error as exc:
+        raise ApiError(503, "storage_unavailable", f"S3 refused the request: {exc.response['Error']['Code']}") from None
     except ApiError:
         raise
     except Exception as exc:
-        if type(exc).__module__.startswith(("botocore", "urllib3")) or isinstance(exc, OSError):
+        if isinstance(exc, OSError):  # unreachable S3 or a timeout (urllib's errors are OSErrors)
             raise ApiError(503, "storage_unavailable", f"S3 did not answer: {type(exc).__name__}") from None
         raise
 
