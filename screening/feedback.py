@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+from urllib.parse import quote
 from dataclasses import asdict, dataclass, field
 
 from contracts.dataset_spec import DatasetSpec, load_spec
@@ -100,9 +101,10 @@ def _apply_one(client, bucket: str, spec: DatasetSpec, decision: ReviewDecision,
     if meta is not None and meta.get(META_REVIEW_ID) == decision.review_id:
         result.unchanged += 1
         return
-    provenance = {META_REVIEW_ID: decision.review_id, META_REVIEWER: decision.reviewer,
-                  META_MODEL_VERSION: decision.model_version, META_BATCH: decision.batch_id,
-                  META_SOURCE_KEY: decision.image_key, META_REVIEWED_LABEL: decision.reviewed_label}
+    provenance = {k: v if v.isascii() else quote(v) for k, v in {  # S3 metadata travels as ASCII headers
+        META_REVIEW_ID: decision.review_id, META_REVIEWER: decision.reviewer,
+        META_MODEL_VERSION: decision.model_version, META_BATCH: decision.batch_id,
+        META_SOURCE_KEY: decision.image_key, META_REVIEWED_LABEL: decision.reviewed_label}.items()}
     try:
         client.copy_object(Bucket=bucket, Key=target, CopySource={"Bucket": bucket, "Key": decision.image_key},
                            Metadata=provenance, MetadataDirective="REPLACE")

@@ -37,7 +37,7 @@ def _raw(s3, settings, dataset):
 
 def test_feedback_copies_with_provenance_and_is_idempotent(reviewed, s3):
     settings, dataset, images = reviewed
-    decisions = [_review(dataset, "b7", images[0], "abnormal"), _review(dataset, "b7", images[1], "normal", "bob"),
+    decisions = [_review(dataset, "b7", images[0], "abnormal"), _review(dataset, "b7", images[1], "normal", "Zoë"),
                  _review(dataset, "b7", images[2], "blast")]  # a label the spec does not know: skipped
     append_decisions(s3, settings.s3_bucket, decisions)
     first = apply_feedback(dataset, settings=settings, client=s3)
@@ -52,6 +52,8 @@ def test_feedback_copies_with_provenance_and_is_idempotent(reviewed, s3):
     assert obj["Metadata"][META_REVIEW_ID] == decisions[0].review_id
     assert (obj["Metadata"][META_REVIEWER], obj["Metadata"][META_MODEL_VERSION], obj["Metadata"][META_BATCH]) == (
         "alice", "4", "b7")
+    benign = next(k for k in keys if "/Benign/" in k)
+    assert s3.head_object(Bucket=settings.s3_bucket, Key=benign)["Metadata"][META_REVIEWER] == "Zo%C3%AB"
 
     again = apply_feedback(dataset, "b7", settings=settings, client=s3)
     assert again.copied == [] and again.unchanged == 2 and _raw(s3, settings, dataset) == keys
