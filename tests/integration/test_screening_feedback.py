@@ -14,6 +14,8 @@ from screening.reviews import append_decisions, new_decision
 from tests.fixtures.screening import write_scored_batch
 from tests.helpers import REPO_ROOT
 
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
 LEUKEMIA_LIKE = {"Benign": "normal", "Early": "abnormal", "Pro": "abnormal"}
 
 

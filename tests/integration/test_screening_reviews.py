@@ -10,6 +10,8 @@ from contracts.screening import review_key
 from screening.reviews import append_decisions, latest_by_image, new_decision, read_decisions
 from tests.fixtures.data import unique_dataset_name
 
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
 
 def _decision(dataset: str, batch: str, n: int, label: str = "abnormal", reviewer: str = "alice"):
     return new_decision(dataset=dataset, batch_id=batch, image_key=f"inbox/{dataset}/{batch}/img{n}.png",

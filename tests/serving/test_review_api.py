@@ -17,6 +17,8 @@ from tests.fixtures.data import unique_dataset_name
 from tests.fixtures.screening import write_scored_batch
 from tests.serving.support import ServingProcess
 
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
 ALICE = "rev-key-alice-0123456789abcdef"
 BARE = "rev-key-bare-0123456789abcdef"
 ADMIN = "admin-key-0123456789abcdef"
