@@ -52,6 +52,24 @@ def results_prefix(dataset: str, batch_id: str, model_version: str | int) -> str
     return f"{RESULTS_ROOT}/{dataset}/{check_batch_id(batch_id)}/{model_version}/"
 
 
+def result_image_key(dataset: str, batch_id: str, model_version: str | int, kind: str, sha256: str) -> str:
+    """`results/.../<kind>/<sha256>.png` with kind HEATMAPS_DIR or THUMBNAILS_DIR: one picture per scored image,
+    named by content so the review page finds it from the predictions.csv row."""
+    if kind not in (HEATMAPS_DIR, THUMBNAILS_DIR) or not re.fullmatch(r"[0-9a-f]{64}", sha256 or ""):
+        raise ValueError(f"no result image {kind!r} for {sha256!r}")
+    return f"{results_prefix(dataset, batch_id, model_version)}{kind}/{sha256}.png"
+
+
+# Reviewed images that feedback copies into raw/ are named `reviewed-<batch_id>-<sha256 prefix><ext>`,
+# so ingest counts them from the listing alone (their provenance is in the objects' metadata).
+REVIEWED_NAME_PREFIX = "reviewed-"
+
+
+def is_reviewed_key(key: str) -> bool:
+    """Whether a raw/ key is a reviewed image joined by feedback (screening.feedback)."""
+    return key.rsplit("/", 1)[-1].startswith(REVIEWED_NAME_PREFIX)
+
+
 def review_key(dataset: str, batch_id: str) -> str:
     """`reviews/<dataset>/<batch_id>.jsonl`: append-only reviewer decisions for a batch."""
     return f"{REVIEWS_ROOT}/{dataset}/{check_batch_id(batch_id)}.jsonl"

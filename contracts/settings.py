@@ -105,6 +105,8 @@ class Settings(BaseSettings):
     serving_admin_api_keys: SecretStr = SecretStr("")
     serving_require_api_key: bool = False
     serving_api_keys: SecretStr = SecretStr("")
+    serving_reviewer_api_keys: SecretStr = Field(
+        SecretStr(""), description="Comma-separated `name:key` (or bare key) entries of the review queue; empty = off")
     serving_max_upload_bytes: int = Field(10_000_000, ge=1)
     serving_max_batch: int = Field(16, ge=1)
     serving_micro_batch: int = Field(1, ge=1, description="Most queued images per interpreter call (1 = off)")

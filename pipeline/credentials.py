@@ -61,6 +61,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "MLFLOW_ADMIN_PASSWORD": _token,
     "MLFLOW_FLASK_SECRET_KEY": _token,
     "SERVING_ADMIN_API_KEYS": _token,
+    "SERVING_REVIEWER_API_KEYS": _token,
     "POSTGRES_PASSWORD": _token,
     "AIRFLOW_JWT_SECRET": _token,
     "AIRFLOW_FERNET_KEY": _fernet_key,
@@ -123,8 +124,10 @@ def _signing_key_problem(value: str) -> str | None:
 
 def _serving_problems(s: Settings) -> list[str]:
     found = problems(s, ("serving_mlflow_password",)) if s.serving_bundle_path is None else []
-    for field in ("serving_admin_api_keys", "serving_api_keys"):
+    for field in ("serving_admin_api_keys", "serving_api_keys", "serving_reviewer_api_keys"):
         keys = s.key_list(getattr(s, field))
+        if field == "serving_reviewer_api_keys":
+            keys = [k.split(":", 1)[-1] for k in keys]  # `name:key`: only the key is secret
         if field == "serving_api_keys" and s.serving_require_api_key and not keys:
             found.append("SERVING_API_KEYS is empty while SERVING_REQUIRE_API_KEY=true")
         found += [f"{field.upper()} entry #{i + 1} is {why}" for i, k in enumerate(keys) if (why := weakness(k))]

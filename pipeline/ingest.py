@@ -113,6 +113,7 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
     """
     from contracts.common import progress, utc_now, utc_stamp
     from contracts.dataset_spec import load_spec
+    from contracts.screening import is_reviewed_key
     from pipeline.storage import ensure_bucket, iter_objects, put_json, put_jsonl, s3_call, s3_client
 
     s = settings or get_settings()
@@ -160,7 +161,7 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
     rows = sorted(unchanged + fetched, key=lambda r: r["key"])
     counts = {"new": len(new), "changed": len(changed), "deleted": len(deleted), "unchanged": len(unchanged),
               "total": len(rows), "unassigned": len(unassigned), "errors": sum(1 for r in rows if r.get("error")),
-              "relabeled": len(relabeled)}
+              "relabeled": len(relabeled), "reviewed": sum(1 for o in to_fetch if is_reviewed_key(o["Key"]))}
     reused = pointer is not None and not (new or changed or deleted or relabeled) and \
         sorted(pointer.get("unassigned", [])) == sorted(unassigned[:REPORT_LIMIT])
     if reused:

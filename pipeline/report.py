@@ -63,7 +63,8 @@ def build_summary(dataset: str, stages: dict[str, dict | None], run: dict[str, A
         "dag_run_id": _get(run, "run_id"),
         "params": {k: v for k, v in (_get(run, "params") or {}).items() if v is not None},
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "ingested": {k: _get(ingest, k) for k in ("new", "changed", "deleted", "unchanged", "total", "manifest_key")},
+        "ingested": {k: _get(ingest, k) for k in ("new", "changed", "deleted", "unchanged", "total", "manifest_key",
+                                                      "reviewed")},
         "quarantined": _get(validate, "quarantined"),
         "bad_fraction": _get(validate, "bad_fraction"),
         "validation_summary_key": _get(validate, "summary_key"),
@@ -93,7 +94,8 @@ def summary_markdown(summary: dict) -> str:
         "",
         f"- DAG run: `{summary['dag_id']}` / `{summary['dag_run_id']}` (finished {summary['finished_at']})",
         f"- Ingested: {ing['new']} new, {ing['changed']} changed, {ing['deleted']} deleted, "
-        f"{ing['unchanged']} unchanged, {ing['total']} total (manifest `{ing['manifest_key']}`)",
+        f"{ing['unchanged']} unchanged, {ing['total']} total (manifest `{ing['manifest_key']}`); "
+        f"reviewed images joined: {ing['reviewed'] or 0}",
         f"- Quarantined: {summary['quarantined']} (bad fraction {summary['bad_fraction']}); "
         f"validation summary `{summary['validation_summary_key']}`",
         f"- Dataset version: `{summary['dataset_version']}` (new: {summary['dataset_created']})",
@@ -141,7 +143,8 @@ def record_summary(summary: dict, settings: Settings | None = None) -> str:
     ing = summary["ingested"]
     for name, value in (
         ("ingested_new", ing["new"]), ("ingested_changed", ing["changed"]), ("ingested_deleted", ing["deleted"]),
-        ("ingested_total", ing["total"]), ("quarantined", summary["quarantined"]),
+        ("ingested_total", ing["total"]), ("ingested_reviewed", ing.get("reviewed")),
+        ("quarantined", summary["quarantined"]),
         ("bad_fraction", summary["bad_fraction"]),
     ):
         if isinstance(value, (int, float)):

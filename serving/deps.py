@@ -90,3 +90,39 @@ async def require_predict_key(request: Request, settings: SettingsDep) -> None:
     if settings.serving_require_api_key:
         keys = settings.key_list(settings.serving_api_keys) + settings.key_list(settings.serving_admin_api_keys)
         _check_key(request, keys, "prediction")
+
+
+# --- the review queue (batch screening): reviewer keys and the S3 store -------------------------
+def reviewer_keys(settings: Settings) -> dict[str, str]:
+    """key -> reviewer id from SERVING_REVIEWER_API_KEYS (`name:key` entries, or bare keys whose id is
+    `key-` + the first 8 hex digits of their sha256, so the stored id never reveals the key)."""
+    import hashlib
+
+    out = {}
+    for entry in settings.key_list(settings.serving_reviewer_api_keys):
+        name, _, key = entry.rpartition(":")
+        out[key] = name or "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+    return out
+
+
+def require_reviewer(request: Request, settings: SettingsDep) -> str:
+    """The reviewer id behind the request's key; other roles' keys get 403 (reviewing is its own role)."""
+    keys = reviewer_keys(settings)
+    _check_key(request, list(keys), "the review queue")
+    given = request.headers[API_KEY_HEADER].encode()
+    return next(rid for key, rid in keys.items() if hmac.compare_digest(given, key.encode()))
+
+
+def get_screening_store(request: Request):
+    """The app's ScreeningStore, made on first use (its S3 client is only built when reviewing)."""
+    from serving.review_queue import ScreeningStore
+
+    store = getattr(request.app.state, "screening_store", None)
+    if store is None:
+        store = request.app.state.screening_store = ScreeningStore(request.app.state.settings)
+    if not store.configured:
+        raise ApiError(503, "screening_unavailable", "the review queue needs S3 settings (AWS_SECRET_ACCESS_KEY)")
+    return store
+
+
+ReviewerDep = Annotated[str, Depends(require_reviewer)]

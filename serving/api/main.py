@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from serving.api import admin, health, model, page, predict
+from serving.api import admin, batches, contributions, health, model, page, predict
 
 api_router = APIRouter()
-for _module in (predict, model, admin, health, page):
+for _module in (predict, model, admin, health, page, batches, contributions):
     api_router.include_router(_module.router)
+api_router.include_router(batches.page_router)

@@ -23,7 +23,7 @@ def test_dagbag_has_no_import_errors(dagbag):
 
 
 def test_one_retraining_dag_per_dataset_spec_and_a_watcher(dagbag):
-    expected = {f"hemaflow_retrain_{spec.name}" for spec in list_specs()} | {"hemaflow_watch_raw"}
+    expected = {f"hemaflow_retrain_{spec.name}" for spec in list_specs()} | {"hemaflow_watch_raw", "hemaflow_feedback"}
     assert set(dagbag.dags) == expected
 
 

@@ -155,6 +155,18 @@ def test_serving_refuses_to_start_with_a_guessable_admin_key(tmp_path):
         create_app(Settings(serving_mlflow_password=""))  # registry mode needs its read-only MLflow identity
 
 
+def test_reviewer_keys_are_checked_without_their_names(tmp_path):
+    from serving.app import create_app
+    from serving.deps import reviewer_keys
+
+    with pytest.raises(WeakSecret, match="SERVING_REVIEWER_API_KEYS entry #2 is shorter"):
+        create_app(Settings(serving_bundle_path=tmp_path, serving_reviewer_api_keys="ann:q8Vx0m-3kP_2zLr9WtY7,bob:pw"))
+    s = Settings(serving_bundle_path=tmp_path, serving_reviewer_api_keys="ann:q8Vx0m-3kP_2zLr9WtY7,Zr4-q8Vx0m3kP2zLr9")
+    create_app(s)  # long keys behind short names are fine
+    keys = reviewer_keys(s)
+    assert keys["q8Vx0m-3kP_2zLr9WtY7"] == "ann" and keys["Zr4-q8Vx0m3kP2zLr9"].startswith("key-")
+
+
 def test_stack_refuses_guessable_secrets_before_starting_anything(tmp_path):
     from pipeline import stack
 

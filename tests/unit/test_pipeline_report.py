@@ -12,7 +12,7 @@ from pipeline.report import build_summary, failure_summary, summary_markdown
 from contracts.settings import get_settings
 from pipeline.stack import free_port
 
-INGEST = {"manifest_key": "manifests/leukemia/1.jsonl", "new": 5, "changed": 0, "deleted": 1, "unchanged": 80,
+INGEST = {"manifest_key": "manifests/leukemia/1.jsonl", "reviewed": 2, "new": 5, "changed": 0, "deleted": 1, "unchanged": 80,
           "total": 85}
 VALIDATE = {"validated_key": "validation/x/validated.jsonl", "summary_key": "validation/x/summary.json",
             "quarantined": 1, "bad_fraction": 0.0118}
@@ -31,6 +31,7 @@ def test_summary_of_a_promotion_says_what_and_why():
     assert s["params"] == {"epochs": 2}
     md = summary_markdown(s)
     assert "promoted to @champion" in md and "Quarantined: 1" in md and '"epochs": 2' in md
+    assert "reviewed images joined: 2" in md
     json.dumps(s)  # must be JSON-serialisable for XCom and MLflow
 
 
