@@ -118,9 +118,10 @@ def _rounded(rows: np.ndarray) -> list[list[float]]:
 
 def build_profile(images: np.ndarray, labels: Sequence[str], *, features: np.ndarray | None = None,
                   feature_layer: str = "", dataset: str = "", dataset_version: str = "",
-                  seed: int = 0) -> dict[str, Any]:
-    """The training-data profile: colour stats (mean, std, a sample of rows), histograms, label mix,
-    and a sample of pooled features ([N, K], row i of the image i) when given."""
+                  label_mix: dict[str, int] | None = None, seed: int = 0) -> dict[str, Any]:
+    """The training-data profile: colour stats (mean, std, a sample of rows), histograms, label mix
+    (`label_mix` when the images are a sample of the data, else counted from `labels`),
+    and a sample of pooled features ([N, K]) when given."""
     stats = image_stats(images)
     if len(stats) == 0:
         raise ProfileError("cannot profile an empty image set")
@@ -131,7 +132,7 @@ def build_profile(images: np.ndarray, labels: Sequence[str], *, features: np.nda
                    "std": _rounded(stats.std(axis=0)[None])[0],
                    "sample": _rounded(_sample_rows(stats, STATS_SAMPLE, seed))},
         "histograms": _histograms(np.asarray(images)),
-        "label_mix": dict(sorted(Counter(str(v) for v in labels).items())),
+        "label_mix": dict(sorted((label_mix or Counter(str(v) for v in labels)).items())),
         "features": None,
     }
     if features is not None:
