@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from contracts.bundle import (
+    MODEL_CARD_FILE,
     MODEL_FILE,
     SUMS_FILE,
     Bundle,
@@ -53,6 +54,7 @@ class LoadedModel:
     threshold: float | None
     _runner: TFLiteRunner = field(repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    card_html: bytes | None = field(default=None, repr=False)  # the bundle's signed model card, if any
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8/float (N,S,S,3) raw 0..255 -> (probabilities (N,C), class_maps (N,h,w,C))."""
@@ -123,6 +125,7 @@ def load_bundle(
         positive_label=meta.get("positive_label"),
         threshold=float(threshold) if threshold is not None else None,
         _runner=runner,
+        card_html=files.get(MODEL_CARD_FILE),
     )
     try:
         check_canaries(Bundle(files, meta), model.predict)

@@ -63,6 +63,7 @@ class Inference:
             async with self.decode_slots:
                 return await asyncio.to_thread(prepare, bytes(upload.data), size, settings)
         except ImageRejected as exc:
+            self.metrics.observe_image(None)
             status = 415 if exc.reason in UNSUPPORTED_REASONS else 422
             raise ApiError(status, exc.reason, exc.detail) from None
 
@@ -74,6 +75,7 @@ class Inference:
         """The response for one image; with `explain`, its Grad-CAM overlay (CPU work: call it in a thread)."""
         label, confidence = model.decide(probs)
         self.metrics.predictions.labels(version=model.identity.version, label=label).inc()
+        self.metrics.observe_image(label)
         explanation = None
         if explain:
             idx = model.labels.index(label)
