@@ -331,3 +331,23 @@ def drift_report(reference_profile: dict[str, Any] | bytes | str, images: np.nda
     else:
         checks.append(label_mix_drift(profile, labels, t, label_source))
     return DriftResult(subject, n, str(profile.get("dataset_version", "")), checks, t.strong_effect)
+
+
+def profile_drift(reference_profile: dict[str, Any] | bytes | str, new_profile: dict[str, Any] | bytes | str, *,
+                  subject: str = "dataset version", thresholds: DriftThresholds | None = None) -> DriftResult:
+    """A new dataset version's profile against the champion's: colour statistics and the true label
+    mix (pooled features are not compared: the new profile's come from another model)."""
+    reference, new = load_profile(reference_profile), load_profile(new_profile)
+    t = thresholds or DriftThresholds.from_settings()
+    stats = np.asarray(new["colour"]["sample"], np.float64)
+    if list(new["colour"]["names"]) != list(reference["colour"]["names"]):
+        raise ProfileError("the two profiles have different colour statistics")
+    labels = [label for label, n in new["label_mix"].items() for _ in range(int(n))]
+    checks = [colour_drift(reference, stats, t) if len(stats) >= t.min_images
+              else DriftCheck("colour", False, detail=f"{len(stats)} images < DRIFT_MIN_IMAGES={t.min_images}"),
+              DriftCheck("features", False, detail="not compared for a dataset version (the new profile's "
+                                                   "features come from the new model)"),
+              label_mix_drift(reference, labels, t, source="true") if labels
+              else DriftCheck("label_mix", False, detail="no labels")]
+    return DriftResult(subject, int(new.get("n_images", len(stats))), str(reference.get("dataset_version", "")),
+                       checks, t.strong_effect)

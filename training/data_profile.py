@@ -31,3 +31,27 @@ def training_profile(model: Any, folder: Path, meta: DatasetMeta, seed: int = 0)
     return build_profile(images, [meta.labels[int(k)] for k in y], features=features,
                          feature_layer=POOLED_FEATURES_LAYER, dataset=meta.dataset,
                          dataset_version=meta.dataset_version, label_mix=mix or None, seed=seed)
+
+
+def drift_vs_champion(client: Any, settings: Any, model_name: str, profile: dict[str, Any]) -> Any | None:
+    """The new training data's drift against the @champion's profile (None without a champion or
+    a champion profile); metrics, the html section and a `dataset_drift_level` tag go to the active run."""
+    import mlflow
+
+    from contracts.bundle import DATA_PROFILE_FILE
+    from screening.drift import DriftThresholds, profile_drift
+    from training.registry import CHAMPION, alias_version, download_bundle
+
+    champion = alias_version(client, model_name, CHAMPION)
+    if champion is None:
+        return None
+    reference = download_bundle(client, champion.run_id, settings).files.get(DATA_PROFILE_FILE)
+    if reference is None:
+        return None
+    result = profile_drift(reference, profile, subject=f"dataset version {profile['dataset_version']}",
+                           thresholds=DriftThresholds.from_settings(settings))
+    result.reference = f"{result.reference} (champion v{champion.version})"
+    mlflow.log_metrics(result.metrics("dataset_drift_"))
+    mlflow.log_text(result.html_section(), "drift/dataset_drift.html")
+    mlflow.set_tag("dataset_drift_level", result.level)
+    return result

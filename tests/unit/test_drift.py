@@ -8,8 +8,6 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from screening.drift import (
     PROFILE_FORMAT,
     DriftThresholds,
@@ -19,7 +17,7 @@ from screening.drift import (
     load_profile,
     profile_bytes,
 )
-from tests.helpers import SHARED_DATA
+from tests.helpers import SHARED_DATA, restain
 
 SIZE = 64
 THRESHOLDS = DriftThresholds(alpha=0.01, min_effect=0.5, strong_effect=1.5, min_images=20, permutations=200)
@@ -39,17 +37,6 @@ def _smears(n: int) -> tuple[np.ndarray, list[str]]:
 
     ks = list(np.random.default_rng(0).integers(0, 2, n))
     return synthetic_images(ks, SIZE, seed=3), [["abnormal", "normal"][k] for k in ks]
-
-
-def restain(images: np.ndarray, hue_degrees: float, saturation: float) -> np.ndarray:
-    """A different stain batch: hue rotated and saturation scaled in HSV."""
-    out = []
-    for image in images:
-        hsv = np.asarray(Image.fromarray(image).convert("HSV")).astype(np.int32)
-        hsv[..., 0] = (hsv[..., 0] + round(hue_degrees / 360 * 256)) % 256
-        hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 255)
-        out.append(np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")))
-    return np.stack(out)
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +118,15 @@ def test_pooled_feature_mmd_flags_restained_not_unchanged(tiny_keras_model):
                          labels=labels[180:], thresholds=THRESHOLDS)
     assert moved.check("features").drifted, moved.check("features").detail
     assert moved.level == "strong"
+
+
+def test_profile_drift_of_a_restained_dataset_version(profile, smears):
+    """A new dataset version is compared profile to profile (what training does against the champion)."""
+    from screening.drift import profile_drift
+
+    images, labels = smears["held"]
+    same = build_profile(images, labels, dataset_version="v-new")
+    assert profile_drift(profile, same, thresholds=THRESHOLDS).level == "none"
+    moved = profile_drift(profile, build_profile(restain(images, 20, 1.25), labels), thresholds=THRESHOLDS)
+    assert moved.check("colour").drifted and moved.level != "none"
+    assert moved.check("label_mix").tested and not moved.check("label_mix").drifted
