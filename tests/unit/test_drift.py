@@ -90,6 +90,13 @@ def test_too_few_images_are_reported_not_tested(profile, smears):
     assert "DRIFT_MIN_IMAGES" in result.checks[0].detail
 
 
+def test_a_bundle_without_profile_is_reported_not_tested(smears):
+    images, labels = smears["held"]
+    result = drift_report(None, images, labels=labels, thresholds=THRESHOLDS)
+    assert result.level == "none" and not any(c.tested for c in result.checks)
+    assert "no training-data profile" in result.html_section()
+
+
 def test_profile_round_trips_and_refuses_unknown_format(profile):
     again = load_profile(profile_bytes(profile))
     assert again["format"] == PROFILE_FORMAT and again["n_images"] == 300
