@@ -7,12 +7,15 @@ output; the label mix is the exact train split count of the processed version.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from contracts.processed import DatasetMeta
+
+log = logging.getLogger("training")
 
 
 def training_profile(model: Any, folder: Path, meta: DatasetMeta, seed: int = 0) -> dict[str, Any]:
@@ -38,18 +41,22 @@ def drift_vs_champion(client: Any, settings: Any, model_name: str, profile: dict
     a champion profile); metrics, the html section and a `dataset_drift_level` tag go to the active run."""
     import mlflow
 
-    from contracts.bundle import DATA_PROFILE_FILE
-    from screening.drift import DriftThresholds, profile_drift
+    from contracts.bundle import DATA_PROFILE_FILE, BundleError
+    from screening.drift import DriftThresholds, ProfileError, profile_drift
     from training.registry import CHAMPION, alias_version, download_bundle
 
     champion = alias_version(client, model_name, CHAMPION)
     if champion is None:
         return None
-    reference = download_bundle(client, champion.run_id, settings).files.get(DATA_PROFILE_FILE)
-    if reference is None:
+    try:
+        reference = download_bundle(client, champion.run_id, settings).files.get(DATA_PROFILE_FILE)
+        if reference is None:
+            return None
+        result = profile_drift(reference, profile, subject=f"dataset version {profile['dataset_version']}",
+                               thresholds=DriftThresholds.from_settings(settings))
+    except (BundleError, ProfileError) as exc:  # the gate reports an unreadable champion; drift is a report
+        log.warning("no drift check against %s v%s: %s", model_name, champion.version, exc)
         return None
-    result = profile_drift(reference, profile, subject=f"dataset version {profile['dataset_version']}",
-                           thresholds=DriftThresholds.from_settings(settings))
     result.reference = f"{result.reference} (champion v{champion.version})"
     mlflow.log_metrics(result.metrics("dataset_drift_"))
     mlflow.log_text(result.html_section(), "drift/dataset_drift.html")

@@ -87,7 +87,9 @@ def _confusion_html(d: dict[str, Any]) -> str:
 
 def _gate_html(gate: dict[str, Any] | None) -> str:
     if not gate:
-        return "<p>Not decided yet: the gate compares this version with the champion after registration.</p>"
+        return ("<p>Decided after this card was written: the gate compares the version with the champion "
+                "on the same test split; its decision and reason are on the version in the MLflow registry "
+                "(and in the card re-rendered there). A served model passed it or was promoted by a person.</p>")
     e = html.escape
     return (f'<p class="gate gate-{e(gate.get("decision", ""))}"><b>{e(gate.get("decision", ""))}</b> '
             f'at {e(gate.get("at") or "")}: {e(gate.get("reason") or "")}</p>')
@@ -96,7 +98,7 @@ def _gate_html(gate: dict[str, Any] | None) -> str:
 def render_card(d: dict[str, Any]) -> str:
     """The card as one HTML page (inline CSS, the calibration plot inline as a data URI)."""
     e = html.escape
-    version = f"version {e(str(d['version']))}" if d.get("version") else "candidate (not registered yet)"
+    version = f"version {e(str(d['version']))}" if d.get("version") else f"(run {e(d['run_id'][:12])})"
     splits = d["split_sizes"]
     split_rows = [[e(s), str(sum(c.values())), e(", ".join(f"{k} {v}" for k, v in sorted(c.items())))]
                   for s, c in splits.items()]
