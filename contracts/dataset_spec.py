@@ -29,6 +29,7 @@ class DatasetSpec:
     classes: dict[str, str]  # class folder -> task label
     positive_label: str | None = None
     source: Path | None = field(default=None, compare=False)
+    credits: str = ""  # who made the data and how to cite it (shown on the model card)
 
     @property
     def class_folders(self) -> list[str]:
@@ -99,6 +100,7 @@ def parse_spec(text: str, source: Path | None = None) -> DatasetSpec:
         classes=dict(classes),
         positive_label=positive,
         source=source,
+        credits=str(raw.get("credits", "")),
     )
 
 

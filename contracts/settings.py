@@ -96,6 +96,13 @@ class Settings(BaseSettings):
     gate_margin: float = Field(0.0, ge=0, le=1, description="Candidate must beat champion by this")
     model_name_prefix: str = "hemaflow"
 
+    # --- drift (screening.drift): a batch or dataset version against the champion's training profile ---
+    drift_alpha: float = Field(0.01, gt=0, lt=1, description="Significance level of each drift test")
+    drift_min_effect: float = Field(0.5, gt=0, description="Colour drift needs |standardised mean diff| >= this")
+    drift_strong_effect: float = Field(1.5, gt=0, description="|standardised mean diff| marking a strong drift")
+    drift_min_images: int = Field(20, ge=2, description="Fewer images than this: drift is not tested")
+    drift_permutations: int = Field(200, ge=20, description="Permutations of the feature MMD test")
+
     # --- serving -----------------------------------------------------------------------
     serving_host: str = "127.0.0.1"
     serving_port: int = Field(8000, ge=1, le=65535)

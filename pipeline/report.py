@@ -74,6 +74,7 @@ def build_summary(dataset: str, stages: dict[str, dict | None], run: dict[str, A
         "training_reason": _get(train, "reason"),
         "candidate_run_id": _get(train, "run_id"),
         "candidate_version": version,
+        "dataset_drift": _get(train, "dataset_drift"),
         "gate_passed": _get(gate, "passed"),
         "gate_reason": _get(gate, "reason"),
         "promoted": promoted,
@@ -105,6 +106,10 @@ def summary_markdown(summary: dict) -> str:
         f"- Promoted: {summary['promoted']}; @champion after this run: {summary['champion_version']}; "
         f"serving notified: {summary['serving_notified']}",
     ]
+    drift = summary.get("dataset_drift")
+    if drift:
+        mark = "**STRONG DRIFT**" if drift["level"] == "strong" else drift["level"]
+        lines.append(f"- Data drift vs {drift['reference']}: {mark} ({drift['detail']})")
     if summary["params"]:
         lines.append(f"- Overrides: `{json.dumps(summary['params'], sort_keys=True)}`")
     return "\n".join(lines) + "\n"

@@ -1,1 +1,1 @@
-"""The lab screening workflow: batch scoring, the review queue and feedback into retraining."""
+"""The lab screening workflow: batch scoring, the review queue, feedback into retraining, drift."""

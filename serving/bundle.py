@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from contracts.bundle import (
+    MODEL_CARD_FILE,
     MODEL_FILE,
     OUTPUT_CLASS_MAPS,
     OUTPUT_PROBABILITIES,
@@ -54,6 +55,7 @@ class LoadedModel:
     positive_label: str | None
     threshold: float | None
     _runner: Any = field(repr=False)  # a serving.runners.RunnerPool of contracts.bundle.TFLiteRunner
+    card_html: bytes | None = field(default=None, repr=False)  # the bundle's signed model card, if any
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8/float (N,S,S,3) raw 0..255 -> (probabilities (N,C), class_maps (N,h,w,C))."""
@@ -131,6 +133,7 @@ def load_bundle(
         positive_label=meta.get("positive_label"),
         threshold=float(threshold) if threshold is not None else None,
         _runner=RunnerPool(runners, solo),
+        card_html=files.get(MODEL_CARD_FILE),
     )
     try:
         check_canaries(Bundle(files, meta), model.predict)

@@ -75,6 +75,7 @@ class Inference:
         try:
             return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
         except ImageRejected as exc:
+            self.metrics.observe_image(None)
             status = 415 if exc.reason in UNSUPPORTED_REASONS else 422
             raise ApiError(status, exc.reason, exc.detail) from None
 
@@ -113,6 +114,7 @@ class Inference:
         """The response for one image; with `explain`, its Grad-CAM overlay (CPU work: call it in a thread)."""
         label, confidence = model.decide(probs)
         self.metrics.predictions.labels(version=model.identity.version, label=label).inc()
+        self.metrics.observe_image(label)
         explanation = None
         if explain:
             idx = model.labels.index(label)

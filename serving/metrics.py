@@ -3,7 +3,10 @@ and the ASGI middleware that counts every request by route template."""
 
 from __future__ import annotations
 
+import collections
+import threading
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -14,6 +17,7 @@ if TYPE_CHECKING:
 # The scope key where an error handler leaves the error code it answered (see serving.errors).
 ERROR_SCOPE_KEY = "hemaflow.error"
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+ROLLING_WINDOW = 500  # latest images (predicted or refused) behind the rolling mix and refusal gauges
 
 
 class ServingMetrics:
@@ -49,6 +53,29 @@ class ServingMetrics:
         self.reload_failures = Counter(
             "hemaflow_model_reload_failures", "Refused bundles and failed reloads by reason", ["reason"], registry=r
         )
+        self.rolling_share = Gauge(
+            "hemaflow_rolling_prediction_share", f"Share of each predicted label among the last {ROLLING_WINDOW} "
+            "predicted images (a drifting mix shows here first)", ["label"], registry=r,
+        )
+        self.rolling_refusal_rate = Gauge(
+            "hemaflow_rolling_refusal_rate", f"Share of refused images (unreadable, bad size) among the last "
+            f"{ROLLING_WINDOW} images", registry=r,
+        )
+        self._window: deque[str | None] = deque(maxlen=ROLLING_WINDOW)
+        self._window_lock = threading.Lock()
+        self._share_labels: set[str] = set()
+
+    def observe_image(self, label: str | None) -> None:
+        """One image's outcome (its predicted label, or None when it was refused) into the rolling gauges."""
+        with self._window_lock:
+            self._window.append(label)
+            counts = collections.Counter(self._window)
+            refused = counts.pop(None, 0)
+            predicted = sum(counts.values())
+            self.rolling_refusal_rate.set(refused / len(self._window))
+            self._share_labels |= set(counts)  # a label gone from the window drops to 0, not stale
+            for known in self._share_labels:
+                self.rolling_share.labels(label=known).set(counts.get(known, 0) / predicted if predicted else 0.0)
 
     def set_model(self, model: LoadedModel, old: LoadedModel | None) -> None:
         if old is not None:

@@ -34,3 +34,18 @@ def patched_environ(env: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def restain(images, hue_degrees: float, saturation: float):
+    """A different stain batch (drift tests): uint8 RGB [N,H,W,3] with hue rotated and saturation
+    scaled in HSV."""
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for image in images:
+        hsv = np.asarray(Image.fromarray(image).convert("HSV")).astype(np.int32)
+        hsv[..., 0] = (hsv[..., 0] + round(hue_degrees / 360 * 256)) % 256
+        hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 255)
+        out.append(np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")))
+    return np.stack(out)

@@ -139,12 +139,14 @@ def export_bundle(
     git_commit: str = "",
     extra: dict[str, Any] | None = None,
     signing_key: str | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Bundle:
     """Convert `model` to TFLite and write a complete, verified bundle into `out_dir`.
 
     The bundle is assembled in a sibling temp folder and renamed into place, so a reader
     never sees half a bundle. Raises BundleError if TFLite and Keras disagree on the canaries.
     With `signing_key` (base64 Ed25519 private key) SHA256SUMS is signed (SHA256SUMS.sig).
+    `extra_files` ({name: bytes}, e.g. DATA_PROFILE_FILE, MODEL_CARD_FILE) are listed in SHA256SUMS too.
     """
     from PIL import Image
 
@@ -195,6 +197,10 @@ def export_bundle(
             **(extra or {}),
         }
         (staging / BUNDLE_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+        for name, data in (extra_files or {}).items():
+            if "/" in name or (staging / name).exists():
+                raise BundleError("bad_metadata", f"extra bundle file {name!r} is nested or already written")
+            (staging / name).write_bytes(data)
         write_sums(staging)
         if signing_key:
             sign_bundle(staging, signing_key)

@@ -6,8 +6,11 @@ Architecture (no pretrained weights can be downloaded here):
       -> Rescaling(1/255) -> Resizing(TRAIN_INPUT_SIZE)       normalisation lives IN the model
       -> MODEL_DEPTH conv blocks (3x3 conv, BatchNorm, ReLU; width doubles per block, capped),
          every block but the last halves the resolution with max-pooling
-      -> "features" A [h, w, K]  -> GlobalAveragePooling -> Dropout -> Dense(C) "logits"
-      -> softmax "probabilities"
+      -> "features" A [h, w, K]  -> GlobalAveragePooling "pooled_features" [K] -> Dropout
+      -> Dense(C) "logits" -> softmax "probabilities"
+
+`pooled_features` is the named embedding an out-of-distribution detector can be fitted on
+(`pooled_feature_model`); the training-data profile (drift, screening.drift) samples it too.
 
 Because the head is GAP -> Dense, the Grad-CAM weights of class c are the dense kernel's
 column W[:, c] (divided by h*w), so `class_maps = einsum(A, W)` is Grad-CAM up to that constant.
@@ -21,6 +24,7 @@ from typing import Any
 from contracts.bundle import OUTPUT_CLASS_MAPS, OUTPUT_PROBABILITIES
 
 FEATURES_LAYER = "features"
+POOLED_FEATURES_LAYER = "pooled_features"
 LOGITS_LAYER = "logits"
 PROBABILITIES_LAYER = "probabilities"
 INPUT_NAME = "image"
@@ -67,7 +71,7 @@ def build_model(
             x = layers.ReLU(name=FEATURES_LAYER if (last and j == n_convs - 1) else f"b{i}_relu{j}")(x)
         if not last:
             x = layers.MaxPooling2D(2, name=f"b{i}_pool")(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.GlobalAveragePooling2D(name=POOLED_FEATURES_LAYER)(x)
     if dropout > 0:
         x = layers.Dropout(dropout, seed=seed, name="dropout")(x)
     logits = layers.Dense(num_classes, kernel_regularizer=reg, name=LOGITS_LAYER)(x)
@@ -86,6 +90,13 @@ def served_twin(trained: Any, num_classes: int, image_size: int, input_size: int
     served = build_model(num_classes, image_size, input_size, width, depth)
     served.set_weights(trained.get_weights())
     return served
+
+
+def pooled_feature_model(model: Any) -> Any:
+    """Sub-model: image -> pooled features [N, K] (the embedding for an OOD detector)."""
+    import keras
+
+    return keras.Model(model.inputs, model.get_layer(POOLED_FEATURES_LAYER).output, name="hemaflow_pooled")
 
 
 def feature_model(model: Any) -> Any:

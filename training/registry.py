@@ -237,11 +237,18 @@ def _check_champion_unchanged(name: str, decision: dict, current) -> None:
 
 
 def apply_gate(dataset: str, model_version: str, decision: dict, settings: Settings | None = None) -> dict:
-    """Move the aliases according to `decision` and record why and when (compare-and-set on @champion)."""
+    """Move the aliases according to `decision` and record why and when (compare-and-set on @champion);
+    then the version's model card is re-rendered with the decision (training.model_card)."""
+    from training.model_card import publish_card_quietly
+
     s = settings or get_settings()
     client = mlflow_client(s)
-    name = s.model_name(dataset)
-    version = str(model_version)
+    applied = _move_aliases(client, s.model_name(dataset), str(model_version), decision)
+    publish_card_quietly(client, s.model_name(dataset), str(model_version))
+    return applied
+
+
+def _move_aliases(client, name: str, version: str, decision: dict) -> dict:
     current = alias_version(client, name, CHAMPION)
     if decision["passed"] and current is not None and str(current.version) == version:
         return _already_champion(client, name, current)

@@ -128,6 +128,7 @@ def _claimed_training(client, c: CandidateRun) -> dict[str, Any]:
 
     from pipeline.storage import fetch_processed
     from training.claim import CLAIM_SETTLE_S
+    from training.model_card import publish_card_quietly
     from training.registration import contest, register_version
     from training.tracking import log_run_params
 
@@ -142,6 +143,7 @@ def _claimed_training(client, c: CandidateRun) -> dict[str, Any]:
     if lost is not None:
         return lost
     result["model_version"] = register_version(model_uri, c.model_name, tags, c.run_id)
+    publish_card_quietly(client, c.model_name, result["model_version"])
     result["train_seconds"] = round(time.monotonic() - c.started, 1)
     mlflow.log_metric("wall_seconds", result["train_seconds"])
     return result
@@ -170,6 +172,7 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
         raise
     log_fit(fitted)
     log_evaluation(s, meta, fitted)
+    extra_files, drift = profile_and_card(c, folder, fitted)
     canary_x, canary_labels = pick_canaries(fitted.val_x, fitted.val_y, fitted.labels, s.canary_count)
     with tempfile.TemporaryDirectory(prefix="hemaflow-bundle-") as tmp:
         bundle = export_bundle(
@@ -178,6 +181,7 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
             canary_labels=canary_labels, positive_label=fitted.positive_label, threshold=fitted.threshold,
             metrics={k: v for k, v in fitted.test_metrics.items() if k != "per_class"},
             run_id=c.run_id, model_name=c.model_name, git_commit=c.commit, signing_key=signing_key,
+            extra_files=extra_files,
         )
         mlflow.log_artifacts(str(bundle.folder), BUNDLE_DIR)
         mlflow.log_metric("keras_tflite_max_abs_diff", bundle.meta["keras_tflite_max_abs_diff"])
@@ -185,6 +189,30 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     result = {
         "run_id": c.run_id, "skipped": False, "resumed": False, "reason": f"trained on {meta.dataset_version}",
         "model_name": c.model_name, "dataset_version": meta.dataset_version, "metrics": fitted.test_metrics,
-        "threshold": fitted.threshold, "epochs_run": fitted.epochs_run,
+        "threshold": fitted.threshold, "epochs_run": fitted.epochs_run, "dataset_drift": drift,
     }
     return result, model_uri, version_tags(meta, c.commit, c.chash, fitted)
+
+
+def profile_and_card(c: CandidateRun, folder: Path, fitted) -> tuple[dict[str, bytes], dict[str, Any] | None]:
+    """The training-data profile and the model card, logged to the run and returned as bundle files,
+    and the data's drift against the champion's profile ({level, reference, detail}; None: no champion)."""
+    import mlflow
+
+    from contracts.bundle import DATA_PROFILE_FILE, MODEL_CARD_FILE
+    from screening.drift import profile_bytes
+    from training.data_profile import drift_vs_champion, training_profile
+    from training.model_card import log_card, render_card, training_card
+
+    profile = training_profile(fitted.model, folder, c.meta, c.settings.seed)
+    mlflow.log_dict(profile, f"profile/{DATA_PROFILE_FILE}")
+    drift = drift_vs_champion(mlflow_client(c.settings), c.settings, c.model_name, profile)
+    card = training_card(c.settings, c.meta, fitted, c.run_id, c.model_name, c.commit)
+    mlflow.log_metrics({f"test_{k}_ci_{end}": v[end] for k, v in card["intervals"].items()
+                        for end in ("low", "high") if np.isfinite(v[end])})
+    log_card(mlflow_client(c.settings), c.run_id, card)
+    files = {DATA_PROFILE_FILE: profile_bytes(profile), MODEL_CARD_FILE: render_card(card).encode()}
+    summary = None if drift is None else {
+        "level": drift.level, "reference": drift.reference,
+        "detail": "; ".join(f"{k.name}: {k.detail}" for k in drift.checks if k.tested)}
+    return files, summary

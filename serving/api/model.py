@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from fastapi.responses import HTMLResponse
 
 from serving import schemas
 from serving.clinical import context_for
 from serving.deps import ManagerDep, current_model
+from serving.errors import ApiError
+
+# The card is static HTML with inline CSS and an inline PNG: nothing else may load or run.
+CARD_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 router = APIRouter(prefix="/v1", tags=["model"])
 
@@ -33,3 +38,14 @@ async def model_info(manager: ManagerDep):
         signed_by=model.identity.signed_by,
         clinical={lab: schemas.ClinicalContext(**context_for(lab)) for lab in model.labels},
     )
+
+
+@router.get("/model/card", response_class=HTMLResponse,
+            responses={404: schemas.ERROR_RESPONSES[503] | {"description": "The bundle has no model card"},
+                       503: schemas.ERROR_RESPONSES[503]})
+async def model_card(manager: ManagerDep):
+    """The served model's card (HTML, from its signed bundle): data, metrics with intervals, intended use."""
+    model = current_model(manager)
+    if model.card_html is None:
+        raise ApiError(404, "no_model_card", "the served bundle has no model card (trained before model cards)")
+    return HTMLResponse(model.card_html.decode("utf-8"), headers={"Content-Security-Policy": CARD_CSP})

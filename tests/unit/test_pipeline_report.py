@@ -35,6 +35,16 @@ def test_summary_of_a_promotion_says_what_and_why():
     json.dumps(s)  # must be JSON-serialisable for XCom and MLflow
 
 
+def test_summary_marks_a_strong_data_drift_against_the_champion():
+    drift = {"level": "strong", "reference": "v-old (champion v2)", "detail": "colour: drifted: saturation"}
+    s = build_summary("leukemia", {"ingest": INGEST, "preprocess": PREPROCESS,
+                                   "train": {**TRAINED, "dataset_drift": drift}}, None)
+    assert s["dataset_drift"] == drift
+    assert "Data drift vs v-old (champion v2): **STRONG DRIFT** (colour: drifted: saturation)" in summary_markdown(s)
+    quiet = build_summary("leukemia", {"ingest": INGEST, "preprocess": PREPROCESS, "train": TRAINED}, None)
+    assert quiet["dataset_drift"] is None and "Data drift" not in summary_markdown(quiet)
+
+
 def test_summary_of_a_skipped_training_and_of_a_rejected_candidate():
     skipped = build_summary("leukemia", {"ingest": INGEST, "train": {**TRAINED, "skipped": True,
                                                                       "reason": "already registered as v3"}})

@@ -1,0 +1,44 @@
+"""The model card's HTML from its data (real bootstrap intervals on generated test predictions)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from training.evaluate import compute_metrics
+from training.model_card import card_data, render_card
+
+
+def _fitted(n: int = 80):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, n)
+    p_abnormal = np.clip(np.where(y == 0, 0.75, 0.25) + rng.normal(0, 0.2, n), 0.01, 0.99)
+    probs = np.column_stack([p_abnormal, 1 - p_abnormal])
+    labels = ["abnormal", "normal"]
+    return SimpleNamespace(test_y=y, test_p=probs, labels=labels, positive_label="abnormal", threshold=0.5,
+                           test_metrics=compute_metrics(y, probs, labels, "abnormal", 0.5))
+
+
+def _card(**changes):
+    meta = SimpleNamespace(dataset="leukemia", dataset_version="v1", classes={"Benign": "normal", "Pro": "abnormal"},
+                           image_size=224, counts={"train": {"abnormal": 50, "normal": 30}, "test": {"abnormal": 40}})
+    data = card_data(meta=meta, fitted=_fitted(), model_name="hemaflow-leukemia", run_id="r" * 32, git_commit="abc",
+                     credits='Aria M. et al. <script>alert(1)</script>', calibration_png=b"\x89PNG")
+    return {**data, **changes}
+
+
+def test_card_shows_metrics_with_intervals_splits_and_escapes_text():
+    data = _card()
+    ci = data["intervals"]["sensitivity"]
+    assert ci["low"] <= data["metrics"]["sensitivity"] <= ci["high"] and ci["low"] < ci["high"]
+    page = render_card(data)
+    assert f"{data['metrics']['sensitivity']:.4f}" in page and f"[{ci['low']:.4f}, {ci['high']:.4f}]" in page
+    assert "<td>train</td><td>80</td>" in page and "Screening aid, not a diagnosis" in page
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "(run rrrrrrrrrrrr)" in page and "Decided after this card was written" in page
+
+
+def test_card_after_the_gate_names_version_and_decision():
+    page = render_card(_card(version="7", gate={"decision": "failed", "reason": "below floor", "at": "t"}))
+    assert "hemaflow-leukemia version 7" in page and "<b>failed</b>" in page and "below floor" in page
