@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.imaging import CROP_POLICIES
 from pipeline.settings import get_settings
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -29,6 +30,8 @@ class DatasetSpec:
     classes: dict[str, str]  # class folder -> task label
     positive_label: str | None = None
     source: Path | None = field(default=None, compare=False)
+    # How a non-square image becomes the square model input (pipeline.imaging.CROP_POLICIES).
+    crop: str = "center_crop"
 
     @property
     def class_folders(self) -> list[str]:
@@ -92,6 +95,10 @@ def parse_spec(text: str, source: Path | None = None) -> DatasetSpec:
         raise SpecError(f"dataset spec {name!r}: positive_label {positive!r} is not a label{where}")
     if positive is not None and len(labels) != 2:
         raise SpecError(f"dataset spec {name!r}: positive_label only applies to two-label tasks{where}")
+    crop = raw.get("crop", "center_crop")
+    if crop not in CROP_POLICIES:
+        raise SpecError(f"dataset spec {name!r}: crop must be one of {', '.join(CROP_POLICIES)}, "
+                        f"not {crop!r}{where}")
     return DatasetSpec(
         name=name,
         description=str(raw.get("description", "")),
@@ -99,6 +106,7 @@ def parse_spec(text: str, source: Path | None = None) -> DatasetSpec:
         classes=dict(classes),
         positive_label=positive,
         source=source,
+        crop=crop,
     )
 
 

@@ -29,7 +29,12 @@ DECODE_SLOTS = 2
 UNSUPPORTED_REASONS = {"not_an_image", "unsupported_format"}
 
 
-def prepare(data: bytes, size: int, s: Settings) -> np.ndarray:
+def crop_policy(model: LoadedModel) -> str:
+    """The crop policy the model was trained with (bundle.json preprocessing.crop; older bundles: center_crop)."""
+    return str((model.meta.get("preprocessing") or {}).get("crop") or "center_crop")
+
+
+def prepare(data: bytes, size: int, s: Settings, crop: str = "center_crop") -> np.ndarray:
     """Check format and sides from the header (nothing is decoded for an image that will be
     refused), then decode and preprocess with the pipeline's own `prepare_image`."""
     head = read_header(data, s.max_image_pixels)
@@ -40,7 +45,7 @@ def prepare(data: bytes, size: int, s: Settings) -> np.ndarray:
     if min(head.width, head.height) < s.min_image_side or max(head.width, head.height) > s.max_image_side:
         raise ImageRejected("bad_dimensions", f"{head.width}x{head.height}: sides must be between "
                             f"{s.min_image_side} and {s.max_image_side} pixels")
-    return prepare_image(open_image(data, s.max_image_pixels), size)
+    return prepare_image(open_image(data, s.max_image_pixels), size, crop=crop)
 
 
 class Inference:
@@ -57,11 +62,12 @@ class Inference:
     async def stop(self) -> None:
         await self.batcher.stop()
 
-    async def prepare(self, upload: UploadedFile, size: int, settings: Settings) -> np.ndarray:
+    async def prepare(self, upload: UploadedFile, size: int, settings: Settings,
+                      crop: str = "center_crop") -> np.ndarray:
         """The model input of one upload, decoded off the event loop; a refused image is an ApiError."""
         try:
             async with self.decode_slots:
-                return await asyncio.to_thread(prepare, bytes(upload.data), size, settings)
+                return await asyncio.to_thread(prepare, bytes(upload.data), size, settings, crop)
         except ImageRejected as exc:
             status = 415 if exc.reason in UNSUPPORTED_REASONS else 422
             raise ApiError(status, exc.reason, exc.detail) from None

@@ -2,7 +2,8 @@
 
     model.tflite   signature "serving_default": image [N,S,S,3] float 0..255 ->
                    {probabilities [N,C], class_maps [N,h,w,C]}
-    bundle.json    labels, threshold, preprocessing, metrics, canaries, provenance
+    bundle.json    labels, threshold, preprocessing (+ crop policy), calibration, metrics, canaries,
+                   provenance
     canary/*.png   lossless preprocessed canary inputs with their expected outputs
     SHA256SUMS     "<sha256>  <relative path>" for every other file
     SHA256SUMS.sig Ed25519 signature of SHA256SUMS (serving.signing) by BUNDLE_SIGNING_KEY
@@ -41,6 +42,14 @@ from training.model import INPUT_NAME, serving_function
 
 CANARY_DIR = "canary"
 PREPROCESSING = {"policy": "resize_shorter_center_crop", "resample": "bilinear"}
+
+
+def preprocessing_record(crop: str = "center_crop") -> dict[str, str]:
+    """bundle.json `preprocessing`: the policy name plus `crop`, the argument serving passes to
+    `pipeline.imaging.prepare_image` (absent in older bundles, which mean center_crop)."""
+    from pipeline.preprocess import CROP_POLICY_NAMES
+
+    return {**PREPROCESSING, "policy": CROP_POLICY_NAMES[crop], "crop": crop}
 
 
 class BundleError(RuntimeError):
@@ -255,12 +264,16 @@ def export_bundle(
     git_commit: str = "",
     extra: dict[str, Any] | None = None,
     signing_key: str | None = None,
+    crop: str = "center_crop",
+    calibration: dict[str, Any] | None = None,
 ) -> Bundle:
     """Convert `model` to TFLite and write a complete, verified bundle into `out_dir`.
 
     The bundle is assembled in a sibling temp folder and renamed into place, so a reader
     never sees half a bundle. Raises BundleError if TFLite and Keras disagree on the canaries.
     With `signing_key` (base64 Ed25519 private key) SHA256SUMS is signed (SHA256SUMS.sig).
+    `calibration` (training.calibration.calibrate) is recorded as `calibration`; its temperature
+    is already applied inside model.tflite, so serving's probabilities are the calibrated ones.
     """
     from PIL import Image
 
@@ -300,7 +313,8 @@ def export_bundle(
             "positive_label": positive_label if task == "binary" else None,
             "threshold": float(threshold) if threshold is not None else None,
             "image_size": int(image_size),
-            "preprocessing": dict(PREPROCESSING),
+            "preprocessing": preprocessing_record(crop),
+            "calibration": calibration or {"method": "none", "temperature": 1.0},
             "metrics": metrics or {},
             "canaries": canaries,
             "keras_tflite_max_abs_diff": diff,

@@ -6,8 +6,13 @@ Architecture (no pretrained weights can be downloaded here):
       -> Rescaling(1/255) -> Resizing(TRAIN_INPUT_SIZE)       normalisation lives IN the model
       -> MODEL_DEPTH conv blocks (3x3 conv, BatchNorm, ReLU; width doubles per block, capped),
          every block but the last halves the resolution with max-pooling
-      -> "features" A [h, w, K]  -> GlobalAveragePooling -> Dropout -> Dense(C) "logits"
-      -> softmax "probabilities"
+      -> "features" A [h, w, K]  -> GlobalAveragePooling "pooled_features" [K] -> Dropout
+      -> Dense(C) "logits" -> softmax "probabilities"
+
+`pooled_features` is the named embedding an out-of-distribution detector can be fitted on
+(`pooled_feature_model`). Temperature scaling (training.calibration) is applied as a fixed
+division of the logits (`with_temperature`), in the Keras model and in the exported graph,
+so thresholds, canaries and served probabilities all use the calibrated probabilities.
 
 Because the head is GAP -> Dense, the Grad-CAM weights of class c are the dense kernel's
 column W[:, c] (divided by h*w), so `class_maps = einsum(A, W)` is Grad-CAM up to that constant.
@@ -21,6 +26,8 @@ from typing import Any
 from serving.bundle import OUTPUT_CLASS_MAPS, OUTPUT_PROBABILITIES
 
 FEATURES_LAYER = "features"
+POOLED_FEATURES_LAYER = "pooled_features"
+TEMPERATURE_LAYER = "temperature"
 LOGITS_LAYER = "logits"
 PROBABILITIES_LAYER = "probabilities"
 INPUT_NAME = "image"
@@ -67,7 +74,7 @@ def build_model(
             x = layers.ReLU(name=FEATURES_LAYER if (last and j == n_convs - 1) else f"b{i}_relu{j}")(x)
         if not last:
             x = layers.MaxPooling2D(2, name=f"b{i}_pool")(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.GlobalAveragePooling2D(name=POOLED_FEATURES_LAYER)(x)
     if dropout > 0:
         x = layers.Dropout(dropout, seed=seed, name="dropout")(x)
     logits = layers.Dense(num_classes, kernel_regularizer=reg, name=LOGITS_LAYER)(x)
@@ -86,6 +93,32 @@ def served_twin(trained: Any, num_classes: int, image_size: int, input_size: int
     served = build_model(num_classes, image_size, input_size, width, depth)
     served.set_weights(trained.get_weights())
     return served
+
+
+def with_temperature(model: Any, temperature: float) -> Any:
+    """The same network (shared layers and weights) whose probabilities are softmax(logits / T)."""
+    import keras
+    from keras import layers
+
+    logits = model.get_layer(LOGITS_LAYER).output
+    scaled = layers.Rescaling(1.0 / float(temperature), name=TEMPERATURE_LAYER)(logits)
+    outputs = layers.Activation("softmax", dtype="float32", name=PROBABILITIES_LAYER)(scaled)
+    return keras.Model(model.inputs, outputs, name=model.name)
+
+
+def temperature_of(model: Any) -> float:
+    """The temperature `with_temperature` applied (1.0 for an uncalibrated model)."""
+    try:
+        return 1.0 / float(model.get_layer(TEMPERATURE_LAYER).scale)
+    except ValueError:
+        return 1.0
+
+
+def pooled_feature_model(model: Any) -> Any:
+    """Sub-model: image -> pooled features [N, K] (the embedding for an OOD detector)."""
+    import keras
+
+    return keras.Model(model.inputs, model.get_layer(POOLED_FEATURES_LAYER).output, name="hemaflow_pooled")
 
 
 def feature_model(model: Any) -> Any:
@@ -111,12 +144,13 @@ def serving_function(model: Any, image_size: int):
 
     feats_model = feature_model(model)
     dense = model.get_layer(LOGITS_LAYER)
+    temperature = temperature_of(model)
 
     def serve(image):
         feats = tf.cast(feats_model(image, training=False), tf.float32)
         logits = tf.matmul(tf.reduce_mean(feats, axis=[1, 2]), dense.kernel) + dense.bias
         return {
-            OUTPUT_PROBABILITIES: tf.nn.softmax(logits, axis=-1),
+            OUTPUT_PROBABILITIES: tf.nn.softmax(logits / temperature, axis=-1),
             OUTPUT_CLASS_MAPS: tf.einsum("nhwk,kc->nhwc", feats, dense.kernel),
         }
 

@@ -39,6 +39,7 @@ TRAIN_SETTING_KEYS = (
     "model_depth",
     "train_input_size",
     "early_stopping_patience",
+    "train_colour_strength",
     "train_time_budget_s",
     "target_sensitivity",
     "canary_count",
@@ -50,6 +51,8 @@ CODE_FILES = (
     "training/train.py",
     "training/evaluate.py",
     "training/bundle.py",
+    "training/calibration.py",
+    "training/stopping.py",
     "pipeline/processed.py",
 )
 MODEL_ARTIFACT = "model"
@@ -203,44 +206,18 @@ def latest_dataset_version(dataset: str, settings: Settings | None = None) -> st
 
 
 def _callbacks(s: Settings, on_epoch: Callable[[int, dict], None] | None):
+    """Early stopping / epochs end the run; the wall-clock budget is a safety stop (training.stopping)."""
     import keras
 
-    class TimeBudget(keras.callbacks.Callback):
-        """Stop before the next epoch would overrun the wall-clock budget."""
-
-        def __init__(self, budget_s: float) -> None:
-            super().__init__()
-            self.budget_s = budget_s
-            self.stopped_for_budget = False
-
-        def on_train_begin(self, logs=None):
-            self.start = time.monotonic()
-
-        def on_epoch_end(self, epoch, logs=None):
-            elapsed = time.monotonic() - self.start
-            per_epoch = elapsed / (epoch + 1)
-            if elapsed + per_epoch > self.budget_s:
-                self.stopped_for_budget = True
-                self.model.stop_training = True
+    from training.stopping import reproducible_callbacks
 
     class EpochHook(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if on_epoch is not None:
                 on_epoch(epoch, dict(logs or {}))
 
-    budget = TimeBudget(s.train_time_budget_s)
-    callbacks = [
-        keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=s.early_stopping_patience, restore_best_weights=True, verbose=0
-        ),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=0.5, patience=max(1, s.early_stopping_patience // 3), min_lr=1e-5
-        ),
-        budget,
-        EpochHook(),
-    ]
-    return callbacks, budget
+    callbacks, stops = reproducible_callbacks(s.early_stopping_patience, s.train_time_budget_s)
+    return [*callbacks, EpochHook()], stops
 
 
 def _finite(history: dict[str, list[float]], model) -> bool:
@@ -422,16 +399,20 @@ def _fit_evaluate_log(s, meta, folder: Path, run_id: str, model_name: str, commi
 
     from training import evaluate as ev
     from serving.bundle import BUNDLE_DIR
+    from pipeline.preprocess import crop_of
     from training.bundle import export_bundle, signing_key_of
+    from training.calibration import calibrate
     from training.data import class_weights, configure_threads, load_split_arrays, make_dataset
     from training.model import build_model, served_twin
+    from training.stopping import TAG_STOP_REASON, enable_determinism, stop_reason
 
     signing_key = signing_key_of(s)  # security: fail before training, not after, when no key is set
     configure_threads()
-    keras.utils.set_random_seed(s.seed)
+    enable_determinism(s.seed)
     labels, binary = list(meta.labels), len(meta.labels) == 2
     size = s.train_input_size
-    train_ds = make_dataset(folder, meta, "train", s.batch_size, training=True, seed=s.seed, resize_to=size)
+    train_ds = make_dataset(folder, meta, "train", s.batch_size, training=True, seed=s.seed, resize_to=size,
+                            colour_strength=s.train_colour_strength)
     val_ds = make_dataset(folder, meta, "val", s.batch_size, resize_to=size)
     # Trained at the network's input size; the served twin (input IMAGE_SIZE) gets its weights.
     net = build_model(len(labels), size, size, s.model_width, s.model_depth, seed=s.seed)
@@ -451,7 +432,7 @@ def _fit_evaluate_log(s, meta, folder: Path, run_id: str, model_name: str, commi
         if on_epoch is not None:
             on_epoch(epoch, logs)
 
-    callbacks, budget = _callbacks(s, _epoch)
+    callbacks, stops = _callbacks(s, _epoch)
     history = net.fit(
         train_ds, validation_data=val_ds, epochs=s.epochs, class_weight=class_weights(meta),
         callbacks=callbacks, verbose=verbose,
@@ -460,12 +441,18 @@ def _fit_evaluate_log(s, meta, folder: Path, run_id: str, model_name: str, commi
         mlflow.set_tag("failure", "non-finite loss")
         raise TrainingError(f"training of {meta.dataset} {meta.dataset_version} diverged (NaN/inf loss); "
                             "the run is marked FAILED and nothing was registered")
-    model = served_twin(net, len(labels), meta.image_size, size, s.model_width, s.model_depth)
-    mlflow.log_metrics({"epochs_run": len(history["loss"]), "stopped_for_time_budget": float(budget.stopped_for_budget)})
+    reason = stop_reason(stops, len(history["loss"]), s.epochs)
+    mlflow.set_tag(TAG_STOP_REASON, reason)
+    mlflow.log_param(TAG_STOP_REASON, reason)
+    mlflow.log_metrics({"epochs_run": len(history["loss"]),
+                        "stopped_for_time_budget": float(stops.budget.stopped_for_budget)})
 
-    # Evaluation: threshold from validation, figures from test.
+    # Evaluation: temperature and threshold from validation, figures from test.
     val_x, val_y = load_split_arrays(folder, meta, "val")
     test_x, test_y = load_split_arrays(folder, meta, "test")
+    model, calibration = calibrate(served_twin(net, len(labels), meta.image_size, size, s.model_width,
+                                               s.model_depth), val_x, val_y, test_x, test_y)
+    mlflow.log_metrics({f"calibration_{k}": v for k, v in calibration.items() if isinstance(v, float)})
     val_p = model.predict(val_x.astype(np.float32), batch_size=64, verbose=0)
     test_p = model.predict(test_x.astype(np.float32), batch_size=64, verbose=0)
     positive = meta.positive_label if binary else None
@@ -509,6 +496,7 @@ def _fit_evaluate_log(s, meta, folder: Path, run_id: str, model_name: str, commi
             labels=labels, classes=meta.classes, image_size=meta.image_size, canary_images=canary_x,
             canary_labels=canary_labels, positive_label=positive, threshold=threshold, metrics=bundle_metrics,
             run_id=run_id, model_name=model_name, git_commit=commit, signing_key=signing_key,
+            crop=crop_of(meta.preprocessing), calibration=calibration, extra={TAG_STOP_REASON: reason},
         )
         mlflow.log_artifacts(str(bundle.folder), BUNDLE_DIR)
         mlflow.log_metric("keras_tflite_max_abs_diff", bundle.meta["keras_tflite_max_abs_diff"])
@@ -528,6 +516,7 @@ def _fit_evaluate_log(s, meta, folder: Path, run_id: str, model_name: str, commi
     result = {
         "run_id": run_id, "skipped": False, "resumed": False, "reason": f"trained on {meta.dataset_version}",
         "model_name": model_name, "dataset_version": meta.dataset_version, "metrics": test_metrics,
-        "threshold": threshold, "epochs_run": len(history["loss"]),
+        "threshold": threshold, "epochs_run": len(history["loss"]), TAG_STOP_REASON: reason,
+        "calibration": calibration,
     }
     return result, info.model_uri, tags

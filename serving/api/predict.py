@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from serving import schemas
 from serving.deps import InferenceDep, ManagerDep, SettingsDep, current_model, require_predict_key
 from serving.errors import ApiError
+from serving.inference import crop_policy
 from serving.manager import monotonic_ms
 from serving.upload import read_files
 
@@ -44,7 +45,7 @@ async def _predict_one(request: Request, settings: SettingsDep, manager: Manager
     start = time.perf_counter()
     model = current_model(manager)
     (upload,) = await read_files(request, max_file_bytes=settings.serving_max_upload_bytes, max_files=1)
-    image = await inference.prepare(upload, model.image_size, settings)
+    image = await inference.prepare(upload, model.image_size, settings, crop_policy(model))
     ((probs, cmap),) = await inference.predict(model, image[None])
     if explain:
         return await asyncio.to_thread(inference.result, model, upload, image, probs, cmap, True, start)
@@ -74,7 +75,7 @@ async def predict_batch(request: Request, settings: SettingsDep, manager: Manage
     prepared: list[np.ndarray | ApiError] = []
     for upload in uploads:
         try:
-            prepared.append(await inference.prepare(upload, model.image_size, settings))
+            prepared.append(await inference.prepare(upload, model.image_size, settings, crop_policy(model)))
         except ApiError as exc:
             prepared.append(exc)
     good = [p for p in prepared if isinstance(p, np.ndarray)]
