@@ -31,6 +31,7 @@ LEVERS = {
     "colour2x": {"colour_strength": 2.0},
     "colour0": {"colour_strength": 0.0},
     "crop_fit": {"crop": "fit"},
+    "crop_center": {"crop": "center_crop"},
     "lr1e-3": {"learning_rate": 1e-3},
 }
 COLUMNS = ("lever", "epochs_run", "stop_reason", "fit_s", "val_loss", "val_accuracy", "val_macro_f1",
