@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from contracts.imaging import CROP_POLICIES
 from contracts.settings import get_settings
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -30,6 +31,8 @@ class DatasetSpec:
     positive_label: str | None = None
     source: Path | None = field(default=None, compare=False)
     credits: str = ""  # who made the data and how to cite it (shown on the model card)
+    # How a non-square image becomes the square model input (contracts.imaging.CROP_POLICIES).
+    crop: str = "center_crop"
 
     @property
     def class_folders(self) -> list[str]:
@@ -93,6 +96,10 @@ def parse_spec(text: str, source: Path | None = None) -> DatasetSpec:
         raise SpecError(f"dataset spec {name!r}: positive_label {positive!r} is not a label{where}")
     if positive is not None and len(labels) != 2:
         raise SpecError(f"dataset spec {name!r}: positive_label only applies to two-label tasks{where}")
+    crop = raw.get("crop", "center_crop")
+    if crop not in CROP_POLICIES:
+        raise SpecError(f"dataset spec {name!r}: crop must be one of {', '.join(CROP_POLICIES)}, "
+                        f"not {crop!r}{where}")
     return DatasetSpec(
         name=name,
         description=str(raw.get("description", "")),
@@ -101,6 +108,7 @@ def parse_spec(text: str, source: Path | None = None) -> DatasetSpec:
         positive_label=positive,
         source=source,
         credits=str(raw.get("credits", "")),
+        crop=crop,
     )
 
 

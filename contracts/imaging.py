@@ -7,6 +7,13 @@ Aspect-ratio policy: scale so the shorter side equals `size`, then crop the cent
 `size` x `size` square. Smear fields and single-cell crops are centred and nearly
 square, so this keeps the cells at their native proportions (no stretching) and loses
 at most a thin margin of a non-square image. EXIF orientation is applied first.
+
+Crop policies (`CROP_POLICIES`, chosen per dataset by the spec's `crop` and carried in the
+bundle's `preprocessing.crop`, so serving applies the one the model was trained with):
+`center_crop` as above (the default), or `fit`: scale the LONGER side to `size` and pad
+the short side symmetrically with the image's own border colour (median of its edge pixels),
+so a field whose subject is off-centre keeps its whole width (a 320x240 field would lose a
+quarter of it to `center_crop`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,18 @@ DRAFT_FACTOR = 2
 # High-bit images are scaled to 8 bits this many pixels at a time: the float64 working set stays
 # at a few MB instead of 8 bytes per pixel of the whole image (320 MB at 40 Mpx).
 STRIP_PIXELS = 1 << 18
+CENTER_CROP = "center_crop"
+FIT = "fit"
+CROP_POLICIES = (CENTER_CROP, FIT)
+# Crop policy -> the `policy` recorded in a dataset version and a bundle (center_crop keeps its
+# old name, so dataset versions made before crop policies existed keep their content hash).
+CROP_POLICY_NAMES = {CENTER_CROP: "resize_shorter_center_crop", FIT: "resize_longer_pad_square"}
+
+
+def crop_of(preprocessing: dict) -> str:
+    """The crop policy a processed version was made with (from its `preprocessing` params)."""
+    by_name = {v: k for k, v in CROP_POLICY_NAMES.items()}
+    return by_name.get(str(preprocessing.get("policy", "")), CENTER_CROP)
 
 
 class ImageRejected(ValueError):
@@ -143,11 +162,43 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def prepare_image(data: bytes | Image.Image, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def resize_fit(img: Image.Image, size: int) -> Image.Image:
+    """Scale the longer side to `size`, then pad to a centred square with the border colour."""
+    width, height = img.size
+    if (width, height) == (size, size):
+        return img
+    scale = size / max(width, height)
+    new_w, new_h = max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale)))
+    img = img.resize((new_w, new_h), RESAMPLE)
+    if (new_w, new_h) == (size, size):
+        return img
+    canvas = Image.new(img.mode, (size, size), _border_colour(img))
+    canvas.paste(img, ((size - new_w) // 2, (size - new_h) // 2))
+    return canvas
+
+
+def _border_colour(img: Image.Image):
+    """Median of the edge pixels: the background a field's padding should continue."""
+    arr = np.asarray(img)
+    edges = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    colour = np.median(edges, axis=0).astype(np.uint8)
+    return tuple(int(c) for c in np.atleast_1d(colour)) if colour.ndim else int(colour)
+
+
+def check_crop_policy(crop: str) -> str:
+    if crop not in CROP_POLICIES:
+        raise ValueError(f"unknown crop policy {crop!r}; expected one of {', '.join(CROP_POLICIES)}")
+    return crop
+
+
+def prepare_image(data: bytes | Image.Image, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  crop: str = CENTER_CROP) -> np.ndarray:
     """Bytes or a Pillow image -> uint8 array of shape (size, size, 3). The serving contract.
 
-    Bytes are decoded with `draft_size=size` (training and serving both pass bytes, so both see
-    the same reduced-scale decode of large JPEGs)."""
+    `crop` is the dataset's crop policy (`center_crop` or `fit`, see the module docstring). Bytes
+    are decoded with `draft_size=size` (training and serving both pass bytes, so both see the
+    same reduced-scale decode of large JPEGs)."""
+    resize = resize_fit if check_crop_policy(crop) == FIT else resize_center_crop
     if isinstance(data, (bytes, bytearray, memoryview)):
         img = open_image(data, max_pixels, draft_size=size)
         ImageOps.exif_transpose(img, in_place=True)  # our own image: no full-size copy when upright
@@ -156,7 +207,7 @@ def prepare_image(data: bytes | Image.Image, size: int, max_pixels: int = DEFAUL
     if img.mode in HIGH_BIT_MODES or img.mode == "L":
         # Grey: resize the 1-byte image, then replicate to RGB. The same pixels as converting first
         # (bilinear works per channel), without a full-size 4-byte-per-pixel RGB copy.
-        img = resize_center_crop(high_bit_to_l(img) if img.mode != "L" else img, size).convert("RGB")
+        img = resize(high_bit_to_l(img) if img.mode != "L" else img, size).convert("RGB")
     else:
-        img = resize_center_crop(to_rgb(img), size)
+        img = resize(to_rgb(img), size)
     return np.asarray(img, dtype=np.uint8).reshape(size, size, 3)

@@ -78,13 +78,14 @@ class Settings(BaseSettings):
 
     # --- training ----------------------------------------------------------------------
     seed: int = 1337
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(14, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(2e-3, gt=0)
     model_width: int = Field(16, ge=4, description="Filters of the first conv block")
     model_depth: int = Field(5, ge=2, le=8, description="Conv blocks, each halving resolution")
     train_input_size: int = Field(96, ge=16, le=1024, description="Network input side")
     early_stopping_patience: int = Field(6, ge=1)
+    train_colour_strength: float = Field(1.0, ge=0, le=3, description="Scale of the colour/stain jitter")
     train_time_budget_s: float = Field(840.0, gt=0, description="Wall-clock budget for fit()")
     target_sensitivity: float = Field(0.98, gt=0, le=1)
     canary_count: int = Field(4, ge=1)

@@ -25,6 +25,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from contracts.imaging import CROP_POLICY_NAMES
 from contracts.settings import Settings, get_settings
 from contracts.stages import PreprocessResult
 
@@ -32,20 +33,23 @@ from contracts.stages import PreprocessResult
 PREPROCESS_VERSION = 2
 
 
-def encode_cached_file(path: str, size: int, max_pixels: int, label: int, sha256: str) -> bytes:
+
+
+def encode_cached_file(path: str, size: int, max_pixels: int, label: int, sha256: str,
+                       crop: str = "center_crop") -> bytes:
     """One cached image file -> serialized tf.train.Example bytes (runs in the encoder threads)."""
     from contracts.imaging import prepare_image
     from contracts.processed import encode_example
 
     with open(path, "rb") as fh:
         data = fh.read()
-    return encode_example(prepare_image(data, size, max_pixels), label, sha256)
+    return encode_example(prepare_image(data, size, max_pixels, crop=crop), label, sha256)
 
 
-def preprocessing_params(settings: Settings) -> dict[str, Any]:
+def preprocessing_params(settings: Settings, crop: str = "center_crop") -> dict[str, Any]:
     from contracts.imaging import RESAMPLE
 
-    return {"policy": "resize_shorter_center_crop", "resample": RESAMPLE.name.lower(),
+    return {"policy": CROP_POLICY_NAMES[crop], "resample": RESAMPLE.name.lower(),
             "image_size": settings.image_size, "preprocess_version": PREPROCESS_VERSION}
 
 
@@ -82,7 +86,7 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
     rows = s3_call(s, "read validated manifest", get_jsonl, client, s.s3_bucket, validated_key)
     if not rows:
         raise ValueError(f"{validated_key} has no images: nothing to preprocess")
-    prep, split_cfg = preprocessing_params(s), split_params(s)
+    prep, split_cfg = preprocessing_params(s, spec.crop), split_params(s)
     version = dataset_version([(r["sha256"], r["label"]) for r in rows], spec.labels, prep, split_cfg)
     prefix = version_prefix(dataset, version)
     if s3_call(s, "check version", object_exists, client, s.s3_bucket, prefix + META_FILE):
@@ -100,7 +104,8 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
         with ThreadPoolExecutor(max_workers=s.transfer_workers) as fetcher:  # cache misses re-download
             paths = [str(p) for p in fetcher.map(lambda r: ensure_cached(r, s, client), chunk)]
         return pool.map(encode_cached_file, paths, [s.image_size] * len(chunk), [s.max_image_pixels] * len(chunk),
-                        [label_index[r["label"]] for r in chunk], [r["sha256"] for r in chunk])
+                        [label_index[r["label"]] for r in chunk], [r["sha256"] for r in chunk],
+                        [spec.crop] * len(chunk))
 
     final_dir = local_version_dir(s, dataset, version)
     work = final_dir.parent / f".tmp-{version}-{os.getpid()}"

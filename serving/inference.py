@@ -39,7 +39,12 @@ DECODE_SLOTS = 2
 UNSUPPORTED_REASONS = {"not_an_image", "unsupported_format"}
 
 
-def prepare(data: bytes, size: int, s: Settings) -> np.ndarray:
+def crop_policy(model: LoadedModel) -> str:
+    """The crop policy the model was trained with (bundle.json preprocessing.crop; older bundles: center_crop)."""
+    return str((model.meta.get("preprocessing") or {}).get("crop") or "center_crop")
+
+
+def prepare(data: bytes, size: int, s: Settings, crop: str = "center_crop") -> np.ndarray:
     """Check format and sides from the header (nothing is decoded for an image that will be
     refused), then decode and preprocess with the pipeline's own `prepare_image`."""
     head = read_header(data, s.max_image_pixels)
@@ -50,7 +55,7 @@ def prepare(data: bytes, size: int, s: Settings) -> np.ndarray:
     if min(head.width, head.height) < s.min_image_side or max(head.width, head.height) > s.max_image_side:
         raise ImageRejected("bad_dimensions", f"{head.width}x{head.height}: sides must be between "
                             f"{s.min_image_side} and {s.max_image_side} pixels")
-    return prepare_image(data, size, s.max_image_pixels)
+    return prepare_image(data, size, s.max_image_pixels, crop=crop)
 
 
 class Inference:
@@ -79,20 +84,21 @@ class Inference:
             status = 415 if exc.reason in UNSUPPORTED_REASONS else 422
             raise ApiError(status, exc.reason, exc.detail) from None
 
-    def _prepare(self, data: bytearray, size: int, settings: Settings) -> np.ndarray:
+    def _prepare(self, data: bytearray, size: int, settings: Settings, crop: str) -> np.ndarray:
         with self.decode_slots:
-            return prepare(data, size, settings)
+            return prepare(data, size, settings, crop)
 
-    async def prepare(self, upload: UploadedFile, size: int, settings: Settings) -> np.ndarray:
+    async def prepare(self, upload: UploadedFile, size: int, settings: Settings,
+                      crop: str = "center_crop") -> np.ndarray:
         """The model input of one upload, decoded on an inference thread; a refused image is an ApiError."""
-        return await self._in_pool(self._prepare, upload.data, size, settings)
+        return await self._in_pool(self._prepare, upload.data, size, settings, crop)
 
     async def predict(self, model: LoadedModel, images: np.ndarray) -> list[Result]:
         return await self.batcher.predict(model, images)
 
     def _answer(self, model: LoadedModel, upload: UploadedFile, settings: Settings, explain: bool,
                 start: float) -> schemas.Prediction:
-        image = self._prepare(upload.data, model.image_size, settings)
+        image = self._prepare(upload.data, model.image_size, settings, crop_policy(model))
         probs, cmaps = model.predict(image[None])
         self.metrics.batch_size.observe(1)
         return self.result(model, upload, image, probs[0], cmaps[0], explain, start)
@@ -103,7 +109,7 @@ class Inference:
         Grad-CAM when asked), or, with micro-batching, decode in a thread and a shared interpreter call."""
         if self.batcher.max_batch == 1:
             return await self._in_pool(self._answer, model, upload, settings, explain, start)
-        image = await self.prepare(upload, model.image_size, settings)
+        image = await self.prepare(upload, model.image_size, settings, crop_policy(model))
         ((probs, cmap),) = await self.predict(model, image[None])
         if explain:
             return await self._in_pool(self.result, model, upload, image, probs, cmap, True, start)

@@ -41,6 +41,14 @@ from training.model import serving_function
 PREPROCESSING = {"policy": "resize_shorter_center_crop", "resample": "bilinear"}
 
 
+def preprocessing_record(crop: str = "center_crop") -> dict[str, str]:
+    """bundle.json `preprocessing`: the policy name plus `crop`, the argument serving passes to
+    `contracts.imaging.prepare_image` (absent in older bundles, which mean center_crop)."""
+    from contracts.imaging import CROP_POLICY_NAMES
+
+    return {**PREPROCESSING, "policy": CROP_POLICY_NAMES[crop], "crop": crop}
+
+
 def convert_to_tflite(model: Any, image_size: int) -> bytes:
     """Keras model -> float32 TFLite flatbuffer with the named serving signature.
 
@@ -140,6 +148,8 @@ def export_bundle(
     extra: dict[str, Any] | None = None,
     signing_key: str | None = None,
     extra_files: dict[str, bytes] | None = None,
+    crop: str = "center_crop",
+    calibration: dict[str, Any] | None = None,
 ) -> Bundle:
     """Convert `model` to TFLite and write a complete, verified bundle into `out_dir`.
 
@@ -147,6 +157,8 @@ def export_bundle(
     never sees half a bundle. Raises BundleError if TFLite and Keras disagree on the canaries.
     With `signing_key` (base64 Ed25519 private key) SHA256SUMS is signed (SHA256SUMS.sig).
     `extra_files` ({name: bytes}, e.g. DATA_PROFILE_FILE, MODEL_CARD_FILE) are listed in SHA256SUMS too.
+    `calibration` (training.calibration.calibrate) is recorded as `calibration`; its temperature
+    is already applied inside model.tflite, so serving's probabilities are the calibrated ones.
     """
     from PIL import Image
 
@@ -188,7 +200,8 @@ def export_bundle(
             "positive_label": positive_label if task == "binary" else None,
             "threshold": float(threshold) if threshold is not None else None,
             "image_size": int(image_size),
-            "preprocessing": dict(PREPROCESSING),
+            "preprocessing": preprocessing_record(crop),
+            "calibration": calibration or {"method": "none", "temperature": 1.0},
             "metrics": metrics or {},
             "canaries": canaries,
             "keras_tflite_max_abs_diff": diff,

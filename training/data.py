@@ -60,8 +60,10 @@ def _parse(image_size: int, resize_to: int | None = None):
     return parse
 
 
-def augment_image(image, seed: Any):
-    """One random smear-preserving augmentation of an image (uint8 or float 0..255) -> float32 0..255."""
+def augment_image(image, seed: Any, colour_strength: float = 1.0):
+    """One random smear-preserving augmentation of an image (uint8 or float 0..255) -> float32 0..255.
+
+    `colour_strength` scales the colour/stain jitter (0 = geometry only, 1 = the ranges above)."""
     import tensorflow as tf
 
     size = tf.shape(image)[0]
@@ -74,13 +76,21 @@ def augment_image(image, seed: Any):
     pad = tf.cast(tf.cast(size, tf.float32) * SHIFT_FRACTION, tf.int32)
     padded = tf.pad(x, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
     x = tf.image.stateless_random_crop(padded, tf.stack([size, size, 3]), seeds[3])
-    x = tf.image.stateless_random_hue(x, HUE_DELTA, seeds[4])
-    x = tf.image.stateless_random_saturation(x, *SATURATION_RANGE, seeds[5])
-    x = tf.image.stateless_random_brightness(x, BRIGHTNESS_DELTA, seeds[6])
-    x = tf.image.stateless_random_contrast(x, *CONTRAST_RANGE, seeds[7])
-    gain = tf.random.stateless_uniform([1, 1, 3], seeds[8], 1 - CHANNEL_GAIN, 1 + CHANNEL_GAIN)
-    x = tf.clip_by_value(x * gain, 0.0, 1.0)
+    k = float(colour_strength)
+    if k > 0:
+        x = tf.image.stateless_random_hue(x, min(0.5, HUE_DELTA * k), seeds[4])
+        x = tf.image.stateless_random_saturation(x, *_scaled(SATURATION_RANGE, k), seeds[5])
+        x = tf.image.stateless_random_brightness(x, BRIGHTNESS_DELTA * k, seeds[6])
+        x = tf.image.stateless_random_contrast(x, *_scaled(CONTRAST_RANGE, k), seeds[7])
+        gain = tf.random.stateless_uniform([1, 1, 3], seeds[8], 1 - CHANNEL_GAIN * k, 1 + CHANNEL_GAIN * k)
+        x = tf.clip_by_value(x * gain, 0.0, 1.0)
     return x * 255.0
+
+
+def _scaled(bounds: tuple[float, float], k: float) -> tuple[float, float]:
+    """A (lo, hi) factor range around 1 widened or narrowed by k (lo stays > 0)."""
+    lo, hi = bounds
+    return max(0.05, 1 - (1 - lo) * k), 1 + (hi - 1) * k
 
 
 def make_dataset(
@@ -91,6 +101,7 @@ def make_dataset(
     training: bool = False,
     seed: int = 1337,
     resize_to: int | None = None,
+    colour_strength: float = 1.0,
 ) -> Any:
     """Batched (image float32 0..255, label int32) dataset of one split.
 
@@ -111,7 +122,7 @@ def make_dataset(
         # A fresh, reproducible seed per element and epoch (stateless ops are deterministic).
         seeds = tf.data.Dataset.random(seed=seed).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda pair, s: (augment_image(pair[0], s), pair[1]), num_parallel_calls=autotune
+            lambda pair, s: (augment_image(pair[0], s, colour_strength), pair[1]), num_parallel_calls=autotune
         )
     else:
         ds = ds.map(lambda img, y: (tf.cast(img, tf.float32), y), num_parallel_calls=autotune)

@@ -7,7 +7,6 @@ No MLflow here: the caller (training/train.py) logs what `fit_and_evaluate` retu
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,8 @@ class FitResult:
     history: dict[str, list[float]]
     model_params: int
     stopped_for_time_budget: bool
+    stop_reason: str  # epochs | early_stopping | time_budget (training.stopping)
+    calibration: dict[str, Any]  # bundle.json `calibration` (training.calibration.calibrate)
     labels: list[str]
     positive_label: str | None  # binary tasks only
     threshold: float | None  # chosen on validation for the target sensitivity (binary tasks)
@@ -59,44 +60,18 @@ class FitResult:
 
 
 def _callbacks(s: Settings, on_epoch: Callable[[int, dict], None] | None):
+    """Early stopping / epochs end the run; the wall-clock budget is a safety stop (training.stopping)."""
     import keras
 
-    class TimeBudget(keras.callbacks.Callback):
-        """Stop before the next epoch would overrun the wall-clock budget."""
-
-        def __init__(self, budget_s: float) -> None:
-            super().__init__()
-            self.budget_s = budget_s
-            self.stopped_for_budget = False
-
-        def on_train_begin(self, logs=None):
-            self.start = time.monotonic()
-
-        def on_epoch_end(self, epoch, logs=None):
-            elapsed = time.monotonic() - self.start
-            per_epoch = elapsed / (epoch + 1)
-            if elapsed + per_epoch > self.budget_s:
-                self.stopped_for_budget = True
-                self.model.stop_training = True
+    from training.stopping import reproducible_callbacks
 
     class EpochHook(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if on_epoch is not None:
                 on_epoch(epoch, dict(logs or {}))
 
-    budget = TimeBudget(s.train_time_budget_s)
-    callbacks = [
-        keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=s.early_stopping_patience, restore_best_weights=True, verbose=0
-        ),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=0.5, patience=max(1, s.early_stopping_patience // 3), min_lr=1e-5
-        ),
-        budget,
-        EpochHook(),
-    ]
-    return callbacks, budget
+    callbacks, stops = reproducible_callbacks(s.early_stopping_patience, s.train_time_budget_s)
+    return [*callbacks, EpochHook()], stops
 
 
 def _finite(history: dict[str, list[float]], model) -> bool:
@@ -118,17 +93,19 @@ def pick_canaries(images: np.ndarray, y: np.ndarray, labels: list[str], count: i
 
 
 def _fit(req: FitRequest):
-    """Train at the network's input size; returns (served twin, history, params, stopped for budget)."""
+    """Train at the network's input size; returns (served twin, history, params, stop reason, stopped for budget)."""
     import keras
 
     from training.data import class_weights, configure_threads, make_dataset
     from training.model import build_model, served_twin
+    from training.stopping import enable_determinism, stop_reason
 
     s, meta, folder = req.settings, req.meta, req.folder
     configure_threads()
-    keras.utils.set_random_seed(s.seed)
+    enable_determinism(s.seed)
     labels, size = list(meta.labels), s.train_input_size
-    train_ds = make_dataset(folder, meta, "train", s.batch_size, training=True, seed=s.seed, resize_to=size)
+    train_ds = make_dataset(folder, meta, "train", s.batch_size, training=True, seed=s.seed, resize_to=size,
+                            colour_strength=s.train_colour_strength)
     val_ds = make_dataset(folder, meta, "val", s.batch_size, resize_to=size)
     net = build_model(len(labels), size, size, s.model_width, s.model_depth, seed=s.seed)
     net.compile(
@@ -136,7 +113,7 @@ def _fit(req: FitRequest):
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
-    callbacks, budget = _callbacks(s, req.on_epoch)
+    callbacks, stops = _callbacks(s, req.on_epoch)
     history = net.fit(
         train_ds, validation_data=val_ds, epochs=s.epochs, class_weight=class_weights(meta),
         callbacks=callbacks, verbose=req.verbose,
@@ -146,19 +123,22 @@ def _fit(req: FitRequest):
                        "the run is marked FAILED and nothing was registered", net.count_params())
     # The served twin (input IMAGE_SIZE, Resizing inside) gets the trained weights.
     model = served_twin(net, len(labels), meta.image_size, size, s.model_width, s.model_depth)
-    return model, history, net.count_params(), budget.stopped_for_budget
+    reason = stop_reason(stops, len(history["loss"]), s.epochs)
+    return model, history, net.count_params(), reason, stops.budget.stopped_for_budget
 
 
 def fit_and_evaluate(req: FitRequest) -> FitResult:
-    """Fit, then evaluate: the threshold is chosen on validation, the figures come from test."""
+    """Fit, then evaluate: temperature and threshold are chosen on validation, the figures come from test."""
     from training import evaluate as ev
+    from training.calibration import calibrate
     from training.data import load_split_arrays
 
     s, meta = req.settings, req.meta
-    model, history, params, stopped = _fit(req)
+    model, history, params, reason, stopped = _fit(req)
     labels = list(meta.labels)
     val_x, val_y = load_split_arrays(req.folder, meta, "val")
     test_x, test_y = load_split_arrays(req.folder, meta, "test")
+    model, calibration = calibrate(model, val_x, val_y, test_x, test_y)
     val_p = model.predict(val_x.astype(np.float32), batch_size=64, verbose=0)
     test_p = model.predict(test_x.astype(np.float32), batch_size=64, verbose=0)
     positive = meta.positive_label if len(labels) == 2 else None
@@ -167,7 +147,8 @@ def fit_and_evaluate(req: FitRequest) -> FitResult:
         pos = labels.index(positive)
         threshold = ev.choose_threshold(val_y == pos, val_p[:, pos], s.target_sensitivity)
     return FitResult(
-        model=model, history=history, model_params=params, stopped_for_time_budget=stopped, labels=labels,
+        model=model, history=history, model_params=params, stopped_for_time_budget=stopped, stop_reason=reason,
+        calibration=calibration, labels=labels,
         positive_label=positive, threshold=threshold,
         val_metrics=ev.compute_metrics(val_y, val_p, labels, positive, threshold),
         test_metrics=ev.compute_metrics(test_y, test_p, labels, positive, threshold),

@@ -11,6 +11,9 @@ Architecture (no pretrained weights can be downloaded here):
 
 `pooled_features` is the named embedding an out-of-distribution detector can be fitted on
 (`pooled_feature_model`); the training-data profile (drift, screening.drift) samples it too.
+Temperature scaling (training.calibration) is applied as a fixed division of the logits
+(`with_temperature`), in the Keras model and in the exported graph, so thresholds, canaries and
+served probabilities all use the calibrated probabilities.
 
 Because the head is GAP -> Dense, the Grad-CAM weights of class c are the dense kernel's
 column W[:, c] (divided by h*w), so `class_maps = einsum(A, W)` is Grad-CAM up to that constant.
@@ -25,6 +28,7 @@ from contracts.bundle import OUTPUT_CLASS_MAPS, OUTPUT_PROBABILITIES
 
 FEATURES_LAYER = "features"
 POOLED_FEATURES_LAYER = "pooled_features"
+TEMPERATURE_LAYER = "temperature"
 LOGITS_LAYER = "logits"
 PROBABILITIES_LAYER = "probabilities"
 INPUT_NAME = "image"
@@ -92,6 +96,25 @@ def served_twin(trained: Any, num_classes: int, image_size: int, input_size: int
     return served
 
 
+def with_temperature(model: Any, temperature: float) -> Any:
+    """The same network (shared layers and weights) whose probabilities are softmax(logits / T)."""
+    import keras
+    from keras import layers
+
+    logits = model.get_layer(LOGITS_LAYER).output
+    scaled = layers.Rescaling(1.0 / float(temperature), name=TEMPERATURE_LAYER)(logits)
+    outputs = layers.Activation("softmax", dtype="float32", name=PROBABILITIES_LAYER)(scaled)
+    return keras.Model(model.inputs, outputs, name=model.name)
+
+
+def temperature_of(model: Any) -> float:
+    """The temperature `with_temperature` applied (1.0 for an uncalibrated model)."""
+    try:
+        return 1.0 / float(model.get_layer(TEMPERATURE_LAYER).scale)
+    except ValueError:
+        return 1.0
+
+
 def pooled_feature_model(model: Any) -> Any:
     """Sub-model: image -> pooled features [N, K] (the embedding for an OOD detector)."""
     import keras
@@ -122,12 +145,13 @@ def serving_function(model: Any, image_size: int):
 
     feats_model = feature_model(model)
     dense = model.get_layer(LOGITS_LAYER)
+    temperature = temperature_of(model)
 
     def serve(image):
         feats = tf.cast(feats_model(image, training=False), tf.float32)
         logits = tf.matmul(tf.reduce_mean(feats, axis=[1, 2]), dense.kernel) + dense.bias
         return {
-            OUTPUT_PROBABILITIES: tf.nn.softmax(logits, axis=-1),
+            OUTPUT_PROBABILITIES: tf.nn.softmax(logits / temperature, axis=-1),
             OUTPUT_CLASS_MAPS: tf.einsum("nhwk,kc->nhwc", feats, dense.kernel),
         }
 

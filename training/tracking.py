@@ -35,6 +35,7 @@ TRAIN_SETTING_KEYS = (
     "model_depth",
     "train_input_size",
     "early_stopping_patience",
+    "train_colour_strength",
     "train_time_budget_s",
     "target_sensitivity",
     "canary_count",
@@ -47,6 +48,8 @@ CODE_FILES = (
     "training/fitting.py",
     "training/evaluate.py",
     "training/bundle.py",
+    "training/calibration.py",
+    "training/stopping.py",
     "contracts/bundle.py",
     "contracts/processed.py",
 )
@@ -208,7 +211,12 @@ def log_fit(fitted) -> None:
 
     from training import evaluate as ev
 
+    from training.stopping import TAG_STOP_REASON
+
     mlflow.log_param("model_params", fitted.model_params)
+    mlflow.set_tag(TAG_STOP_REASON, fitted.stop_reason)
+    mlflow.log_param(TAG_STOP_REASON, fitted.stop_reason)
+    mlflow.log_metrics({f"calibration_{k}": v for k, v in fitted.calibration.items() if isinstance(v, float)})
     mlflow.log_metrics({"epochs_run": fitted.epochs_run,
                         "stopped_for_time_budget": float(fitted.stopped_for_time_budget)})
     mlflow.log_metrics(ev.scalar_metrics(fitted.val_metrics, "validation_"))

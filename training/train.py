@@ -156,7 +156,9 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     import mlflow
 
     from contracts.bundle import BUNDLE_DIR
+    from contracts.imaging import crop_of
     from training.bundle import export_bundle, signing_key_of
+    from training.stopping import TAG_STOP_REASON
     from training.errors import Diverged
     from training.fitting import FitRequest, fit_and_evaluate, pick_canaries
     from training.registration import version_tags
@@ -181,7 +183,8 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
             canary_labels=canary_labels, positive_label=fitted.positive_label, threshold=fitted.threshold,
             metrics={k: v for k, v in fitted.test_metrics.items() if k != "per_class"},
             run_id=c.run_id, model_name=c.model_name, git_commit=c.commit, signing_key=signing_key,
-            extra_files=extra_files,
+            extra_files=extra_files, crop=crop_of(meta.preprocessing), calibration=fitted.calibration,
+            extra={TAG_STOP_REASON: fitted.stop_reason},
         )
         mlflow.log_artifacts(str(bundle.folder), BUNDLE_DIR)
         mlflow.log_metric("keras_tflite_max_abs_diff", bundle.meta["keras_tflite_max_abs_diff"])
@@ -189,7 +192,8 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     result = {
         "run_id": c.run_id, "skipped": False, "resumed": False, "reason": f"trained on {meta.dataset_version}",
         "model_name": c.model_name, "dataset_version": meta.dataset_version, "metrics": fitted.test_metrics,
-        "threshold": fitted.threshold, "epochs_run": fitted.epochs_run, "dataset_drift": drift,
+        "threshold": fitted.threshold, "epochs_run": fitted.epochs_run, "stop_reason": fitted.stop_reason,
+        "dataset_drift": drift,
     }
     return result, model_uri, version_tags(meta, c.commit, c.chash, fitted)
 

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from serving import schemas
 from serving.deps import InferenceDep, ManagerDep, SettingsDep, current_model, require_predict_key
 from serving.errors import ApiError
+from serving.inference import crop_policy
 from serving.manager import monotonic_ms
 from serving.upload import read_files
 
@@ -71,7 +72,7 @@ async def predict_batch(request: Request, settings: SettingsDep, manager: Manage
     prepared: list[np.ndarray | ApiError] = []
     for upload in uploads:
         try:
-            prepared.append(await inference.prepare(upload, model.image_size, settings))
+            prepared.append(await inference.prepare(upload, model.image_size, settings, crop_policy(model)))
         except ApiError as exc:
             prepared.append(exc)
     good = [p for p in prepared if isinstance(p, np.ndarray)]

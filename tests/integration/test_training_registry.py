@@ -47,6 +47,13 @@ def test_tiny_training_registers_a_version_with_bundle_and_provenance(tiny_regis
     assert bundle.meta["run_id"] == info["run_id"] and bundle.meta["task"] == "binary"
     assert 0.0 <= bundle.meta["threshold"] <= 1.0
     assert check_canaries(bundle) <= 1e-4
+    # Reproducible end: the run says what ended it; the temperature fitted on validation is in the bundle.
+    assert run.data.tags["stop_reason"] in ("epochs", "early_stopping", "time_budget")
+    assert run.data.params["stop_reason"] == run.data.tags["stop_reason"] == bundle.meta["stop_reason"]
+    calibration = bundle.meta["calibration"]
+    assert calibration["method"] == "temperature" and calibration["fitted_on"] == "validation"
+    assert calibration["temperature"] > 0 and "calibration_val_ece_after" in run.data.metrics
+    assert bundle.meta["preprocessing"]["crop"] == "center_crop"
 
 
 def test_unchanged_rerun_trains_nothing(tiny_registered_model):

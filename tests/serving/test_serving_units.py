@@ -180,3 +180,26 @@ def test_a_lone_call_runs_on_the_solo_runner_and_concurrent_ones_spread():
     with ThreadPoolExecutor(3) as ex:
         who = sorted(ex.map(lambda _: pool(x=1)["who"], range(2)))
     assert len(set(who)) == 2  # never the same runner twice at once
+
+
+def test_serving_preprocesses_with_the_crop_policy_the_bundle_records():
+    """bundle.json preprocessing.crop reaches prepare_image; older bundles (no crop) mean center_crop."""
+    import io
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from contracts.imaging import prepare_image
+    from contracts.settings import get_settings
+    from serving.inference import crop_policy, prepare
+
+    field = np.full((240, 320, 3), 180, dtype=np.uint8)
+    field[100:140, 5:45] = (30, 30, 200)  # a cell at the left edge
+    buf = io.BytesIO()
+    Image.fromarray(field).save(buf, format="PNG")
+    fit_model = SimpleNamespace(meta={"preprocessing": {"policy": "resize_longer_pad_square", "crop": "fit"}})
+    old_model = SimpleNamespace(meta={"preprocessing": {"policy": "resize_shorter_center_crop"}})
+    assert crop_policy(fit_model) == "fit" and crop_policy(old_model) == "center_crop"
+    served = prepare(buf.getvalue(), 64, get_settings(), crop_policy(fit_model))
+    assert np.array_equal(served, prepare_image(buf.getvalue(), 64, crop="fit"))
+    assert not np.array_equal(served, prepare(buf.getvalue(), 64, get_settings(), crop_policy(old_model)))

@@ -45,3 +45,22 @@ def test_bad_specs_are_rejected_clearly(text, match):
 def test_unknown_dataset_lists_known_ones():
     with pytest.raises(SpecError, match="known: .*leukemia"):
         load_spec("nope")
+
+
+def test_crop_policy_option():
+    base = 'name = "x"\n[classes]\na = "a"\nb = "b"\n'
+    assert parse_spec(base).crop == "center_crop"
+    assert parse_spec('crop = "fit"\n' + base).crop == "fit"
+    with pytest.raises(SpecError, match="crop must be one of"):
+        parse_spec('crop = "stretch"\n' + base)
+
+
+def test_crop_policy_is_recorded_in_the_dataset_version_params():
+    from contracts.imaging import crop_of
+    from pipeline.preprocess import preprocessing_params
+    from contracts.settings import get_settings
+
+    s = get_settings()
+    default, fit = preprocessing_params(s), preprocessing_params(s, "fit")
+    assert default["policy"] == "resize_shorter_center_crop"  # unchanged: old versions keep their hash
+    assert crop_of(default) == "center_crop" and crop_of(fit) == "fit" and default != fit

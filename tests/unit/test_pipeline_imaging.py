@@ -68,3 +68,35 @@ def test_exif_orientation_is_applied():
     # After rotation the image is 30 wide x 60 high; the centre crop straddles both halves.
     top, bottom = out[:5].mean(), out[-5:].mean()
     assert abs(top - bottom) > 100
+
+
+def test_fit_policy_keeps_the_whole_field_and_pads_with_the_border_colour():
+    """A 320x240 field with a marker at its left edge: `fit` keeps it, `center_crop` cuts it off."""
+    arr = np.full((240, 320, 3), (200, 90, 110), dtype=np.uint8)
+    arr[100:140, 0:30] = (20, 20, 200)  # an off-centre "cell" at the left edge
+    data = encode(Image.fromarray(arr), "PNG")
+    fit = prepare_image(data, 64, crop="fit")
+    centre = prepare_image(data, 64)
+    assert fit.shape == centre.shape == (64, 64, 3)
+    blue = lambda a: (a[..., 2] > 150) & (a[..., 0] < 80)  # noqa: E731
+    assert blue(fit).sum() > 10 and blue(centre).sum() == 0
+    # 240/320 * 64 = 48 rows of image, 8 rows of padding above and below in the border colour.
+    assert np.abs(fit[:8].astype(int) - (200, 90, 110)).max() <= 2
+    assert np.abs(fit[-8:].astype(int) - (200, 90, 110)).max() <= 2
+
+
+def test_policies_agree_on_square_images_and_default_is_center_crop():
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 50, 3), dtype=np.uint8))
+    assert np.array_equal(prepare_image(img, 20, crop="fit"), prepare_image(img, 20, crop="center_crop"))
+    assert np.array_equal(prepare_image(img, 20), prepare_image(img, 20, crop="center_crop"))
+
+
+def test_fit_policy_on_tall_and_grey_images():
+    tall = Image.fromarray(np.full((90, 30), 77, dtype=np.uint8), mode="L")
+    out = prepare_image(tall, 30, crop="fit")
+    assert out.shape == (30, 30, 3) and (out == 77).all()
+
+
+def test_unknown_crop_policy_is_refused():
+    with pytest.raises(ValueError, match="crop policy"):
+        prepare_image(Image.new("RGB", (10, 10)), 8, crop="stretch")

@@ -28,7 +28,8 @@ def test_bundle_files_and_metadata(tiny_bundle_dir):
     meta = bundle.meta
     assert meta["format_version"] == 1 and meta["task"] == "binary"
     assert meta["labels"] == ["abnormal", "normal"] and meta["positive_label"] == "abnormal"
-    assert meta["preprocessing"] == {"policy": "resize_shorter_center_crop", "resample": "bilinear"}
+    assert meta["preprocessing"] == {"policy": "resize_shorter_center_crop", "resample": "bilinear",
+                                     "crop": "center_crop"}
     assert len(meta["canaries"]) == 4 and all(len(c["probabilities"]) == 2 for c in meta["canaries"])
     sums = (tiny_bundle_dir / "SHA256SUMS").read_text().splitlines()
     assert len(sums) == len(names) - 2  # every file but SHA256SUMS and its signature

@@ -1,0 +1,91 @@
+"""Levers: what each training change gives on VALIDATION (never on the test split).
+
+    nice -n 10 .venv/bin/python benchmarks/levers.py --dataset leukemia --lever baseline input128 ...
+    .venv/bin/python benchmarks/levers.py --dataset leukemia --determinism   # two short runs, same figures?
+
+Reads ../shared/data/<dataset> directly (no stack), decodes with `prepare_image`, splits by
+content hash as the pipeline does, trains each lever with `training.experiment` and appends
+one JSON line per lever to --out (default ~/.cache/hemaflow-levers/results.jsonl), then prints
+a table. Levers change one thing against the shipped defaults (`Settings`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CACHE = Path.home() / ".cache" / "hemaflow-levers"
+# name -> changes to the shipped defaults (crop changes the decoded images, not the Lever).
+LEVERS = {
+    "baseline": {},
+    "input128": {"input_size": 128},
+    "input160": {"input_size": 160},
+    "width24": {"width": 24},
+    "depth6": {"depth": 6},
+    "colour2x": {"colour_strength": 2.0},
+    "colour0": {"colour_strength": 0.0},
+    "crop_fit": {"crop": "fit"},
+    "crop_center": {"crop": "center_crop"},
+    "lr1e-3": {"learning_rate": 1e-3},
+}
+COLUMNS = ("lever", "epochs_run", "stop_reason", "fit_s", "val_loss", "val_accuracy", "val_macro_f1",
+           "val_roc_auc", "val_sens_at_spec97", "val_ece", "temperature")
+
+
+def print_table(rows: list[dict]) -> None:
+    print(" | ".join(COLUMNS))
+    for r in rows:
+        print(" | ".join(f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in COLUMNS))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--lever", nargs="*", default=["baseline"], choices=sorted(LEVERS))
+    parser.add_argument("--epochs", type=int, default=None, help="epoch cap (default: EPOCHS setting)")
+    parser.add_argument("--determinism", action="store_true", help="train 2 epochs twice and compare")
+    parser.add_argument("--out", type=Path, default=CACHE / "results.jsonl")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ["HEMAFLOW_ENV_FILE"] = ""
+
+    from contracts.dataset_spec import load_spec
+    from contracts.settings import get_settings
+    from training import experiment as ex
+
+    s = get_settings()
+    spec = load_spec(args.dataset)
+    rows = []
+    for name in (["baseline", "baseline"] if args.determinism else args.lever):
+        changes = dict(LEVERS[name])
+        crop = changes.pop("crop", getattr(spec, "crop", "center_crop"))
+        data = ex.load_folder(args.data / args.dataset, spec, s.image_size, crop, CACHE)
+        idx = ex.pipeline_splits(data, s)
+        epochs = 2 if args.determinism else (args.epochs or s.epochs)
+        lever = ex.lever_from_settings(s, name=name, epochs=epochs, **changes)
+        saved = None if args.determinism else CACHE / f"logits-{ex.lever_key(args.dataset, crop, lever)}.npz"
+        row = {"dataset": args.dataset, **ex.fit_and_score(data, idx, lever, s.train_time_budget_s,
+                                                           save_logits=saved)}
+        row["epoch_cap"] = epochs
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if not args.determinism:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with args.out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+    print_table(rows)
+    if args.determinism:
+        same = all(rows[0][k] == rows[1][k] for k in ("val_loss", "val_accuracy", "val_roc_auc", "temperature"))
+        print(f"determinism: two runs {'IDENTICAL' if same else 'DIFFER'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

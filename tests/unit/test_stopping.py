@@ -1,0 +1,47 @@
+"""Stop reason: epochs, early stopping on validation, or the wall-clock safety stop; and determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from training.stopping import EARLY_STOPPING, EPOCHS, TIME_BUDGET, enable_determinism, reproducible_callbacks, stop_reason
+
+
+def _fit(epochs: int, patience: int, budget_s: float, learning_rate: float = 1e-2, seed: int = 3):
+    import keras
+
+    from training.model import build_model
+    from training.synthetic import synthetic_images
+
+    enable_determinism(seed)
+    y = np.array([i % 2 for i in range(64)])
+    x = synthetic_images(list(y), 24, seed=seed).astype(np.float32)
+    model = build_model(2, 24, 24, width=4, depth=2, seed=seed)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy")
+    callbacks, stops = reproducible_callbacks(patience, budget_s)
+    history = model.fit(x[:48], y[:48], validation_data=(x[48:], y[48:]), epochs=epochs, batch_size=16,
+                        callbacks=callbacks, verbose=0, shuffle=False).history
+    return model, history, stop_reason(stops, len(history["loss"]), epochs), x
+
+
+def test_all_epochs_run_is_epochs():
+    _, history, reason, _ = _fit(epochs=2, patience=50, budget_s=1e9)
+    assert len(history["loss"]) == 2 and reason == EPOCHS
+
+
+def test_no_validation_improvement_is_early_stopping():
+    # A learning rate of ~0 cannot improve val_loss after epoch 1: patience 1 stops at epoch 2.
+    _, history, reason, _ = _fit(epochs=10, patience=1, budget_s=1e9, learning_rate=1e-12)
+    assert len(history["loss"]) < 10 and reason == EARLY_STOPPING
+
+
+def test_budget_exceeded_is_time_budget():
+    _, history, reason, _ = _fit(epochs=10, patience=50, budget_s=1e-6)
+    assert len(history["loss"]) == 1 and reason == TIME_BUDGET
+
+
+def test_same_seed_same_model():
+    a, ha, _, x = _fit(epochs=2, patience=50, budget_s=1e9)
+    b, hb, _, _ = _fit(epochs=2, patience=50, budget_s=1e9)
+    assert ha["val_loss"] == hb["val_loss"]
+    assert all(np.array_equal(wa, wb) for wa, wb in zip(a.get_weights(), b.get_weights()))

@@ -1,0 +1,233 @@
+"""In-memory training experiments on a folder-per-class dataset, for levers and k-fold estimates.
+
+No stack: images are read from a local folder tree (e.g. ../shared/data/leukemia), decoded
+with the pipeline's own `prepare_image`, de-duplicated and split by content hash exactly as
+the pipeline does (`pipeline.splits`), and a model is fitted with the same network, loss,
+class weights, augmentation and callbacks as `training.train`. It is how settings are
+CHOSEN: `fit_and_score` measures on validation only; the test split is only touched by
+`benchmarks/accuracy.py` and by the k-fold estimate, whose held-out fold is never used to
+choose anything.
+
+Content-hash folds: fold f of k holds the images whose split score lies in [f/k, (f+1)/k);
+the band just after it (VAL_FRACTION_OF_REST of the rest) is that fold's validation split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+VAL_FRACTION_OF_REST = 0.15 / 0.85
+
+
+@dataclass
+class FolderData:
+    """Decoded images (uint8 [N,S,S,3]), label indices, content hashes and label names."""
+
+    images: np.ndarray
+    y: np.ndarray
+    sha256: list[str]
+    labels: list[str]
+    positive_label: str | None
+
+
+@dataclass
+class Lever:
+    """One training configuration; defaults are the shipped settings (see `from_settings`)."""
+
+    name: str = "baseline"
+    input_size: int = 96
+    width: int = 16
+    depth: int = 5
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    patience: int = 6
+    colour_strength: float = 1.0
+    seed: int = 1337
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def lever_from_settings(s, **changes: Any) -> Lever:
+    base = Lever(input_size=s.train_input_size, width=s.model_width, depth=s.model_depth, epochs=s.epochs,
+                 batch_size=s.batch_size, learning_rate=s.learning_rate, patience=s.early_stopping_patience,
+                 colour_strength=s.train_colour_strength, seed=s.seed)
+    for key, value in changes.items():
+        setattr(base, key, value)
+    return base
+
+
+def load_folder(root: Path, spec, image_size: int, crop: str, cache_dir: Path | None = None) -> FolderData:
+    """Decode every image under root/<class folder>/ once (cached as .npz in `cache_dir`)."""
+    from contracts.imaging import ImageRejected, prepare_image
+
+    cache = None
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache = cache_dir / f"{spec.name}-{image_size}-{crop}.npz"
+        if cache.is_file():
+            z = np.load(cache, allow_pickle=False)
+            return FolderData(z["images"], z["y"], [str(h) for h in z["sha256"]], spec.labels, spec.positive_label)
+    index = spec.label_index
+    seen: set[str] = set()
+    images, ys, hashes = [], [], []
+    for folder in spec.class_folders:
+        for path in sorted((root / folder).glob("*")):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            data = path.read_bytes()
+            sha = hashlib.sha256(data).hexdigest()
+            if sha in seen:
+                continue  # byte-identical duplicate: one copy, as the pipeline keeps
+            try:
+                images.append(prepare_image(data, image_size, crop=crop))
+            except ImageRejected:
+                continue
+            seen.add(sha)
+            ys.append(index[spec.label_of(folder)])
+            hashes.append(sha)
+    out = FolderData(np.stack(images), np.asarray(ys, np.int64), hashes, spec.labels, spec.positive_label)
+    if cache is not None:
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, images=out.images, y=out.y, sha256=np.asarray(hashes))
+        tmp.replace(cache)
+    return out
+
+
+def pipeline_splits(data: FolderData, s) -> dict[str, np.ndarray]:
+    """Index arrays of train/val/test exactly as the pipeline assigns them."""
+    from pipeline.splits import assign_splits
+
+    assigned = assign_splits(((h, data.labels[int(y)]) for h, y in zip(data.sha256, data.y)),
+                             s.val_fraction, s.test_fraction, s.split_salt)
+    names = np.asarray([assigned[h] for h in data.sha256])
+    return {split: np.flatnonzero(names == split) for split in ("train", "val", "test")}
+
+
+def fold_splits(data: FolderData, k: int, fold: int, salt: str) -> dict[str, np.ndarray]:
+    """Content-hash fold `fold` of `k` as test; a hash band of the rest as validation."""
+    from pipeline.splits import split_score
+
+    scores = np.asarray([split_score(h, salt) for h in data.sha256])
+    lo, hi = fold / k, (fold + 1) / k
+    test = (scores >= lo) & (scores < hi)
+    # Rotate the remaining scores so the validation band starts right after the test fold.
+    rest = (scores - hi) % 1.0 / (1.0 - (hi - lo))
+    val = ~test & (rest < VAL_FRACTION_OF_REST)
+    return {"train": np.flatnonzero(~test & ~val), "val": np.flatnonzero(val), "test": np.flatnonzero(test)}
+
+
+def _dataset(images: np.ndarray, y: np.ndarray, lever: Lever, training: bool):
+    import tensorflow as tf
+
+    from training.data import augment_image
+
+    ds = tf.data.Dataset.from_tensor_slices((images, y.astype(np.int32)))
+    size = images.shape[1]
+    if lever.input_size != size:
+        ds = ds.map(lambda im, t: (tf.image.resize(tf.cast(im, tf.float32), [lever.input_size] * 2,
+                                                   method="bilinear"), t))
+    ds = ds.cache()
+    if training:
+        ds = ds.shuffle(len(y), seed=lever.seed, reshuffle_each_iteration=True)
+        seeds = tf.data.Dataset.random(seed=lever.seed).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda pair, sd: (augment_image(pair[0], sd, lever.colour_strength), pair[1]))
+    else:
+        ds = ds.map(lambda im, t: (tf.cast(im, tf.float32), t))
+    return ds.batch(lever.batch_size).prefetch(2)
+
+
+def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_s: float = 1e9, verbose: int = 0):
+    """Fit one model as training.train does; returns (served-size model, history, stop reason)."""
+    import keras
+
+    from training.data import configure_threads
+    from training.model import build_model, served_twin
+    from training.stopping import enable_determinism, reproducible_callbacks, stop_reason
+
+    configure_threads()
+    enable_determinism(lever.seed)
+    n_classes = len(data.labels)
+    tr, va = idx["train"], idx["val"]
+    counts = np.bincount(data.y[tr], minlength=n_classes)
+    weights = {i: (len(tr) / (n_classes * c) if c else 1.0) for i, c in enumerate(counts)}
+    net = build_model(n_classes, lever.input_size, lever.input_size, lever.width, lever.depth, seed=lever.seed)
+    net.compile(optimizer=keras.optimizers.Adam(lever.learning_rate),
+                loss=keras.losses.SparseCategoricalCrossentropy(),
+                metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    callbacks, stops = reproducible_callbacks(lever.patience, time_budget_s)
+    history = net.fit(_dataset(data.images[tr], data.y[tr], lever, True),
+                      validation_data=_dataset(data.images[va], data.y[va], lever, False),
+                      epochs=lever.epochs, class_weight=weights, callbacks=callbacks, verbose=verbose).history
+    model = served_twin(net, n_classes, data.images.shape[1], lever.input_size, lever.width, lever.depth)
+    return model, history, stop_reason(stops, len(history["loss"]), lever.epochs)
+
+
+def logits_of(model, images: np.ndarray) -> np.ndarray:
+    """Pre-softmax logits (what temperature scaling works on)."""
+    import keras
+
+    from training.model import LOGITS_LAYER
+
+    sub = keras.Model(model.inputs, model.get_layer(LOGITS_LAYER).output)
+    return np.asarray(sub.predict(images.astype(np.float32), batch_size=64, verbose=0), np.float64)
+
+
+def score(data: FolderData, idx: np.ndarray, logits: np.ndarray, threshold: float | None = None) -> dict[str, Any]:
+    """compute_metrics on one split (probabilities = softmax of logits)."""
+    from training.calibration import softmax
+    from training.evaluate import compute_metrics
+
+    return compute_metrics(data.y[idx], softmax(logits), data.labels, data.positive_label, threshold)
+
+
+def sensitivity_at_specificity(is_pos: np.ndarray, p_pos: np.ndarray, min_specificity: float) -> float:
+    """Best sensitivity over thresholds that keep specificity >= min_specificity (an ROC read-out)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(is_pos.astype(int), p_pos)
+    ok = fpr <= 1.0 - min_specificity + 1e-12
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+def lever_key(dataset: str, crop: str, lever: Lever, splits: str = "pipeline") -> str:
+    """Identity of one (dataset, crop, training configuration, split) run, for its saved logits."""
+    payload = {k: v for k, v in vars(lever).items() if k != "name"}
+    return hashlib.sha256(repr((dataset, crop, sorted(payload.items()), splits)).encode()).hexdigest()[:16]
+
+
+def fit_and_score(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_s: float = 1e9,
+                  verbose: int = 0, save_logits: Path | None = None) -> dict[str, Any]:
+    """Train one lever and report its VALIDATION figures (never the test split).
+
+    With `save_logits`, the val and test logits are written there (npz) unread, so the
+    configuration finally chosen on validation is measured on test without retraining."""
+    from training.calibration import fit_temperature
+
+    started = time.monotonic()
+    model, history, reason = fit(data, idx, lever, time_budget_s, verbose)
+    val_logits = logits_of(model, data.images[idx["val"]])
+    if save_logits is not None:
+        save_logits.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(save_logits, val_idx=idx["val"], test_idx=idx["test"], val_logits=val_logits,
+                 test_logits=logits_of(model, data.images[idx["test"]]), epochs_run=len(history["loss"]),
+                 stop_reason=reason, fit_s=time.monotonic() - started)
+    val = score(data, idx["val"], val_logits)
+    out = {"lever": lever.name, "epochs_run": len(history["loss"]), "stop_reason": reason,
+           "fit_s": round(time.monotonic() - started, 1), "val_loss": float(min(history["val_loss"])),
+           "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "val_roc_auc": val["roc_auc"],
+           "val_ece": val["ece"], "temperature": fit_temperature(val_logits, data.y[idx["val"]])}
+    if data.positive_label is not None:
+        pos = data.labels.index(data.positive_label)
+        from training.calibration import softmax
+
+        out["val_sens_at_spec97"] = sensitivity_at_specificity(data.y[idx["val"]] == pos,
+                                                               softmax(val_logits)[:, pos], 0.97)
+    return out
