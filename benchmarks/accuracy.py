@@ -37,7 +37,7 @@ SHOWN = {
 
 def _stack_env(home: Path) -> dict[str, str]:
     """Ports persist in the home so that --home reuses the same stack between runs."""
-    from pipeline.stack import private_stack_env
+    from ops.stack import private_stack_env
 
     saved = home / "bench-env.json"
     if saved.is_file():
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     home = args.home or Path(tmp.name)
     os.environ.update(_stack_env(home))
 
-    from pipeline import stack
+    from ops import stack
     from pipeline.run import run_pipeline
     from contracts.settings import get_settings
     from pipeline.upload import upload_tree

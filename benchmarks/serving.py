@@ -282,9 +282,9 @@ def main() -> int:
     images_file = work / "images.json"
     images_file.write_text(json.dumps([str(p) for p in jpegs[: args.images]]))
 
-    from pipeline import stack
+    from ops import stack
     from contracts.settings import get_settings
-    from pipeline.stack import free_port, private_stack_env
+    from ops.stack import free_port, private_stack_env
 
     own_stack = args.tracking_uri is None and args.bundle is None
     if own_stack:

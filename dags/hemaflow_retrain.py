@@ -27,8 +27,8 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from contracts.dataset_spec import DatasetSpec, list_specs
 from contracts.settings import Settings, get_settings
 from contracts.stages import GateDecision, IngestResult, PreprocessResult, TrainResult, ValidateResult
-from pipeline.dag_defaults import task_defaults
-from pipeline.report import log_failure_summary
+from ops.dag_defaults import task_defaults
+from ops.report import log_failure_summary
 from pipeline.watch import raw_asset_name, raw_asset_uri
 
 DAG_ID_PREFIX = "hemaflow_retrain_"
@@ -221,7 +221,7 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
               doc_md="POST `/v1/admin/reload` to the serving container. Tolerant: when serving is down it logs "
                      "and continues (serving polls the registry too).")
         def notify_serving() -> dict:
-            from pipeline.notify import notify_serving as post_reload
+            from ops.notify import notify_serving as post_reload
 
             return post_reload(settings=_settings())
 
@@ -229,7 +229,7 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
               doc_md="Summarise the run (ingested, quarantined, trained, promoted, and why) in this log and in "
                      "MLflow (experiment `<prefix>-pipeline-runs`, tags on the candidate run).")
         def report() -> dict:
-            from pipeline.report import report_run
+            from ops.report import report_run
 
             ctx = get_current_context()
             ti = ctx["ti"]

@@ -6,13 +6,13 @@ import argparse
 import sys
 
 from pipeline.cli_stages import add_stage_commands
-from pipeline.cli import run_command
+from contracts.cli import run_command
 from contracts.settings import get_settings
 
 
 def _stack(args: argparse.Namespace) -> int:
-    from pipeline import stack
-    from pipeline.credentials import init_secrets
+    from ops import stack, supervisor
+    from contracts.credentials import init_secrets
 
     if args.action == "up":
         init_secrets()  # per-install random secrets on first use (never rotated afterwards)
@@ -20,7 +20,7 @@ def _stack(args: argparse.Namespace) -> int:
     if args.action == "up":
         for name, url in stack.up(settings).items():
             print(f"{name:8s} {url}")
-        print(f"data and logs under {stack.stack_dir(settings)}")
+        print(f"data and logs under {supervisor.stack_dir(settings)}")
     elif args.action == "down":
         stopped = stack.down(settings)
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -36,7 +36,7 @@ def _stack(args: argparse.Namespace) -> int:
 def _secrets(args: argparse.Namespace) -> int:
     """init: generate missing per-install secrets; env: write a ready .env for docker compose;
     check: refuse (exit 1) when a component's secrets are guessable. Values are never printed."""
-    from pipeline import credentials
+    from contracts import credentials
 
     if args.action == "init":
         path, added = credentials.init_secrets()
@@ -58,7 +58,7 @@ def _secrets(args: argparse.Namespace) -> int:
 
 
 def _components() -> tuple[str, ...]:
-    from pipeline.credentials import COMPONENTS
+    from contracts.credentials import COMPONENTS
 
     return COMPONENTS
 

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from pipeline.cli import run_command
+from contracts.cli import run_command
 from contracts.settings import get_settings
 
 

@@ -48,7 +48,7 @@ def host_id() -> str:
 
 
 def claim_tags() -> dict[str, str]:
-    from pipeline.stack import process_start_time
+    from contracts.process_identity import process_start_time
 
     pid = os.getpid()
     return {TAG_HOST: host_id(), TAG_PID: str(pid), TAG_PID_START: str(process_start_time(pid)),
@@ -93,7 +93,7 @@ def claim_expiry_s(s: Settings) -> float:
 
 def _owner_gone(tags: dict[str, str]) -> bool:
     """True only when the claim was made on this host and its process no longer exists."""
-    from pipeline.stack import pid_alive, process_start_time
+    from contracts.process_identity import pid_alive, process_start_time
 
     if tags.get(TAG_HOST) != host_id():
         return False

@@ -149,7 +149,7 @@ def test_mlflow_unreachable_gives_a_clear_error(local_stack):
     from training.errors import MlflowUnavailable
     from training.train import train_candidate
 
-    from pipeline.stack import free_port
+    from ops.supervisor import free_port
 
     s = local_stack.model_copy(update={"mlflow_tracking_uri": f"http://127.0.0.1:{free_port()}"})
     with pytest.raises(MlflowUnavailable, match="unreachable.*stack up"):

@@ -7,10 +7,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from types import SimpleNamespace
 
-from pipeline.notify import RELOAD_PATH, notify_serving
-from pipeline.report import build_summary, failure_summary, summary_markdown
+from ops.notify import RELOAD_PATH, notify_serving
+from ops.report import build_summary, failure_summary, summary_markdown
 from contracts.settings import get_settings
-from pipeline.stack import free_port
+from ops.supervisor import free_port
 
 INGEST = {"manifest_key": "manifests/leukemia/1.jsonl", "new": 5, "changed": 0, "deleted": 1, "unchanged": 80,
           "total": 85}

@@ -127,7 +127,7 @@ def ensure_users(settings: Settings) -> None:
 
 
 def main() -> int:
-    """`python -m pipeline.mlflow_auth`: set up the users against MLFLOW_TRACKING_URI (compose's
+    """`python -m ops.mlflow_auth`: set up the users against MLFLOW_TRACKING_URI (compose's
     mlflow-users job), retrying while the server starts."""
     import time
 
