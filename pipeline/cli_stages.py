@@ -61,7 +61,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from pipeline.ingest import latest_key
+    from pipeline.manifests import latest_key
     from pipeline.storage import get_json_or_none, s3_client
     from pipeline.validate import validate
 

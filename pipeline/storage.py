@@ -215,3 +215,18 @@ def fetch_processed(dataset: str, dataset_version: str, settings: Settings | Non
         list(pool.map(_get, names))
     atomic_write_bytes(target / META_FILE, meta.to_json().encode("utf-8"))
     return target
+
+
+def latest_processed_version(dataset: str, settings: Settings | None = None) -> str | None:
+    """The newest complete processed version of `dataset` (by dataset.json creation time), or None."""
+    s = settings or get_settings()
+    client = s3_client(s)
+    best: tuple[str, str] | None = None
+    for obj in iter_objects(client, s.s3_bucket, f"processed/{dataset}/"):
+        if not obj["Key"].endswith("/" + META_FILE):
+            continue
+        meta = DatasetMeta.from_json(client.get_object(Bucket=s.s3_bucket, Key=obj["Key"])["Body"].read().decode())
+        stamp = meta.created_at or str(obj.get("LastModified", ""))
+        if best is None or stamp > best[0]:
+            best = (stamp, meta.dataset_version)
+    return None if best is None else best[1]

@@ -27,7 +27,7 @@ def pending_raw_changes(dataset: str, settings: Settings | None = None) -> dict:
     True when an ingest would find something to do (or no ingest ever ran and images exist).
     """
     from contracts.dataset_spec import load_spec
-    from pipeline.ingest import diff_listing, load_previous
+    from pipeline.manifests import diff_listing, load_previous
     from pipeline.storage import iter_objects, s3_client
 
     s = settings or get_settings()

@@ -56,25 +56,15 @@ class CandidateRun:
 
 
 def latest_dataset_version(dataset: str, settings: Settings | None = None) -> str:
-    """The newest complete processed version of `dataset` (by dataset.json creation time)."""
-    from contracts.processed import META_FILE
-    from pipeline.storage import iter_objects, s3_client
+    """The newest complete processed version of `dataset`; a clear error when there is none."""
+    from pipeline.storage import latest_processed_version
 
     s = settings or get_settings()
-    client = s3_client(s)
-    best: tuple[str, str] | None = None
-    for obj in iter_objects(client, s.s3_bucket, f"processed/{dataset}/"):
-        key = obj["Key"]
-        if not key.endswith("/" + META_FILE):
-            continue
-        meta = DatasetMeta.from_json(client.get_object(Bucket=s.s3_bucket, Key=key)["Body"].read().decode())
-        stamp = meta.created_at or str(obj.get("LastModified", ""))
-        if best is None or stamp > best[0]:
-            best = (stamp, meta.dataset_version)
-    if best is None:
+    version = latest_processed_version(dataset, s)
+    if version is None:
         raise TrainingError(f"no processed version of {dataset!r} in s3://{s.s3_bucket}/processed/{dataset}/; "
                             "run the pipeline first (`python -m pipeline run --dataset ...`)")
-    return best[1]
+    return version
 
 
 def train_candidate(
