@@ -26,7 +26,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from contracts.dataset_spec import DatasetSpec, list_specs
 from contracts.settings import Settings, get_settings
-from contracts.stages import GateDecision, IngestResult, PreprocessResult, TrainResult, ValidateResult
+from contracts.stages import GateDecision, IngestResult, PreprocessResult, RunResults, TrainResult, ValidateResult
 from ops.dag_defaults import task_defaults
 from ops.report import log_failure_summary
 from pipeline.watch import raw_asset_name, raw_asset_uri
@@ -231,17 +231,18 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
         def report() -> dict:
             from ops.report import report_run
 
-            ctx = get_current_context()
-            ti = ctx["ti"]
-            stages = {
-                name: ti.xcom_pull(task_ids=name)
-                for name in ("ingest", "validate", "preprocess", "evaluate", "promote", "keep_champion",
-                             "notify_serving")
-            }
-            stages["train"] = ti.xcom_pull(task_ids="train", key="result")
-            stages["gate"] = ti.xcom_pull(task_ids="gate", key="decision")
+            ti = get_current_context()["ti"]
+            # This DAG's task ids -> the typed results the report reads (None: the task did not run).
+            results = RunResults.from_dict({
+                "ingest": ti.xcom_pull(task_ids="ingest"), "validate": ti.xcom_pull(task_ids="validate"),
+                "preprocess": ti.xcom_pull(task_ids="preprocess"),
+                "train": ti.xcom_pull(task_ids="train", key="result"),
+                "gate": ti.xcom_pull(task_ids="gate", key="decision"),
+                "applied": ti.xcom_pull(task_ids="promote") or ti.xcom_pull(task_ids="keep_champion"),
+                "notify": ti.xcom_pull(task_ids="notify_serving"),
+            })
             run = {"dag_id": ti.dag_id, "run_id": ti.run_id, "params": _overrides()}
-            return report_run(dataset, stages, run, settings=_settings())
+            return report_run(dataset, results.to_dict(), run, settings=_settings())
 
         ingested = ingest()
         processed = preprocess(validate(ingested))
