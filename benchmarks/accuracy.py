@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         version = pipe["preprocess"]["dataset_version"]
 
         from training.data import load_split_arrays
-        from training.registry import download_bundle, promote_if_better
+        from training.gate import download_bundle, promote_if_better
         from training.tracking import mlflow_client
         from training.train import train_candidate
 

@@ -227,7 +227,7 @@ def _train_champion(data: Path, dataset: str, epochs: int, budget_s: float) -> d
     from pipeline.run import run_pipeline
     from contracts.settings import get_settings
     from pipeline.upload import upload_tree
-    from training.registry import promote_if_better
+    from training.gate import promote_if_better
     from training.train import train_candidate
 
     s = get_settings()

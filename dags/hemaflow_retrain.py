@@ -86,7 +86,7 @@ def _overrides() -> dict[str, Any]:
 
 def _settings() -> Settings:
     """Settings for this task: environment/.env plus the run's params (validated by pydantic)."""
-    from training.registry import run_settings
+    from training.gate import run_settings
 
     return run_settings(get_settings(), _overrides())
 
@@ -194,7 +194,7 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
 
         @task(doc_md="Evaluate the candidate and the current `@champion` on the candidate's held-out test split.")
         def evaluate(trained: dict) -> dict:
-            from training.registry import evaluate_against_champion
+            from training.gate import evaluate_against_champion
 
             model_version = TrainResult.from_dict(trained).model_version
             return evaluate_against_champion(dataset, model_version, settings=_settings())
@@ -202,7 +202,7 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
         @task.branch(doc_md="Apply the promotion gate (absolute floors, margin over the champion). "
                             "Chooses `promote` or `keep_champion`; the decision is in XCom key `decision`.")
         def gate(comparison: dict) -> str:
-            from training.registry import decide_gate
+            from training.gate import decide_gate
 
             decision = GateDecision.from_dict(decide_gate(comparison, settings=_settings()))
             get_current_context()["ti"].xcom_push(key="decision", value=decision.to_dict())

@@ -6,7 +6,7 @@ same training was already done, so it reports that version instead of training a
 as skipped once the gate has decided on it, else as the candidate still to gate (the
 gate failed after training). Two processes that start the same training at once register
 one version (`training.claim`). A NaN loss fails the MLflow run and registers nothing.
-Promotion is a separate step (`training.registry.promote_if_better`).
+Promotion is a separate step (`training.gate.promote_if_better`).
 
 This module only orchestrates: fitting is `training.fitting`, MLflow tracking and provenance
 `training.tracking`, registration `training.registration`, the bundle `training.bundle`.
