@@ -11,6 +11,8 @@ defaults below. Every field is documented in `.env.example`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -138,9 +140,6 @@ class Settings(BaseSettings):
     @classmethod
     def _trusted_keys_parse(cls, value: str) -> str:
         """A malformed pinned key is a start-up error, not a silently smaller trust set."""
-        import base64
-        import binascii
-
         for i, item in enumerate(part.strip() for part in value.split(",") if part.strip()):
             try:
                 raw = base64.b64decode(item, validate=True)

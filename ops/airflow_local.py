@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.fernet import Fernet
+
 from contracts.common import write_private_file
 from contracts.settings import PROJECT_ROOT, Settings
 from ops import supervisor
@@ -69,8 +71,6 @@ def worker_hostname() -> str:
 
 def site_secrets(home: Path) -> dict[str, str]:
     """JWT secret, Fernet key and admin password of a site: generated once, kept owner-only."""
-    from cryptography.fernet import Fernet
-
     path = home / SECRETS_FILE
     if path.is_file():
         return json.loads(path.read_text())

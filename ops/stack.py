@@ -18,10 +18,10 @@ from pathlib import Path
 from contracts.common import write_private_file
 from contracts.credentials import check_component, stack_secrets
 from contracts.settings import Settings, get_settings
-from pipeline.storage import wait_for_bucket
 from ops import mlflow_auth
 from ops.supervisor import (StackError, find_executable, free_port, http_ok, managed_names, port_free, process_paths,
                             read_pid, stack_dir, start_process, stop_process, wait_until)
+from pipeline.storage import wait_for_bucket
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ from pathlib import Path
 from contracts.process_identity import pid_alive, process_start_time
 from contracts.settings import Settings
 
-
 HEALTH_TIMEOUT_S = 90.0
 
 

@@ -1,6 +1,7 @@
 """CLI subcommands of the pipeline stages: upload, ingest, validate, preprocess, run.
 
 Each prints a concise human summary; progress bars go to stderr.
+Each command imports its stage inside: `python -m pipeline stack up` never loads PIL or GX.
 """
 
 from __future__ import annotations

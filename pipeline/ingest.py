@@ -21,10 +21,14 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from contracts.common import progress, utc_now, utc_stamp
+from contracts.dataset_spec import load_spec
+from contracts.imaging import ImageRejected, open_image, to_rgb
 from contracts.settings import Settings, get_settings
 from contracts.stages import IngestResult
 from pipeline.cache import ObjectTooLarge, clean_stale_temporaries, stream_to_cache
 from pipeline.manifests import diff_listing, latest_key, load_previous, manifest_prefix
+from pipeline.storage import ensure_bucket, iter_objects, put_json, put_jsonl, s3_call, s3_client
 
 MANIFEST_FIELDS = (
     "key", "etag", "sha256", "bytes", "format", "width", "height", "mode", "class", "label", "decoded", "error",
@@ -40,8 +44,6 @@ def describe_bytes(data: bytes, max_pixels: int) -> dict[str, Any]:
     to these facts without decoding every image a second time. The decompression-bomb guard
     runs on the header, before any pixel is decoded. Validation decides what the facts mean.
     """
-    from contracts.imaging import ImageRejected, open_image, to_rgb
-
     try:
         img = open_image(data, max_pixels)
         facts = {"format": str(img.format or "UNKNOWN"), "width": img.width, "height": img.height,
@@ -68,10 +70,6 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
     downloaded_bytes, reused}; `reused` is True when nothing changed and the previous
     manifest is still current (no new manifest written).
     """
-    from contracts.common import progress, utc_now, utc_stamp
-    from contracts.dataset_spec import load_spec
-    from pipeline.storage import ensure_bucket, iter_objects, put_json, put_jsonl, s3_call, s3_client
-
     s = settings or get_settings()
     spec = load_spec(dataset, s.dataset_specs_dir)
     client = s3_client(s)
