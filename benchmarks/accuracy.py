@@ -48,7 +48,7 @@ SHOWN = {
 
 def _stack_env(home: Path) -> dict[str, str]:
     """Ports persist in the home so that --home reuses the same stack between runs."""
-    from pipeline.stack import private_stack_env
+    from ops.stack import private_stack_env
 
     saved = home / "bench-env.json"
     if saved.is_file():
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     home = args.home or Path(tmp.name)
     os.environ.update(_stack_env(home))
 
-    from pipeline import stack
+    from ops import stack
     from pipeline.run import run_pipeline
     from contracts.settings import get_settings
     from pipeline.upload import upload_tree
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         version = pipe["preprocess"]["dataset_version"]
 
         from training.data import load_split_arrays
-        from training.registry import download_bundle, promote_if_better
+        from training.gate import download_bundle, promote_if_better
         from training.tracking import mlflow_client
         from training.train import train_candidate
 

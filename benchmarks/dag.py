@@ -61,14 +61,15 @@ def main() -> int:
     if not args.data.is_dir():
         print(f"no data at {args.data}: pass --data", file=sys.stderr)
         return 2
-    from pipeline.stack import free_port, private_stack_env
+    from ops.stack import private_stack_env
+    from ops.supervisor import free_port
 
     home = Path(tempfile.mkdtemp(prefix="hemaflow-bench-dag-"))
     os.environ.update({
         **private_stack_env(home, bucket="hemaflow-bench"), "AIRFLOW_PORT": str(free_port()),
         "SERVING_URL": f"http://127.0.0.1:{free_port()}",  # no serving: notify logs and continues
     })
-    from pipeline import airflow_local, stack
+    from ops import airflow_local, stack
     from pipeline.airflow_api import api_client, dag_runs, get_dag, trigger_dag
     from contracts.settings import get_settings
     from pipeline.upload import upload_tree

@@ -67,11 +67,11 @@ def main() -> int:
         print(f"no data at {args.data}: pass --data", file=sys.stderr)
         return 2
 
-    from pipeline.stack import private_stack_env
+    from ops.stack import private_stack_env
 
     home = Path(tempfile.mkdtemp(prefix="hemaflow-bench-"))
     os.environ.update(private_stack_env(home, bucket="hemaflow-bench"))
-    from pipeline import stack
+    from ops import stack
     from contracts.dataset_spec import load_spec
     from pipeline.run import run_pipeline
     from contracts.settings import get_settings

@@ -319,7 +319,7 @@ def _train_champion(data: Path, dataset: str, epochs: int, budget_s: float) -> d
     from pipeline.run import run_pipeline
     from contracts.settings import get_settings
     from pipeline.upload import upload_tree
-    from training.registry import promote_if_better
+    from training.gate import promote_if_better
     from training.train import train_candidate
 
     s = get_settings()
@@ -432,9 +432,9 @@ def main() -> int:
     large_file = work / "large.json"
     large_file.write_text(json.dumps([str(_large_jpeg(jpegs[0], work / "large.jpg"))]))
 
-    from pipeline import stack
+    from ops import stack
     from contracts.settings import get_settings
-    from pipeline.stack import free_port, private_stack_env
+    from ops.stack import free_port, private_stack_env
 
     own_stack = args.tracking_uri is None and args.bundle is None
     if own_stack:

@@ -17,12 +17,17 @@ the functions that need them, so importing this module stays light.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from contracts.common import sha256_hex
+from contracts.signing import SignatureRejected, verify_sums
 
 FORMAT_VERSION = 1
 BUNDLE_DIR = "serving_bundle"  # run artifact folder
@@ -33,7 +38,7 @@ SIGNATURE_FILE = "SHA256SUMS.sig"  # signs SHA256SUMS, so it is the one file SHA
 UNLISTED = (SUMS_FILE, SIGNATURE_FILE)
 BUNDLE_JSON = "bundle.json"
 MODEL_FILE = "model.tflite"
-DATA_PROFILE_FILE = "data_profile.json"  # training-data profile for drift (screening.drift), optional
+DATA_PROFILE_FILE = "data_profile.json"  # training-data profile for drift (contracts.drift), optional
 MODEL_CARD_FILE = "model_card.html"  # the model card as rendered at training (training.model_card), optional
 SIGNATURE = "serving_default"
 OUTPUT_PROBABILITIES = "probabilities"
@@ -91,8 +96,6 @@ def parse_sums(text: str) -> dict[str, str]:
 def verify_signature(files: dict[str, bytes], trusted_keys: dict[str, Any]) -> str:
     """The id of the trusted key that signed SHA256SUMS; BundleError (unsigned, bad_signature,
     unknown_key) otherwise. Checked before anything else: an untrusted bundle is never parsed."""
-    from contracts.signing import SignatureRejected, verify_sums
-
     if SUMS_FILE not in files:
         raise BundleError("bad_checksums", "bundle has no SHA256SUMS")
     try:
@@ -147,7 +150,7 @@ class TFLiteRunner:
     named outputs). Not thread-safe: serving holds a lock around calls."""
 
     def __init__(self, model: bytes | Path | str, num_threads: int | None = None) -> None:
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import Interpreter  # lazy: only a running bundle loads LiteRT
 
         model_bytes = model if isinstance(model, bytes) else Path(model).read_bytes()
         try:
@@ -165,8 +168,6 @@ class TFLiteRunner:
 
     def __call__(self, images) -> dict[str, Any]:
         """uint8/float (N,S,S,3) or (S,S,3) raw 0..255 -> {probabilities (N,C), class_maps (N,h,w,C)}."""
-        import numpy as np
-
         batch = np.ascontiguousarray(images, dtype=np.float32)
         if batch.ndim == 3:
             batch = batch[None]
@@ -179,8 +180,6 @@ class TFLiteRunner:
         return out[OUTPUT_PROBABILITIES], out[OUTPUT_CLASS_MAPS]
 
     def predict_proba(self, images, batch_size: int = 32):
-        import numpy as np
-
         parts = [self(images[i : i + batch_size])[OUTPUT_PROBABILITIES] for i in range(0, len(images), batch_size)]
         return np.concatenate(parts, axis=0) if parts else np.zeros((0, 0), np.float32)
 
@@ -213,11 +212,6 @@ def check_canaries(bundle: Bundle, predict=None, tolerance: float = CANARY_TOLER
 
     `predict(images) -> (probabilities, class_maps)` defaults to a fresh runner of the bundle's
     model (serving passes its loaded model's thread-safe predict)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
     predict = predict or bundle.runner().predict
     labels, size = bundle.meta["labels"], bundle.meta["image_size"]
     canaries = bundle.meta.get("canaries") or []

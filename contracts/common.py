@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import sys
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
+
+from tqdm import tqdm
 
 T = TypeVar("T")
 
@@ -35,8 +38,6 @@ def utc_now() -> str:
 
 def utc_stamp() -> str:
     """A sortable id fragment, e.g. 20261121T235501Z-ab12 (sub-second collisions are unlikely, not impossible)."""
-    import secrets
-
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(2)
 
 
@@ -51,8 +52,6 @@ def progress(items: Iterable[T], total: int | None, desc: str, enabled: bool = T
     if not enabled:
         yield from items
         return
-    from tqdm import tqdm
-
     with tqdm(items, total=total, desc=desc, unit="img", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
         yield from bar
 

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from contracts.settings import Settings
 
 SPLITS = ("train", "val", "test")
@@ -100,8 +102,6 @@ def encode_example(image, label: int, sha256: str) -> bytes:
     so the data pipeline never imports TensorFlow, and the pixels are copied once;
     tests parse the result with TensorFlow.
     """
-    import numpy as np
-
     height, width = int(image.shape[0]), int(image.shape[1])
     pixels = memoryview(np.ascontiguousarray(image, dtype=np.uint8)).cast("B")
     features = {
@@ -116,7 +116,7 @@ def encode_example(image, label: int, sha256: str) -> bytes:
 
 
 def _masked_crc(data: bytes) -> bytes:
-    import crc32c
+    import crc32c  # lazy: only the TFRecord writer needs it; serving's image has no crc32c
 
     crc = crc32c.crc32c(data)
     return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
@@ -156,7 +156,7 @@ class TFRecordWriter:
 
 def feature_spec():
     """The parsing spec for `tf.io.parse_single_example` / `parse_example`."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: contracts imports without TensorFlow (serving, DAG parsing)
 
     return {
         "image": tf.io.FixedLenFeature([], tf.string),

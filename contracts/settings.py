@@ -11,6 +11,8 @@ defaults below. Every field is documented in `.env.example`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -97,7 +99,7 @@ class Settings(BaseSettings):
     gate_margin: float = Field(0.0, ge=0, le=1, description="Candidate must beat champion by this")
     model_name_prefix: str = "hemaflow"
 
-    # --- drift (screening.drift): a batch or dataset version against the champion's training profile ---
+    # --- drift (contracts.drift): a batch or dataset version against the champion's training profile ---
     drift_alpha: float = Field(0.01, gt=0, lt=1, description="Significance level of each drift test")
     drift_min_effect: float = Field(0.5, gt=0, description="Colour drift needs |standardised mean diff| >= this")
     drift_strong_effect: float = Field(1.5, gt=0, description="|standardised mean diff| marking a strong drift")
@@ -151,9 +153,6 @@ class Settings(BaseSettings):
     @classmethod
     def _trusted_keys_parse(cls, value: str) -> str:
         """A malformed pinned key is a start-up error, not a silently smaller trust set."""
-        import base64
-        import binascii
-
         for i, item in enumerate(part.strip() for part in value.split(",") if part.strip()):
             try:
                 raw = base64.b64decode(item, validate=True)

@@ -108,9 +108,60 @@ class TrainResult(StageResult):
 
 @dataclass
 class GateDecision(StageResult):
-    """`training.registry.decide_gate`: promote or keep the champion, and why."""
+    """`training.gate.decide_gate`: promote or keep the champion, and why."""
 
     passed: bool
     reason: str
     needs_review: bool = False
     compared_champion: str | None = None  # what apply_gate checks @champion against
+
+
+@dataclass
+class GateApplied(StageResult):
+    """`training.registry.apply_gate` (the promote or keep_champion task): what the registry recorded."""
+
+    event: str  # promoted | rejected | already_champion
+    version: str | None = None
+    champion: str | None = None  # @champion after the event
+    reason: str = ""
+
+
+@dataclass
+class NotifyResult(StageResult):
+    """`ops.notify.notify_serving`: whether serving reloaded the champion (a failure is not fatal)."""
+
+    notified: bool
+    url: str = ""
+    status: int | None = None
+    detail: str = ""
+
+
+# Which result type each field of RunResults holds (the report reads them by stage, not by task id).
+RUN_RESULT_TYPES: dict[str, type[StageResult]] = {
+    "ingest": IngestResult, "validate": ValidateResult, "preprocess": PreprocessResult, "train": TrainResult,
+    "gate": GateDecision, "applied": GateApplied, "notify": NotifyResult,
+}
+
+
+@dataclass
+class RunResults:
+    """Everything one retraining run produced, for its report; None for a stage that did not run."""
+
+    ingest: IngestResult | None = None
+    validate: ValidateResult | None = None
+    preprocess: PreprocessResult | None = None
+    train: TrainResult | None = None
+    gate: GateDecision | None = None
+    applied: GateApplied | None = None
+    notify: NotifyResult | None = None
+
+    def to_dict(self) -> dict[str, dict[str, Any] | None]:
+        return {name: None if (r := getattr(self, name)) is None else r.to_dict() for name in RUN_RESULT_TYPES}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunResults:
+        unknown = sorted(set(data) - set(RUN_RESULT_TYPES))
+        if unknown:
+            raise StageResultError(f"RunResults: unknown stages {unknown} (known: {sorted(RUN_RESULT_TYPES)})")
+        return cls(**{name: None if data.get(name) is None else kind.from_dict(data[name])
+                      for name, kind in RUN_RESULT_TYPES.items()})

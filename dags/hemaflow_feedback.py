@@ -16,7 +16,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from contracts.dataset_spec import list_specs
 from contracts.settings import get_settings
-from pipeline.dag_defaults import DAG_START, task_defaults
+from ops.dag_defaults import DAG_START, task_defaults
 from pipeline.watch import raw_asset_name, raw_asset_uri
 
 FEEDBACK_DAG_ID = "hemaflow_feedback"

@@ -26,9 +26,9 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from contracts.dataset_spec import DatasetSpec, list_specs
 from contracts.settings import Settings, get_settings
-from contracts.stages import GateDecision, IngestResult, PreprocessResult, TrainResult, ValidateResult
-from pipeline.dag_defaults import task_defaults
-from pipeline.report import log_failure_summary
+from contracts.stages import GateDecision, IngestResult, PreprocessResult, RunResults, TrainResult, ValidateResult
+from ops.dag_defaults import task_defaults
+from ops.report import log_failure_summary
 from pipeline.watch import raw_asset_name, raw_asset_uri
 
 DAG_ID_PREFIX = "hemaflow_retrain_"
@@ -86,7 +86,7 @@ def _overrides() -> dict[str, Any]:
 
 def _settings() -> Settings:
     """Settings for this task: environment/.env plus the run's params (validated by pydantic)."""
-    from training.registry import run_settings
+    from training.gate import run_settings
 
     return run_settings(get_settings(), _overrides())
 
@@ -194,7 +194,7 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
 
         @task(doc_md="Evaluate the candidate and the current `@champion` on the candidate's held-out test split.")
         def evaluate(trained: dict) -> dict:
-            from training.registry import evaluate_against_champion
+            from training.gate import evaluate_against_champion
 
             model_version = TrainResult.from_dict(trained).model_version
             return evaluate_against_champion(dataset, model_version, settings=_settings())
@@ -202,7 +202,7 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
         @task.branch(doc_md="Apply the promotion gate (absolute floors, margin over the champion). "
                             "Chooses `promote` or `keep_champion`; the decision is in XCom key `decision`.")
         def gate(comparison: dict) -> str:
-            from training.registry import decide_gate
+            from training.gate import decide_gate
 
             decision = GateDecision.from_dict(decide_gate(comparison, settings=_settings()))
             get_current_context()["ti"].xcom_push(key="decision", value=decision.to_dict())
@@ -221,7 +221,7 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
               doc_md="POST `/v1/admin/reload` to the serving container. Tolerant: when serving is down it logs "
                      "and continues (serving polls the registry too).")
         def notify_serving() -> dict:
-            from pipeline.notify import notify_serving as post_reload
+            from ops.notify import notify_serving as post_reload
 
             return post_reload(settings=_settings())
 
@@ -229,19 +229,20 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
               doc_md="Summarise the run (ingested, quarantined, trained, promoted, and why) in this log and in "
                      "MLflow (experiment `<prefix>-pipeline-runs`, tags on the candidate run).")
         def report() -> dict:
-            from pipeline.report import report_run
+            from ops.report import report_run
 
-            ctx = get_current_context()
-            ti = ctx["ti"]
-            stages = {
-                name: ti.xcom_pull(task_ids=name)
-                for name in ("ingest", "validate", "preprocess", "evaluate", "promote", "keep_champion",
-                             "notify_serving")
-            }
-            stages["train"] = ti.xcom_pull(task_ids="train", key="result")
-            stages["gate"] = ti.xcom_pull(task_ids="gate", key="decision")
+            ti = get_current_context()["ti"]
+            # This DAG's task ids -> the typed results the report reads (None: the task did not run).
+            results = RunResults.from_dict({
+                "ingest": ti.xcom_pull(task_ids="ingest"), "validate": ti.xcom_pull(task_ids="validate"),
+                "preprocess": ti.xcom_pull(task_ids="preprocess"),
+                "train": ti.xcom_pull(task_ids="train", key="result"),
+                "gate": ti.xcom_pull(task_ids="gate", key="decision"),
+                "applied": ti.xcom_pull(task_ids="promote") or ti.xcom_pull(task_ids="keep_champion"),
+                "notify": ti.xcom_pull(task_ids="notify_serving"),
+            })
             run = {"dag_id": ti.dag_id, "run_id": ti.run_id, "params": _overrides()}
-            return report_run(dataset, stages, run, settings=_settings())
+            return report_run(dataset, results.to_dict(), run, settings=_settings())
 
         ingested = ingest()
         processed = preprocess(validate(ingested))

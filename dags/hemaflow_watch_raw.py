@@ -14,7 +14,7 @@ from datetime import timedelta
 from airflow.sdk import Asset, CronTriggerTimetable, dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from pipeline.dag_defaults import DAG_START, task_defaults
+from ops.dag_defaults import DAG_START, task_defaults
 from contracts.dataset_spec import list_specs
 from contracts.settings import get_settings
 from pipeline.watch import raw_asset_name, raw_asset_uri

@@ -5,22 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli_stages import add_stage_commands
-from pipeline.cli import run_command
+from contracts import credentials
+from contracts.cli import run_command
 from contracts.settings import get_settings
+from ops import stack, supervisor
+from pipeline.cli_stages import add_stage_commands
 
 
 def _stack(args: argparse.Namespace) -> int:
-    from pipeline import stack
-    from pipeline.credentials import init_secrets
-
     if args.action == "up":
-        init_secrets()  # per-install random secrets on first use (never rotated afterwards)
+        credentials.init_secrets()  # per-install random secrets on first use (never rotated afterwards)
     settings = get_settings()
     if args.action == "up":
         for name, url in stack.up(settings).items():
             print(f"{name:8s} {url}")
-        print(f"data and logs under {stack.stack_dir(settings)}")
+        print(f"data and logs under {supervisor.stack_dir(settings)}")
     elif args.action == "down":
         stopped = stack.down(settings)
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -36,8 +35,6 @@ def _stack(args: argparse.Namespace) -> int:
 def _secrets(args: argparse.Namespace) -> int:
     """init: generate missing per-install secrets; env: write a ready .env for docker compose;
     check: refuse (exit 1) when a component's secrets are guessable. Values are never printed."""
-    from pipeline import credentials
-
     if args.action == "init":
         path, added = credentials.init_secrets()
         if path is None:
@@ -57,12 +54,6 @@ def _secrets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _components() -> tuple[str, ...]:
-    from pipeline.credentials import COMPONENTS
-
-    return COMPONENTS
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_stack)
     p = sub.add_parser("secrets", help="generate per-install secrets, write a compose .env, or check a component")
     p.add_argument("action", choices=["init", "env", "check"])
-    p.add_argument("--component", choices=list(_components()), default="compose", help="for check")
+    p.add_argument("--component", choices=list(credentials.COMPONENTS), default="compose", help="for check")
     p.set_defaults(func=_secrets)
     add_stage_commands(sub)
     return parser

@@ -17,7 +17,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from contracts.dataset_spec import load_spec
 from contracts.settings import Settings, get_settings
+from pipeline.watch import raw_asset_name, raw_asset_uri
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +102,6 @@ def _checked(response, what: str) -> dict:
 
 def find_raw_asset(client, dataset: str, s: Settings) -> dict:
     """The Asset row of the dataset's raw images, matched on name and URI."""
-    from contracts.dataset_spec import load_spec
-    from pipeline.watch import raw_asset_name, raw_asset_uri
-
     name = raw_asset_name(dataset)
     uri = raw_asset_uri(s.s3_bucket, load_spec(dataset, s.dataset_specs_dir).s3_prefix)
     found = _checked(_request(client, "GET", "/api/v2/assets", "list assets",

@@ -11,6 +11,7 @@ place, so a crash or SIGKILL never leaves a partial file under a content name, a
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import secrets
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from contracts.settings import Settings, get_settings
+from pipeline.storage import s3_call, s3_client
 
 STALE_TEMP_AGE_S = 60.0  # a temp file younger than this may be between its writer's open and flock
 STREAM_CHUNK_BYTES = 1 << 20
@@ -93,10 +95,6 @@ def stream_to_cache(settings: Settings, client, key: str, limit: int) -> tuple[s
     Memory stays at one chunk whatever the object's size; an object over `limit` (by its
     Content-Length, or by what actually arrives) raises ObjectTooLarge and leaves nothing behind.
     Returns (sha256, size, cache path)."""
-    import hashlib
-
-    from pipeline.storage import s3_call
-
     response = s3_call(settings, f"get {key}", client.get_object, Bucket=settings.s3_bucket, Key=key)
     body = response["Body"]
     declared = int(response.get("ContentLength") or 0)
@@ -152,8 +150,6 @@ def ensure_cached(row: dict[str, Any], settings: Settings | None = None, client=
     The downloaded bytes must hash to the row's sha256, else CacheMismatch: the object
     changed in S3 after ingest, and using it would silently mix dataset versions.
     """
-    from pipeline.storage import s3_client
-
     s = settings or get_settings()
     path = cache_path(s, row["sha256"])
     if path.is_file() and path.stat().st_size == int(row["bytes"]):

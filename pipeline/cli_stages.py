@@ -1,6 +1,7 @@
 """CLI subcommands of the pipeline stages: upload, ingest, validate, preprocess, run.
 
 Each prints a concise human summary; progress bars go to stderr.
+Each command imports its stage inside: `python -m pipeline stack up` never loads PIL or GX.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from pipeline.ingest import latest_key
+    from pipeline.manifests import latest_key
     from pipeline.storage import get_json_or_none, s3_client
     from pipeline.validate import validate
 

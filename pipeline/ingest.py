@@ -21,41 +21,21 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from contracts.common import progress, utc_now, utc_stamp
+from contracts.dataset_spec import load_spec
+from contracts.imaging import ImageRejected, open_image, to_rgb
+from contracts.screening import is_reviewed_key
 from contracts.settings import Settings, get_settings
 from contracts.stages import IngestResult
 from pipeline.cache import ObjectTooLarge, clean_stale_temporaries, stream_to_cache
+from pipeline.manifests import diff_listing, latest_key, load_previous, manifest_prefix
+from pipeline.storage import ensure_bucket, iter_objects, put_json, put_jsonl, s3_call, s3_client
 
 MANIFEST_FIELDS = (
     "key", "etag", "sha256", "bytes", "format", "width", "height", "mode", "class", "label", "decoded", "error",
     "error_detail",
 )
 REPORT_LIMIT = 200  # most keys listed in latest.json per category (counts are always complete)
-
-
-# --- manifest diff ---------------------------------------------------------------------------
-def diff_listing(
-    previous: dict[str, dict[str, Any]], listing: list[dict[str, Any]]
-) -> tuple[list[dict], list[dict], list[dict], list[str]]:
-    """Split a listing into (new, changed, unchanged_rows, deleted_keys) by key, ETag and size.
-
-    `listing` items carry Key, ETag and Size (as S3 returns them); `unchanged_rows` are the
-    previous manifest rows, reused as they are.
-    """
-    new, changed, unchanged = [], [], []
-    seen = set()
-    for obj in listing:
-        key = obj["Key"]
-        seen.add(key)
-        old = previous.get(key)
-        etag = str(obj.get("ETag", "")).strip('"')
-        if old is None:
-            new.append(obj)
-        elif old.get("etag") != etag or int(old.get("bytes", -1)) != int(obj["Size"]):
-            changed.append(obj)
-        else:
-            unchanged.append(old)
-    deleted = sorted(k for k in previous if k not in seen)
-    return new, changed, unchanged, deleted
 
 
 def describe_bytes(data: bytes, max_pixels: int) -> dict[str, Any]:
@@ -65,8 +45,6 @@ def describe_bytes(data: bytes, max_pixels: int) -> dict[str, Any]:
     to these facts without decoding every image a second time. The decompression-bomb guard
     runs on the header, before any pixel is decoded. Validation decides what the facts mean.
     """
-    from contracts.imaging import ImageRejected, open_image, to_rgb
-
     try:
         img = open_image(data, max_pixels)
         facts = {"format": str(img.format or "UNKNOWN"), "width": img.width, "height": img.height,
@@ -82,24 +60,6 @@ def _undecoded(error: str, detail: str) -> dict[str, Any]:
             "error": error, "error_detail": detail}
 
 
-def manifest_prefix(dataset: str) -> str:
-    return f"manifests/{dataset}/"
-
-
-def latest_key(dataset: str) -> str:
-    return manifest_prefix(dataset) + "latest.json"
-
-
-def load_previous(client, settings: Settings, dataset: str) -> tuple[dict | None, dict[str, dict]]:
-    from pipeline.storage import get_json_or_none, get_jsonl
-
-    pointer = get_json_or_none(client, settings.s3_bucket, latest_key(dataset))
-    if not pointer:
-        return None, {}
-    rows = get_jsonl(client, settings.s3_bucket, pointer["manifest_key"])
-    return pointer, {r["key"]: r for r in rows}
-
-
 def ingest(dataset: str, settings: Settings | None = None, show_progress: bool = False,
            before_download=None) -> IngestResult:
     """Bring the manifest of `dataset` up to date with its S3 prefix.
@@ -111,11 +71,6 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
     downloaded_bytes, reused}; `reused` is True when nothing changed and the previous
     manifest is still current (no new manifest written).
     """
-    from contracts.common import progress, utc_now, utc_stamp
-    from contracts.dataset_spec import load_spec
-    from contracts.screening import is_reviewed_key
-    from pipeline.storage import ensure_bucket, iter_objects, put_json, put_jsonl, s3_call, s3_client
-
     s = settings or get_settings()
     spec = load_spec(dataset, s.dataset_specs_dir)
     client = s3_client(s)

@@ -54,7 +54,7 @@ def preprocessing_params(settings: Settings, crop: str = "center_crop") -> dict[
 
 
 def split_params(settings: Settings) -> dict[str, Any]:
-    from pipeline.splits import SPLITS_VERSION
+    from contracts.splits import SPLITS_VERSION
 
     return {"val_fraction": settings.val_fraction, "test_fraction": settings.test_fraction,
             "salt": settings.split_salt, "splits_version": SPLITS_VERSION}
@@ -76,7 +76,7 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
     from contracts.processed import (MANIFEST_FILE, META_FILE, SPLITS, DatasetMeta, TFRecordWriter,
                                      local_version_dir, shard_name, version_prefix)
     from pipeline.cache import ensure_cached
-    from pipeline.splits import assign_splits, split_score
+    from contracts.splits import assign_splits, split_score
     from pipeline.storage import ensure_bucket, get_jsonl, object_exists, s3_call, s3_client
 
     s = settings or get_settings()

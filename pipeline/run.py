@@ -6,6 +6,9 @@ import threading
 import time
 
 from contracts.settings import Settings, get_settings
+from pipeline.ingest import ingest
+from pipeline.preprocess import preprocess
+from pipeline.validate import validate
 
 
 def _prewarm_imports() -> threading.Thread:
@@ -26,10 +29,6 @@ def _prewarm_imports() -> threading.Thread:
 
 def run_pipeline(dataset: str | None = None, settings: Settings | None = None, show_progress: bool = False) -> dict:
     """Run ingest, validate and preprocess for `dataset`; returns each stage's result as a JSON-ready dict, and timings."""
-    from pipeline.ingest import ingest
-    from pipeline.preprocess import preprocess
-    from pipeline.validate import validate
-
     s = settings or get_settings()
     dataset = dataset or s.dataset
     timings: dict[str, float] = {}

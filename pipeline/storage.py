@@ -2,6 +2,8 @@
 
 Everything that talks to object storage goes through `s3_client()` so that endpoint,
 credentials, timeouts and retry policy are configured in one place.
+boto3 is imported inside the functions: the DAG files import this module (via pipeline.watch)
+while parsing, and contracts-only callers never pay for it.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +93,6 @@ def ensure_bucket(client=None, settings: Settings | None = None) -> str:
 def wait_for_bucket(settings: Settings | None = None, timeout_s: float = 30.0, interval_s: float = 0.5) -> str:
     """ensure_bucket, retried until S3 answers (a gateway answers before its filer takes writes;
     a compose stack starts S3 and its users at the same time); the last error after `timeout_s`."""
-    import time
-
     s = settings or get_settings()
     deadline = time.monotonic() + timeout_s
     while True:
@@ -195,8 +197,6 @@ def fetch_processed(dataset: str, dataset_version: str, settings: Settings | Non
     Files are written to a temporary name and renamed; the folder counts as complete
     only when its `dataset.json` is present, which is written last.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     s = settings or get_settings()
     target = local_version_dir(s, dataset, dataset_version)
     if (target / META_FILE).is_file():
@@ -215,3 +215,18 @@ def fetch_processed(dataset: str, dataset_version: str, settings: Settings | Non
         list(pool.map(_get, names))
     atomic_write_bytes(target / META_FILE, meta.to_json().encode("utf-8"))
     return target
+
+
+def latest_processed_version(dataset: str, settings: Settings | None = None) -> str | None:
+    """The newest complete processed version of `dataset` (by dataset.json creation time), or None."""
+    s = settings or get_settings()
+    client = s3_client(s)
+    best: tuple[str, str] | None = None
+    for obj in iter_objects(client, s.s3_bucket, f"processed/{dataset}/"):
+        if not obj["Key"].endswith("/" + META_FILE):
+            continue
+        meta = DatasetMeta.from_json(client.get_object(Bucket=s.s3_bucket, Key=obj["Key"])["Body"].read().decode())
+        stamp = meta.created_at or str(obj.get("LastModified", ""))
+        if best is None or stamp > best[0]:
+            best = (stamp, meta.dataset_version)
+    return None if best is None else best[1]

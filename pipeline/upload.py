@@ -13,7 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from contracts.common import progress
+from contracts.dataset_spec import load_spec
 from contracts.settings import Settings, get_settings
+from pipeline.airflow_api import announce_upload
+from pipeline.storage import ensure_bucket, iter_objects, s3_call, s3_client
 
 
 @dataclass(frozen=True)
@@ -50,10 +54,6 @@ def upload_tree(root: Path, dataset: str, settings: Settings | None = None, show
     Returns {uploaded, skipped, bytes, ignored, prefix, asset_event}; `bytes` counts what was sent,
     `asset_event` is {emitted, message, event?} (see pipeline.airflow_api.announce_upload).
     """
-    from contracts.common import progress
-    from contracts.dataset_spec import load_spec
-    from pipeline.storage import ensure_bucket, iter_objects, s3_call, s3_client
-
     s = settings or get_settings()
     root = Path(root)
     if not root.is_dir():
@@ -106,8 +106,6 @@ def upload_tree(root: Path, dataset: str, settings: Settings | None = None, show
                 skipped += 1
     result = {"uploaded": uploaded, "skipped": skipped, "bytes": sent, "ignored": ignored, "prefix": spec.s3_prefix}
     if emit_asset_event:
-        from pipeline.airflow_api import announce_upload
-
         result["asset_event"] = announce_upload(dataset, result, settings=s)
     else:
         result["asset_event"] = {"emitted": False, "message": "asset event not requested by the caller"}

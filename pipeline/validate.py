@@ -24,6 +24,7 @@ such a dataset would be meaningless); everything is saved first, so the reason i
 Outputs under validation/<dataset>/<run_id>/: gx_result.json, summary.json, summary.md,
 validated.jsonl. The run id is a hash of the manifest key, the spec and the check settings,
 so validating the same manifest twice reuses the saved result (fast unchanged re-runs).
+Great Expectations and pandas are imported inside the suite's function: seconds to import.
 """
 
 from __future__ import annotations
@@ -33,8 +34,14 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from contracts.common import progress, stable_hash, utc_now
+from contracts.dataset_spec import load_spec
+from contracts.imaging import ImageRejected, open_image, to_rgb
 from contracts.settings import Settings, get_settings
 from contracts.stages import ValidateResult
+from pipeline.cache import ensure_cached
+from pipeline.storage import (ensure_bucket, get_json_or_none, get_jsonl, put_bytes, put_json, put_jsonl, s3_call,
+                              s3_client)
 
 CHECKS_VERSION = 2  # bump when the checks change: old validation results are then not reused
 SUMMARY_FILE = "summary.json"
@@ -69,8 +76,6 @@ def check_facts(nbytes: int, fmt: str | None, width: int | None, height: int | N
 
 def check_image(data: bytes, settings: Settings) -> tuple[str | None, str | None]:
     """(reason, detail) of the first failed per-image check, or (None, None) if the image is usable."""
-    from contracts.imaging import ImageRejected, open_image, to_rgb
-
     s = settings
     if len(data) > s.max_file_bytes:  # before decoding: never decode an oversized file
         return check_facts(len(data), None, None, None, s)
@@ -92,8 +97,6 @@ def check_row(row: dict[str, Any], settings: Settings, read_bytes) -> tuple[str 
 
 
 def _run_id(manifest_key: str, spec, s: Settings) -> str:
-    from contracts.common import stable_hash
-
     params = {
         "manifest_key": manifest_key, "classes": spec.classes, "checks_version": CHECKS_VERSION,
         **{k: getattr(s, k) for k in (
@@ -194,12 +197,6 @@ def _summary_md(summary: dict[str, Any]) -> str:
 
 def validate(manifest_key: str, dataset: str, settings: Settings | None = None, show_progress: bool = False) -> ValidateResult:
     """Check every image and the dataset; quarantine failures; save results; raise when unusable."""
-    from contracts.common import progress, utc_now
-    from contracts.dataset_spec import load_spec
-    from pipeline.cache import ensure_cached
-    from pipeline.storage import (ensure_bucket, get_json_or_none, get_jsonl, put_bytes, put_json, put_jsonl, s3_call,
-                                  s3_client)
-
     s = settings or get_settings()
     spec = load_spec(dataset, s.dataset_specs_dir)
     client = s3_client(s)

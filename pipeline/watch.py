@@ -4,6 +4,7 @@ The `hemaflow_watch_raw` DAG calls `pending_raw_changes` on a short schedule and
 images were added, replaced or removed by any means (the upload CLI, `aws s3 cp`, a
 scanner's export), emits the dataset's raw Asset so the retraining DAG runs. It only lists
 the prefix and reads the latest manifest: no image is downloaded.
+Its imports are inside the function: the DAG files import this module while parsing.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def pending_raw_changes(dataset: str, settings: Settings | None = None) -> dict:
     True when an ingest would find something to do (or no ingest ever ran and images exist).
     """
     from contracts.dataset_spec import load_spec
-    from pipeline.ingest import diff_listing, load_previous
+    from pipeline.manifests import diff_listing, load_previous
     from pipeline.storage import iter_objects, s3_client
 
     s = settings or get_settings()

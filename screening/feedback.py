@@ -1,6 +1,6 @@
 """Feedback into retraining: reviewed images are copied into `raw/<dataset>/<class folder>/`.
 
-Each image's latest decision (screening.reviews.latest_by_image; a confirmation is a verified
+Each image's latest decision (contracts.reviews.latest_by_image; a confirmation is a verified
 label as much as a correction) is copied server-side from the inbox to
 `<spec prefix><class folder>/reviewed-<batch_id>-<sha256 prefix><ext>`, with its provenance in
 the object's metadata (review id, reviewer, model version, batch, source key). The raw/ change is
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from contracts.dataset_spec import DatasetSpec, load_spec
 from contracts.screening import REVIEWED_NAME_PREFIX, REVIEWS_ROOT, ReviewDecision, check_batch_id
 from contracts.settings import Settings, get_settings
-from screening.reviews import latest_by_image, read_decisions
+from contracts.reviews import latest_by_image, read_decisions
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ class DemoError(RuntimeError):
 
 def airflow_site(settings: Settings, admin_key: str):
     """The demo's Airflow: LocalExecutor, SQLite under HEMAFLOW_HOME, the repo's DAGs."""
-    from pipeline.airflow_local import AirflowSite
+    from ops.airflow_local import AirflowSite
 
     return AirflowSite(home=settings.hemaflow_home / "airflow", port=settings.airflow_port,
                        extra_env={"SERVING_ADMIN_API_KEYS": admin_key})
@@ -52,7 +52,7 @@ def api_settings(settings: Settings, site) -> Settings:
     """The settings with the demo's api-server and its admin login (for the asset event)."""
     from pydantic import SecretStr
 
-    from pipeline.airflow_local import ADMIN_USER, admin_password
+    from ops.airflow_local import ADMIN_USER, admin_password
 
     return settings.model_copy(update={"airflow_api_url": site.api_url, "airflow_api_username": ADMIN_USER,
                                        "airflow_api_password": SecretStr(admin_password(site))})
@@ -107,13 +107,13 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 def stop_legacy_airflow(settings: Settings) -> bool:
     """An `airflow standalone` left by an earlier demo holds the port: stop its process group."""
-    from pipeline import stack
+    from ops import supervisor
 
-    return stack.stop_process(settings, LEGACY_AIRFLOW_PROCESS)
+    return supervisor.stop_process(settings, LEGACY_AIRFLOW_PROCESS)
 
 
 def start_airflow(settings: Settings, site) -> None:
-    from pipeline import airflow_local
+    from ops import airflow_local
 
     stop_legacy_airflow(settings)
     airflow_local.prepare(site)
@@ -167,17 +167,17 @@ def serving_env(settings: Settings, admin_key: str) -> dict[str, str]:
 
 
 def start_serving(settings: Settings, admin_key: str) -> bool:
-    from pipeline import stack
+    from ops import supervisor
 
     base = f"http://127.0.0.1:{settings.serving_port}"
-    if stack.read_pid(settings, SERVING_PROCESS) is not None and stack.http_ok(base + "/healthz"):
+    if supervisor.read_pid(settings, SERVING_PROCESS) is not None and supervisor.http_ok(base + "/healthz"):
         return False
-    stack.stop_process(settings, SERVING_PROCESS)
-    stack.start_process(settings, SERVING_PROCESS, [sys.executable, "-m", "serving"],
+    supervisor.stop_process(settings, SERVING_PROCESS)
+    supervisor.start_process(settings, SERVING_PROCESS, [sys.executable, "-m", "serving"],
                         env=serving_env(settings, admin_key), cwd=PROJECT_ROOT)
-    _, log, _ = stack._paths(settings, SERVING_PROCESS)
-    stack.wait_until(lambda: stack.http_ok(base + "/readyz"), "serving (model loaded)", log,
-                     lambda: stack.read_pid(settings, SERVING_PROCESS), timeout_s=SERVING_START_TIMEOUT_S)
+    _, log, _ = supervisor.process_paths(settings, SERVING_PROCESS)
+    supervisor.wait_until(lambda: supervisor.http_ok(base + "/readyz"), "serving (model loaded)", log,
+                     lambda: supervisor.read_pid(settings, SERVING_PROCESS), timeout_s=SERVING_START_TIMEOUT_S)
     return True
 
 
@@ -268,8 +268,8 @@ def retrain(settings: Settings, site, dataset: str, data_dir: Path) -> dict | No
 
 
 def up() -> int:
-    from pipeline import stack
-    from pipeline.credentials import init_secrets
+    from ops import stack
+    from contracts.credentials import init_secrets
 
     init_secrets()  # security: random per-install secrets under HEMAFLOW_HOME (kept across runs)
     settings = get_settings()
@@ -296,7 +296,7 @@ def up() -> int:
     print("starting the serving container on @champion", flush=True)
     start_serving(settings, admin_key)
 
-    from pipeline.airflow_local import ADMIN_USER, admin_password
+    from ops.airflow_local import ADMIN_USER, admin_password
 
     print()
     print(f"HemaFlow demo ready in {time.monotonic() - started:.0f}s")
@@ -318,7 +318,7 @@ def up() -> int:
 
 
 def down() -> int:
-    from pipeline import airflow_local, stack
+    from ops import airflow_local, stack
 
     settings = get_settings()
     stopped = airflow_local.stop(settings) + (["airflow"] if stop_legacy_airflow(settings) else [])

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     s = get_settings()
     dataset = s.dataset
-    from pipeline.airflow_local import SECRETS_FILE, admin_password
+    from ops.airflow_local import SECRETS_FILE, admin_password
 
     site = airflow_site(s, admin_key="")
     if not (site.home / SECRETS_FILE).is_file():

@@ -49,7 +49,7 @@ async def lifespan(app: FastAPI):
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    from pipeline.credentials import check_component
+    from contracts.credentials import check_component
 
     s = settings or get_settings()
     check_component("serving", s)  # guessable API keys or MLflow password: refuse to start

@@ -3,7 +3,7 @@
 Batch scoring writes `results/<dataset>/<batch_id>/<model_version>/` (contracts.screening); this
 module lists those batches, reads a scoring's predictions.csv in review order (highest P(positive)
 first for a two-label task, lowest confidence first otherwise; failed images apart) and appends
-reviewer decisions with screening.reviews, through serving.s3 (no boto3 in the serving image).
+reviewer decisions with contracts.reviews, through serving.s3 (no boto3 in the serving image).
 Calls are blocking: routers run them in threads.
 """
 
@@ -23,7 +23,7 @@ from contracts.screening import (
     results_prefix,
 )
 from contracts.settings import Settings
-from screening.reviews import latest_by_image, read_decisions
+from contracts.reviews import latest_by_image, read_decisions
 
 PROBABILITY_PREFIX = "p_"
 NOT_FOUND_CODES = ("NoSuchKey", "404", "NotFound")

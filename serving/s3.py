@@ -3,7 +3,7 @@ whose installed size is held under 250 MB, for four calls).
 
 It is shaped like the few boto3 calls the review queue makes (`get_object`, `put_object` with
 `IfMatch`/`IfNoneMatch`, `head_object`, `list_objects_v2`), returning the same dict keys and raising
-`S3Error` with boto3's `.response["Error"]["Code"]`, so screening.reviews runs unchanged on either.
+`S3Error` with boto3's `.response["Error"]["Code"]`, so contracts.reviews runs unchanged on either.
 Requests are path-style and signed with AWS Signature Version 4.
 """
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.stack import private_stack_env
+from ops.stack import private_stack_env
 from tests.helpers import patched_environ
 
 pytest_plugins = ["tests.fixtures.data", "tests.fixtures.training"]
@@ -37,7 +37,7 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
 @pytest.fixture(scope="session")
 def local_stack(stack_env: dict[str, str]):
     """A running SeaweedFS + MLflow; yields the Settings pointing at them."""
-    from pipeline import stack
+    from ops import stack
     from contracts.settings import get_settings
 
     settings = get_settings()

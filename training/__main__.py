@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from pipeline.cli import run_command
+from contracts.cli import run_command
 from contracts.settings import get_settings
 
 
@@ -42,7 +42,7 @@ def _print_gate(result: dict) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from training.registry import promote_if_better
+    from training.gate import promote_if_better
     from training.train import train_candidate
 
     overrides = {k: v for k, v in (("epochs", args.epochs), ("train_time_budget_s", args.time_budget)) if v}
@@ -67,7 +67,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from training.registry import decide_gate, evaluate_against_champion
+    from training.gate import decide_gate, evaluate_against_champion
 
     comparison = evaluate_against_champion(args.dataset, args.version)
     decision = decide_gate(comparison)
@@ -85,7 +85,7 @@ def _login() -> str:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from training.registry import promote_by_person, promote_if_better
+    from training.gate import promote_by_person, promote_if_better
 
     if args.reason is None:
         result = promote_if_better(args.dataset, args.version)

@@ -25,7 +25,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
+from contracts.process_identity import pid_alive, process_start_time
 from contracts.settings import Settings
+from training.tracking import TAG_CONFIG_HASH
 
 CLAIM_SETTLE_S = 2.0
 TAG_HOST = "claim_host"
@@ -48,8 +50,6 @@ def host_id() -> str:
 
 
 def claim_tags() -> dict[str, str]:
-    from pipeline.stack import process_start_time
-
     pid = os.getpid()
     return {TAG_HOST: host_id(), TAG_PID: str(pid), TAG_PID_START: str(process_start_time(pid)),
             TAG_HEARTBEAT: str(int(_now_s()))}
@@ -93,8 +93,6 @@ def claim_expiry_s(s: Settings) -> float:
 
 def _owner_gone(tags: dict[str, str]) -> bool:
     """True only when the claim was made on this host and its process no longer exists."""
-    from pipeline.stack import pid_alive, process_start_time
-
     if tags.get(TAG_HOST) != host_id():
         return False
     pid = int(tags.get(TAG_PID) or 0)
@@ -103,8 +101,6 @@ def _owner_gone(tags: dict[str, str]) -> bool:
 
 def live_claims(client, experiment_id: str, chash: str, s: Settings) -> list:
     """RUNNING runs of this config hash whose claim still holds, earliest first."""
-    from training.tracking import TAG_CONFIG_HASH
-
     runs = client.search_runs(
         [experiment_id], filter_string=f"tags.{TAG_CONFIG_HASH} = '{chash}' and attributes.status = 'RUNNING'"
     )

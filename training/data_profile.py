@@ -1,4 +1,4 @@
-"""The training-data profile stored in the bundle (format and drift tests: screening.drift).
+"""The training-data profile stored in the bundle (format and drift tests: contracts.drift).
 
 Colour/stain statistics of up to STATS_SAMPLE training images and the model's `pooled_features`
 (GAP) of FEATURES_SAMPLE of them, computed with Keras until the TFLite signature has a features
@@ -20,7 +20,7 @@ log = logging.getLogger("training")
 
 def training_profile(model: Any, folder: Path, meta: DatasetMeta, seed: int = 0) -> dict[str, Any]:
     """The profile of the train split of `meta` (local copy in `folder`) as seen by `model`."""
-    from screening.drift import FEATURES_SAMPLE, STATS_SAMPLE, build_profile
+    from contracts.drift import FEATURES_SAMPLE, STATS_SAMPLE, build_profile
     from training.data import load_split_arrays
     from training.model import POOLED_FEATURES_LAYER, pooled_feature_model
 
@@ -42,7 +42,7 @@ def drift_vs_champion(client: Any, settings: Any, model_name: str, profile: dict
     import mlflow
 
     from contracts.bundle import DATA_PROFILE_FILE, BundleError
-    from screening.drift import DriftThresholds, ProfileError, profile_drift
+    from contracts.drift import DriftThresholds, ProfileError, profile_drift
     from training.registry import CHAMPION, alias_version, download_bundle
 
     champion = alias_version(client, model_name, CHAMPION)

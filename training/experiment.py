@@ -2,7 +2,7 @@
 
 No stack: images are read from a local folder tree (e.g. ../shared/data/leukemia), decoded
 with the pipeline's own `prepare_image`, de-duplicated and split by content hash exactly as
-the pipeline does (`pipeline.splits`), and a model is fitted with the same network, loss,
+the pipeline does (`contracts.splits`), and a model is fitted with the same network, loss,
 class weights, augmentation and callbacks as `training.train`. It is how settings are
 CHOSEN: `fit_and_score` measures on validation only; the test split is only touched by
 `benchmarks/accuracy.py` and by the k-fold estimate, whose held-out fold is never used to
@@ -102,7 +102,7 @@ def load_folder(root: Path, spec, image_size: int, crop: str, cache_dir: Path | 
 
 def pipeline_splits(data: FolderData, s) -> dict[str, np.ndarray]:
     """Index arrays of train/val/test exactly as the pipeline assigns them."""
-    from pipeline.splits import assign_splits
+    from contracts.splits import assign_splits
 
     assigned = assign_splits(((h, data.labels[int(y)]) for h, y in zip(data.sha256, data.y)),
                              s.val_fraction, s.test_fraction, s.split_salt)
@@ -112,7 +112,7 @@ def pipeline_splits(data: FolderData, s) -> dict[str, np.ndarray]:
 
 def fold_splits(data: FolderData, k: int, fold: int, salt: str) -> dict[str, np.ndarray]:
     """Content-hash fold `fold` of `k` as test; a hash band of the rest as validation."""
-    from pipeline.splits import split_score
+    from contracts.splits import split_score
 
     scores = np.asarray([split_score(h, salt) for h in data.sha256])
     lo, hi = fold / k, (fold + 1) / k

@@ -10,7 +10,7 @@ Architecture (no pretrained weights can be downloaded here):
       -> Dense(C) "logits" -> softmax "probabilities"
 
 `pooled_features` is the named embedding an out-of-distribution detector can be fitted on
-(`pooled_feature_model`); the training-data profile (drift, screening.drift) samples it too.
+(`pooled_feature_model`); the training-data profile (drift, contracts.drift) samples it too.
 Temperature scaling (training.calibration) is applied as a fixed division of the logits
 (`with_temperature`), in the Keras model and in the exported graph, so thresholds, canaries and
 served probabilities all use the calibrated probabilities.

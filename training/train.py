@@ -6,7 +6,7 @@ same training was already done, so it reports that version instead of training a
 as skipped once the gate has decided on it, else as the candidate still to gate (the
 gate failed after training). Two processes that start the same training at once register
 one version (`training.claim`). A NaN loss fails the MLflow run and registers nothing.
-Promotion is a separate step (`training.registry.promote_if_better`).
+Promotion is a separate step (`training.gate.promote_if_better`).
 
 This module only orchestrates: fitting is `training.fitting`, MLflow tracking and provenance
 `training.tracking`, registration `training.registration`, the bundle `training.bundle`.
@@ -56,25 +56,15 @@ class CandidateRun:
 
 
 def latest_dataset_version(dataset: str, settings: Settings | None = None) -> str:
-    """The newest complete processed version of `dataset` (by dataset.json creation time)."""
-    from contracts.processed import META_FILE
-    from pipeline.storage import iter_objects, s3_client
+    """The newest complete processed version of `dataset`; a clear error when there is none."""
+    from pipeline.storage import latest_processed_version
 
     s = settings or get_settings()
-    client = s3_client(s)
-    best: tuple[str, str] | None = None
-    for obj in iter_objects(client, s.s3_bucket, f"processed/{dataset}/"):
-        key = obj["Key"]
-        if not key.endswith("/" + META_FILE):
-            continue
-        meta = DatasetMeta.from_json(client.get_object(Bucket=s.s3_bucket, Key=key)["Body"].read().decode())
-        stamp = meta.created_at or str(obj.get("LastModified", ""))
-        if best is None or stamp > best[0]:
-            best = (stamp, meta.dataset_version)
-    if best is None:
+    version = latest_processed_version(dataset, s)
+    if version is None:
         raise TrainingError(f"no processed version of {dataset!r} in s3://{s.s3_bucket}/processed/{dataset}/; "
                             "run the pipeline first (`python -m pipeline run --dataset ...`)")
-    return best[1]
+    return version
 
 
 def train_candidate(
@@ -204,7 +194,7 @@ def profile_and_card(c: CandidateRun, folder: Path, fitted) -> tuple[dict[str, b
     import mlflow
 
     from contracts.bundle import DATA_PROFILE_FILE, MODEL_CARD_FILE
-    from screening.drift import profile_bytes
+    from contracts.drift import profile_bytes
     from training.data_profile import drift_vs_champion, training_profile
     from training.model_card import log_card, render_card, training_card
 

@@ -1,5 +1,6 @@
 # Airflow 3 image for docker-compose: the project's pinned lock plus what a Celery + Postgres
-# deployment needs. The DAGs and the library code are copied in; every Airflow component
+# deployment needs. The DAGs and the packages their tasks call (contracts, pipeline, training, ops;
+# not serving, which runs in its own image) are copied in; every Airflow component
 # (api-server, scheduler, dag-processor, triggerer, celery workers) runs from this image.
 FROM python:3.11-slim-bookworm
 
@@ -18,7 +19,7 @@ RUN pip install -r requirements.txt \
 COPY contracts/ contracts/
 COPY pipeline/ pipeline/
 COPY training/ training/
-COPY serving/ serving/
+COPY ops/ ops/
 COPY dags/ dags/
 # Every named-volume mount point exists in the image, owned by uid 50000: Docker initialises a new
 # named volume from the image folder (ownership included), so logs and passwords are writable.

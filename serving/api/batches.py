@@ -2,7 +2,7 @@
 
 Scored batches of the served dataset (`DATASET`) are read from S3 (results/), ranked most suspicious
 first; a reviewer confirms or corrects each label and the decision is appended to
-`reviews/<dataset>/<batch_id>.jsonl` (screening.reviews). Every route needs a key of the reviewer
+`reviews/<dataset>/<batch_id>.jsonl` (contracts.reviews). Every route needs a key of the reviewer
 role (SERVING_REVIEWER_API_KEYS), sent by the page in the X-API-Key header; results are lab data.
 """
 
@@ -139,7 +139,7 @@ def _thumbnail(data: bytes, max_pixels: int) -> bytes | None:
 @router.get("/{batch_id}/reviews")
 async def batch_reviews(batch_id: BatchId, settings: SettingsDep, store: StoreDep, reviewer: ReviewerDep):
     """Every decision on the batch, oldest first (the file as stored, append-only)."""
-    from screening.reviews import read_decisions
+    from contracts.reviews import read_decisions
 
     decisions = await store_call(read_decisions, store.client, store.bucket, settings.dataset, _batch_id(batch_id))
     return {"batch_id": batch_id, "decisions": [d.to_dict() for d in decisions]}
@@ -149,7 +149,7 @@ async def batch_reviews(batch_id: BatchId, settings: SettingsDep, store: StoreDe
 async def post_review(batch_id: BatchId, body: ReviewRequest, settings: SettingsDep, manager: ManagerDep,
                       store: StoreDep, reviewer: ReviewerDep):
     """Confirm or correct one image's label; the decision (reviewer, time, model version) is appended."""
-    from screening.reviews import append_decisions, new_decision
+    from contracts.reviews import append_decisions, new_decision
 
     batch = await store_call(store.load_batch, settings.dataset, _batch_id(batch_id), body.model_version,
                       _positive_label(manager))

@@ -37,7 +37,7 @@ async def contribute(request: Request, settings: SettingsDep, manager: ManagerDe
                      label: Annotated[str, Query(description="The label the reviewer gives the image")],
                      predicted_label: Annotated[str | None, Query(description="What the model said")] = None):
     """Store one image with a reviewer's label for retraining (checked like a prediction upload)."""
-    from screening.reviews import append_decisions, new_decision
+    from contracts.reviews import append_decisions, new_decision
 
     model = current_model(manager)
     if label not in model.labels:

@@ -1,4 +1,4 @@
-"""Fixtures: Airflow deployed as separate processes (pipeline.airflow_local) on the test stack."""
+"""Fixtures: Airflow deployed as separate processes (ops.airflow_local) on the test stack."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def hemaflow_env(local_stack, tmp_path_factory: pytest.TempPathFactory) -> dict[
 @pytest.fixture(scope="module")
 def airflow_stop(local_stack) -> Iterator[None]:
     """Stops every Airflow process of the test stack when the module is done."""
-    from pipeline import airflow_local
+    from ops import airflow_local
 
     yield
     airflow_local.stop(local_stack)

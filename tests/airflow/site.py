@@ -1,4 +1,4 @@
-"""Helpers for the tests that run Airflow as deployed (see pipeline.airflow_local).
+"""Helpers for the tests that run Airflow as deployed (see ops.airflow_local).
 
 The HemaFlow side of the deployment is configured the way a user does it: `.env.example`
 copied verbatim to `.env` (HEMAFLOW_ENV_FILE), plus the environment of the private test

@@ -33,8 +33,8 @@ RUN_TIMEOUT_S = 900
 @pytest.fixture(scope="module")
 def celery_site(local_stack, hemaflow_env, tmp_path_factory):
     """Postgres + Redis + Airflow components + two Celery workers; yields (site, cli env, worker homes)."""
-    from pipeline import airflow_local
-    from pipeline.stack import free_port
+    from ops import airflow_local
+    from ops.supervisor import free_port
     from tests.airflow.services import start_postgres, start_redis
 
     postgres, redis = start_postgres(free_port()), start_redis(free_port())
@@ -78,10 +78,10 @@ def kill_worker_tree(settings, worker: str) -> int:
     """SIGKILL a worker and every process under it (its task processes run in their own groups)."""
     import psutil
 
-    from pipeline import stack
-    from pipeline.airflow_local import process_name
+    from ops import supervisor
+    from ops.airflow_local import process_name
 
-    pid = stack.read_pid(settings, process_name(f"worker-{worker}"))
+    pid = supervisor.read_pid(settings, process_name(f"worker-{worker}"))
     assert pid is not None, f"{worker} is not running"
     root = psutil.Process(pid)
     tree = [root, *root.children(recursive=True)]

@@ -36,8 +36,8 @@ ADMIN_KEY = "airflow-test-admin-key"
 @pytest.fixture(scope="module")
 def site(local_stack, hemaflow_env, airflow_stop, tmp_path_factory):
     """A LocalExecutor Airflow on free ports; yields (site, env for CLIs, serving URL, due time)."""
-    from pipeline import airflow_local
-    from pipeline.stack import free_port
+    from ops import airflow_local
+    from ops.supervisor import free_port
 
     due = next_minute_after(SCHEDULE_LEAD_S)
     serving_port = free_port()

@@ -26,7 +26,7 @@ def test_reviews_join_raw_emit_the_asset_and_reach_ingest(local_stack, airflow_d
     from pipeline.ingest import ingest
     from pipeline.storage import get_jsonl
     from pipeline.watch import pending_raw_changes, raw_asset_uri
-    from screening.reviews import append_decisions, new_decision
+    from contracts.reviews import append_decisions, new_decision
     from tests.dags.airflow_home import DAGS_DIR
     from tests.fixtures.screening import write_scored_batch
 

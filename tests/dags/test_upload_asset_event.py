@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.stack import free_port
+from ops.supervisor import free_port
 from tests.dags.airflow_home import AIRFLOW_ENV
 from tests.helpers import REPO_ROOT
 
@@ -36,7 +36,7 @@ def _airflow_bin() -> str:
 @pytest.fixture(scope="module")
 def airflow_api(local_stack, airflow_db, tmp_path_factory):
     """{url, username, password} of a running api-server whose DB knows the HemaFlow Assets."""
-    from pipeline import stack
+    from ops import supervisor
 
     # The DAG files import `pipeline` (pytest's pythonpath does not reach subprocesses).
     env = {**os.environ, **AIRFLOW_ENV,
@@ -60,14 +60,14 @@ def airflow_api(local_stack, airflow_db, tmp_path_factory):
     }
     url = f"http://127.0.0.1:{port}"
     # The server retitles itself ("airflow api_server"); the stack still knows it by pid + start time.
-    stack.start_process(local_stack, API_PROCESS, [_airflow_bin(), "api-server"], env=server_env, cwd=REPO_ROOT)
+    supervisor.start_process(local_stack, API_PROCESS, [_airflow_bin(), "api-server"], env=server_env, cwd=REPO_ROOT)
     try:
-        _, log, _ = stack._paths(local_stack, API_PROCESS)
-        stack.wait_until(lambda: stack.http_ok(url + "/api/v2/version"), "airflow api-server", log,
-                         lambda: stack.read_pid(local_stack, API_PROCESS), timeout_s=API_START_TIMEOUT_S)
+        _, log, _ = supervisor.process_paths(local_stack, API_PROCESS)
+        supervisor.wait_until(lambda: supervisor.http_ok(url + "/api/v2/version"), "airflow api-server", log,
+                         lambda: supervisor.read_pid(local_stack, API_PROCESS), timeout_s=API_START_TIMEOUT_S)
         yield {"url": url, "username": "admin", "password": password}
     finally:
-        stack.stop_process(local_stack, API_PROCESS)
+        supervisor.stop_process(local_stack, API_PROCESS)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from screening.reviews import read_decisions
+from contracts.reviews import read_decisions
 from tests.e2e.test_serving_page import SCREENSHOT_DIR, browser  # noqa: F401 - the Chromium fixture
 from tests.fixtures.data import unique_dataset_name
 from tests.fixtures.screening import write_scored_batch

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from screening.feedback import META_BATCH, META_MODEL_VERSION, META_REVIEW_ID, META_REVIEWER, apply_feedback
-from screening.reviews import append_decisions, new_decision
+from contracts.reviews import append_decisions, new_decision
 from tests.fixtures.screening import write_scored_batch
 from tests.helpers import REPO_ROOT
 

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from contracts.screening import review_key
-from screening.reviews import append_decisions, latest_by_image, new_decision, read_decisions
+from contracts.reviews import append_decisions, latest_by_image, new_decision, read_decisions
 from tests.fixtures.data import unique_dataset_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -6,18 +6,20 @@ import pytest
 
 from pydantic import SecretStr
 
-from pipeline import stack
+from contracts.process_identity import pid_alive
+from ops import stack, supervisor
 from contracts.settings import get_settings
-from pipeline.stack import free_port, free_s3_port
+from ops.stack import free_s3_port
+from ops.supervisor import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_up_is_idempotent_and_reuses_healthy_services(local_stack):
-    before = {name: stack.read_pid(local_stack, name) for name in stack.SERVICES}
+    before = {name: supervisor.read_pid(local_stack, name) for name in stack.SERVICES}
     assert all(before.values())
     stack.up(local_stack)
-    after = {name: stack.read_pid(local_stack, name) for name in stack.SERVICES}
+    after = {name: supervisor.read_pid(local_stack, name) for name in stack.SERVICES}
     assert after == before
     rows = {r.name: r for r in stack.status(local_stack)}
     assert rows["s3"].healthy and rows["mlflow"].healthy
@@ -36,7 +38,7 @@ def test_s3_accepts_only_the_configured_identity(local_stack, s3):
 
 
 def test_identities_file_is_private(local_stack):
-    config = stack.stack_dir(local_stack) / "run" / "s3-identities.json"
+    config = supervisor.stack_dir(local_stack) / "run" / "s3-identities.json"
     assert oct(config.stat().st_mode & 0o777) == "0o600"
 
 
@@ -47,24 +49,24 @@ def test_down_stops_exactly_what_it_started(tmp_path, stack_env):
         mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}",
     )
     stack.up(settings)
-    pids = [stack.read_pid(settings, n) for n in stack.SERVICES]
+    pids = [supervisor.read_pid(settings, n) for n in stack.SERVICES]
     assert all(pids)
     stopped = stack.down(settings)
     assert sorted(stopped) == sorted(stack.SERVICES)
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-    assert not list((stack.stack_dir(settings) / "run").glob("*.pid"))
+    assert not list((supervisor.stack_dir(settings) / "run").glob("*.pid"))
     assert stack.down(settings) == []
 
 
 def test_stale_pid_file_is_not_trusted(tmp_path):
     settings = get_settings(hemaflow_home=tmp_path)
-    run = stack.stack_dir(settings) / "run"
+    run = supervisor.stack_dir(settings) / "run"
     run.mkdir(parents=True)
     # pid 1 exists but is not the process we started: its kernel start time differs.
     (run / "s3.pid").write_text('{"pid": 1, "start_time": 123456789, "cmd": ["weed"]}')
-    assert stack.read_pid(settings, "s3") is None
+    assert supervisor.read_pid(settings, "s3") is None
     assert stack.down(settings) == []
 
 
@@ -75,14 +77,14 @@ def test_a_process_that_renames_itself_is_still_found_and_stopped(tmp_path):
 
     settings = get_settings(hemaflow_home=tmp_path)
     code = "import setproctitle, time; setproctitle.setproctitle('renamed-by-itself'); time.sleep(60)"
-    pid = stack.start_process(settings, "renamer", [sys.executable, "-c", code])
+    pid = supervisor.start_process(settings, "renamer", [sys.executable, "-c", code])
     deadline = time.monotonic() + 10
     while b"renamed-by-itself" not in open(f"/proc/{pid}/cmdline", "rb").read():
         assert time.monotonic() < deadline, "the child never renamed itself"
         time.sleep(0.05)
-    assert stack.read_pid(settings, "renamer") == pid
+    assert supervisor.read_pid(settings, "renamer") == pid
     assert stack.down(settings) == ["renamer"]
-    assert not stack.pid_alive(pid)
+    assert not pid_alive(pid)
 
 
 def test_pid_files_without_start_time_fall_back_to_the_command_line(tmp_path):
@@ -90,11 +92,11 @@ def test_pid_files_without_start_time_fall_back_to_the_command_line(tmp_path):
     import sys
 
     settings = get_settings(hemaflow_home=tmp_path)
-    pid = stack.start_process(settings, "old", [sys.executable, "-c", "import time; time.sleep(60)"])
-    pid_file = stack.stack_dir(settings) / "run" / "old.pid"
+    pid = supervisor.start_process(settings, "old", [sys.executable, "-c", "import time; time.sleep(60)"])
+    pid_file = supervisor.stack_dir(settings) / "run" / "old.pid"
     pid_file.write_text(json.dumps({"pid": pid, "marker": "-c import time; time.sleep(60)"}))
-    assert stack.read_pid(settings, "old") == pid
+    assert supervisor.read_pid(settings, "old") == pid
     pid_file.write_text(json.dumps({"pid": pid, "marker": "something else entirely"}))
-    assert stack.read_pid(settings, "old") is None
+    assert supervisor.read_pid(settings, "old") is None
     pid_file.write_text(json.dumps({"pid": pid, "marker": "-c import time; time.sleep(60)"}))
     assert stack.down(settings) == ["old"]

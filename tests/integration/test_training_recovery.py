@@ -79,7 +79,7 @@ def _register_copy(trained: dict, dataset: str, kind: str) -> str:
 
 def _with_champion(trained: dict, prefix: str, champion_kind: str) -> tuple:
     """A fresh registered model: @champion is a copy of `champion_kind`, the candidate a copy of `good`."""
-    from training.registry import promote_if_better
+    from training.gate import promote_if_better
 
     s = trained["settings"]
     dataset = f"{prefix}{secrets.token_hex(3)}"
@@ -104,7 +104,7 @@ def _history(s, dataset: str) -> list[dict]:
 
 def test_a_registered_but_ungated_version_is_gated_on_the_next_run(trained):
     """Evaluate/gate/promote failed after train: the next run must gate that version, not skip it."""
-    from training.registry import promote_if_better
+    from training.gate import promote_if_better
     from training.train import train_candidate
 
     s, dataset, weak = trained["settings"], trained["dataset"], trained["weak"]
@@ -122,7 +122,8 @@ def test_a_registered_but_ungated_version_is_gated_on_the_next_run(trained):
 
 
 def test_apply_gate_refuses_when_the_champion_moved_since_evaluate(trained):
-    from training.registry import ChampionMoved, apply_gate, decide_gate, evaluate_against_champion, promote_if_better
+    from training.gate import decide_gate, evaluate_against_champion, promote_if_better
+    from training.registry import ChampionMoved, apply_gate
 
     s, dataset, first, candidate = _with_champion(trained, "tinycas", "weak")
     name = s.model_name(dataset)
@@ -143,7 +144,8 @@ def test_apply_gate_refuses_when_the_champion_moved_since_evaluate(trained):
 
 
 def test_a_retried_promote_keeps_the_previous_champion(trained):
-    from training.registry import apply_gate, promote_if_better
+    from training.gate import promote_if_better
+    from training.registry import apply_gate
 
     s, dataset, first, candidate = _with_champion(trained, "tinyretry", "weak")
     name = s.model_name(dataset)
@@ -165,7 +167,7 @@ def test_a_retried_promote_keeps_the_previous_champion(trained):
 
 def test_an_incomparable_champion_needs_a_person(trained):
     from contracts.settings import PROJECT_ROOT
-    from training.registry import promote_if_better
+    from training.gate import promote_if_better
 
     s, dataset, champion, candidate = _with_champion(trained, "tinyincomp", "other")
     name = s.model_name(dataset)
@@ -198,7 +200,8 @@ def test_an_incomparable_champion_needs_a_person(trained):
 
 
 def test_run_params_cannot_lower_the_configured_floors_or_margin(trained):
-    from training.registry import apply_gate, decide_gate, evaluate_against_champion, promote_if_better, run_settings
+    from training.gate import decide_gate, evaluate_against_champion, promote_if_better, run_settings
+    from training.registry import apply_gate
 
     s = trained["settings"]  # configured floors 0.5
     dataset = f"tinyfloors{secrets.token_hex(3)}"

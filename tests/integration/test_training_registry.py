@@ -19,7 +19,7 @@ def _client(settings):
 
 def test_tiny_training_registers_a_version_with_bundle_and_provenance(tiny_registered_model):
     from contracts.bundle import check_canaries
-    from training.registry import download_bundle
+    from training.gate import download_bundle
 
     info = tiny_registered_model
     s = info["settings"]
@@ -68,7 +68,8 @@ def test_unchanged_rerun_trains_nothing(tiny_registered_model):
 
 
 def test_gate_promotes_better_rejects_worse_and_rollback_restores(local_stack):
-    from training.registry import promote_if_better, rollback, status
+    from training.gate import promote_if_better
+    from training.registry import rollback, status
 
     from training.train import train_candidate
 
@@ -123,7 +124,7 @@ def test_gate_promotes_better_rejects_worse_and_rollback_restores(local_stack):
 
 
 def test_floors_reject_a_candidate_when_there_is_no_champion(local_stack):
-    from training.registry import promote_if_better
+    from training.gate import promote_if_better
     from training.train import train_candidate
 
     s = local_stack.model_copy(update={**TINY_TRAIN, "gate_min_balanced_accuracy": 1.01})
@@ -156,7 +157,7 @@ def test_mlflow_unreachable_gives_a_clear_error(local_stack):
     from training.errors import MlflowUnavailable
     from training.train import train_candidate
 
-    from pipeline.stack import free_port
+    from ops.supervisor import free_port
 
     s = local_stack.model_copy(update={"mlflow_tracking_uri": f"http://127.0.0.1:{free_port()}"})
     with pytest.raises(MlflowUnavailable, match="unreachable.*stack up"):

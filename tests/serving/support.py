@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from pipeline.stack import free_port
+from ops.supervisor import free_port
 from tests.helpers import REPO_ROOT
 from tests.fixtures.keys import PUBLIC_KEY, SIGNING_KEY
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from screening.reviews import read_decisions
+from contracts.reviews import read_decisions
 from tests.fixtures.data import unique_dataset_name
 from tests.fixtures.screening import write_scored_batch
 from tests.serving.support import ServingProcess

@@ -43,7 +43,7 @@ def test_registered_version_has_card_and_serving_returns_it(tiny_registered_mode
     from mlflow import MlflowClient
 
     from contracts.bundle import DATA_PROFILE_FILE, MODEL_CARD_FILE, parse_sums
-    from screening.drift import load_profile
+    from contracts.drift import load_profile
     from tests.fixtures.training import TINY_COUNTS
     from training.model import POOLED_FEATURES_LAYER
     from training.model_card import CARD_TAG

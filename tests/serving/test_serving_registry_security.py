@@ -32,9 +32,9 @@ NEW_SIGNING_KEY, NEW_PUBLIC_KEY = generate_key_pair()  # a key rotated in during
 @pytest.fixture(scope="module")
 def own_stack(tmp_path_factory):
     """A private SeaweedFS + MLflow for this module only; yields (settings, env)."""
-    from pipeline import stack
+    from ops import stack
     from contracts.settings import get_settings
-    from pipeline.stack import private_stack_env
+    from ops.stack import private_stack_env
 
     env = private_stack_env(tmp_path_factory.mktemp("secreg-home"), bucket="hemaflow-secreg")
     env.update({"BUNDLE_SIGNING_KEY": SIGNING_KEY, "BUNDLE_TRUSTED_PUBLIC_KEYS": PUBLIC_KEY, "DATASET": DATASET})
@@ -200,16 +200,16 @@ def test_serving_with_wrong_mlflow_credentials_is_live_but_refused(own_stack, pu
 
 def test_serving_stays_ready_while_s3_behind_mlflow_is_down(own_stack, publisher, serving_server):
     """Runs last in this module: it stops the module stack's S3."""
-    from pipeline import stack
+    from ops import supervisor
 
     settings, env = own_stack
     v_old, _ = publisher.publish()
     server = serving_server(_serving_env(env))
     _serves(server.url, v_old)
     v_next, _ = publisher.publish()  # a new champion whose files now sit behind a dead S3
-    assert stack.stop_process(settings, "s3")
+    assert supervisor.stop_process(settings, "s3")
     # MLflow itself still answers (its metadata is in SQLite): only the artifact download fails.
-    assert stack.http_ok(settings.mlflow_tracking_uri.rstrip("/") + "/health")
+    assert supervisor.http_ok(settings.mlflow_tracking_uri.rstrip("/") + "/health")
     r = _reload(server.url)
     assert r.status_code == 409 and r.json()["reason"].startswith("registry_unavailable"), r.text
     _serves(server.url, v_old)

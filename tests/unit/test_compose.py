@@ -8,7 +8,7 @@ import re
 
 import yaml
 
-from pipeline.credentials import GENERATED_NAMES
+from contracts.credentials import GENERATED_NAMES
 from contracts.settings import PROJECT_ROOT, Settings
 
 COMPOSE = PROJECT_ROOT / "docker-compose.yml"
@@ -160,7 +160,7 @@ def test_mlflow_requires_auth_and_is_not_published():
     assert not _referenced(mlflow["command"]) & SECRETS, "a secret on the command line shows in ps"
     assert mlflow["volumes"] == ["mlflow-auth:/var/lib/mlflow-auth"]
     users = services["mlflow-users"]
-    assert users["entrypoint"] == ["python", "-m", "pipeline.mlflow_auth"] and users["restart"] == "on-failure"
+    assert users["entrypoint"] == ["python", "-m", "ops.mlflow_auth"] and users["restart"] == "on-failure"
     for name in ("airflow-worker", "serving"):
         assert services[name]["depends_on"]["mlflow-users"] == {"condition": "service_completed_successfully"}
 
@@ -168,7 +168,7 @@ def test_mlflow_requires_auth_and_is_not_published():
 def test_mlflow_auth_config_in_the_image_is_the_one_the_local_stack_writes(tmp_path):
     import configparser
 
-    from pipeline.mlflow_auth import write_auth_config
+    from ops.mlflow_auth import write_auth_config
 
     shipped, expected = configparser.ConfigParser(), configparser.ConfigParser()
     shipped.read(PROJECT_ROOT / "scripts/docker/mlflow-basic-auth.ini")
@@ -250,3 +250,18 @@ def test_root_dockerignore_sends_only_what_the_images_copy():
                 source = source.rstrip("/")
                 assert any(source == a or source.startswith(a + "/") for a in allowed), f"{source} is ignored"
 
+
+
+def test_each_image_copies_the_kernel_and_only_the_packages_it_runs():
+    """serving: contracts/ + serving/ (no TensorFlow, no MLflow); Airflow: the DAGs and what their tasks call."""
+    copied = {}
+    for path in ("serving/Dockerfile", "scripts/docker/airflow.Dockerfile"):
+        text = (PROJECT_ROOT / path).read_text()
+        copied[path] = {s.rstrip("/").split("/")[0] for line in re.findall(r"^COPY (.+)$", text, flags=re.M)
+                        for s in line.split()[:-1]}
+    assert copied["serving/Dockerfile"] == {"contracts", "serving"}
+    assert copied["scripts/docker/airflow.Dockerfile"] == {"requirements.txt", "contracts", "pipeline", "training",
+                                                          "ops", "dags"}
+    pins = {line.split("==")[0].lower() for line in (PROJECT_ROOT / "serving/requirements.txt").read_text().splitlines()
+            if "==" in line and not line.startswith("#")}
+    assert not pins & {"tensorflow", "tensorflow-cpu", "keras", "mlflow", "boto3"}, pins

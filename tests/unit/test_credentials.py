@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from pipeline import credentials
-from pipeline.credentials import (
+from contracts import credentials
+from contracts.credentials import (
     GENERATED_NAMES,
     WeakSecret,
     check_component,
@@ -168,7 +168,7 @@ def test_reviewer_keys_are_checked_without_their_names(tmp_path):
 
 
 def test_stack_refuses_guessable_secrets_before_starting_anything(tmp_path):
-    from pipeline import stack
+    from ops import stack
 
     s = Settings(hemaflow_home=tmp_path, aws_secret_access_key="change-me-hemaflow-secret")
     with pytest.raises(WeakSecret, match="AWS_SECRET_ACCESS_KEY is a placeholder"):

@@ -30,7 +30,7 @@ def test_demo_with_a_missing_data_dir_is_a_clear_error(tmp_path):
 
 
 def test_demo_airflow_is_loopback_only_with_low_parallelism_and_repo_dags(tmp_path):
-    from pipeline.airflow_local import site_env
+    from ops.airflow_local import site_env
     from scripts.demo import airflow_site
 
     s = get_settings(hemaflow_home=tmp_path, airflow_port=18080)
@@ -44,7 +44,7 @@ def test_demo_airflow_is_loopback_only_with_low_parallelism_and_repo_dags(tmp_pa
 
 
 def test_demo_airflow_secrets_are_random_per_install_and_owner_only(tmp_path):
-    from pipeline.airflow_local import site_env, site_secrets
+    from ops.airflow_local import site_env, site_secrets
     from scripts.demo import airflow_site
 
     first = site_env(airflow_site(get_settings(hemaflow_home=tmp_path / "a"), "k"))

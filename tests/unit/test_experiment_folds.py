@@ -30,7 +30,7 @@ def test_folds_partition_the_images():
 
 def test_pipeline_split_matches_assign_splits():
     from contracts.settings import get_settings
-    from pipeline.splits import assign_splits
+    from contracts.splits import assign_splits
 
     data, s = _data(), get_settings()
     idx = pipeline_splits(data, s)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from pipeline.cache import cache_path, clean_stale_temporaries, write_cached
-from pipeline.ingest import diff_listing
+from pipeline.manifests import diff_listing
 from pipeline.preprocess import dataset_version
 from contracts.settings import get_settings
 from pipeline.validate import resolve_duplicates

@@ -7,23 +7,29 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from types import SimpleNamespace
 
-from pipeline.notify import RELOAD_PATH, notify_serving
-from pipeline.report import build_summary, failure_summary, summary_markdown
-from contracts.settings import get_settings
-from pipeline.stack import free_port
+import pytest
 
-INGEST = {"manifest_key": "manifests/leukemia/1.jsonl", "reviewed": 2, "new": 5, "changed": 0, "deleted": 1, "unchanged": 80,
-          "total": 85}
+from contracts.settings import get_settings
+from contracts.stages import RunResults, StageResultError
+from ops.notify import RELOAD_PATH, notify_serving
+from ops.report import build_summary, failure_summary, summary_markdown
+from ops.supervisor import free_port
+
+INGEST = {"manifest_key": "manifests/leukemia/1.jsonl", "ingest_id": "1", "reviewed": 2, "new": 5, "changed": 0, "deleted": 1,
+          "unchanged": 80, "total": 85}
 VALIDATE = {"validated_key": "validation/x/validated.jsonl", "summary_key": "validation/x/summary.json",
-            "quarantined": 1, "bad_fraction": 0.0118}
-PREPROCESS = {"dataset_version": "abc123", "created": True}
+            "gx_result_key": "validation/x/gx.json", "run_id": "v1", "quarantined": 1, "bad_fraction": 0.0118}
+PREPROCESS = {"dataset_version": "abc123", "prefix": "processed/leukemia/abc123/", "created": True}
 TRAINED = {"run_id": "r1", "model_version": "3", "skipped": False, "reason": "new dataset version"}
 
 
 def test_summary_of_a_promotion_says_what_and_why():
-    s = build_summary("leukemia", {"ingest": INGEST, "validate": VALIDATE, "preprocess": PREPROCESS,
-                                   "train": TRAINED, "gate": {"passed": True, "reason": "beats champion 2"},
-                                   "promote": {"champion": "3"}, "notify_serving": {"notified": False}},
+    results = RunResults.from_dict({
+        "ingest": INGEST, "validate": VALIDATE, "preprocess": PREPROCESS, "train": TRAINED,
+        "gate": {"passed": True, "reason": "beats champion 2"},
+        "applied": {"event": "promoted", "version": "3", "champion": "3"}, "notify": {"notified": False}})
+    assert RunResults.from_dict(json.loads(json.dumps(results.to_dict()))) == results  # the DAG passes it as JSON
+    s = build_summary("leukemia", results,
                       {"dag_id": "d", "run_id": "manual__1", "params": {"epochs": 2, "image_size": None}})
     assert s["trained"] and s["promoted"] and s["candidate_version"] == "3" and s["champion_version"] == "3"
     assert s["outcome"] == "model version 3 promoted to @champion: beats champion 2"
@@ -37,30 +43,38 @@ def test_summary_of_a_promotion_says_what_and_why():
 
 def test_summary_marks_a_strong_data_drift_against_the_champion():
     drift = {"level": "strong", "reference": "v-old (champion v2)", "detail": "colour: drifted: saturation"}
-    s = build_summary("leukemia", {"ingest": INGEST, "preprocess": PREPROCESS,
-                                   "train": {**TRAINED, "dataset_drift": drift}}, None)
+    s = build_summary("leukemia", RunResults.from_dict({"ingest": INGEST, "preprocess": PREPROCESS,
+                                                        "train": {**TRAINED, "dataset_drift": drift}}))
     assert s["dataset_drift"] == drift
     assert "Data drift vs v-old (champion v2): **STRONG DRIFT** (colour: drifted: saturation)" in summary_markdown(s)
-    quiet = build_summary("leukemia", {"ingest": INGEST, "preprocess": PREPROCESS, "train": TRAINED}, None)
+    quiet = build_summary("leukemia", RunResults.from_dict({"ingest": INGEST, "preprocess": PREPROCESS, "train": TRAINED}))
     assert quiet["dataset_drift"] is None and "Data drift" not in summary_markdown(quiet)
 
 
 def test_summary_of_a_skipped_training_and_of_a_rejected_candidate():
-    skipped = build_summary("leukemia", {"ingest": INGEST, "train": {**TRAINED, "skipped": True,
-                                                                      "reason": "already registered as v3"}})
+    skipped = build_summary("leukemia", RunResults.from_dict({
+        "ingest": INGEST, "train": {**TRAINED, "skipped": True, "reason": "already registered as v3"}}))
     assert not skipped["trained"] and not skipped["promoted"]
     assert skipped["outcome"] == "nothing to do: already registered as v3"
-    rejected = build_summary("leukemia", {"train": TRAINED, "gate": {"passed": False, "reason": "sensitivity 0.7"},
-                                          "keep_champion": {"challenger": "3"}})
+    rejected = build_summary("leukemia", RunResults.from_dict({
+        "train": TRAINED, "gate": {"passed": False, "reason": "sensitivity 0.7"},
+        "applied": {"event": "rejected", "version": "3", "champion": None}}))
     assert not rejected["promoted"] and rejected["kept_as_challenger"]
-    assert rejected["champion_version"] is None  # keep_champion result here names no champion
+    assert rejected["champion_version"] is None  # no champion yet: the rejected candidate stays @challenger
     assert "not promoted, @champion unchanged: sensitivity 0.7" in rejected["outcome"]
 
 
 def test_summary_of_a_run_on_an_empty_prefix_says_nothing_to_do():
-    empty = build_summary("wbc4", {"ingest": {**INGEST, "new": 0, "total": 0}})
+    empty = build_summary("wbc4", RunResults.from_dict({"ingest": {**INGEST, "new": 0, "total": 0}}))
     assert empty["outcome"] == "nothing to do: no images under the dataset's raw prefix yet"
     assert not empty["trained"] and not empty["promoted"]
+
+
+def test_run_results_name_a_missing_field_or_an_unknown_stage():
+    with pytest.raises(StageResultError, match="TrainResult lacks model_version"):
+        RunResults.from_dict({"train": {"run_id": "r1"}})
+    with pytest.raises(StageResultError, match="unknown stages"):
+        RunResults.from_dict({"keep_champion": {"champion": "3"}})  # a task id is not a stage result
 
 
 def test_failure_summary_names_dag_run_task_error_and_impact():

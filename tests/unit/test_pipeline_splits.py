@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 
-from pipeline.splits import assign_splits, split_for_score, split_score
+from contracts.splits import assign_splits, split_for_score, split_score
 
 
 def _sha(i: int) -> str:

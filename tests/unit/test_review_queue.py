@@ -37,7 +37,7 @@ def test_review_queue_imports_without_boto3_or_tensorflow():
     """The serving image has neither: the review routes must not need them."""
     code = ("import sys; sys.modules.update(boto3=None, botocore=None, tensorflow=None)\n"
             "import serving.app, serving.api.batches, serving.api.contributions, serving.review_queue, serving.s3\n"
-            "import screening.reviews\n"
+            "import contracts.reviews\n"
             "from contracts.settings import Settings\n"
             "serving.review_queue.ScreeningStore(Settings()).client  # the client serving really builds\n"
             "assert not {'boto3', 'botocore', 'tensorflow'} & {m for m in sys.modules if sys.modules[m] is not None}\n")

@@ -7,7 +7,7 @@ import pytest
 
 from contracts.settings import get_settings
 from training.evaluate import choose_threshold, classification_report, compute_metrics, expected_calibration_error
-from training.registry import decide_gate
+from training.gate import decide_gate
 
 LABELS = ["abnormal", "normal"]
 
@@ -108,7 +108,7 @@ def test_decision_records_the_champion_it_was_made_against():
 
 
 def test_run_overrides_can_raise_but_never_lower_the_gate():
-    from training.registry import run_settings
+    from training.gate import run_settings
 
     configured = get_settings(gate_min_balanced_accuracy=0.8, gate_min_sensitivity=0.9, gate_margin=0.01,
                               aws_secret_access_key="configured-secret")

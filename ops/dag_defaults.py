@@ -11,7 +11,7 @@ from typing import Any
 
 import pendulum
 
-from pipeline.report import log_failure_summary
+from ops.report import log_failure_summary
 
 OWNER = "hemaflow"
 DAG_START = pendulum.datetime(2024, 1, 1, tz="UTC")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+import httpx
+
 from contracts.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -22,8 +24,6 @@ def notify_serving(settings: Settings | None = None) -> dict:
 
     Returns {notified: bool, url, status (HTTP code or None), detail}.
     """
-    import httpx
-
     s = settings or get_settings()
     url = s.serving_url.rstrip("/") + RELOAD_PATH
     keys = s.key_list(s.serving_admin_api_keys)

@@ -9,7 +9,7 @@ path a DAG is exercised on.
 Everything lives under the site's `home` (AIRFLOW_HOME): the SQLite database (LocalExecutor;
 the Celery site passes a Postgres URL), task logs, and `site-secrets.json` (0600), generated
 once per home: the JWT secret every component must share, the Fernet key and the admin
-password of the simple auth manager. Processes are managed with `pipeline.stack`
+password of the simple auth manager. Processes are managed with `ops.stack`
 (pid + kernel start time), so `stack.down` stops them too.
 """
 
@@ -24,8 +24,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.fernet import Fernet
+
 from contracts.common import write_private_file
 from contracts.settings import PROJECT_ROOT, Settings
+from ops import supervisor
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 PROCESS_PREFIX = "airflow-"
@@ -68,8 +71,6 @@ def worker_hostname() -> str:
 
 def site_secrets(home: Path) -> dict[str, str]:
     """JWT secret, Fernet key and admin password of a site: generated once, kept owner-only."""
-    from cryptography.fernet import Fernet
-
     path = home / SECRETS_FILE
     if path.is_file():
         return json.loads(path.read_text())
@@ -100,7 +101,7 @@ def site_env(site: AirflowSite) -> dict[str, str]:
         "AIRFLOW__CORE__PARALLELISM": str(site.parallelism),
         "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": str(site.parallelism),
         "AIRFLOW__CORE__FERNET_KEY": keys["fernet_key"],
-        "AIRFLOW__CORE__HOSTNAME_CALLABLE": "pipeline.airflow_local.worker_hostname",
+        "AIRFLOW__CORE__HOSTNAME_CALLABLE": "ops.airflow_local.worker_hostname",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(site.home / PASSWORD_FILE),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{site.api_url}/execution/",
@@ -149,19 +150,18 @@ def start(settings: Settings, site: AirflowSite, components: tuple[str, ...] = C
     """Start the components not already running; waits until the api-server answers.
 
     Returns the names started now."""
-    from pipeline import stack
-
     env = site_env(site)
     started = []
     for component in components:
         name = process_name(component)
-        if stack.read_pid(settings, name) is None:
-            stack.start_process(settings, name, [airflow_bin(), component], env=env, cwd=PROJECT_ROOT)
+        if supervisor.read_pid(settings, name) is None:
+            supervisor.start_process(settings, name, [airflow_bin(), component], env=env, cwd=PROJECT_ROOT)
             started.append(name)
     if "api-server" in components:
-        _, log, _ = stack._paths(settings, process_name("api-server"))
-        stack.wait_until(lambda: stack.http_ok(f"{site.api_url}/api/v2/version"), "Airflow api-server", log,
-                         lambda: stack.read_pid(settings, process_name("api-server")), timeout_s=START_TIMEOUT_S)
+        _, log, _ = supervisor.process_paths(settings, process_name("api-server"))
+        supervisor.wait_until(lambda: supervisor.http_ok(f"{site.api_url}/api/v2/version"), "Airflow api-server", log,
+                              lambda: supervisor.read_pid(settings, process_name("api-server")),
+                              timeout_s=START_TIMEOUT_S)
     return started
 
 
@@ -169,21 +169,17 @@ def start_celery_worker(settings: Settings, site: AirflowSite, name: str, queues
                         env: dict[str, str] | None = None, concurrency: int = 1) -> str:
     """One Celery worker, `name`, serving `queues`, with its own environment on top of the site's
     (e.g. its own HEMAFLOW_HOME, as each worker container has its own local disk)."""
-    from pipeline import stack
-
     process = process_name(f"worker-{name}")
     worker_env = {**site_env(site), WORKER_NAME_ENV: name,
                   "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(log_server_port), **(env or {})}
-    stack.start_process(settings, process, [airflow_bin(), "celery", "worker", "--queues", queues,
-                                            "--concurrency", str(concurrency), "--celery-hostname", f"{name}@%h",
-                                            "--without-gossip", "--without-mingle"],
-                        env=worker_env, cwd=PROJECT_ROOT)
+    supervisor.start_process(settings, process, [airflow_bin(), "celery", "worker", "--queues", queues,
+                                                 "--concurrency", str(concurrency), "--celery-hostname", f"{name}@%h",
+                                                 "--without-gossip", "--without-mingle"],
+                             env=worker_env, cwd=PROJECT_ROOT)
     return process
 
 
 def stop(settings: Settings) -> list[str]:
     """Stop every Airflow process of this HEMAFLOW_HOME (components and workers)."""
-    from pipeline import stack
-
-    names = [n for n in stack.managed_names(settings) if n.startswith(PROCESS_PREFIX)]
-    return [n for n in names if stack.stop_process(settings, n)]
+    names = [n for n in supervisor.managed_names(settings) if n.startswith(PROCESS_PREFIX)]
+    return [n for n in names if supervisor.stop_process(settings, n)]

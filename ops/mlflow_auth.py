@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import configparser
 import os
+import time
 from pathlib import Path
 
-from contracts.settings import Settings
+import httpx
+
+from contracts.settings import Settings, get_settings
 
 ADMIN_USER = "hemaflow-admin"
 DEFAULT_PERMISSION = "READ"  # what serving (and any other authenticated user) gets
@@ -66,8 +69,6 @@ def server_env(settings: Settings, config_path: Path | str) -> dict[str, str]:
 
 def auth_enabled(tracking_uri: str) -> bool:
     """True when MLflow answers an anonymous API request with 401 (basic auth is on)."""
-    import httpx
-
     try:
         r = httpx.get(tracking_uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
                       params={"max_results": 1}, timeout=TIMEOUT_S)
@@ -77,8 +78,6 @@ def auth_enabled(tracking_uri: str) -> bool:
 
 
 def _call(client, method: str, path: str, what: str, ok: tuple[int, ...] = (200,), **kwargs):
-    import httpx
-
     try:
         r = client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
@@ -111,8 +110,6 @@ def _ensure_grant(client, username: str, resource_type: str, resource_id: str, p
 
 def ensure_users(settings: Settings) -> None:
     """Create (or re-password) the pipeline and serving users and give the pipeline its grants."""
-    import httpx
-
     writer, reader = settings.mlflow_tracking_username, settings.serving_mlflow_username
     if not writer or not reader:
         raise MlflowAuthError("MLFLOW_TRACKING_USERNAME and SERVING_MLFLOW_USERNAME must be set (make secrets)")
@@ -127,12 +124,8 @@ def ensure_users(settings: Settings) -> None:
 
 
 def main() -> int:
-    """`python -m pipeline.mlflow_auth`: set up the users against MLFLOW_TRACKING_URI (compose's
+    """`python -m ops.mlflow_auth`: set up the users against MLFLOW_TRACKING_URI (compose's
     mlflow-users job), retrying while the server starts."""
-    import time
-
-    from contracts.settings import get_settings
-
     settings = get_settings()
     deadline = time.monotonic() + float(os.environ.get("MLFLOW_AUTH_SETUP_TIMEOUT_S", "300"))
     while True:

@@ -11,12 +11,17 @@ variables, never their values.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from cryptography.fernet import Fernet
+from dotenv import dotenv_values
+
 from contracts.common import write_private_file
 from contracts.settings import PROJECT_ROOT, Settings, get_settings, secrets_file_path
+from contracts.signing import generate_key_pair, load_private_key, public_key_of
 
 MIN_SECRET_CHARS = 16
 PLACEHOLDER_PREFIXES = ("change-me", "changeme", "change_me")
@@ -46,8 +51,6 @@ def _token() -> str:
 
 
 def _fernet_key() -> str:
-    from cryptography.fernet import Fernet
-
     return Fernet.generate_key().decode()
 
 
@@ -87,8 +90,6 @@ def weakness(value: str) -> str | None:
 
 
 def _fernet_problem(value: str) -> str | None:
-    from cryptography.fernet import Fernet
-
     try:
         Fernet(value.encode())
     except (ValueError, TypeError):
@@ -113,8 +114,6 @@ def problems(settings: Settings, fields: Iterable[str]) -> list[str]:
 
 
 def _signing_key_problem(value: str) -> str | None:
-    from contracts.signing import load_private_key
-
     try:
         load_private_key(value)
     except ValueError as exc:
@@ -154,15 +153,11 @@ def check_component(component: str, settings: Settings | None = None) -> None:
 
 # --- generation -------------------------------------------------------------------------------------
 def _read(path: Path) -> dict[str, str]:
-    from dotenv import dotenv_values
-
     return {k: v for k, v in dotenv_values(path).items() if v} if path.is_file() else {}
 
 
 def generate_missing(values: dict[str, str]) -> dict[str, str]:
     """`values` completed with a fresh value for every generated name it lacks (nothing is replaced)."""
-    from contracts.signing import generate_key_pair, public_key_of
-
     out = dict(values)
     for name, make in GENERATORS.items():
         out.setdefault(name, make())
@@ -199,8 +194,6 @@ def init_secrets(path: Path | None = None) -> tuple[Path | None, list[str]]:
 def write_compose_env(target: Path | None = None, secrets_path: Path | None = None) -> tuple[Path, list[str]]:
     """A ready `.env` for docker compose: the existing one (else `.env.example`) with every empty
     generated variable filled from the per-install secrets. Returns (path, names filled)."""
-    import re
-
     target = target or PROJECT_ROOT / ".env"
     source_path, _ = init_secrets(secrets_path)
     if source_path is None:

@@ -1,10 +1,13 @@
 """Run summaries of the retraining DAG: what was ingested, quarantined, trained, promoted, and why.
 
-`report_run` is what the DAG's last task calls: it condenses the references the stages
-returned into one summary, logs it, and records it in MLflow (a run in the
-`<prefix>-pipeline-runs` experiment with `run_summary.json` / `run_summary.md`, plus tags on
-the candidate's training run) so the history of every retraining is browsable in one place.
-`failure_summary` / `log_failure_summary` are the DAG's on-failure callback.
+`report_run` is what the DAG's last task calls: it condenses the typed stage results
+(`contracts.stages.RunResults`, passed as a dict) into one summary, logs it, and records it
+in MLflow (a run in the `<prefix>-pipeline-runs` experiment with `run_summary.json` /
+`run_summary.md`, plus tags on the candidate's training run) so the history of every
+retraining is browsable in one place. `failure_summary` / `log_failure_summary` are the DAG's
+on-failure callback.
+
+MLflow is imported inside the functions: the DAG files import this module (the callback) while parsing.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from contracts.settings import Settings, get_settings
+from contracts.stages import RunResults
 
 log = logging.getLogger(__name__)
 
@@ -33,56 +37,56 @@ FAILURE_HINTS = {
 }
 
 
-def _get(stage: dict | None, key: str, default: Any = None) -> Any:
-    return stage.get(key, default) if isinstance(stage, dict) else default
+def _outcome(r: RunResults, trained: bool, promoted: bool) -> str:
+    version = r.train.model_version if r.train else None
+    gate_reason = r.gate.reason if r.gate else ""
+    if r.ingest is not None and r.ingest.total == 0:
+        return "nothing to do: no images under the dataset's raw prefix yet"
+    if r.train is None:
+        return "training did not run"
+    if not trained:
+        return f"nothing to do: {r.train.reason or 'unchanged dataset, configuration and code'}"
+    if promoted:
+        return f"model version {version} promoted to @champion: {gate_reason}"
+    if r.gate is not None:
+        return f"candidate version {version} not promoted, @champion unchanged: {gate_reason}"
+    return f"candidate version {version} trained but not gated"
 
 
-def build_summary(dataset: str, stages: dict[str, dict | None], run: dict[str, Any] | None = None) -> dict:
-    """Pure: the run summary from the stages' results (None for a stage that did not run)."""
-    ingest, validate, preprocess = stages.get("ingest"), stages.get("validate"), stages.get("preprocess")
-    train, gate, promote = stages.get("train"), stages.get("gate"), stages.get("promote")
-    keep, notify = stages.get("keep_champion"), stages.get("notify_serving")
-    trained = bool(train) and not _get(train, "skipped", False)
-    promoted = bool(promote) and _get(gate, "passed", False) is True
-    version = _get(train, "model_version")
-    if ingest is not None and _get(ingest, "total") == 0:
-        outcome = "nothing to do: no images under the dataset's raw prefix yet"
-    elif not train:
-        outcome = "training did not run"
-    elif not trained:
-        outcome = f"nothing to do: {_get(train, 'reason') or 'unchanged dataset, configuration and code'}"
-    elif promoted:
-        outcome = f"model version {version} promoted to @champion: {_get(gate, 'reason', '')}"
-    elif gate is not None:
-        outcome = f"candidate version {version} not promoted, @champion unchanged: {_get(gate, 'reason', '')}"
-    else:
-        outcome = f"candidate version {version} trained but not gated"
+def build_summary(dataset: str, results: RunResults, run: dict[str, Any] | None = None) -> dict:
+    """Pure: the run summary from the typed stage results (None for a stage that did not run)."""
+    r = results
+    trained = r.train is not None and not r.train.skipped
+    passed = r.gate is not None and r.gate.passed is True
+    promoted = r.applied is not None and passed
+    run = run or {}
     return {
         "dataset": dataset,
-        "dag_id": _get(run, "dag_id"),
-        "dag_run_id": _get(run, "run_id"),
-        "params": {k: v for k, v in (_get(run, "params") or {}).items() if v is not None},
+        "dag_id": run.get("dag_id"),
+        "dag_run_id": run.get("run_id"),
+        "params": {k: v for k, v in (run.get("params") or {}).items() if v is not None},
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "ingested": {k: _get(ingest, k) for k in ("new", "changed", "deleted", "unchanged", "total", "manifest_key",
-                                                      "reviewed")},
-        "quarantined": _get(validate, "quarantined"),
-        "bad_fraction": _get(validate, "bad_fraction"),
-        "validation_summary_key": _get(validate, "summary_key"),
-        "dataset_version": _get(preprocess, "dataset_version"),
-        "dataset_created": _get(preprocess, "created"),
+        "ingested": {k: getattr(r.ingest, k) if r.ingest else None
+                     for k in ("new", "changed", "deleted", "unchanged", "total", "manifest_key",
+                                   "reviewed")},
+        "quarantined": r.validate.quarantined if r.validate else None,
+        "bad_fraction": r.validate.bad_fraction if r.validate else None,
+        "validation_summary_key": r.validate.summary_key if r.validate else None,
+        "dataset_version": r.preprocess.dataset_version if r.preprocess else None,
+        "dataset_created": r.preprocess.created if r.preprocess else None,
         "trained": trained,
-        "training_reason": _get(train, "reason"),
-        "candidate_run_id": _get(train, "run_id"),
-        "candidate_version": version,
-        "dataset_drift": _get(train, "dataset_drift"),
-        "gate_passed": _get(gate, "passed"),
-        "gate_reason": _get(gate, "reason"),
+        "training_reason": r.train.reason if r.train else None,
+        "candidate_run_id": r.train.run_id if r.train else None,
+        "candidate_version": r.train.model_version if r.train else None,
+        "dataset_drift": r.train.extra.get("dataset_drift") if r.train else None,  # {level, reference, detail}
+        "gate_passed": r.gate.passed if r.gate else None,
+        "gate_reason": r.gate.reason if r.gate else None,
         "promoted": promoted,
-        "kept_as_challenger": bool(keep),
-        "champion_version": _get(promote, "champion", _get(keep, "champion")),
-        "serving_notified": _get(notify, "notified"),
-        "serving_detail": _get(notify, "detail"),
-        "outcome": outcome,
+        "kept_as_challenger": r.applied is not None and not passed,
+        "champion_version": r.applied.champion if r.applied else None,
+        "serving_notified": r.notify.notified if r.notify else None,
+        "serving_detail": r.notify.detail if r.notify else None,
+        "outcome": _outcome(r, trained, promoted),
     }
 
 
@@ -170,10 +174,10 @@ def record_summary(summary: dict, settings: Settings | None = None) -> str:
 
 
 def report_run(
-    dataset: str, stages: dict[str, dict | None], run: dict[str, Any] | None = None, settings: Settings | None = None
+    dataset: str, results: dict[str, dict | None], run: dict[str, Any] | None = None, settings: Settings | None = None
 ) -> dict:
-    """Build, log and record the run summary; returns it with `summary_run_id` (the MLflow run)."""
-    summary = build_summary(dataset, stages, run)
+    """Build, log and record the run summary from `RunResults.to_dict()`; returns it with `summary_run_id`."""
+    summary = build_summary(dataset, RunResults.from_dict(results), run)
     log.info("retraining summary\n%s", summary_markdown(summary))
     summary["summary_run_id"] = record_summary(summary, settings)
     return summary

@@ -1,0 +1,197 @@
+"""The promotion gate: evaluate the candidate and @champion the same way, then decide.
+
+Gate (as TFX's Evaluator): the candidate must clear absolute floors and beat the current
+@champion by GATE_MARGIN on the PRIMARY metric, both evaluated the same way — their
+serving bundles (TFLite, with their own stored thresholds) on the candidate's test split.
+Primary metric: balanced accuracy for binary tasks (robust to class imbalance, and what a
+screening threshold trades off), macro F1 for multiclass (every cell type counts equally).
+A tie does not promote (the candidate must be strictly better); with no champion the floors
+alone decide. The gate fails closed: a champion that cannot be compared (other labels or
+image size) never lets the floors alone promote; the candidate waits as @challenger until
+a person promotes it with a reason (`promote_by_person`). Trigger-time overrides can make
+floors and margin stricter, never looser (`run_settings`). Applying a decision to the
+registry's aliases is `training.registry.apply_gate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from contracts.bundle import BUNDLE_DIR, read_bundle
+from contracts.processed import read_local_meta
+from contracts.settings import Settings, get_settings
+from pipeline.storage import fetch_processed
+from training.data import load_split_arrays
+from training.evaluate import compute_metrics
+from training.registry import CHAMPION, RegistryError, alias_version, apply_gate
+from training.tracking import mlflow_client
+
+log = logging.getLogger("training.gate")
+
+GATE_THRESHOLDS = ("gate_min_balanced_accuracy", "gate_min_sensitivity", "gate_min_accuracy", "gate_margin")
+
+
+def primary_metric(task: str) -> str:
+    return "balanced_accuracy" if task == "binary" else "macro_f1"
+
+
+def download_bundle(client, run_id: str, s: Settings):
+    """Download and verify a run's serving bundle (cached per run id)."""
+    target = s.hemaflow_home / "cache" / "bundles" / run_id
+    if (target / "SHA256SUMS").is_file():
+        return read_bundle(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=target.parent))
+    try:
+        local = client.download_artifacts(run_id, BUNDLE_DIR, str(tmp))
+        read_bundle(local)  # verify the checksums before caching
+        if target.exists():
+            shutil.rmtree(target)
+        Path(local).rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return read_bundle(target)
+
+
+def evaluate_bundle(bundle, images, y) -> dict[str, Any]:
+    probs = bundle.runner().predict_proba(images.astype("float32"))
+    meta = bundle.meta
+    return compute_metrics(y, probs, meta["labels"], meta.get("positive_label"), meta.get("threshold"))
+
+
+def evaluate_against_champion(dataset: str, model_version: str, settings: Settings | None = None) -> dict:
+    """Candidate and @champion, both evaluated via their bundles on the candidate's test split."""
+    s = settings or get_settings()
+    client = mlflow_client(s)
+    name = s.model_name(dataset)
+    candidate = client.get_model_version(name, str(model_version))
+    ds_version = candidate.tags.get("dataset_version")
+    if not ds_version:
+        raise RegistryError(f"{name} version {model_version} has no dataset_version tag")
+    folder = fetch_processed(dataset, ds_version, s)
+    meta = read_local_meta(folder)
+    images, y = load_split_arrays(folder, meta, "test")
+    cand_bundle = download_bundle(client, candidate.run_id, s)
+    task = cand_bundle.meta["task"]
+    result: dict[str, Any] = {
+        "dataset": dataset,
+        "model_name": name,
+        "evaluated_on": ds_version,
+        "test_images": int(len(y)),
+        "task": task,
+        "primary_metric": primary_metric(task),
+        "candidate": {"version": str(candidate.version), "run_id": candidate.run_id,
+                      "metrics": evaluate_bundle(cand_bundle, images, y)},
+        "champion": None,
+    }
+    champ = alias_version(client, name, CHAMPION)
+    if champ is None:
+        return result
+    entry: dict[str, Any] = {"version": str(champ.version), "run_id": champ.run_id,
+                             "dataset_version": champ.tags.get("dataset_version"), "metrics": None}
+    if str(champ.version) == str(candidate.version):
+        entry["metrics"] = result["candidate"]["metrics"]
+        entry["same_as_candidate"] = True
+    else:
+        champ_bundle = download_bundle(client, champ.run_id, s)
+        if champ_bundle.meta["labels"] != cand_bundle.meta["labels"]:
+            entry["incomparable"] = f"labels differ ({champ_bundle.meta['labels']} vs {cand_bundle.meta['labels']})"
+        elif int(champ_bundle.meta["image_size"]) != meta.image_size:
+            entry["incomparable"] = f"image size differs ({champ_bundle.meta['image_size']} vs {meta.image_size})"
+        else:
+            entry["metrics"] = evaluate_bundle(champ_bundle, images, y)
+    result["champion"] = entry
+    return result
+
+
+def run_settings(configured: Settings, overrides: dict[str, Any]) -> Settings:
+    """The configured settings with one run's overrides, validated; gate floors and margin only go up.
+
+    Trigger-time params may ask for a stricter gate, never a looser one than configured.
+    """
+    effective = dict(overrides)
+    for key in GATE_THRESHOLDS:
+        if key in effective and effective[key] is not None and effective[key] < getattr(configured, key):
+            log.warning("override %s=%s ignored: below the configured %s", key, effective[key],
+                        getattr(configured, key))
+            effective[key] = getattr(configured, key)
+    if not effective:
+        return configured
+    validated = type(configured)(**effective)  # the overrides are checked; the configured values stay as given
+    fields = type(configured).model_fields
+    return configured.model_copy(update={k: getattr(validated, k) for k in effective if k in fields})
+
+
+def decide_gate(comparison: dict, settings: Settings | None = None, overrides: dict | None = None) -> dict:
+    """Pure decision from `evaluate_against_champion`'s result: {passed, reason, compared_champion, ...}.
+
+    `settings` are the configured ones; `overrides` (a run's params) can only make the gate stricter.
+    """
+    s = run_settings(settings or get_settings(), overrides or {})
+    task = comparison["task"]
+    metric = comparison["primary_metric"]
+    cand = comparison["candidate"]["metrics"]
+    champ = comparison.get("champion")
+    floors = {"balanced_accuracy": s.gate_min_balanced_accuracy}
+    if task == "binary" and "sensitivity" in cand:
+        floors["sensitivity"] = s.gate_min_sensitivity
+    else:
+        floors["accuracy"] = s.gate_min_accuracy
+    failed = [f"{k} {cand.get(k, 0.0):.4f} < floor {v:.4f}" for k, v in floors.items() if cand.get(k, 0.0) < v]
+    out = {"primary_metric": metric, "candidate_value": cand.get(metric), "champion_value": None,
+           "margin": s.gate_margin, "floors": floors, "champion_version": None, "needs_review": False,
+           # What apply_gate checks @champion against (compare-and-set).
+           "compared_champion": champ["version"] if champ else None}
+    if failed:
+        return {**out, "passed": False, "reason": "below floor: " + "; ".join(failed)}
+    if champ is None:
+        return {**out, "passed": True, "reason": f"no champion yet; floors cleared ({metric} {cand[metric]:.4f})"}
+    out["champion_version"] = champ["version"]
+    if champ.get("same_as_candidate"):
+        return {**out, "passed": False, "reason": f"version {champ['version']} is already the champion"}
+    if champ.get("incomparable"):
+        candidate = comparison["candidate"]["version"]
+        return {**out, "passed": False, "needs_review": True,
+                "reason": f"needs a person: champion v{champ['version']} is not comparable ({champ['incomparable']}); "
+                          f"floors cleared; to promote: python -m training promote --dataset "
+                          f"{comparison.get('dataset', '<dataset>')} --version {candidate} --reason \"...\""}
+    cv, hv = float(cand[metric]), float(champ["metrics"][metric])
+    out["champion_value"] = hv
+    if cv > hv + s.gate_margin:
+        return {**out, "passed": True,
+                "reason": f"{metric} {cv:.4f} beats champion v{champ['version']} {hv:.4f} by > {s.gate_margin:.4f}"}
+    return {**out, "passed": False,
+            "reason": f"{metric} {cv:.4f} does not beat champion v{champ['version']} {hv:.4f} by > {s.gate_margin:.4f}"}
+
+
+def promote_if_better(dataset: str, model_version: str, settings: Settings | None = None) -> dict:
+    """evaluate_against_champion -> decide_gate -> apply_gate."""
+    s = settings or get_settings()
+    comparison = evaluate_against_champion(dataset, model_version, s)
+    decision = decide_gate(comparison, s)
+    applied = apply_gate(dataset, model_version, decision, s)
+    return {"comparison": comparison, "decision": decision, "applied": applied}
+
+
+def promote_by_person(dataset: str, model_version: str, reason: str, by: str,
+                      settings: Settings | None = None) -> dict:
+    """A person promotes a candidate the gate could not judge (incomparable champion); who and why are recorded.
+
+    The floors and the comparison still run: a candidate the gate rejects is refused here too.
+    """
+    if not reason or not reason.strip():
+        raise RegistryError("a person's promotion needs a reason (--reason \"...\")")
+    s = settings or get_settings()
+    comparison = evaluate_against_champion(dataset, model_version, s)
+    decision = decide_gate(comparison, s)
+    if not decision["passed"] and not decision["needs_review"]:
+        raise RegistryError(f"the gate rejects version {model_version}: {decision['reason']}; "
+                            "a person decides only what the gate cannot (an incomparable champion)")
+    decision = {**decision, "passed": True, "promoted_by": by,
+                "reason": f"promoted by {by}: {reason.strip()} (gate: {decision['reason']})"}
+    applied = apply_gate(dataset, model_version, decision, s)
+    return {"comparison": comparison, "decision": decision, "applied": applied}
