@@ -20,6 +20,7 @@ SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 HEATMAPS_DIR = "heatmaps"
 THUMBNAILS_DIR = "thumbnails"
+PREVIEW_SUFFIX = ".jpg"  # thumbnails and heatmaps are small JPEGs named by the image's sha256
 
 # Batch ids become S3 key segments and URL path segments: keep them boring.
 BATCH_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -50,6 +51,16 @@ def inbox_prefix(dataset: str, batch_id: str | None = None) -> str:
 def results_prefix(dataset: str, batch_id: str, model_version: str | int) -> str:
     """`results/<dataset>/<batch_id>/<model_version>/`: one scoring of one batch by one model."""
     return f"{RESULTS_ROOT}/{dataset}/{check_batch_id(batch_id)}/{model_version}/"
+
+
+def thumbnail_key(results: str, sha256: str) -> str:
+    """`<results prefix>thumbnails/<sha256>.jpg`: the prepared image, small (one per distinct image)."""
+    return f"{results}{THUMBNAILS_DIR}/{sha256}{PREVIEW_SUFFIX}"
+
+
+def heatmap_key(results: str, sha256: str) -> str:
+    """`<results prefix>heatmaps/<sha256>.jpg`: Grad-CAM of the predicted label over the prepared image."""
+    return f"{results}{HEATMAPS_DIR}/{sha256}{PREVIEW_SUFFIX}"
 
 
 def review_key(dataset: str, batch_id: str) -> str:
