@@ -52,11 +52,6 @@ class ScoringModel:
         value = self.meta.get("threshold")
         return float(value) if value is not None else None
 
-    @property
-    def has_detector(self) -> bool:
-        """Whether the bundle carries an out-of-scope detector (bundle.json `ood`)."""
-        return bool(self.meta.get("ood"))
-
 
 def resolve_champion(dataset: str, s: Settings) -> ChampionRef:
     """The registered version holding `@champion` for the dataset; NoChampion if there is none."""

@@ -47,10 +47,13 @@ def score_prepared(model: ScoringModel, image) -> PreparedScore:
     """Score one prepared (S,S,3) image: the one place a batch image meets the model.
 
     The label follows serving's rule (binary: P(positive) >= the bundle's threshold; else argmax).
-    `in_scope` stays None until the bundle carries an out-of-scope detector."""
+    `in_scope` stays None while the bundle has no out-of-scope detector (no `ood` in bundle.json);
+    the detector's verdict belongs here, from the same `outputs`."""
+    from contracts.bundle import OUTPUT_CLASS_MAPS, OUTPUT_PROBABILITIES
     from training.evaluate import predict_labels
 
-    probs, class_maps = model.runner.predict(image[None])
+    outputs = model.runner(image[None])  # every named output of the signature
+    probs, class_maps = outputs[OUTPUT_PROBABILITIES], outputs[OUTPUT_CLASS_MAPS]
     idx = int(predict_labels(probs, model.labels, model.positive_label, model.threshold)[0])
     return PreparedScore(probs[0], model.labels[idx], float(probs[0][idx]), None, class_maps[0][..., idx])
 
@@ -146,7 +149,8 @@ def plan_batches(dataset: str, batch_ids: list[str] | None = None, settings: Set
 
 
 def score_chunk(chunk: dict, settings: Settings | None = None, model: ScoringModel | None = None) -> dict:
-    """Score one planned chunk; its rows go to `_chunks/<first>.jsonl` (reused when it exists).
+    """Score one planned chunk; its rows go to `_chunks/<first>.jsonl` (reused when it exists for
+    the same keys: an Airflow retry, or a run after one that stopped half-way).
 
     Returns {dataset, batch_id, model_version, run_id, chunk_key, scored, bad}."""
     from pipeline.storage import get_jsonl, object_exists, put_jsonl, s3_client
@@ -155,23 +159,28 @@ def score_chunk(chunk: dict, settings: Settings | None = None, model: ScoringMod
     s = settings or get_settings()
     client = s3_client(s)
     key = chunk_key(chunk["dataset"], chunk["batch_id"], chunk["model_version"], chunk["first"])
-    if object_exists(client, s.s3_bucket, key):
-        rows = get_jsonl(client, s.s3_bucket, key)
+    rows = get_jsonl(client, s.s3_bucket, key) if object_exists(client, s.s3_bucket, key) else None
+    if rows is not None and [r["key"] for r in rows] == list(chunk["keys"]):
         log.info("chunk %s already scored (%d rows): reused", key, len(rows))
     else:
         ref = ChampionRef(s.model_name(chunk["dataset"]), str(chunk["model_version"]), chunk["run_id"])
-        model = model or load_scoring_model(ref, s)
-        results = results_prefix(chunk["dataset"], chunk["batch_id"], chunk["model_version"])
-        rows, started = [], time.monotonic()
-        for i, image_key in enumerate(chunk["keys"], start=1):
-            rows.append(score_key(client, image_key, model, results, s))
-            if i % PROGRESS_EVERY == 0 or i == len(chunk["keys"]):
-                log.info("batch %s images %d-%d: %d/%d scored (%.1f img/s)", chunk["batch_id"], chunk["first"] + 1,
-                         chunk["first"] + len(chunk["keys"]), i, len(chunk["keys"]), i / max(time.monotonic() - started, 1e-6))
+        rows = _score_keys(client, chunk, model or load_scoring_model(ref, s), s)
         put_jsonl(client, s.s3_bucket, key, rows)
     bad = sum(1 for r in rows if r["error"])
     return {k: chunk[k] for k in ("dataset", "batch_id", "model_version", "run_id")} | {
         "chunk_key": key, "scored": len(rows) - bad, "bad": bad}
+
+
+def _score_keys(client, chunk: dict, model: ScoringModel, s: Settings) -> list[dict]:
+    """The chunk's rows, with a progress line in the log every PROGRESS_EVERY images."""
+    results = results_prefix(chunk["dataset"], chunk["batch_id"], chunk["model_version"])
+    keys, rows, started = chunk["keys"], [], time.monotonic()
+    for i, image_key in enumerate(keys, start=1):
+        rows.append(score_key(client, image_key, model, results, s))
+        if i % PROGRESS_EVERY == 0 or i == len(keys):
+            log.info("batch %s images %d-%d: %d/%d scored (%.1f img/s)", chunk["batch_id"], chunk["first"] + 1,
+                     chunk["first"] + len(keys), i, len(keys), i / max(time.monotonic() - started, 1e-6))
+    return rows
 
 
 def finish_batches(chunk_results: list[dict], settings: Settings | None = None) -> list[dict]:
@@ -185,7 +194,7 @@ def finish_batches(chunk_results: list[dict], settings: Settings | None = None) 
 
 def finish_batch(dataset: str, batch_id: str, model_version: str, run_id: str, chunk_keys: list[str],
                  settings: Settings | None = None) -> dict:
-    """predictions.csv, thumbnails index, report.html, then summary.json last; an existing summary wins."""
+    """predictions.csv, report.html, then summary.json last (the completion marker); an existing summary wins."""
     from contracts.screening import PREDICTIONS_FILE, REPORT_FILE
     from pipeline.storage import get_json_or_none, get_jsonl, put_bytes, put_json, s3_client
     from screening.batches import summary_key
