@@ -70,3 +70,18 @@ def test_report_escapes_keys_and_states_what_it_is():
     assert "screening aid, not a diagnosis" in page
     assert "http://serve:8000/v1/model/card" in page and "http://serve:8000/batches/b1" in page
     assert summary["bad_reasons"] == {"truncated": 1} and summary["n_out_of_scope"] is None
+
+
+def test_the_scoring_code_path_imports_no_tensorflow():
+    """The scoring tasks run LiteRT only: every module they import stays free of TensorFlow/Keras."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    code = ("import sys, screening.score, screening.champion, screening.batches, screening.report, "
+            "training.registry, training.evaluate, contracts.gradcam, contracts.bundle, contracts.imaging;"
+            "print('HEAVY', [m for m in ('tensorflow', 'keras') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "HEAVY []" in out.stdout
