@@ -65,14 +65,20 @@ def resolve_champion(dataset: str, s: Settings) -> ChampionRef:
     return ChampionRef(name, str(version.version), str(version.run_id))
 
 
+def champion_bundle(run_id: str, s: Settings):
+    """The run's bundle, checksums verified exactly: from the local cache when there (a mapped task on
+    a warm worker does not import MLflow), else downloaded through MLflow into it."""
+    from training.registry import cached_bundle, download_bundle
+    from training.tracking import mlflow_client
+
+    return cached_bundle(run_id, s) or download_bundle(mlflow_client(s), run_id, s)
+
+
 def load_scoring_model(ref: ChampionRef, s: Settings) -> ScoringModel:
     """Download (cached) and verify the version's bundle; BundleError names what was refused."""
     from contracts.bundle import BundleError, check_canaries, verify_signature
     from contracts.signing import parse_public_keys
-    from training.registry import download_bundle
-    from training.tracking import mlflow_client
-
-    bundle = download_bundle(mlflow_client(s), ref.run_id, s)  # checksums verified exactly
+    bundle = champion_bundle(ref.run_id, s)
     signed_by = verify_signature(bundle.files, parse_public_keys(s.bundle_trusted_public_keys))
     for field, wanted, reason in (("run_id", ref.run_id, "run_mismatch"),
                                   ("model_name", ref.model_name, "model_mismatch")):

@@ -199,8 +199,7 @@ def finish_batch(dataset: str, batch_id: str, model_version: str, run_id: str, c
     from pipeline.storage import get_json_or_none, get_jsonl, put_bytes, put_json, s3_client
     from screening.batches import summary_key
     from screening.report import predictions_csv, rank_rows, render_report, summarise
-    from training.registry import download_bundle
-    from training.tracking import mlflow_client
+    from screening.champion import champion_bundle
 
     s = settings or get_settings()
     client = s3_client(s)
@@ -209,7 +208,7 @@ def finish_batch(dataset: str, batch_id: str, model_version: str, run_id: str, c
     if existing is not None:
         log.info("batch %s already has %s: not rewritten", batch_id, marker)
         return {**existing, "reused": True}
-    meta = download_bundle(mlflow_client(s), run_id, s).meta  # cached by score_chunk on this host
+    meta = champion_bundle(run_id, s).meta
     rows = rank_rows([row for key in chunk_keys for row in get_jsonl(client, s.s3_bucket, key)], meta)
     prefix = results_prefix(dataset, batch_id, model_version)
     summary = summarise(rows, meta, dataset=dataset, batch_id=batch_id, model_version=model_version,
