@@ -1,4 +1,4 @@
-"""CLI subcommands of the pipeline stages: upload, ingest, validate, preprocess, run.
+"""CLI subcommands of the pipeline stages: upload, submit (a batch to score), ingest, validate, preprocess, run.
 
 Each prints a concise human summary; progress bars go to stderr.
 """
