@@ -20,6 +20,7 @@ SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 HEATMAPS_DIR = "heatmaps"
 THUMBNAILS_DIR = "thumbnails"
+PREVIEW_SUFFIX = ".jpg"  # thumbnails and heatmaps are small JPEGs named by the image's sha256
 
 # Batch ids become S3 key segments and URL path segments: keep them boring.
 BATCH_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -52,12 +53,22 @@ def results_prefix(dataset: str, batch_id: str, model_version: str | int) -> str
     return f"{RESULTS_ROOT}/{dataset}/{check_batch_id(batch_id)}/{model_version}/"
 
 
+def thumbnail_key(results: str, sha256: str) -> str:
+    """`<results prefix>thumbnails/<sha256>.jpg`: the prepared image, small (one per distinct image)."""
+    return f"{results}{THUMBNAILS_DIR}/{sha256}{PREVIEW_SUFFIX}"
+
+
+def heatmap_key(results: str, sha256: str) -> str:
+    """`<results prefix>heatmaps/<sha256>.jpg`: Grad-CAM of the predicted label over the prepared image."""
+    return f"{results}{HEATMAPS_DIR}/{sha256}{PREVIEW_SUFFIX}"
+
+
 def result_image_key(dataset: str, batch_id: str, model_version: str | int, kind: str, sha256: str) -> str:
-    """`results/.../<kind>/<sha256>.png` with kind HEATMAPS_DIR or THUMBNAILS_DIR: one picture per scored image,
+    """`results/.../<kind>/<sha256>.jpg` with kind HEATMAPS_DIR or THUMBNAILS_DIR: one picture per scored image,
     named by content so the review page finds it from the predictions.csv row."""
     if kind not in (HEATMAPS_DIR, THUMBNAILS_DIR) or not re.fullmatch(r"[0-9a-f]{64}", sha256 or ""):
         raise ValueError(f"no result image {kind!r} for {sha256!r}")
-    return f"{results_prefix(dataset, batch_id, model_version)}{kind}/{sha256}.png"
+    return f"{results_prefix(dataset, batch_id, model_version)}{kind}/{sha256}{PREVIEW_SUFFIX}"
 
 
 # Reviewed images that feedback copies into raw/ are named `reviewed-<batch_id>-<sha256 prefix><ext>`,

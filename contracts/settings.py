@@ -138,6 +138,7 @@ class Settings(BaseSettings):
     airflow_api_url: str = Field("", description="api-server base URL for upload asset events; empty = off")
     airflow_api_username: str = "admin"
     airflow_api_password: SecretStr = SecretStr("")
+    score_chunk_size: int = Field(64, ge=1, description="Images per mapped scoring task of hemaflow_score_<dataset>")
 
     # --- docker-compose only (checked by `python -m pipeline secrets check`) ---------------
     postgres_password: SecretStr = SecretStr("")

@@ -17,9 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from contracts.dataset_spec import load_spec
 from contracts.settings import Settings, get_settings
-from pipeline.watch import raw_asset_name, raw_asset_uri
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +98,8 @@ def _checked(response, what: str) -> dict:
         raise AirflowApiError(f"{what}: the answer is not JSON (is AIRFLOW_API_URL the api-server?)") from exc
 
 
-def find_raw_asset(client, dataset: str, s: Settings) -> dict:
-    """The Asset row of the dataset's raw images, matched on name and URI."""
-    name = raw_asset_name(dataset)
-    uri = raw_asset_uri(s.s3_bucket, load_spec(dataset, s.dataset_specs_dir).s3_prefix)
+def find_asset(client, name: str, uri: str, needs: str = "the HemaFlow specs") -> dict:
+    """The Asset row named `name` with URI `uri`; AirflowApiError says what is wrong otherwise."""
     found = _checked(_request(client, "GET", "/api/v2/assets", "list assets",
                               params={"name_pattern": name, "limit": 100}), "list assets")
     named = [a for a in found.get("assets", []) if a.get("name") == name]
@@ -114,7 +110,7 @@ def find_raw_asset(client, dataset: str, s: Settings) -> dict:
         raise AirflowApiError(f"Airflow's asset {name!r} has URI {named[0].get('uri')!r}, not {uri!r}: the DAGs "
                               "there read another S3_BUCKET than this upload")
     raise AirflowApiError(f"Airflow knows no asset {name!r} ({uri}): are the HemaFlow DAGs deployed and parsed "
-                          f"there (`airflow dags reserialize`), with a spec for {dataset!r}?")
+                          f"there (`airflow dags reserialize`), with {needs}?")
 
 
 @contextmanager
@@ -137,9 +133,20 @@ def emit_raw_asset_event(dataset: str, extra: dict | None = None, settings: Sett
     Raises AirflowApiError (clear message, no secret) when AIRFLOW_API_URL is unset or the
     api-server cannot be reached, rejects the login, or does not know the Asset.
     """
+    from contracts.dataset_spec import load_spec
+    from pipeline.watch import raw_asset_name, raw_asset_uri
+
+    s = settings or get_settings()
+    uri = raw_asset_uri(s.s3_bucket, load_spec(dataset, s.dataset_specs_dir).s3_prefix)
+    return emit_asset_event(raw_asset_name(dataset), uri, extra, s, needs=f"a spec for {dataset!r}")
+
+
+def emit_asset_event(name: str, uri: str, extra: dict | None = None, settings: Settings | None = None,
+                     needs: str = "the HemaFlow specs") -> dict:
+    """Emit an event on the Asset `name` (with URI `uri`); see emit_raw_asset_event."""
     s = settings or get_settings()
     with api_client(s) as client:
-        asset = find_raw_asset(client, dataset, s)
+        asset = find_asset(client, name, uri, needs)
         event = _checked(
             _request(client, "POST", "/api/v2/assets/events", "emit asset event",
                      json={"asset_id": asset["id"], "extra": dict(extra or {})}),
@@ -207,20 +214,33 @@ def announce_upload(dataset: str, summary: dict, settings: Settings | None = Non
     Returns {emitted: bool, message: str, event?: dict}: an upload that reached the bucket
     is a success even when Airflow is down, since the watcher DAG will find the images anyway.
     """
+    from contracts.dataset_spec import load_spec
+    from pipeline.watch import raw_asset_name, raw_asset_uri
+
     s = settings or get_settings()
-    watcher = f"the watcher DAG will pick the upload up within RAW_WATCH_SCHEDULE ({s.raw_watch_schedule})"
-    if not summary.get("uploaded"):
-        return {"emitted": False, "message": "nothing new uploaded: no asset event"}
-    if not s.airflow_api_url:
-        return {"emitted": False, "message": f"AIRFLOW_API_URL is not set: {watcher}"}
     extra = {"source": EVENT_SOURCE, "dataset": dataset, "prefix": summary.get("prefix"),
              "uploaded": summary.get("uploaded"), "bytes": summary.get("bytes")}
+    uri = raw_asset_uri(s.s3_bucket, load_spec(dataset, s.dataset_specs_dir).s3_prefix)
+    return announce_event(
+        int(summary.get("uploaded") or 0), raw_asset_name(dataset), uri, extra, s,
+        later=f"the watcher DAG will pick the upload up within RAW_WATCH_SCHEDULE ({s.raw_watch_schedule})",
+        queued=f"hemaflow_retrain_{dataset} is queued to run")
+
+
+def announce_event(uploaded: int, name: str, uri: str, extra: dict, s: Settings, later: str, queued: str) -> dict:
+    """After an upload of `uploaded` objects: emit an event on Asset `name` when something was sent.
+
+    Never raises: {emitted, message, event?}; `later` says what picks the upload up without the event
+    (no AIRFLOW_API_URL, or Airflow down), `queued` what the event starts."""
+    if not uploaded:
+        return {"emitted": False, "message": "nothing new uploaded: no asset event"}
+    if not s.airflow_api_url:
+        return {"emitted": False, "message": f"AIRFLOW_API_URL is not set: {later}"}
     try:
-        event = emit_raw_asset_event(dataset, extra, settings=s)
+        event = emit_asset_event(name, uri, extra, s, needs=f"a spec for {extra.get('dataset')!r}")
     except AirflowApiError as exc:
-        message = f"WARNING could not emit the Airflow asset event ({exc}); the upload itself succeeded: {watcher}"
+        message = f"WARNING could not emit the Airflow asset event ({exc}); the upload itself succeeded: {later}"
         log.warning(message)
         return {"emitted": False, "message": message}
     return {"emitted": True, "event": event,
-            "message": f"asset event {event['event_id']} on {event['uri']} emitted to {event['url']}: "
-                       f"hemaflow_retrain_{dataset} is queued to run"}
+            "message": f"asset event {event['event_id']} on {event['uri']} emitted to {event['url']}: {queued}"}

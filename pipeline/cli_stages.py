@@ -1,4 +1,4 @@
-"""CLI subcommands of the pipeline stages: upload, ingest, validate, preprocess, run.
+"""CLI subcommands of the pipeline stages: upload, submit (a batch to score), ingest, validate, preprocess, run.
 
 Each prints a concise human summary; progress bars go to stderr.
 Each command imports its stage inside: `python -m pipeline stack up` never loads PIL or GX.
@@ -50,6 +50,16 @@ def _upload(args: argparse.Namespace) -> int:
           f"(same content) -> {r['prefix']}")
     if r["ignored"]:
         print(f"         ignored (not class folders of the spec): {r['ignored']}")
+    print(f"airflow  {r['asset_event']['message']}")
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from screening.batches import submit_folder
+
+    r = submit_folder(Path(args.dir), _dataset(args), args.batch, show_progress=True)
+    print(f"submit   batch {r['batch_id']}: {r['uploaded']} uploaded ({r['bytes'] / 1e6:.1f} MB), {r['skipped']} "
+          f"already there (same content) -> {r['prefix']}")
     print(f"airflow  {r['asset_event']['message']}")
     return 0
 
@@ -110,6 +120,9 @@ def add_stage_commands(sub: argparse._SubParsersAction) -> None:
 
     p = _add("upload", _upload, "upload a folder-per-class tree to raw/<dataset>/ (skips identical objects)")
     p.add_argument("dir", help="folder with one sub-folder per class")
+    p = _add("submit", _submit, "upload a folder of images to score as one batch to inbox/<dataset>/<batch>/")
+    p.add_argument("dir", help="folder of images (flat or nested)")
+    p.add_argument("--batch", default=None, help="batch id (default: a UTC timestamp)")
     _add("ingest", _ingest, "list raw/<dataset>/, download new/changed objects, write a manifest")
     p = _add("validate", _validate, "check images and the dataset (Great Expectations), quarantine failures")
     p.add_argument("--manifest", default=None, help="manifest key (default: the latest one)")

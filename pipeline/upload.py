@@ -13,23 +13,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from contracts.common import progress
-from contracts.dataset_spec import load_spec
 from contracts.settings import Settings, get_settings
-from pipeline.airflow_api import announce_upload
-from pipeline.storage import ensure_bucket, iter_objects, s3_call, s3_client
 
 
 @dataclass(frozen=True)
-class _LocalFile:
+class LocalFile:
     path: Path
     key: str
     size: int
 
 
-def _local_files(root: Path, spec) -> tuple[list[_LocalFile], list[str]]:
+def _local_files(root: Path, spec) -> tuple[list[LocalFile], list[str]]:
     """Files under the spec's class folders, and the paths that are not (reported)."""
-    files: list[_LocalFile] = []
+    files: list[LocalFile] = []
     ignored: list[str] = []
     for entry in sorted(root.iterdir()):
         if entry.name.startswith("."):
@@ -40,7 +36,7 @@ def _local_files(root: Path, spec) -> tuple[list[_LocalFile], list[str]]:
         for path in sorted(entry.rglob("*")):
             if path.is_file() and not path.name.startswith("."):
                 rel = path.relative_to(entry).as_posix()
-                files.append(_LocalFile(path, spec.key_for(entry.name, rel), path.stat().st_size))
+                files.append(LocalFile(path, spec.key_for(entry.name, rel), path.stat().st_size))
     return files, ignored
 
 
@@ -54,6 +50,8 @@ def upload_tree(root: Path, dataset: str, settings: Settings | None = None, show
     Returns {uploaded, skipped, bytes, ignored, prefix, asset_event}; `bytes` counts what was sent,
     `asset_event` is {emitted, message, event?} (see pipeline.airflow_api.announce_upload).
     """
+    from contracts.dataset_spec import load_spec
+
     s = settings or get_settings()
     root = Path(root)
     if not root.is_dir():
@@ -64,14 +62,33 @@ def upload_tree(root: Path, dataset: str, settings: Settings | None = None, show
         raise ValueError(
             f"no files under the class folders {spec.class_folders} of dataset {dataset!r} in {root}"
         )
+    uploaded, skipped, sent = put_local_files(files, spec.s3_prefix, f"upload {dataset}", s, show_progress)
+    result = {"uploaded": uploaded, "skipped": skipped, "bytes": sent, "ignored": ignored, "prefix": spec.s3_prefix}
+    if emit_asset_event:
+        from pipeline.airflow_api import announce_upload
+
+        result["asset_event"] = announce_upload(dataset, result, settings=s)
+    else:
+        result["asset_event"] = {"emitted": False, "message": "asset event not requested by the caller"}
+    return result
+
+
+def put_local_files(files: list[LocalFile], prefix: str, what: str, s: Settings,
+                    show_progress: bool = False) -> tuple[int, int, int]:
+    """Put `files` in parallel, skipping objects already under `prefix` with the same content.
+
+    Returns (uploaded, skipped, bytes sent). Shared by `upload` (raw/) and `submit` (inbox/)."""
+    from contracts.common import progress
+    from pipeline.storage import ensure_bucket, iter_objects, s3_call, s3_client
+
     client = s3_client(s)
     ensure_bucket(client, s)
     existing = {
         o["Key"]: (int(o["Size"]), str(o.get("ETag", "")).strip('"'))
-        for o in s3_call(s, "list", lambda: list(iter_objects(client, s.s3_bucket, spec.s3_prefix)))
+        for o in s3_call(s, "list", lambda: list(iter_objects(client, s.s3_bucket, prefix)))
     }
 
-    def _same_remote(f: _LocalFile, data: bytes) -> bool:
+    def _same_remote(f: LocalFile, data: bytes) -> bool:
         remote = existing.get(f.key)
         if remote is None or remote[0] != f.size:
             return False
@@ -81,7 +98,7 @@ def upload_tree(root: Path, dataset: str, settings: Settings | None = None, show
         head = client.head_object(Bucket=s.s3_bucket, Key=f.key)
         return head.get("Metadata", {}).get("sha256") == hashlib.sha256(data).hexdigest()
 
-    def _one(f: _LocalFile) -> tuple[bool, int]:
+    def _one(f: LocalFile) -> tuple[bool, int]:
         data = f.path.read_bytes()
         if _same_remote(f, data):
             return False, 0
@@ -98,15 +115,10 @@ def upload_tree(root: Path, dataset: str, settings: Settings | None = None, show
 
     uploaded = skipped = sent = 0
     with ThreadPoolExecutor(max_workers=s.transfer_workers) as pool:
-        for was_sent, nbytes in progress(pool.map(_one, files), len(files), f"upload {dataset}", show_progress):
+        for was_sent, nbytes in progress(pool.map(_one, files), len(files), what, show_progress):
             if was_sent:
                 uploaded += 1
                 sent += nbytes
             else:
                 skipped += 1
-    result = {"uploaded": uploaded, "skipped": skipped, "bytes": sent, "ignored": ignored, "prefix": spec.s3_prefix}
-    if emit_asset_event:
-        result["asset_event"] = announce_upload(dataset, result, settings=s)
-    else:
-        result["asset_event"] = {"emitted": False, "message": "asset event not requested by the caller"}
-    return result
+    return uploaded, skipped, sent

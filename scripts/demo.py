@@ -4,8 +4,10 @@
 it is deployed (api-server, scheduler, dag-processor, triggerer as separate processes,
 LocalExecutor, loopback only), uploads a folder-per-class dataset with `upload`, whose Asset
 event starts the retraining DAG through the scheduler: the run the terminal follows is the
-run the Airflow UI shows. Then it starts the serving container on the promoted @champion and
-prints the URLs, the Airflow login and the champion's test metrics.
+run the Airflow UI shows. Then it starts the serving container on the promoted @champion, submits
+the DEMO_HOLD_BACK images it kept out of raw/ as one batch (`hemaflow_score_<dataset>` scores it,
+followed the same way) and prints the URLs, the Airflow login, the champion's test metrics and
+where the batch report and review page are.
 Idempotent: a second `up` reuses what runs and uploads nothing already there; with nothing
 new it starts no run (a manual run only when no @champion exists yet). `python -m scripts.demo
 down` stops all of it.
@@ -29,6 +31,8 @@ SERVING_PROCESS = "serving"
 SERVING_START_TIMEOUT_S = 180.0
 DAG_PARSE_TIMEOUT_S = 180.0
 RUN_TIMEOUT_S = 3 * 3600.0
+DEMO_BATCH_ID = "demo-holdout"  # fixed: a second `make demo` finds the batch (and its result) again
+DEMO_HOLD_BACK = 40  # images of the demo data never uploaded to raw/: scored as a batch at the end
 HEADLINE_METRICS = ("test_balanced_accuracy", "test_sensitivity", "test_specificity", "test_accuracy",
                     "test_roc_auc", "test_macro_f1", "test_n")
 
@@ -237,6 +241,68 @@ def champion_report(settings: Settings, dataset: str) -> tuple[str | None, dict[
     return str(version.version), {k: metrics[k] for k in shown}
 
 
+def hold_back(settings: Settings, data_dir: Path, dataset: str, count: int = DEMO_HOLD_BACK) -> tuple[Path, Path]:
+    """Split the demo data into a training tree and a held-back batch, as two folders of symlinks
+    under HEMAFLOW_HOME/demo (rebuilt each time): the last files of each class folder, taken in
+    turn, form the batch (flat, so no class name gives the answer away). Returns (train, batch)."""
+    import shutil
+
+    from contracts.dataset_spec import load_spec
+
+    spec = load_spec(dataset)
+    per_class = {f: sorted(p for p in (data_dir / f).rglob("*") if p.is_file() and not p.name.startswith("."))
+                 for f in spec.class_folders if (data_dir / f).is_dir()}
+    held: list[Path] = []
+    while len(held) < count and any(len(files) > 1 for files in per_class.values()):
+        for files in per_class.values():
+            if len(held) < count and len(files) > 1:
+                held.append(files.pop())
+    home = settings.hemaflow_home / "demo"
+    train, batch = home / "train-tree", home / "holdout-batch"
+    for folder in (train, batch):
+        shutil.rmtree(folder, ignore_errors=True)
+    for folder, files in per_class.items():
+        for path in files:
+            link = train / folder / path.relative_to(data_dir / folder)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path)
+    batch.mkdir(parents=True)
+    for i, path in enumerate(held):
+        (batch / f"{i:03d}-{path.name}").symlink_to(path)
+    return train, batch
+
+
+def score_holdout(settings: Settings, site, dataset: str, batch_dir: Path) -> dict | None:
+    """Submit the held-back batch; its inbox Asset event starts hemaflow_score_<dataset>, followed to
+    its end (a manual run when nothing new went up but the champion has no result yet). Returns the
+    batch's summary.json."""
+    from pipeline.airflow_api import api_client, dag_runs, trigger_dag
+    from pipeline.storage import get_json_or_none, s3_client
+    from screening.batches import submit_folder, summary_key
+
+    dag_id = f"hemaflow_score_{dataset}"
+    version = champion_report(settings, dataset)[0]
+    with_api = api_settings(settings, site)
+    with api_client(with_api) as client:
+        wait_for_dag(client, dag_id)
+        before = {r["dag_run_id"] for r in dag_runs(client, dag_id)}
+        print(f"submitting {len(list(batch_dir.iterdir()))} held-back images as batch {DEMO_BATCH_ID}", flush=True)
+        submitted = submit_folder(batch_dir, dataset, DEMO_BATCH_ID, settings=with_api)
+        print(f"  {submitted['uploaded']} uploaded, {submitted['skipped']} already there; "
+              f"{submitted['asset_event']['message']}", flush=True)
+        s3 = s3_client(settings)
+        started = submitted["asset_event"]["emitted"]
+        if not started and get_json_or_none(s3, settings.s3_bucket, summary_key(dataset, DEMO_BATCH_ID, version)):
+            print(f"batch {DEMO_BATCH_ID} already scored by version {version}: result kept", flush=True)
+        elif not started:  # nothing new went up (or the event failed) and the champion has no result yet
+            trigger_dag(client, dag_id, conf={"batch_id": DEMO_BATCH_ID})
+            started = True
+        if started:
+            follow_run(client, site, dag_id, lambda runs: next(
+                (r for r in reversed(runs) if r["dag_run_id"] not in before), None))
+    return get_json_or_none(s3, settings.s3_bucket, summary_key(dataset, DEMO_BATCH_ID, version))
+
+
 # --- commands -----------------------------------------------------------------------------------
 
 
@@ -287,7 +353,8 @@ def up() -> int:
     site = airflow_site(settings, admin_key)
     print("starting Airflow (api-server, scheduler, dag-processor, triggerer; LocalExecutor)", flush=True)
     start_airflow(settings, site)
-    run = retrain(settings, site, dataset, data_dir)
+    train_dir, batch_dir = hold_back(settings, data_dir, dataset)
+    run = retrain(settings, site, dataset, train_dir)
 
     version, metrics = champion_report(settings, dataset)
     if version is None:
@@ -295,6 +362,7 @@ def up() -> int:
                         "(see the run's report task and the MLflow 'pipeline-runs' experiment)")
     print("starting the serving container on @champion", flush=True)
     start_serving(settings, admin_key)
+    scored = score_holdout(settings, site, dataset, batch_dir)
 
     from ops.airflow_local import ADMIN_USER, admin_password
 
@@ -313,6 +381,13 @@ def up() -> int:
           f".venv/bin/python -m pipeline upload DIR --dataset {dataset}")
     print(f"               retrains at once (Airflow asset event); without AIRFLOW_API_URL the watcher DAG finds "
           f"them within {settings.raw_watch_schedule}")
+    if scored:
+        print(f"  Batch        {scored['batch_id']} ({scored['n_images']} held-back images) scored by version "
+              f"{scored['model_version']}: {scored['counts']}, {scored['n_bad']} unreadable")
+        print(f"               report s3://{settings.s3_bucket}/{scored['prefix']}report.html")
+        print(f"               review page {scored['review_url'] or '(SERVING_URL not set)'}")
+    print(f"  New batch    AIRFLOW_API_URL={site.api_url} AIRFLOW_API_PASSWORD=<the password above> "
+          f".venv/bin/python -m pipeline submit DIR --dataset {dataset}")
     print("  Stop all of it with: make demo-down")
     return 0
 

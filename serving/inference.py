@@ -20,7 +20,8 @@ import numpy as np
 
 from contracts.imaging import ImageRejected, prepare_image, read_header
 from contracts.settings import Settings
-from serving import gradcam, schemas
+from contracts import gradcam
+from serving import schemas
 from serving.batcher import MicroBatcher, Result
 from serving.bundle import LoadedModel
 from serving.clinical import context_for

@@ -43,7 +43,8 @@ def drift_vs_champion(client: Any, settings: Any, model_name: str, profile: dict
 
     from contracts.bundle import DATA_PROFILE_FILE, BundleError
     from contracts.drift import DriftThresholds, ProfileError, profile_drift
-    from training.registry import CHAMPION, alias_version, download_bundle
+    from training.gate import download_bundle
+    from training.registry import CHAMPION, alias_version
 
     champion = alias_version(client, model_name, CHAMPION)
     if champion is None:

@@ -39,11 +39,18 @@ def primary_metric(task: str) -> str:
     return "balanced_accuracy" if task == "binary" else "macro_f1"
 
 
+def cached_bundle(run_id: str, s: Settings):
+    """The run's bundle from the local cache (checksums verified), or None: no MLflow import."""
+    target = s.hemaflow_home / "cache" / "bundles" / run_id
+    return read_bundle(target) if (target / "SHA256SUMS").is_file() else None
+
+
 def download_bundle(client, run_id: str, s: Settings):
     """Download and verify a run's serving bundle (cached per run id)."""
     target = s.hemaflow_home / "cache" / "bundles" / run_id
-    if (target / "SHA256SUMS").is_file():
-        return read_bundle(target)
+    cached = cached_bundle(run_id, s)
+    if cached is not None:
+        return cached
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=target.parent))
     try:

@@ -20,6 +20,7 @@ COPY contracts/ contracts/
 COPY pipeline/ pipeline/
 COPY training/ training/
 COPY ops/ ops/
+COPY screening/ screening/
 COPY dags/ dags/
 # Every named-volume mount point exists in the image, owned by uid 50000: Docker initialises a new
 # named volume from the image folder (ownership included), so logs and passwords are writable.

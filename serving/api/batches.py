@@ -97,10 +97,10 @@ async def get_batch(batch_id: BatchId, settings: SettingsDep, manager: ManagerDe
 
 
 @router.get("/{batch_id}/images/{sha256}/{kind}", response_class=Response,
-            responses={200: {"content": {"image/png": {}}}})
+            responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}})
 async def batch_image(batch_id: BatchId, sha256: Sha256, kind: Literal["thumbnail", "heatmap"], settings: SettingsDep,
                       manager: ManagerDep, store: StoreDep, reviewer: ReviewerDep, version: Version = None):
-    """The scorer's thumbnail or Grad-CAM heatmap of one image (PNG); a missing thumbnail is made from the image.
+    """The scorer's thumbnail or Grad-CAM heatmap of one image (JPEG; PNG when made here); a missing thumbnail is made from the image.
     The page passes `version`, so a picture costs one S3 read."""
     batch_id = _batch_id(batch_id)
     versions = [version] if version else (await store_call(store.versions, settings.dataset, batch_id))[:1]
@@ -115,7 +115,8 @@ async def batch_image(batch_id: BatchId, sha256: Sha256, kind: Literal["thumbnai
         data = original and await asyncio.to_thread(_thumbnail, original, settings.max_image_pixels)
     if not data:
         raise ApiError(404, "image_not_found", f"no {kind} for {sha256[:12]}... in batch {batch_id}")
-    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+    media_type = "image/jpeg" if data[:2] == b"\xff\xd8" else "image/png"  # the scorer writes JPEG previews
+    return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=300"})
 
 
 def _thumbnail(data: bytes, max_pixels: int) -> bytes | None:

@@ -7,7 +7,9 @@ task runner (never `dag.test()`). The user's path, in order:
 2. its first scheduled (timetable) run finds an empty prefix and ends green, "nothing to do";
 3. a running serving instance has no model yet; `python -m pipeline upload` sends images that
    need resizing and emits the Asset event; the asset-triggered run trains, promotes and
-   serving picks up @champion.
+   serving picks up @champion;
+4. `python -m pipeline submit` sends a batch (with a corrupt file) to the inbox and emits its Asset
+   event; the asset-triggered `hemaflow_score_<spec>` run scores it in mapped chunks.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ DAG_ID = f"hemaflow_retrain_{NEW_SPEC}"
 SCHEDULE_LEAD_S = 150  # the spec is added and parsed well before the scheduled run is due
 RUN_TIMEOUT_S = 900
 ADMIN_KEY = "airflow-test-admin-key"
+SCORE_CHUNK = 64  # 281 images -> 5 mapped tasks (each task costs seconds of scheduling and start-up)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,8 @@ def site(local_stack, hemaflow_env, airflow_stop, tmp_path_factory):
     serving_port = free_port()
     hemaflow = {k: v for k, v in hemaflow_env.items() if not k.startswith("AIRFLOW")}
     hemaflow.update(RETRAIN_SCHEDULE=cron_at(due), SERVING_URL=f"http://127.0.0.1:{serving_port}",
-                    SERVING_ADMIN_API_KEYS=ADMIN_KEY, SERVING_PORT=str(serving_port), SERVING_POLL_INTERVAL_S="3")
+                    SERVING_ADMIN_API_KEYS=ADMIN_KEY, SERVING_PORT=str(serving_port), SERVING_POLL_INTERVAL_S="3",
+                    SCORE_CHUNK_SIZE=str(SCORE_CHUNK))
     deployment = airflow_local.AirflowSite(home=tmp_path_factory.mktemp("airflow-local"), port=free_port(),
                                            parse_interval_s=5, extra_env=hemaflow)
     airflow_local.prepare(deployment)
@@ -137,10 +141,52 @@ def test_upload_event_retrains_through_the_scheduler_and_serving_follows(site, a
         serving.wait(timeout=30)
 
 
-def _runs(api) -> list[dict]:
+def test_submitted_batch_is_scored_through_the_scheduler_in_mapped_chunks(site, api, local_stack, s3, tmp_path):
+    import json
+    import math
+
+    from pipeline.airflow_api import task_instances, wait_for_run
+    from pipeline.storage import get_json_or_none
+
+    _, cli_env, _, _ = site
+    dag_id, batch = f"hemaflow_score_{NEW_SPEC}", "sched-batch-1"
+    tree, _ = image_tree(tmp_path / "batch", SHARED_DATA / "pbc8")  # nested class folders: fine for a batch
+    (tree / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated " * 8)
+    n_images = sum(1 for p in tree.rglob("*") if p.is_file())
+    champion = _champion_version(local_stack)
+    before = {r["dag_run_id"] for r in _runs_of(api, dag_id)}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "submit", str(tree), "--dataset", NEW_SPEC, "--batch",
+                           batch], env=cli_env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and f"{dag_id} is queued" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    run = wait_for_run(api, dag_id, lambda runs: next((r for r in reversed(runs) if r["run_type"] == "asset_triggered"
+                                                       and r["dag_run_id"] not in before), None),
+                       timeout_s=RUN_TIMEOUT_S)
+    tis = task_instances(api, dag_id, run["dag_run_id"])
+    print(f"\nscoring run of {n_images} images: {run['state']} in {run_wall_s(run):.0f}s\n{task_table(tis)}")
+    assert run["state"] == "success"
+    summary = get_json_or_none(s3, local_stack.s3_bucket, f"results/{NEW_SPEC}/{batch}/{champion}/summary.json")
+    assert summary is not None, json.dumps(tis)[:2000]
+    assert (summary["n_images"], summary["n_bad"], summary["model_version"]) == (n_images, 1, champion)
+    if any(t["task_id"] == "plan" and t["state"] == "success" for t in tis):  # not done before by a cron run
+        chunks = [t for t in tis if t["task_id"] == "score_chunk"]
+        assert len(chunks) == math.ceil(n_images / SCORE_CHUNK) and all(t["state"] == "success" for t in chunks)
+
+
+def _champion_version(local_stack) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return str(MlflowClient(tracking_uri=local_stack.mlflow_tracking_uri).get_model_version_by_alias(
+        local_stack.model_name(NEW_SPEC), "champion").version)
+
+
+def _runs_of(api, dag_id: str) -> list[dict]:
     from pipeline.airflow_api import dag_runs
 
-    return dag_runs(api, DAG_ID)
+    return dag_runs(api, dag_id)
+
+
+def _runs(api) -> list[dict]:
+    return _runs_of(api, DAG_ID)
 
 
 def _answers(url: str) -> bool:

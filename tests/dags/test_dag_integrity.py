@@ -23,7 +23,8 @@ def test_dagbag_has_no_import_errors(dagbag):
 
 
 def test_one_retraining_dag_per_dataset_spec_and_a_watcher(dagbag):
-    expected = {f"hemaflow_retrain_{spec.name}" for spec in list_specs()} | {"hemaflow_watch_raw", "hemaflow_feedback"}
+    expected = ({f"hemaflow_retrain_{spec.name}" for spec in list_specs()} | {"hemaflow_watch_raw", "hemaflow_feedback"}
+                | {f"hemaflow_score_{spec.name}" for spec in list_specs()})
     assert set(dagbag.dags) == expected
 
 
@@ -64,6 +65,21 @@ def test_retraining_dag_shape_schedule_and_params(dagbag):
         for name in ("epochs", "image_size", "gate_min_sensitivity", "gate_margin"):
             assert name in dag.params, name
             assert dag.params[name] is None  # null = the configured value
+
+
+def test_scoring_dag_maps_chunks_and_listens_to_the_inbox(dagbag):
+    from airflow.sdk import AssetOrTimeSchedule
+
+    for spec in list_specs():
+        dag = dagbag.dags[f"hemaflow_score_{spec.name}"]
+        assert sorted(dag.task_dict) == ["finish", "plan", "score_chunk"]
+        assert dag.task_dict["score_chunk"].upstream_task_ids == {"plan"}
+        assert dag.task_dict["finish"].upstream_task_ids == {"score_chunk"}
+        assert type(dag.task_dict["score_chunk"]).__name__.endswith("MappedOperator")  # dynamic task mapping
+        assert isinstance(dag.timetable, AssetOrTimeSchedule)
+        assets = list(dag.timetable.asset_condition.objects)
+        assert [a.uri for a in assets] == [f"s3://{get_settings().s3_bucket}/inbox/{spec.name}"]
+        assert dag.params["batch_id"] is None
 
 
 def test_watcher_emits_exactly_the_assets_the_retraining_dags_consume(dagbag):

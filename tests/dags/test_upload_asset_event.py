@@ -181,3 +181,35 @@ def test_unreachable_airflow_is_a_bounded_non_fatal_warning(local_stack):
         emit_raw_asset_event(DATASET, settings=s)
     result = announce_upload(DATASET, {"uploaded": 1, "prefix": "raw/pbc8/", "bytes": 10}, settings=s)
     assert result["emitted"] is False and "the upload itself succeeded" in result["message"]
+
+
+def test_submit_emits_the_inbox_asset_event_with_the_batch_id(airflow_api, upload_tree_dir, local_stack, s3):
+    """`pipeline submit` of a nested folder: the batch lands in inbox/ and the scoring DAG is queued."""
+    from pipeline.storage import iter_objects
+    from screening.batches import inbox_asset_name, inbox_asset_uri
+
+    root = upload_tree_dir("batch")  # two nested folders: a batch keeps them as they are
+    batch = "submit-test-1"
+    api_env = {"AIRFLOW_API_URL": airflow_api["url"], "AIRFLOW_API_USERNAME": airflow_api["username"],
+               "AIRFLOW_API_PASSWORD": airflow_api["password"]}
+    try:
+        with _api(airflow_api) as client:
+            assets = client.get("/api/v2/assets", params={"name_pattern": inbox_asset_name(DATASET)}).json()["assets"]
+            asset = next(a for a in assets if a["name"] == inbox_asset_name(DATASET))
+            assert asset["uri"] == inbox_asset_uri(local_stack.s3_bucket, DATASET)
+            done = subprocess.run([sys.executable, "-m", "pipeline", "submit", str(root), "--dataset", DATASET,
+                                   "--batch", batch], env={**os.environ, **api_env}, capture_output=True, text=True,
+                                  timeout=120, cwd=REPO_ROOT)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert f"batch {batch}: 4 uploaded" in done.stdout and f"hemaflow_score_{DATASET} is queued" in done.stdout
+            assert airflow_api["password"] not in done.stdout + done.stderr
+            r = client.get("/api/v2/assets/events", params={"asset_id": asset["id"], "limit": 100})
+            extras = [e["extra"] for e in r.json()["asset_events"] if e["extra"].get("source") == "hemaflow-submit"]
+            assert [(x["batch_id"], x["uploaded"]) for x in extras] == [(batch, 4)]
+            queued = client.get(f"/api/v2/dags/hemaflow_score_{DATASET}/assets/queuedEvents").json()["queued_events"]
+            assert [q["asset_id"] for q in queued] == [asset["id"]]
+        keys = sorted(o["Key"] for o in iter_objects(s3, local_stack.s3_bucket, f"inbox/{DATASET}/{batch}/"))
+        assert len(keys) == 4 and all(k.count("/") == 4 for k in keys)  # inbox/<d>/<batch>/<folder>/<file>
+    finally:
+        for obj in list(iter_objects(s3, local_stack.s3_bucket, f"inbox/{DATASET}/")):
+            s3.delete_object(Bucket=local_stack.s3_bucket, Key=obj["Key"])

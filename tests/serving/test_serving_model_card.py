@@ -47,7 +47,7 @@ def test_registered_version_has_card_and_serving_returns_it(tiny_registered_mode
     from tests.fixtures.training import TINY_COUNTS
     from training.model import POOLED_FEATURES_LAYER
     from training.model_card import CARD_TAG
-    from training.registry import download_bundle
+    from training.gate import download_bundle
 
     reg = tiny_registered_model
     settings, name, version, run_id = reg["settings"], reg["model_name"], str(reg["model_version"]), reg["run_id"]

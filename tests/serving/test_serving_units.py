@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving import gradcam
+from contracts import gradcam
 from serving.deps import key_matches
 from contracts.bundle import BundleError, parse_sums, verify_checksums
 from serving.clinical import SCREENING_NOTE, context_for

@@ -95,3 +95,19 @@ def test_demo_progress_echoes_each_training_epoch_from_the_task_log_once(tmp_pat
     assert progress.feed(run, running) == [
         "      epoch 3/30 accuracy=0.9000 loss=0.2000 val_accuracy=0.8000 val_loss=0.3000"]
     assert progress.feed(run, running) == []
+
+
+def test_demo_holds_back_a_flat_batch_that_never_reaches_the_training_tree(tmp_path):
+    from scripts.demo import hold_back
+    from tests.fixtures.data import make_image_tree
+
+    data = make_image_tree(tmp_path / "data", {"Benign": 6, "Early": 5, "Pre": 1}, size=(8, 8))
+    train, batch = hold_back(get_settings(hemaflow_home=tmp_path / "home"), data, "leukemia", count=7)
+    held = sorted(p.resolve() for p in batch.iterdir())
+    kept = sorted(p.resolve() for p in train.rglob("*") if p.is_file())
+    assert len(held) == 7 and all(p.parent == batch for p in batch.iterdir())  # flat: no class name in a path
+    assert not set(held) & set(kept) and len(held) + len(kept) == 12
+    assert {p.parent.name for p in held} == {"Benign", "Early"}  # taken in turn; a 1-image class keeps its image
+    assert sorted(p.name for p in (train / "Pre").iterdir()) == ["Pre_0000.png"]
+    again = hold_back(get_settings(hemaflow_home=tmp_path / "home"), data, "leukemia", count=7)
+    assert sorted(p.resolve() for p in again[1].iterdir()) == held  # the same batch every time

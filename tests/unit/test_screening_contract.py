@@ -25,7 +25,7 @@ def test_layout_keys():
     assert inbox_prefix("leukemia", "2026-12-02_slide.7") == "inbox/leukemia/2026-12-02_slide.7/"
     assert results_prefix("pbc8", "b1", 3) == "results/pbc8/b1/3/"
     assert review_key("pbc8", "b1") == "reviews/pbc8/b1.jsonl"
-    assert result_image_key("pbc8", "b1", 3, "heatmaps", "ab" * 32) == f"results/pbc8/b1/3/heatmaps/{'ab' * 32}.png"
+    assert result_image_key("pbc8", "b1", 3, "heatmaps", "ab" * 32) == f"results/pbc8/b1/3/heatmaps/{'ab' * 32}.jpg"
     assert is_reviewed_key("raw/pbc8/eos/reviewed-b1-0123abcd.png") and not is_reviewed_key("raw/reviewed-x/eos/a.png")
     with pytest.raises(ValueError):
         result_image_key("pbc8", "b1", 3, "heatmaps", "../x")

@@ -1,0 +1,170 @@
+"""The batch-scoring DAG with `dag.test()`: real Airflow, real SeaweedFS, real MLflow, a real bundle.
+
+A tiny model is trained and promoted on the test stack (`tiny_registered_model`); its dataset gets
+a spec in a private specs folder, so `hemaflow_score_<dataset>` exists. In order (each test builds
+on the previous one's state):
+1. a submitted batch of generated images plus a corrupt file, scored in mapped chunks of 3: the
+   corrupt one is listed with its reason, the others ranked, previews and report written;
+2. the same run again rewrites nothing (summary.json is the completion marker);
+3. a new @champion version re-scores the batch into a new version folder, the old one untouched;
+4. the CLIs: `pipeline submit` then `screening score` on a second batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.data import make_image_tree, write_spec
+from tests.fixtures.training import TINY_CLASSES
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+CHUNK = 3
+BATCH = "b-2026-12-02"
+IMAGES_PER_CLASS = 4
+CORRUPT_KEY_SUFFIX = "nested/broken.jpg"
+STATE: dict = {}
+
+
+@pytest.fixture(scope="module")
+def scoring(tiny_registered_model, airflow_db, tmp_path_factory):
+    """{dataset, settings, dag, tree}: the tiny champion's dataset with a spec and its scoring DAG."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from contracts.settings import get_settings
+    from tests.dags.airflow_home import DAGS_DIR
+
+    dataset = tiny_registered_model["dataset"]
+    specs = tmp_path_factory.mktemp("score-specs")
+    write_spec(specs, dataset, TINY_CLASSES, positive_label="abnormal")
+    tree = make_image_tree(tmp_path_factory.mktemp("batch"), {"a": IMAGES_PER_CLASS, "b": IMAGES_PER_CLASS},
+                           size=(40, 44))
+    (tree / "nested").mkdir()
+    (tree / CORRUPT_KEY_SUFFIX).write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG " * 10)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DATASET_SPECS_DIR", str(specs))
+        mp.setenv("SCORE_CHUNK_SIZE", str(CHUNK))
+        mp.setenv("SERVING_URL", "http://serving.test:8000")
+        mp.setenv("MLFLOW_TRACKING_URI", tiny_registered_model["settings"].mlflow_tracking_uri)
+        dag = DagBag(dag_folder=str(DAGS_DIR)).dags[f"hemaflow_score_{dataset}"]
+        yield {"dataset": dataset, "settings": get_settings(), "dag": dag, "tree": tree,
+               "model": tiny_registered_model}
+
+
+def _run(dag, conf: dict | None = None):
+    dag_run = dag.test(run_conf=conf or {})
+    tis = dag_run.get_task_instances()
+    return dag_run, {(ti.task_id, ti.map_index): str(ti.state) for ti in tis}
+
+
+def _get(s3, bucket: str, key: str) -> bytes:
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _results(dataset: str, version: str) -> str:
+    from contracts.screening import results_prefix
+
+    return results_prefix(dataset, BATCH, version)
+
+
+def test_batch_is_scored_in_mapped_chunks_and_a_bad_image_is_listed(scoring, s3):
+    from screening.batches import submit_folder
+
+    s, dataset = scoring["settings"], scoring["dataset"]
+    submitted = submit_folder(scoring["tree"], dataset, BATCH, s, emit_asset_event=False)
+    n_images = 2 * IMAGES_PER_CLASS + 1
+    assert submitted["uploaded"] == n_images and submitted["prefix"] == f"inbox/{dataset}/{BATCH}/"
+
+    dag_run, states = _run(scoring["dag"], {"batch_id": BATCH})
+    assert str(dag_run.state) == "success", states
+    chunks = sorted(i for (task_id, i) in states if task_id == "score_chunk")
+    assert chunks == list(range(math.ceil(n_images / CHUNK))), states
+
+    version = scoring["model"]["model_version"]
+    prefix = _results(dataset, version)
+    rows = list(csv.DictReader(io.StringIO(_get(s3, s.s3_bucket, prefix + "predictions.csv").decode())))
+    assert len(rows) == n_images
+    assert list(rows[0])[:7] == ["key", "sha256", "label", "confidence", "in_scope", "rank", "error"]
+    bad = [r for r in rows if r["error"]]
+    assert [r["key"] for r in bad] == [f"inbox/{dataset}/{BATCH}/{CORRUPT_KEY_SUFFIX}"]
+    assert bad[0]["rank"] == "" and bad[0]["label"] == ""
+    ranked = [r for r in rows if r["rank"]]
+    assert [int(r["rank"]) for r in ranked] == list(range(1, n_images))
+    p_positive = [float(r["p_abnormal"]) for r in ranked]
+    assert p_positive == sorted(p_positive, reverse=True)  # most suspicious first
+    assert all(r["in_scope"] == "" for r in rows)  # the tiny bundle has no out-of-scope detector
+    for r in ranked:
+        for folder in ("thumbnails", "heatmaps"):
+            assert _get(s3, s.s3_bucket, f"{prefix}{folder}/{r['sha256']}.jpg")[:3] == b"\xff\xd8\xff"
+
+    import json
+
+    summary = json.loads(_get(s3, s.s3_bucket, prefix + "summary.json"))
+    assert summary["model_version"] == version and summary["n_bad"] == 1 and summary["n_scored"] == n_images - 1
+    assert sum(summary["counts"].values()) == n_images - 1
+    assert summary["n_out_of_scope"] is None and summary["has_detector"] is False
+    assert summary["review_url"] == f"http://serving.test:8000/batches/{BATCH}"
+    report = _get(s3, s.s3_bucket, prefix + "report.html").decode()
+    assert "screening aid, not a diagnosis" in report and CORRUPT_KEY_SUFFIX in report
+    assert "http://serving.test:8000/v1/model/card" in report
+    STATE["summary_etag"] = s3.head_object(Bucket=s.s3_bucket, Key=prefix + "summary.json")["ETag"]
+    STATE["report_modified"] = s3.head_object(Bucket=s.s3_bucket, Key=prefix + "report.html")["LastModified"]
+
+
+def test_rerun_for_the_same_model_rewrites_nothing(scoring, s3):
+    assert STATE, "depends on the first test"
+    s, dataset = scoring["settings"], scoring["dataset"]
+    prefix = _results(dataset, scoring["model"]["model_version"])
+    dag_run, states = _run(scoring["dag"], {"batch_id": BATCH})
+    assert str(dag_run.state) == "success", states
+    assert states[("plan", -1)] == "skipped"  # complete: nothing to plan
+    assert s3.head_object(Bucket=s.s3_bucket, Key=prefix + "summary.json")["ETag"] == STATE["summary_etag"]
+    assert s3.head_object(Bucket=s.s3_bucket, Key=prefix + "report.html")["LastModified"] == STATE["report_modified"]
+
+
+def test_new_champion_version_rescores_into_a_new_version_folder(scoring, s3):
+    """No batch id: every batch without a result for the (new) champion is scored."""
+    assert STATE, "depends on the first test"
+    import mlflow
+
+    from training.tracking import mlflow_client
+
+    s, dataset, model = scoring["settings"], scoring["dataset"], scoring["model"]
+    client = mlflow_client(s)
+    old = client.get_model_version(model["model_name"], model["model_version"])
+    new = mlflow.register_model(old.source, model["model_name"])  # the same run's model, a new version
+    client.set_registered_model_alias(model["model_name"], "champion", new.version)
+    try:
+        dag_run, states = _run(scoring["dag"])
+        assert str(dag_run.state) == "success", states
+        new_prefix = _results(dataset, str(new.version))
+        import json
+
+        summary = json.loads(_get(s3, s.s3_bucket, new_prefix + "summary.json"))
+        assert summary["model_version"] == str(new.version) and summary["n_bad"] == 1
+        old_prefix = _results(dataset, model["model_version"])
+        assert s3.head_object(Bucket=s.s3_bucket, Key=old_prefix + "summary.json")["ETag"] == STATE["summary_etag"]
+    finally:
+        client.set_registered_model_alias(model["model_name"], "champion", model["model_version"])
+
+
+def test_submit_and_score_clis(scoring, s3, capsys, tmp_path):
+    from pipeline.__main__ import main as pipeline_main
+    from screening.__main__ import main as screening_main
+
+    s, dataset = scoring["settings"], scoring["dataset"]
+    folder = make_image_tree(tmp_path / "cli", {"x": 2}, seed=5)
+    assert pipeline_main(["submit", str(folder), "--dataset", dataset, "--batch", "cli-batch"]) == 0
+    out = capsys.readouterr().out
+    assert "batch cli-batch: 2 uploaded" in out and "AIRFLOW_API_URL is not set" in out
+    assert screening_main(["score", "--dataset", dataset, "--batch", "cli-batch"]) == 0
+    out = capsys.readouterr().out
+    assert "batch cli-batch: scored" in out and "2 scored, 0 unreadable" in out
+    assert screening_main(["score", "--dataset", dataset, "--batch", "cli-batch"]) == 0
+    assert "already scored (result kept)" in capsys.readouterr().out
+    assert screening_main(["score", "--dataset", dataset, "--batch", "../etc"]) == 1  # clear error, no traceback
