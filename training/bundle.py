@@ -24,6 +24,7 @@ from contracts.bundle import (
     CANARY_TOLERANCE,
     FORMAT_VERSION,
     MODEL_FILE,
+    OUTPUT_FEATURES,
     OUTPUT_PROBABILITIES,
     SIGNATURE,
     SIGNATURE_FILE,
@@ -120,6 +121,17 @@ def signing_key_of(settings: Any) -> str:
     return key
 
 
+def _check_features(model: Any, runner: TFLiteRunner, canary_images: np.ndarray) -> None:
+    """The TFLite `features` output must be the Keras pooled features the detector was fitted on."""
+    from training.model import pooled_feature_model
+
+    lite = runner(canary_images.astype(np.float32))[OUTPUT_FEATURES]
+    keras_feats = np.asarray(pooled_feature_model(model)(canary_images.astype(np.float32), training=False))
+    diff = float(np.max(np.abs(lite - keras_feats)) / max(1.0, float(np.max(np.abs(keras_feats)))))
+    if not diff <= CANARY_TOLERANCE:
+        raise BundleError("canary_mismatch", f"TFLite and Keras pooled features differ by {diff:.2e} (relative)")
+
+
 def export_bundle(
     model: Any,
     out_dir: Path | str,
@@ -139,12 +151,14 @@ def export_bundle(
     git_commit: str = "",
     extra: dict[str, Any] | None = None,
     signing_key: str | None = None,
+    ood: tuple[Any, dict[str, Any]] | None = None,
 ) -> Bundle:
     """Convert `model` to TFLite and write a complete, verified bundle into `out_dir`.
 
     The bundle is assembled in a sibling temp folder and renamed into place, so a reader
     never sees half a bundle. Raises BundleError if TFLite and Keras disagree on the canaries.
     With `signing_key` (base64 Ed25519 private key) SHA256SUMS is signed (SHA256SUMS.sig).
+    `ood` = (contracts.ood.OodDetector, its validation figures) adds ood.npz and bundle.json `ood`.
     """
     from PIL import Image
 
@@ -168,6 +182,7 @@ def export_bundle(
         if not diff <= CANARY_TOLERANCE:  # also catches NaN
             raise BundleError("canary_mismatch",
                               f"TFLite and Keras disagree on the canaries by {diff:.2e} (> {CANARY_TOLERANCE:.0e})")
+        _check_features(model, runner, canary_images)
         (staging / CANARY_DIR).mkdir()
         canaries = []
         for i, (image, label) in enumerate(zip(canary_images, canary_labels, strict=True)):
@@ -194,6 +209,12 @@ def export_bundle(
             "git_commit": git_commit,
             **(extra or {}),
         }
+        if ood is not None:
+            from contracts.ood import OOD_FILE
+
+            detector, figures = ood
+            (staging / OOD_FILE).write_bytes(detector.to_npz())
+            meta["ood"] = detector.describe(figures)
         (staging / BUNDLE_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
         write_sums(staging)
         if signing_key:

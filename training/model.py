@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from contracts.bundle import OUTPUT_CLASS_MAPS, OUTPUT_PROBABILITIES
+from contracts.bundle import OUTPUT_CLASS_MAPS, OUTPUT_FEATURES, OUTPUT_PROBABILITIES
 
 FEATURES_LAYER = "features"
+POOLED_FEATURES_LAYER = "pooled_features"
 LOGITS_LAYER = "logits"
 PROBABILITIES_LAYER = "probabilities"
 INPUT_NAME = "image"
@@ -67,7 +68,7 @@ def build_model(
             x = layers.ReLU(name=FEATURES_LAYER if (last and j == n_convs - 1) else f"b{i}_relu{j}")(x)
         if not last:
             x = layers.MaxPooling2D(2, name=f"b{i}_pool")(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.GlobalAveragePooling2D(name=POOLED_FEATURES_LAYER)(x)
     if dropout > 0:
         x = layers.Dropout(dropout, seed=seed, name="dropout")(x)
     logits = layers.Dense(num_classes, kernel_regularizer=reg, name=LOGITS_LAYER)(x)
@@ -88,6 +89,13 @@ def served_twin(trained: Any, num_classes: int, image_size: int, input_size: int
     return served
 
 
+def pooled_feature_model(model: Any) -> Any:
+    """Sub-model: image -> pooled features [N, K] (the embedding for an OOD detector)."""
+    import keras
+
+    return keras.Model(model.inputs, model.get_layer(POOLED_FEATURES_LAYER).output, name="hemaflow_pooled")
+
+
 def feature_model(model: Any) -> Any:
     """Sub-model: image -> last conv features A [N, h, w, K]."""
     import keras
@@ -102,7 +110,10 @@ def head_weights(model: Any):
 
 
 def serving_function(model: Any, image_size: int):
-    """(fn, input_signature) of the serving graph: image -> {probabilities, class_maps}.
+    """(fn, input_signature) of the serving graph: image -> {probabilities, class_maps, features}.
+
+    `features` are the pooled features [N, K] (the GAP output) the bundle's out-of-scope
+    detector (contracts/ood.py) scores.
 
     The head is recomputed from the features with the trained dense weights, which is
     exactly the inference path of `model` (dropout is off at inference).
@@ -118,6 +129,7 @@ def serving_function(model: Any, image_size: int):
         return {
             OUTPUT_PROBABILITIES: tf.nn.softmax(logits, axis=-1),
             OUTPUT_CLASS_MAPS: tf.einsum("nhwk,kc->nhwc", feats, dense.kernel),
+            OUTPUT_FEATURES: tf.reduce_mean(feats, axis=[1, 2]),
         }
 
     return serve, [tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name=INPUT_NAME)]

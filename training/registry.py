@@ -41,6 +41,7 @@ HISTORY_TAG = "history"
 HISTORY_KEEP = 30
 TAG_GATE_DECISION = "gate_decision"  # passed | failed | needs_review; absent = not gated yet
 NEEDS_REVIEW = "needs_review"
+TAG_GATE_OOD = "gate_ood"  # the out-of-scope detector's validation figures the gate saw (JSON)
 # Gate settings a run's overrides may raise but never lower.
 GATE_THRESHOLDS = ("gate_min_balanced_accuracy", "gate_min_sensitivity", "gate_min_accuracy", "gate_margin")
 
@@ -128,7 +129,9 @@ def evaluate_against_champion(dataset: str, model_version: str, settings: Settin
         "task": task,
         "primary_metric": primary_metric(task),
         "candidate": {"version": str(candidate.version), "run_id": candidate.run_id,
-                      "metrics": evaluate_bundle(cand_bundle, images, y)},
+                      "metrics": evaluate_bundle(cand_bundle, images, y),
+                      # the out-of-scope detector's validation figures (recorded, not gated on)
+                      "ood": (cand_bundle.meta.get("ood") or {}).get("validation")},
         "champion": None,
     }
     champ = alias_version(client, name, CHAMPION)
@@ -191,7 +194,8 @@ def decide_gate(comparison: dict, settings: Settings | None = None, overrides: d
     out = {"primary_metric": metric, "candidate_value": cand.get(metric), "champion_value": None,
            "margin": s.gate_margin, "floors": floors, "champion_version": None, "needs_review": False,
            # What apply_gate checks @champion against (compare-and-set).
-           "compared_champion": champ["version"] if champ else None}
+           "compared_champion": champ["version"] if champ else None,
+           "ood": comparison["candidate"].get("ood")}
     if failed:
         return {**out, "passed": False, "reason": "below floor: " + "; ".join(failed)}
     if champ is None:
@@ -246,6 +250,8 @@ def apply_gate(dataset: str, model_version: str, decision: dict, settings: Setti
     if decision["passed"] and current is not None and str(current.version) == version:
         return _already_champion(client, name, current)
     _check_champion_unchanged(name, decision, current)
+    if decision.get("ood"):
+        client.set_model_version_tag(name, version, TAG_GATE_OOD, json.dumps(decision["ood"], sort_keys=True))
     outcome = "passed" if decision["passed"] else NEEDS_REVIEW if decision.get("needs_review") else "failed"
     reason = decision["reason"]
     if not decision["passed"]:

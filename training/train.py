@@ -157,6 +157,7 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     from training.bundle import export_bundle, signing_key_of
     from training.errors import Diverged
     from training.fitting import FitRequest, fit_and_evaluate, pick_canaries
+    from training.ood import fit_for_run
     from training.registration import version_tags
     from training.tracking import epoch_logger, log_evaluation, log_fit, log_model
 
@@ -170,6 +171,8 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
         raise
     log_fit(fitted)
     log_evaluation(s, meta, fitted)
+    ood = fit_for_run(fitted.model, folder, meta, fitted.val_x)  # out-of-scope detector, thresholds on val
+    mlflow.log_metrics({f"ood_{k}": v for k, v in ood[1].items()})
     canary_x, canary_labels = pick_canaries(fitted.val_x, fitted.val_y, fitted.labels, s.canary_count)
     with tempfile.TemporaryDirectory(prefix="hemaflow-bundle-") as tmp:
         bundle = export_bundle(
@@ -177,7 +180,7 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
             labels=fitted.labels, classes=meta.classes, image_size=meta.image_size, canary_images=canary_x,
             canary_labels=canary_labels, positive_label=fitted.positive_label, threshold=fitted.threshold,
             metrics={k: v for k, v in fitted.test_metrics.items() if k != "per_class"},
-            run_id=c.run_id, model_name=c.model_name, git_commit=c.commit, signing_key=signing_key,
+            run_id=c.run_id, model_name=c.model_name, git_commit=c.commit, signing_key=signing_key, ood=ood,
         )
         mlflow.log_artifacts(str(bundle.folder), BUNDLE_DIR)
         mlflow.log_metric("keras_tflite_max_abs_diff", bundle.meta["keras_tflite_max_abs_diff"])
