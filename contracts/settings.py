@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     serving_max_upload_bytes: int = Field(10_000_000, ge=1)
     serving_max_batch: int = Field(16, ge=1)
     serving_micro_batch: int = Field(1, ge=1, description="Most queued images per interpreter call (1 = off)")
+    serving_refuse_out_of_scope: bool = Field(True, description="Answer in_scope=false and no label when the "
+                                              "bundle's detector fires (false: label it and flag it)")
+    serving_tta: bool = Field(False, description="Average probabilities over flips and 90-degree rotations")
 
     # --- signed bundles and secrets policy -----------------------------------------------
     bundle_signing_key: SecretStr = Field(SecretStr(""), description="Ed25519 private key (base64) training signs with")

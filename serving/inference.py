@@ -12,8 +12,9 @@ import asyncio
 import numpy as np
 
 from contracts.imaging import ImageRejected, open_image, prepare_image, read_header
+from contracts.ood import REASON_TEXT
 from contracts.settings import Settings
-from serving import gradcam, schemas
+from serving import gradcam, schemas, tta
 from serving.batcher import MicroBatcher, Result
 from serving.bundle import LoadedModel
 from serving.clinical import context_for
@@ -48,6 +49,8 @@ class Inference:
 
     def __init__(self, settings: Settings, metrics: ServingMetrics) -> None:
         self.metrics = metrics
+        self.tta = settings.serving_tta
+        self.refuse_out_of_scope = settings.serving_refuse_out_of_scope
         self.batcher = MicroBatcher(settings.serving_micro_batch, on_batch=lambda n: metrics.batch_size.observe(n))
         self.decode_slots = asyncio.Semaphore(DECODE_SLOTS)
 
@@ -67,11 +70,33 @@ class Inference:
             raise ApiError(status, exc.reason, exc.detail) from None
 
     async def predict(self, model: LoadedModel, images: np.ndarray) -> list[Result]:
-        return await self.batcher.predict(model, images)
+        """(probabilities, class map, features) per image; averaged over flips/rotations with SERVING_TTA."""
+        if not self.tta:
+            return await self.batcher.predict(model, images)
+        return tta.merge(await self.batcher.predict(model, tta.views(images)), len(images))
 
-    def result(self, model: LoadedModel, upload: UploadedFile, image: np.ndarray, probs: np.ndarray,
-               cmap: np.ndarray, explain: bool, start: float) -> schemas.Prediction:
-        """The response for one image; with `explain`, its Grad-CAM overlay (CPU work: call it in a thread)."""
+    def scope(self, model: LoadedModel, image: np.ndarray, feats: np.ndarray | None) -> schemas.Scope:
+        """Whether the image looks like what the model was trained on (None: the bundle cannot tell)."""
+        if model.detector is None or feats is None:
+            return schemas.Scope(in_scope=None, detail=model.scope_note or "no detector: the model has no features")
+        verdict = model.detector.check(feats[None], image[None])[0]
+        if verdict.in_scope:
+            return schemas.Scope(in_scope=True)
+        return schemas.Scope(in_scope=False, reason=verdict.reason, detail=REASON_TEXT[verdict.reason],
+                             refused=self.refuse_out_of_scope)
+
+    def result(self, model: LoadedModel, upload: UploadedFile, image: np.ndarray, output: Result,
+               explain: bool, start: float) -> schemas.Prediction:
+        """The response for one image; with `explain`, its Grad-CAM overlay (CPU work: call it in a thread).
+        An image the detector refuses gets in_scope=false, the reason and no label (still a 200)."""
+        probs, cmap, feats = output
+        scope = self.scope(model, image, feats)
+        if scope.refused:
+            self.metrics.refusals.labels(reason=scope.reason).inc()
+            return schemas.Prediction(
+                filename=upload.filename, in_scope=False, refusal_reason=scope.reason,
+                scope_detail=f"{schemas.OUT_OF_SCOPE_MESSAGE}: {scope.detail}", model=schemas.model_ref(model),
+                processing_ms=monotonic_ms(start))
         label, confidence = model.decide(probs)
         self.metrics.predictions.labels(version=model.identity.version, label=label).inc()
         explanation = None
@@ -85,6 +110,9 @@ class Inference:
             )
         return schemas.Prediction(
             filename=upload.filename,
+            in_scope=scope.in_scope,
+            refusal_reason=scope.reason,
+            scope_detail=scope.detail,
             label=label,
             task_label=label,
             confidence=round(confidence, 6),

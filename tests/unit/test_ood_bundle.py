@@ -15,19 +15,19 @@ from contracts.imaging import prepare_image
 from contracts.ood import OOD_FILE
 from contracts.signing import parse_public_keys
 from tests.fixtures.keys import PUBLIC_KEY, SIGNING_KEY
-from tests.fixtures.training import TINY_CLASSES, TINY_LABELS, TINY_SIZE
+from tests.fixtures.training import TINY_SIZE
 from tests.serving.support import resum
 from training.synthetic import synthetic_images
 
 
 @pytest.fixture(scope="module")
-def fitted(tiny_keras_model):
-    from training.ood import fit_detector
+def fitted(tiny_ood):
+    return tiny_ood
 
-    model, images, labels = tiny_keras_model
-    val = synthetic_images([i % 2 for i in range(200)], TINY_SIZE, seed=99)
-    detector, figures = fit_detector(model, images, np.array(labels), val)
-    return model, detector, figures
+
+@pytest.fixture(scope="module")
+def ood_bundle(tiny_ood_bundle_dir):
+    return tiny_ood_bundle_dir
 
 
 def test_thresholds_keep_99_percent_of_validation_and_refuse_non_smears(fitted):
@@ -43,20 +43,6 @@ def test_thresholds_keep_99_percent_of_validation_and_refuse_non_smears(fitted):
         batch = np.stack([prepare_image(p, TINY_SIZE) for p in pictures])
         verdicts = detector.check(pooled_features(model, batch), batch)
         assert np.mean([not v.in_scope for v in verdicts]) >= 0.95, kind
-
-
-@pytest.fixture(scope="module")
-def ood_bundle(fitted, tiny_keras_model, tmp_path_factory):
-    from training.bundle import export_bundle
-
-    model, detector, figures = fitted
-    _, images, labels = tiny_keras_model
-    out = tmp_path_factory.mktemp("ood-bundle") / "serving_bundle"
-    export_bundle(model, out, dataset="tiny", dataset_version="tiny-ood", labels=TINY_LABELS, classes=TINY_CLASSES,
-                  image_size=TINY_SIZE, canary_images=images[:2], canary_labels=[TINY_LABELS[k] for k in labels[:2]],
-                  positive_label="abnormal", threshold=0.5, run_id="local-ood", model_name="hemaflow-tiny",
-                  signing_key=SIGNING_KEY, ood=(detector, figures))
-    return out
 
 
 def test_bundle_carries_the_signed_detector_and_serving_loads_it(ood_bundle, fitted):
