@@ -94,3 +94,34 @@ def test_a_broken_detector_is_refused(ood_bundle, tmp_path, fault):
     with pytest.raises(BundleError) as err:
         load_bundle(read_local_bundle(bad), trusted_keys=parse_public_keys(PUBLIC_KEY))
     assert err.value.reason == expected
+
+
+def test_a_bundle_older_than_the_features_output_is_served_with_in_scope_null(tiny_keras_model, tmp_path,
+                                                                              monkeypatch):
+    """A bundle written before issue 10 (signature: probabilities + class_maps only)."""
+    from contracts.bundle import OUTPUT_FEATURES as FEATURES
+    from contracts.settings import Settings
+    from serving.bundle import load_bundle
+    from serving.inference import Inference
+    from serving.metrics import ServingMetrics
+    from training import bundle as writer
+    from training.model import serving_function
+
+    def old_serving_function(model, image_size):
+        serve, signature = serving_function(model, image_size)
+        return (lambda image: {k: v for k, v in serve(image).items() if k != FEATURES}), signature
+
+    monkeypatch.setattr(writer, "serving_function", old_serving_function)
+    monkeypatch.setattr(writer, "_check_features", lambda *a: None)
+    model, images, labels = tiny_keras_model
+    out = tmp_path / "old"
+    writer.export_bundle(model, out, dataset="tiny", dataset_version="old", labels=["abnormal", "normal"],
+                         classes={"Blast": "abnormal", "Benign": "normal"}, image_size=TINY_SIZE,
+                         canary_images=images[:2], canary_labels=["abnormal", "normal"], positive_label="abnormal",
+                         threshold=0.5, signing_key=SIGNING_KEY)
+    loaded = load_bundle(read_local_bundle(out), trusted_keys=parse_public_keys(PUBLIC_KEY))
+    assert not loaded._runner.has_features and loaded.detector is None
+    probs, cmaps, feats = loaded.predict_outputs(images[:1])
+    assert feats is None and probs.shape == (1, 2)
+    scope = Inference(Settings(), ServingMetrics()).scope(loaded, images[0], None)
+    assert scope.in_scope is None and scope.detail.startswith("no detector") and not scope.refused
