@@ -1,8 +1,9 @@
 """The serving-bundle format: what training writes and serving loads, defined once.
 
     model.tflite   signature "serving_default": image [N,S,S,3] float 0..255 ->
-                   {probabilities [N,C], class_maps [N,h,w,C]}
-    bundle.json    labels, threshold, preprocessing, metrics, canaries, provenance
+                   {probabilities [N,C], class_maps [N,h,w,C], features [N,K] (since issue 10)}
+    bundle.json    labels, threshold, preprocessing, metrics, canaries, provenance, ood
+    ood.npz        the out-of-scope detector's arrays (contracts/ood.py; optional)
     canary/*.png   lossless preprocessed canary inputs with their expected outputs
     SHA256SUMS     "<sha256>  <relative path>" for every other file
     SHA256SUMS.sig Ed25519 signature of SHA256SUMS (contracts.signing) by BUNDLE_SIGNING_KEY
@@ -43,6 +44,7 @@ MODEL_CARD_FILE = "model_card.html"  # the model card as rendered at training (t
 SIGNATURE = "serving_default"
 OUTPUT_PROBABILITIES = "probabilities"
 OUTPUT_CLASS_MAPS = "class_maps"
+OUTPUT_FEATURES = "features"  # pooled features; absent in bundles older than issue 10
 MAX_BUNDLE_BYTES = 512 * 1024 * 1024
 
 
@@ -147,7 +149,8 @@ def read_meta(files: dict[str, bytes]) -> dict[str, Any]:
 
 class TFLiteRunner:
     """Runs a bundle's model with ai-edge-litert through its named signature (one input, the two
-    named outputs). Not thread-safe: serving holds a lock around calls."""
+    named outputs, plus `features` when the bundle has it). Not thread-safe: serving holds a lock
+    around calls."""
 
     def __init__(self, model: bytes | Path | str, num_threads: int | None = None) -> None:
         from ai_edge_litert.interpreter import Interpreter  # lazy: only a running bundle loads LiteRT
@@ -165,15 +168,19 @@ class TFLiteRunner:
         if len(inputs) != 1:
             raise BundleError("bad_model", f"signature must have one input, has {inputs}")
         self.input_name = inputs[0]
+        self.has_features = OUTPUT_FEATURES in outputs
 
     def __call__(self, images) -> dict[str, Any]:
-        """uint8/float (N,S,S,3) or (S,S,3) raw 0..255 -> {probabilities (N,C), class_maps (N,h,w,C)}."""
+        """uint8/float (N,S,S,3) or (S,S,3) raw 0..255 -> {probabilities (N,C), class_maps (N,h,w,C)}
+        and, when the model has it, features (N,K)."""
+        import numpy as np
+
         batch = np.ascontiguousarray(images, dtype=np.float32)
         if batch.ndim == 3:
             batch = batch[None]
         out = self.runner(**{self.input_name: batch})
-        return {OUTPUT_PROBABILITIES: np.array(out[OUTPUT_PROBABILITIES]),
-                OUTPUT_CLASS_MAPS: np.array(out[OUTPUT_CLASS_MAPS])}
+        names = (OUTPUT_PROBABILITIES, OUTPUT_CLASS_MAPS) + ((OUTPUT_FEATURES,) if self.has_features else ())
+        return {name: np.array(out[name]) for name in names}
 
     def predict(self, images) -> tuple[Any, Any]:
         out = self(images)

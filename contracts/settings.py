@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     serving_inference_threads: int = Field(0, ge=0, le=64, description="Threads per worker that decode and run "
                                            "the model, each with its own interpreter (0 = cores / workers)")
     serving_workers: int = Field(1, ge=1, le=32, description="uvicorn worker processes")
+    serving_refuse_out_of_scope: bool = Field(True, description="Answer in_scope=false and no label when the "
+                                              "bundle's detector fires (false: label it and flag it)")
+    serving_tta: bool = Field(False, description="Average probabilities over flips and 90-degree rotations")
 
     # --- signed bundles and secrets policy -----------------------------------------------
     bundle_signing_key: SecretStr = Field(SecretStr(""), description="Ed25519 private key (base64) training signs with")

@@ -18,7 +18,13 @@ from serving.bundle import LoadedModel
 
 log = logging.getLogger("serving.batcher")
 
-Result = tuple[np.ndarray, np.ndarray]  # probabilities (C,), class_map (h,w,C)
+Result = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # probabilities (C,), class_map (h,w,C), features (K,)
+
+
+def split_outputs(outputs: tuple[np.ndarray, np.ndarray, np.ndarray | None]) -> list[Result]:
+    """A batch's (probabilities, class maps, features or None) -> one Result per image."""
+    probs, maps, feats = outputs
+    return [(probs[i], maps[i], None if feats is None else feats[i]) for i in range(len(probs))]
 
 
 class MicroBatcher:
@@ -44,10 +50,10 @@ class MicroBatcher:
     async def predict(self, model: LoadedModel, images: np.ndarray) -> list[Result]:
         """Predict (n,S,S,3) images on `model`; batches with concurrent callers when enabled."""
         if self._queue is None or self.max_batch == 1 or len(images) >= self.max_batch:
-            probs, maps = await asyncio.to_thread(model.predict, images)
+            outputs = await asyncio.to_thread(model.predict_outputs, images)
             if self.on_batch:
                 self.on_batch(len(images))
-            return list(zip(probs, maps, strict=True))
+            return split_outputs(outputs)
         loop = asyncio.get_running_loop()
         futures = []
         for image in images:
@@ -70,7 +76,7 @@ class MicroBatcher:
                 model = group[0][0]
                 try:
                     batch = np.stack([g[1] for g in group])
-                    probs, maps = await asyncio.to_thread(model.predict, batch)
+                    probs, maps, feats = await asyncio.to_thread(model.predict_outputs, batch)
                     if self.on_batch:
                         self.on_batch(len(group))
                 except Exception as exc:  # hand the error to each caller; the worker lives on
@@ -81,4 +87,4 @@ class MicroBatcher:
                     continue
                 for i, (_, _, fut) in enumerate(group):
                     if not fut.done():
-                        fut.set_result((probs[i], maps[i]))
+                        fut.set_result((probs[i], maps[i], None if feats is None else feats[i]))

@@ -16,17 +16,20 @@ from contracts.bundle import (
     MODEL_CARD_FILE,
     MODEL_FILE,
     OUTPUT_CLASS_MAPS,
+    OUTPUT_FEATURES,
     OUTPUT_PROBABILITIES,
     SUMS_FILE,
     Bundle,
     BundleError,
     TFLiteRunner,
     check_canaries,
+    parse_sums,
     read_meta,
     verify_checksums,
     verify_signature,
 )
 from contracts.common import sha256_hex
+from contracts.ood import OOD_FILE, OodDetector
 
 
 @dataclass(frozen=True)
@@ -56,11 +59,24 @@ class LoadedModel:
     threshold: float | None
     _runner: Any = field(repr=False)  # a serving.runners.RunnerPool of contracts.bundle.TFLiteRunner
     card_html: bytes | None = field(default=None, repr=False)  # the bundle's signed model card, if any
+    detector: OodDetector | None = field(default=None, repr=False)
+
+    @property
+    def scope_note(self) -> str | None:
+        """Why this model cannot say whether an image is in scope (None when it can)."""
+        if self.detector is None:
+            return "no detector: this bundle has no out-of-scope detector (trained before it existed)"
+        return None
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8/float (N,S,S,3) raw 0..255 -> (probabilities (N,C), class_maps (N,h,w,C))."""
         out = self._runner(images)
         return out[OUTPUT_PROBABILITIES], out[OUTPUT_CLASS_MAPS]
+
+    def predict_outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Like `predict`, plus the pooled features (N,K) (None for bundles without them)."""
+        out = self._runner(images)
+        return out[OUTPUT_PROBABILITIES], out[OUTPUT_CLASS_MAPS], out.get(OUTPUT_FEATURES)
 
     def decide(self, probs: np.ndarray) -> tuple[str, float]:
         """The predicted label and its probability (binary tasks use the bundle's threshold)."""
@@ -85,6 +101,27 @@ def _check_expected(meta: dict[str, Any], expect: dict[str, str]) -> None:
         if got != wanted:
             raise BundleError(MISMATCH_REASONS.get(key, "bad_metadata"),
                               f"bundle.json says {key} {got or '(empty)'!r}, the registry says {wanted!r}")
+
+
+def _load_detector(files: dict[str, bytes], meta: dict[str, Any], runner: TFLiteRunner) -> OodDetector | None:
+    """The bundle's out-of-scope detector; None for bundles without one. A detector bundle.json
+    announces must be covered by SHA256SUMS (so signed) and fit the model's features output."""
+    ood = meta.get("ood")
+    if not ood:
+        return None
+    if not runner.has_features:
+        raise BundleError("bad_model", "bundle.json has an out-of-scope detector but the model has no features output")
+    if OOD_FILE not in parse_sums(files[SUMS_FILE].decode("utf-8", errors="replace")):
+        raise BundleError("bad_checksums", f"{OOD_FILE} is not covered by SHA256SUMS")
+    try:
+        detector = OodDetector.load(ood, files[OOD_FILE])
+    except Exception as exc:  # a missing array, a corrupt zip, a wrong shape: never swapped in
+        raise BundleError("bad_detector", f"out-of-scope detector unusable: {exc}") from None
+    width = int(runner.runner.get_output_details()[OUTPUT_FEATURES]["shape"][-1])
+    if width != detector.features.means.shape[1]:
+        raise BundleError("bad_detector", f"detector expects {detector.features.means.shape[1]} features, "
+                          f"the model outputs {width}")
+    return detector
 
 
 def load_bundle(
@@ -134,6 +171,7 @@ def load_bundle(
         threshold=float(threshold) if threshold is not None else None,
         _runner=RunnerPool(runners, solo),
         card_html=files.get(MODEL_CARD_FILE),
+        detector=_load_detector(files, meta, runners[0]),
     )
     try:
         check_canaries(Bundle(files, meta), model.predict)

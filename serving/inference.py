@@ -18,11 +18,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from contracts.imaging import ImageRejected, prepare_image, read_header
-from contracts.settings import Settings
 from contracts import gradcam
-from serving import schemas
-from serving.batcher import MicroBatcher, Result
+from contracts.imaging import ImageRejected, prepare_image, read_header
+from contracts.ood import REASON_TEXT
+from contracts.settings import Settings
+from serving import schemas, tta
+from serving.batcher import MicroBatcher, Result, split_outputs
 from serving.bundle import LoadedModel
 from serving.clinical import context_for
 from serving.errors import ApiError
@@ -66,6 +67,8 @@ class Inference:
         self.metrics = metrics
         self.threads = default_threads(settings.serving_inference_threads, settings.serving_workers)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="inference")
+        self.tta = settings.serving_tta
+        self.refuse_out_of_scope = settings.serving_refuse_out_of_scope
         self.batcher = MicroBatcher(settings.serving_micro_batch, on_batch=lambda n: metrics.batch_size.observe(n))
         self.decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
 
@@ -95,14 +98,24 @@ class Inference:
         return await self._in_pool(self._prepare, upload.data, size, settings, crop)
 
     async def predict(self, model: LoadedModel, images: np.ndarray) -> list[Result]:
-        return await self.batcher.predict(model, images)
+        """(probabilities, class map, features) per image; averaged over flips/rotations with SERVING_TTA."""
+        if not self.tta:
+            return await self.batcher.predict(model, images)
+        return tta.merge(await self.batcher.predict(model, tta.views(images)), len(images))
+
+    def _outputs(self, model: LoadedModel, images: np.ndarray) -> list[Result]:
+        """(probabilities, class map, features) per image on this thread; averaged over flips/rotations
+        with SERVING_TTA."""
+        if not self.tta:
+            return split_outputs(model.predict_outputs(images))
+        return tta.merge(split_outputs(model.predict_outputs(tta.views(images))), len(images))
 
     def _answer(self, model: LoadedModel, upload: UploadedFile, settings: Settings, explain: bool,
                 start: float) -> schemas.Prediction:
         image = self._prepare(upload.data, model.image_size, settings, crop_policy(model))
-        probs, cmaps = model.predict(image[None])
+        (output,) = self._outputs(model, image[None])
         self.metrics.batch_size.observe(1)
-        return self.result(model, upload, image, probs[0], cmaps[0], explain, start)
+        return self.result(model, upload, image, output, explain, start)
 
     async def answer(self, model: LoadedModel, upload: UploadedFile, settings: Settings, explain: bool,
                      start: float) -> schemas.Prediction:
@@ -111,14 +124,33 @@ class Inference:
         if self.batcher.max_batch == 1:
             return await self._in_pool(self._answer, model, upload, settings, explain, start)
         image = await self.prepare(upload, model.image_size, settings, crop_policy(model))
-        ((probs, cmap),) = await self.predict(model, image[None])
+        (output,) = await self.predict(model, image[None])
         if explain:
-            return await self._in_pool(self.result, model, upload, image, probs, cmap, True, start)
-        return self.result(model, upload, image, probs, cmap, False, start)
+            return await self._in_pool(self.result, model, upload, image, output, True, start)
+        return self.result(model, upload, image, output, False, start)
 
-    def result(self, model: LoadedModel, upload: UploadedFile, image: np.ndarray, probs: np.ndarray,
-               cmap: np.ndarray, explain: bool, start: float) -> schemas.Prediction:
-        """The response for one image; with `explain`, its Grad-CAM overlay (CPU work: call it in a thread)."""
+    def scope(self, model: LoadedModel, image: np.ndarray, feats: np.ndarray | None) -> schemas.Scope:
+        """Whether the image looks like what the model was trained on (None: the bundle cannot tell)."""
+        if model.detector is None or feats is None:
+            return schemas.Scope(in_scope=None, detail=model.scope_note or "no detector: the model has no features")
+        verdict = model.detector.check(feats[None], image[None])[0]
+        if verdict.in_scope:
+            return schemas.Scope(in_scope=True)
+        return schemas.Scope(in_scope=False, reason=verdict.reason, detail=REASON_TEXT[verdict.reason],
+                             refused=self.refuse_out_of_scope)
+
+    def result(self, model: LoadedModel, upload: UploadedFile, image: np.ndarray, output: Result,
+               explain: bool, start: float) -> schemas.Prediction:
+        """The response for one image; with `explain`, its Grad-CAM overlay (CPU work: call it in a thread).
+        An image the detector refuses gets in_scope=false, the reason and no label (still a 200)."""
+        probs, cmap, feats = output
+        scope = self.scope(model, image, feats)
+        if scope.refused:
+            self.metrics.refusals.labels(reason=scope.reason).inc()
+            return schemas.Prediction(
+                filename=upload.filename, in_scope=False, refusal_reason=scope.reason,
+                scope_detail=f"{schemas.OUT_OF_SCOPE_MESSAGE}: {scope.detail}", model=schemas.model_ref(model),
+                processing_ms=monotonic_ms(start))
         label, confidence = model.decide(probs)
         self.metrics.predictions.labels(version=model.identity.version, label=label).inc()
         self.metrics.observe_image(label)
@@ -133,6 +165,9 @@ class Inference:
             )
         return schemas.Prediction(
             filename=upload.filename,
+            in_scope=scope.in_scope,
+            refusal_reason=scope.reason,
+            scope_detail=scope.detail,
             label=label,
             task_label=label,
             confidence=round(confidence, 6),

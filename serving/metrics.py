@@ -38,6 +38,10 @@ class ServingMetrics:
         self.predictions = Counter(
             "hemaflow_predictions", "Images predicted, by model version and label", ["version", "label"], registry=r
         )
+        self.refusals = Counter(
+            "hemaflow_out_of_scope_refusals", "Images refused as out of scope (no label given), by reason",
+            ["reason"], registry=r,
+        )
         self.batch_size = Histogram(
             "hemaflow_inference_batch_size", "Images per interpreter invocation (micro-batching)",
             buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,

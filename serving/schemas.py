@@ -40,17 +40,38 @@ class Explanation(BaseModel):
     input_png_base64: str = Field(description="The resized model input itself, PNG (for the overlay toggle)")
 
 
+OUT_OF_SCOPE_MESSAGE = "This image does not look like what the model was trained on"
+
+
+class Scope(BaseModel):
+    """The out-of-scope check of one image (internal; its fields are copied into Prediction)."""
+
+    in_scope: bool | None
+    reason: str | None = None
+    detail: str | None = None
+    refused: bool = False
+
+
 class Prediction(BaseModel):
     filename: str | None = None
-    label: str = Field(description="Predicted class (binary tasks apply the bundle threshold)")
-    task_label: str = Field(description="Task-level answer, e.g. normal / abnormal")
-    confidence: float = Field(description="Probability of the predicted class")
-    probabilities: dict[str, float] = Field(description="Probability of every class, in model order")
+    in_scope: bool | None = Field(
+        None, description="false: the bundle's out-of-scope detector says the image does not look like what the "
+        "model was trained on; with SERVING_REFUSE_OUT_OF_SCOPE (default) the answer then has no label, "
+        "probabilities or clinical context. null: the bundle has no detector (see scope_detail)")
+    refusal_reason: str | None = Field(
+        None, description="When in_scope is false: image_statistics (colours/texture unlike the training images, "
+        "e.g. flat, noise, text) or features (the network's features far from every trained class)")
+    scope_detail: str | None = Field(None, description="The out-of-scope verdict in words, or 'no detector: ...'")
+    label: str | None = Field(None, description="Predicted class (binary tasks apply the bundle threshold); "
+                              "null when the image was refused as out of scope")
+    task_label: str | None = Field(None, description="Task-level answer, e.g. normal / abnormal")
+    confidence: float | None = Field(None, description="Probability of the predicted class")
+    probabilities: dict[str, float] | None = Field(None, description="Probability of every class, in model order")
     threshold: float | None = Field(None, description="Binary tasks: P(positive) >= threshold => positive")
     positive_label: str | None = None
     model: ModelRef
     processing_ms: float = Field(description="Server time for this request (decode, model, response)")
-    clinical: ClinicalContext
+    clinical: ClinicalContext | None = None
     explanation: Explanation | None = None
 
 
@@ -81,6 +102,8 @@ class ModelInfo(BaseModel):
     created_at: str | None = None
     git_commit: str | None = None
     signed_by: str | None = Field(None, description="id of the pinned public key that verified the bundle")
+    out_of_scope_detector: dict[str, Any] | None = Field(
+        None, description="The bundle's out-of-scope detector: method, thresholds, validation figures (null: none)")
     clinical: dict[str, ClinicalContext]
 
 

@@ -24,6 +24,7 @@ from contracts.bundle import (
     CANARY_TOLERANCE,
     FORMAT_VERSION,
     MODEL_FILE,
+    OUTPUT_FEATURES,
     OUTPUT_PROBABILITIES,
     SIGNATURE,
     SIGNATURE_FILE,
@@ -128,6 +129,17 @@ def signing_key_of(settings: Any) -> str:
     return key
 
 
+def _check_features(model: Any, runner: TFLiteRunner, canary_images: np.ndarray) -> None:
+    """The TFLite `features` output must be the Keras pooled features the detector was fitted on."""
+    from training.model import pooled_feature_model
+
+    lite = runner(canary_images.astype(np.float32))[OUTPUT_FEATURES]
+    keras_feats = np.asarray(pooled_feature_model(model)(canary_images.astype(np.float32), training=False))
+    diff = float(np.max(np.abs(lite - keras_feats)) / max(1.0, float(np.max(np.abs(keras_feats)))))
+    if not diff <= CANARY_TOLERANCE:
+        raise BundleError("canary_mismatch", f"TFLite and Keras pooled features differ by {diff:.2e} (relative)")
+
+
 def export_bundle(
     model: Any,
     out_dir: Path | str,
@@ -150,6 +162,7 @@ def export_bundle(
     extra_files: dict[str, bytes] | None = None,
     crop: str = "center_crop",
     calibration: dict[str, Any] | None = None,
+    ood: tuple[Any, dict[str, Any]] | None = None,
 ) -> Bundle:
     """Convert `model` to TFLite and write a complete, verified bundle into `out_dir`.
 
@@ -159,6 +172,7 @@ def export_bundle(
     `extra_files` ({name: bytes}, e.g. DATA_PROFILE_FILE, MODEL_CARD_FILE) are listed in SHA256SUMS too.
     `calibration` (training.calibration.calibrate) is recorded as `calibration`; its temperature
     is already applied inside model.tflite, so serving's probabilities are the calibrated ones.
+    `ood` = (contracts.ood.OodDetector, its validation figures) adds ood.npz and bundle.json `ood`.
     """
     from PIL import Image
 
@@ -182,6 +196,7 @@ def export_bundle(
         if not diff <= CANARY_TOLERANCE:  # also catches NaN
             raise BundleError("canary_mismatch",
                               f"TFLite and Keras disagree on the canaries by {diff:.2e} (> {CANARY_TOLERANCE:.0e})")
+        _check_features(model, runner, canary_images)
         (staging / CANARY_DIR).mkdir()
         canaries = []
         for i, (image, label) in enumerate(zip(canary_images, canary_labels, strict=True)):
@@ -209,6 +224,12 @@ def export_bundle(
             "git_commit": git_commit,
             **(extra or {}),
         }
+        if ood is not None:
+            from contracts.ood import OOD_FILE
+
+            detector, figures = ood
+            (staging / OOD_FILE).write_bytes(detector.to_npz())
+            meta["ood"] = detector.describe(figures)
         (staging / BUNDLE_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
         for name, data in (extra_files or {}).items():
             if "/" in name or (staging / name).exists():

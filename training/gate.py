@@ -92,7 +92,9 @@ def evaluate_against_champion(dataset: str, model_version: str, settings: Settin
         "task": task,
         "primary_metric": primary_metric(task),
         "candidate": {"version": str(candidate.version), "run_id": candidate.run_id,
-                      "metrics": evaluate_bundle(cand_bundle, images, y)},
+                      "metrics": evaluate_bundle(cand_bundle, images, y),
+                      # the out-of-scope detector's validation figures (recorded, not gated on)
+                      "ood": (cand_bundle.meta.get("ood") or {}).get("validation")},
         "champion": None,
     }
     champ = alias_version(client, name, CHAMPION)
@@ -152,7 +154,8 @@ def decide_gate(comparison: dict, settings: Settings | None = None, overrides: d
     out = {"primary_metric": metric, "candidate_value": cand.get(metric), "champion_value": None,
            "margin": s.gate_margin, "floors": floors, "champion_version": None, "needs_review": False,
            # What apply_gate checks @champion against (compare-and-set).
-           "compared_champion": champ["version"] if champ else None}
+           "compared_champion": champ["version"] if champ else None,
+           "ood": comparison["candidate"].get("ood")}
     if failed:
         return {**out, "passed": False, "reason": "below floor: " + "; ".join(failed)}
     if champ is None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from contracts.bundle import OUTPUT_CLASS_MAPS, OUTPUT_PROBABILITIES
+from contracts.bundle import OUTPUT_CLASS_MAPS, OUTPUT_FEATURES, OUTPUT_PROBABILITIES
 
 FEATURES_LAYER = "features"
 POOLED_FEATURES_LAYER = "pooled_features"
@@ -136,7 +136,10 @@ def head_weights(model: Any):
 
 
 def serving_function(model: Any, image_size: int):
-    """(fn, input_signature) of the serving graph: image -> {probabilities, class_maps}.
+    """(fn, input_signature) of the serving graph: image -> {probabilities, class_maps, features}.
+
+    `features` are the pooled features [N, K] (the GAP output) the bundle's out-of-scope
+    detector (contracts/ood.py) scores.
 
     The head is recomputed from the features with the trained dense weights, which is
     exactly the inference path of `model` (dropout is off at inference).
@@ -153,6 +156,7 @@ def serving_function(model: Any, image_size: int):
         return {
             OUTPUT_PROBABILITIES: tf.nn.softmax(logits / temperature, axis=-1),
             OUTPUT_CLASS_MAPS: tf.einsum("nhwk,kc->nhwc", feats, dense.kernel),
+            OUTPUT_FEATURES: tf.reduce_mean(feats, axis=[1, 2]),
         }
 
     return serve, [tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name=INPUT_NAME)]

@@ -29,6 +29,7 @@ HISTORY_TAG = "history"
 HISTORY_KEEP = 30
 TAG_GATE_DECISION = "gate_decision"  # passed | failed | needs_review; absent = not gated yet
 NEEDS_REVIEW = "needs_review"
+TAG_GATE_OOD = "gate_ood"  # the out-of-scope detector's validation figures the gate saw (JSON)
 # Gate settings a run's overrides may raise but never lower.
 
 
@@ -93,6 +94,8 @@ def _move_aliases(client, name: str, version: str, decision: dict) -> dict:
     if decision["passed"] and current is not None and str(current.version) == version:
         return _already_champion(client, name, current)
     _check_champion_unchanged(name, decision, current)
+    if decision.get("ood"):
+        client.set_model_version_tag(name, version, TAG_GATE_OOD, json.dumps(decision["ood"], sort_keys=True))
     outcome = "passed" if decision["passed"] else NEEDS_REVIEW if decision.get("needs_review") else "failed"
     reason = decision["reason"]
     if not decision["passed"]:

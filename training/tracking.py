@@ -50,6 +50,8 @@ CODE_FILES = (
     "training/bundle.py",
     "training/calibration.py",
     "training/stopping.py",
+    "training/ood.py",
+    "contracts/ood.py",
     "contracts/bundle.py",
     "contracts/processed.py",
 )

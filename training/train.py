@@ -151,6 +151,7 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     from training.stopping import TAG_STOP_REASON
     from training.errors import Diverged
     from training.fitting import FitRequest, fit_and_evaluate, pick_canaries
+    from training.ood import fit_for_run
     from training.registration import version_tags
     from training.tracking import epoch_logger, log_evaluation, log_fit, log_model
 
@@ -165,6 +166,8 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     log_fit(fitted)
     log_evaluation(s, meta, fitted)
     extra_files, drift = profile_and_card(c, folder, fitted)
+    ood = fit_for_run(fitted.model, folder, meta, fitted.val_x)  # out-of-scope detector, thresholds on val
+    mlflow.log_metrics({f"ood_{k}": v for k, v in ood[1].items()})
     canary_x, canary_labels = pick_canaries(fitted.val_x, fitted.val_y, fitted.labels, s.canary_count)
     with tempfile.TemporaryDirectory(prefix="hemaflow-bundle-") as tmp:
         bundle = export_bundle(
@@ -174,7 +177,7 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
             metrics={k: v for k, v in fitted.test_metrics.items() if k != "per_class"},
             run_id=c.run_id, model_name=c.model_name, git_commit=c.commit, signing_key=signing_key,
             extra_files=extra_files, crop=crop_of(meta.preprocessing), calibration=fitted.calibration,
-            extra={TAG_STOP_REASON: fitted.stop_reason},
+            extra={TAG_STOP_REASON: fitted.stop_reason}, ood=ood,
         )
         mlflow.log_artifacts(str(bundle.folder), BUNDLE_DIR)
         mlflow.log_metric("keras_tflite_max_abs_diff", bundle.meta["keras_tflite_max_abs_diff"])

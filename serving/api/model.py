@@ -36,6 +36,7 @@ async def model_info(manager: ManagerDep):
         created_at=meta.get("created_at"),
         git_commit=meta.get("git_commit"),
         signed_by=model.identity.signed_by,
+        out_of_scope_detector=meta.get("ood"),
         clinical={lab: schemas.ClinicalContext(**context_for(lab)) for lab in model.labels},
     )
 

@@ -52,7 +52,11 @@ async def _predict_one(request: Request, settings: SettingsDep, manager: Manager
 @router.post("/predict", response_model=schemas.Prediction, openapi_extra=MULTIPART_BODY)
 async def predict(request: Request, settings: SettingsDep, manager: ManagerDep, inference: InferenceDep,
                   explain: Annotated[bool, Query(description="Add a Grad-CAM overlay")] = False):
-    """Classify one image (multipart field `file`, or a raw image body)."""
+    """Classify one image (multipart field `file`, or a raw image body).
+
+    An image the model's out-of-scope detector flags (not a blood smear like those it was trained
+    on: flat, noise, text, another modality) is answered 200 with `in_scope: false`, a
+    `refusal_reason` and no label, probabilities or clinical context (SERVING_REFUSE_OUT_OF_SCOPE)."""
     return await _predict_one(request, settings, manager, inference, explain)
 
 
@@ -64,7 +68,8 @@ async def explain(request: Request, settings: SettingsDep, manager: ManagerDep, 
 
 @router.post("/predict/batch", response_model=schemas.BatchPrediction, openapi_extra=MULTIPART_BATCH_BODY)
 async def predict_batch(request: Request, settings: SettingsDep, manager: ManagerDep, inference: InferenceDep):
-    """Classify up to SERVING_MAX_BATCH images; a bad file gets an error entry, the rest are answered."""
+    """Classify up to SERVING_MAX_BATCH images; a bad file gets an error entry, the rest are answered
+    (an out-of-scope image: `in_scope: false` and no label, as on /v1/predict)."""
     start = time.perf_counter()
     model = current_model(manager)
     uploads = await read_files(request, max_file_bytes=settings.serving_max_upload_bytes,
@@ -82,6 +87,5 @@ async def predict_batch(request: Request, settings: SettingsDep, manager: Manage
         if isinstance(item, ApiError):
             results.append(schemas.BatchItemError(filename=upload.filename, error=item.code, detail=item.detail))
         else:
-            probs, cmap = next(outputs)
-            results.append(inference.result(model, upload, item, probs, cmap, False, start))
+            results.append(inference.result(model, upload, item, next(outputs), False, start))
     return schemas.BatchPrediction(results=results, model=schemas.model_ref(model), processing_ms=monotonic_ms(start))

@@ -70,6 +70,17 @@
   }
 
   function render(data) {
+    // Refused as out of scope (in_scope false, no label): say so instead of showing a class.
+    const refused = data.in_scope === false && data.label == null;
+    $("answer").hidden = refused;
+    $("out-of-scope").hidden = data.in_scope !== false;  // flagged but answered (refusal off): warn too
+    text($("out-of-scope"), data.in_scope === false
+      ? (data.scope_detail || "This image does not look like what the model was trained on") : "");
+    if (refused) {
+      lastExplanation = null;
+      renderMeta(data);
+      return;
+    }
     const label = $("pred-label");
     text(label, data.label);
     label.classList.toggle("positive", data.positive_label != null && data.label === data.positive_label);
@@ -115,7 +126,10 @@
     add("", "Normal share:", c.normal_share);
     add("", "An increase can mean:", c.increase);
     add("note", "", c.note);
+    renderMeta(data);
+  }
 
+  function renderMeta(data) {
     text($("meta-model"), data.model.name);
     text($("meta-version"), data.model.version);
     text($("meta-dataset"), data.model.dataset_version);

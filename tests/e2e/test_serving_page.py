@@ -145,3 +145,20 @@ def test_keyboard_picker_and_bad_file_message(page_server, browser, tmp_path):
     page.set_viewport_size({"width": 390, "height": 800})
     boxes = [page.locator(s).bounding_box() for s in (".upload-card", "#dropzone")]
     assert all(b and b["width"] <= 390 for b in boxes)
+
+
+def test_an_out_of_scope_image_shows_the_refusal_instead_of_a_class(tiny_ood_bundle_dir, browser, tmp_path):
+    proc = ServingProcess({"SERVING_BUNDLE_PATH": str(tiny_ood_bundle_dir)}, tmp_path / "ood-server").start()
+    try:
+        flat = tmp_path / "grey.jpg"
+        Image.new("RGB", (640, 480), (128, 128, 128)).save(flat, "JPEG", quality=90)
+        page = browser.pages[0] if browser.pages else browser.new_page()
+        page.goto(proc.url + "/")
+        page.wait_for_selector("#ready-dot.ready")
+        drop_file(page, "#dropzone", flat, "image/jpeg")
+        page.wait_for_selector("#out-of-scope:not([hidden])", timeout=20_000)
+        assert "This image does not look like what the model was trained on" in page.inner_text("#out-of-scope")
+        assert not page.locator("#answer").is_visible() and not page.locator("#pred-label").is_visible()
+        assert page.inner_text("#meta-version")  # which model refused it is still shown
+    finally:
+        proc.stop()

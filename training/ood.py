@@ -1,0 +1,135 @@
+"""Fitting the out-of-scope detector (format and scoring: contracts/ood.py) at training time.
+
+The Gaussians are fitted on the TRAINING split (pooled features of the trained model, and image
+statistics); each threshold is the (1 - (1 - target) / 2) quantile of the VALIDATION scores, so
+each check refuses at most half the allowed share of validation images and both together at
+most `1 - target` (>= 99 % of in-scope validation images pass at the default). The test split is
+never looked at. The figures (validation pass rates, thresholds, share of generated non-smears
+refused) go to MLflow, bundle.json `ood.validation` and the gate decision.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from contracts.ood import Gaussian, OodDetector
+
+TARGET_PASS = 0.99
+FEATURE_BATCH = 128
+NON_SMEAR_KINDS = ("flat", "noise", "text", "photo")
+
+
+def pooled_features(model: Any, images: np.ndarray, batch_size: int = FEATURE_BATCH) -> np.ndarray:
+    """Pooled features [N, K] of raw 0..255 images, computed in chunks (a split can be large)."""
+    from training.model import pooled_feature_model
+
+    sub = pooled_feature_model(model)
+    parts = [np.asarray(sub(images[i:i + batch_size].astype(np.float32), training=False))
+             for i in range(0, len(images), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def _threshold(scores: np.ndarray, quantile: float) -> float:
+    return float(np.quantile(scores, quantile, method="higher"))
+
+
+def fit_detector(model: Any, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
+                 target_pass: float = TARGET_PASS) -> tuple[OodDetector, dict[str, Any]]:
+    """(detector, validation figures): Gaussians on train, thresholds on validation."""
+    from contracts.ood import image_statistics
+
+    if len(val_x) == 0 or len(train_x) < 2:
+        raise ValueError("the out-of-scope detector needs training and validation images")
+    features = Gaussian.fit(pooled_features(model, train_x), train_y)
+    statistics = Gaussian.fit(image_statistics(train_x))
+    val_f = features.distance(pooled_features(model, val_x))
+    val_s = statistics.distance(image_statistics(val_x))
+    quantile = 1 - (1 - target_pass) / 2
+    detector = OodDetector(features, statistics, _threshold(val_f, quantile), _threshold(val_s, quantile))
+    passed_f, passed_s = val_f <= detector.feature_threshold, val_s <= detector.statistics_threshold
+    figures = {
+        "target_pass": target_pass, "fit_images": int(len(train_x)), "val_images": int(len(val_x)),
+        "val_pass_rate": float(np.mean(passed_f & passed_s)),
+        "val_pass_features": float(np.mean(passed_f)), "val_pass_statistics": float(np.mean(passed_s)),
+    }
+    figures.update(non_smear_refusals(detector, model, int(val_x.shape[1])))
+    return detector, figures
+
+
+def fit_for_run(model: Any, folder: Path, meta: Any, val_x: np.ndarray,
+                target_pass: float = TARGET_PASS) -> tuple[OodDetector, dict[str, Any]]:
+    """The detector of one training run: reads the training split of the processed version."""
+    from training.data import load_split_arrays
+
+    train_x, train_y = load_split_arrays(folder, meta, "train")
+    return fit_detector(model, train_x, train_y, val_x, target_pass)
+
+
+def non_smear_refusals(detector: OodDetector, model: Any, size: int, per_kind: int = 8) -> dict[str, float]:
+    """Share of generated non-smears (NON_SMEAR_KINDS) the detector refuses, overall and per kind."""
+    from contracts.imaging import prepare_image
+
+    out: dict[str, float] = {}
+    refused_all = []
+    for kind, images in non_smear_images(per_kind, seed=12345).items():
+        batch = np.stack([prepare_image(img, size) for img in images])
+        refused = [not v.in_scope for v in detector.check(pooled_features(model, batch), batch)]
+        out[f"synthetic_refused_{kind}"] = float(np.mean(refused))
+        refused_all += refused
+    out["synthetic_refused"] = float(np.mean(refused_all))
+    return out
+
+
+def non_smear_images(per_kind: int, seed: int = 0, size: tuple[int, int] = (320, 240)) -> dict[str, list[Any]]:
+    """Pillow images that are not blood smears: `flat` colour, uniform `noise`, rendered `text`,
+    and a `photo`-like sky gradient with shapes. Used at training time (figures) and by tests."""
+    rng = np.random.default_rng(seed)
+    makers = {"flat": _flat, "noise": _noise, "text": _text, "photo": _photo}
+    return {kind: [makers[kind](rng, size) for _ in range(per_kind)] for kind in NON_SMEAR_KINDS}
+
+
+def _flat(rng: np.random.Generator, size: tuple[int, int]):
+    from PIL import Image
+
+    return Image.new("RGB", size, tuple(int(v) for v in rng.integers(0, 256, 3)))
+
+
+def _noise(rng: np.random.Generator, size: tuple[int, int]):
+    from PIL import Image
+
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _text(rng: np.random.Generator, size: tuple[int, int]):
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=int(rng.integers(14, 28)))
+    words = ["patient", "sample", "report", "smear", "blood", "count", "result", "HemaFlow", "2026", "ok"]
+    y = int(rng.integers(2, 12))
+    while y < size[1] - 10:
+        line = " ".join(rng.choice(words, 5))
+        draw.text((int(rng.integers(2, 20)), y), line, fill=(0, 0, 0), font=font)
+        y += int(rng.integers(20, 34))
+    return img
+
+
+def _photo(rng: np.random.Generator, size: tuple[int, int]):
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    top, bottom = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    t = np.linspace(0, 1, h)[:, None, None]
+    sky = (top * (1 - t) + bottom * t) * np.ones((1, w, 1))
+    img = Image.fromarray(sky.astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 7))):
+        x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+        box = (x0, y0, x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2)))
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    return img
