@@ -67,7 +67,9 @@ def test_adding_and_removing_images_rewrites_only_the_shards_they_touch(tiny_dat
     unchanged = {n for n in common if before[n] == after[n]}
     assert touched and touched.isdisjoint(unchanged)
     assert unchanged == common - touched  # every untouched shard kept its bytes (and ETag)
-    assert len(unchanged) >= len(after) // 2, (len(unchanged), len(after))
+    sizes = __import__("collections").Counter(shard_after.values())
+    assert max(sizes.values()) <= 3 * settings.shard_size, sizes  # content buckets of about SHARD_SIZE images
+    assert len(touched) <= 4 and len(unchanged) >= len(after) - 4 >= 3 * len(touched), (len(unchanged), len(after))
     assert "4 images decoded" in second.message and f"{len(unchanged)} reused" in second.message
 
     victim = sorted((root / "pos").glob("pos_*.png"))[0]
