@@ -29,6 +29,7 @@ class FitRequest:
     folder: Path
     verbose: int = 0  # Keras' fit verbosity (the CLI shows a progress bar)
     on_epoch: Callable[[int, dict], None] | None = None
+    initial_weights: list[Any] | None = None  # warm start (training/warm_start.py); None = random init
 
 
 @dataclass
@@ -131,6 +132,8 @@ def _fit(req: FitRequest):
     train_ds = make_dataset(folder, meta, "train", s.batch_size, training=True, seed=s.seed, resize_to=size)
     val_ds = make_dataset(folder, meta, "val", s.batch_size, resize_to=size)
     net = build_model(len(labels), size, size, s.model_width, s.model_depth, seed=s.seed)
+    if req.initial_weights is not None:
+        net.set_weights(req.initial_weights)
     net.compile(
         optimizer=keras.optimizers.Adam(s.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(),

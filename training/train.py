@@ -159,11 +159,14 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     from training.fitting import FitRequest, fit_and_evaluate, pick_canaries
     from training.registration import version_tags
     from training.tracking import epoch_logger, log_evaluation, log_fit, log_model
+    from training.warm_start import log_warm_start
 
     s, meta = c.settings, c.meta
     signing_key = signing_key_of(s)  # security: fail before training, not after, when no key is set
+    warm = log_warm_start(s, meta)
     try:
-        fitted = fit_and_evaluate(FitRequest(s, meta, folder, c.verbose, epoch_logger(s.epochs, c.on_epoch)))
+        fitted = fit_and_evaluate(FitRequest(s, meta, folder, c.verbose, epoch_logger(s.epochs, c.on_epoch),
+                                             initial_weights=warm.weights))
     except Diverged as exc:
         mlflow.log_param("model_params", exc.model_params)
         mlflow.set_tag("failure", "non-finite loss")
@@ -185,6 +188,6 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     result = {
         "run_id": c.run_id, "skipped": False, "resumed": False, "reason": f"trained on {meta.dataset_version}",
         "model_name": c.model_name, "dataset_version": meta.dataset_version, "metrics": fitted.test_metrics,
-        "threshold": fitted.threshold, "epochs_run": fitted.epochs_run,
+        "threshold": fitted.threshold, "epochs_run": fitted.epochs_run, "warm_started_from": warm.from_version,
     }
     return result, model_uri, version_tags(meta, c.commit, c.chash, fitted)
