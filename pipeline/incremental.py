@@ -18,7 +18,7 @@ and the parameters (same images and settings -> same version and same shard byte
   records `processed/<dataset>/_shards/<shard_key>.json` -> the S3 key of those bytes, and a later
   version with the same shard copies that object server-side (and hard-links the local file)
   instead of encoding and uploading it again. Index entries are written only after the version's
-  dataset.json, so they never point at an unpublished shard.
+  dataset.json, and an entry counts only while that version's dataset.json still exists.
 """
 
 from __future__ import annotations
@@ -109,24 +109,28 @@ def find_published_shard(settings: Settings, client, dataset: str, key: str) -> 
     """The published copy of a shard with this key ({"version", "name", "s3_key"}) if it still exists."""
     from pipeline.storage import get_json_or_none, object_exists
 
+    from contracts.processed import META_FILE, version_prefix
+
     entry = get_json_or_none(client, settings.s3_bucket, shard_index_key(dataset, key))
     if not entry or not object_exists(client, settings.s3_bucket, entry["s3_key"]):
         return None
+    if not object_exists(client, settings.s3_bucket, version_prefix(dataset, entry["version"]) + META_FILE):
+        return None  # that version is no longer published (deleted or being rebuilt): encode instead
     return entry
 
 
-def reuse_local(settings: Settings, dataset: str, entry: dict[str, str], target: Path) -> bool:
-    """Hard-link (or copy) the local file of a published shard into `target`; False if not on disk."""
+def reuse_local(settings: Settings, client, dataset: str, entry: dict[str, str], target: Path) -> None:
+    """Put a published shard's bytes at `target`: hard-link (or copy) its local file, else download it."""
     from contracts.processed import local_version_dir
 
     source = local_version_dir(settings, dataset, entry["version"]) / entry["name"]
     if not source.is_file():
-        return False
+        client.download_file(settings.s3_bucket, entry["s3_key"], str(target))
+        return
     try:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
-    return True
 
 
 def record_published_shards(settings: Settings, client, dataset: str, version: str, keys: dict[str, str]) -> None:

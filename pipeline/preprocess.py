@@ -140,7 +140,6 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
     counts: dict[str, dict[str, int]] = {}
     manifest: list[dict] = []
     stats = {"shards_reused": 0, "shards_written": 0, "images_decoded": 0}
-    local_complete = True
     workers = max(2, os.cpu_count() or 2)
     bar = progress(range(len(rows)), len(rows), f"preprocess {dataset}", show_progress)
 
@@ -167,7 +166,7 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
                     published = s3_call(s, "find shard", find_published_shard, s, client, dataset, keys[name])
                     if published:
                         uploads.append(uploader.submit(_copy, published["s3_key"], name))
-                        local_complete &= reuse_local(s, dataset, published, work / name)
+                        s3_call(s, f"reuse {name}", reuse_local, s, client, dataset, published, work / name)
                         stats["shards_reused"] += 1
                     else:
                         records, decoded = _encode_all(pool, chunk)
@@ -198,7 +197,7 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
         s3_call(s, "upload dataset.json", client.put_object, Bucket=s.s3_bucket, Key=prefix + META_FILE,
                 Body=meta.to_json().encode(), ContentType="application/json")  # last: marks completeness
         s3_call(s, "index shards", record_published_shards, s, client, dataset, version, keys)
-        if local_complete and not (final_dir / META_FILE).is_file():  # else training downloads it
+        if not (final_dir / META_FILE).is_file():
             shutil.rmtree(final_dir, ignore_errors=True)
             os.replace(work, final_dir)
     finally:

@@ -75,10 +75,16 @@ def test_adding_and_removing_images_rewrites_only_the_shards_they_touch(tiny_dat
     victim = sorted((root / "pos").glob("pos_*.png"))[0]
     victim_sha = __import__("hashlib").sha256(victim.read_bytes()).hexdigest()
     s3.delete_object(Bucket=settings.s3_bucket, Key=f"raw/{dataset}/pos/{victim.name}")
+    # Another worker: no local copy of the previous version, so reused shards are downloaded.
+    from contracts.processed import local_version_dir
+
+    shutil.rmtree(local_version_dir(settings, dataset, second.dataset_version))
     third = _run(settings, dataset)
     removed = _shards(s3, settings, dataset, third.dataset_version)
     changed = {n for n in removed if after.get(n) != removed[n]}
     assert changed == {shard_after[victim_sha]}
+    local = local_version_dir(settings, dataset, third.dataset_version)
+    assert {n: (local / n).read_bytes() for n in removed} == {n: body for n, (_, body) in removed.items()}
     assert "0 images decoded" in third.message
 
 
