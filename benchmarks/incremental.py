@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -72,6 +73,20 @@ def serve_reload_s(settings) -> tuple[float, str]:
     return time.perf_counter() - t0, f"serving v{outcome.version}"
 
 
+def _champion(dataset: str, version: str, settings) -> dict:
+    """Train from scratch on the 95 % version, promote it, load it the way serving does."""
+    from training.registry import promote_if_better
+
+    champion = timed_training(dataset, version, settings, warm_start=False)
+    gate = promote_if_better(dataset, champion["model_version"], settings)
+    print(f"95 %: trained v{champion['model_version']} in {champion['wall_s']:.0f} s, "
+          f"gate passed={gate['decision']['passed']}")
+    assert gate["decision"]["passed"], "the scenario needs a champion (short runs: lower GATE_MIN_* in the env)"
+    served_s, outcome = serve_reload_s(settings)
+    print(f"95 %: serving reload {served_s:.1f} s ({outcome})")
+    return champion
+
+
 def clean_processed(settings, dataset: str) -> None:
     """Forget processed versions, the shard index and the prepared cache; keep raw images and manifests."""
     from pipeline.storage import iter_objects, s3_client
@@ -88,7 +103,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "leukemia")
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--data-path-only", action="store_true",
+                        help="steps 1-2 without training or serving (ingest, validate, preprocess figures only)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the stack (finally) when killed
     if not args.data.is_dir():
         print(f"no data at {args.data}: pass --data", file=sys.stderr)
         return 2
@@ -119,14 +137,8 @@ def main() -> int:
         first = run_pipeline(dataset, settings)
         first_s = time.perf_counter() - t0
         print(f"95 %: pipeline {first_s:.1f} s {first['timings']} -> {first['preprocess']['message']}")
-        champion = timed_training(dataset, first["preprocess"]["dataset_version"], settings, warm_start=False)
-        gate = promote_if_better(dataset, champion["model_version"], settings)
-        print(f"95 %: trained v{champion['model_version']} in {champion['wall_s']:.0f} s, "
-              f"gate passed={gate['decision']['passed']}")
-        assert gate["decision"]["passed"], "the scenario needs a champion (short runs: lower GATE_MIN_* in the env)"
-        served_s, outcome = serve_reload_s(settings)
-        print(f"95 %: serving reload {served_s:.1f} s ({outcome})")
-
+        if not args.data_path_only:
+            champion = _champion(dataset, first["preprocess"]["dataset_version"], settings)
         upload_tree(args.data, dataset, settings, emit_asset_event=False)  # + the held-out 5 %
         t0 = time.perf_counter()
         second = run_pipeline(dataset, settings)
@@ -142,6 +154,14 @@ def main() -> int:
         assert full.dataset_version == version and full.created, "same data must give the same version"
         print(f"full preprocess of the same version {full_pre:.1f} s -> {full.message}")
 
+        print()
+        print(f"shared 2-core machine, {os.cpu_count()} CPUs visible; {held} images added to "
+              f"{first['ingest']['total']}; EPOCHS={settings.epochs}")
+        print(f"+5 % preprocess / full preprocess   {incr_pre:6.1f} / {full_pre:6.1f} s = "
+              f"{incr_pre / full_pre:5.1%}   (target <= 15 %)")
+        print(f"+5 % pipeline (ingest+validate+preprocess) {second_s:.1f} s vs the 95 % run {first_s:.1f} s")
+        if args.data_path_only:
+            return 0
         cold = timed_training(dataset, version, settings, warm_start=False)
         warm = timed_training(dataset, version, settings, warm_start=True)
         assert warm["warm_started_from"] == champion["model_version"], warm.get("warm_started_from")
@@ -161,12 +181,6 @@ def main() -> int:
         print(f"promote v{best['model_version']}: gate {gate_s:.1f} s passed={gate['decision']['passed']}; "
               f"serving reload {served_s:.1f} s ({outcome})")
 
-        print()
-        print(f"shared 2-core machine, {os.cpu_count()} CPUs visible; {held} images added to "
-              f"{first['ingest']['total']}; EPOCHS={settings.epochs}")
-        print(f"+5 % preprocess / full preprocess   {incr_pre:6.1f} / {full_pre:6.1f} s = "
-              f"{incr_pre / full_pre:5.1%}   (target <= 15 %)")
-        print(f"+5 % pipeline (ingest+validate+preprocess) {second_s:.1f} s vs the 95 % run {first_s:.1f} s")
         if reach is None:
             print(f"warm start never reached the full run's best val_accuracy {target:.3f} "
                   f"(its best {max(a for _, a in warm['curve']):.3f}); full run fit {cold_s:.0f} s")
