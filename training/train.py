@@ -188,6 +188,7 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     result = {
         "run_id": c.run_id, "skipped": False, "resumed": False, "reason": f"trained on {meta.dataset_version}",
         "model_name": c.model_name, "dataset_version": meta.dataset_version, "metrics": fitted.test_metrics,
-        "threshold": fitted.threshold, "epochs_run": fitted.epochs_run, "warm_started_from": warm.from_version,
+        "threshold": fitted.threshold, "epochs_run": fitted.epochs_run,
     }
+    result["warm_started_from"] = warm.from_version
     return result, model_uri, version_tags(meta, c.commit, c.chash, fitted)
