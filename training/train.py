@@ -159,14 +159,14 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     from training.fitting import FitRequest, fit_and_evaluate, pick_canaries
     from training.registration import version_tags
     from training.tracking import epoch_logger, log_evaluation, log_fit, log_model
-    from training.warm_start import log_warm_start
+    from training.warm_start import fit_settings, log_warm_start
 
     s, meta = c.settings, c.meta
     signing_key = signing_key_of(s)  # security: fail before training, not after, when no key is set
     warm = log_warm_start(s, meta)
     try:
-        fitted = fit_and_evaluate(FitRequest(s, meta, folder, c.verbose, epoch_logger(s.epochs, c.on_epoch),
-                                             initial_weights=warm.weights))
+        fitted = fit_and_evaluate(FitRequest(fit_settings(s, warm), meta, folder, c.verbose,
+                                             epoch_logger(s.epochs, c.on_epoch), initial_weights=warm.weights))
     except Diverged as exc:
         mlflow.log_param("model_params", exc.model_params)
         mlflow.set_tag("failure", "non-finite loss")

@@ -20,6 +20,9 @@ from contracts.settings import Settings
 TAG_WARM_START = "warm_start"  # run tag: why the candidate did or did not start warm
 PARAM_WARM_STARTED_FROM = "warm_started_from"  # run param: champion version, or "none"
 ARCHITECTURE_PARAMS = ("model_width", "model_depth")
+# A warm start fine-tunes: a fresh Adam at the full LEARNING_RATE moves every weight by about the
+# learning rate in its first steps and throws the champion's solution away (benchmarks/incremental.py).
+WARM_START_LR_FACTOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,13 @@ def champion_weights(s: Settings, meta: DatasetMeta, shapes: list[tuple[int, ...
     return WarmStart(weights, str(champion.version), f"initialised from {name} v{champion.version} (champion)")
 
 
+def fit_settings(s: Settings, warm: WarmStart) -> Settings:
+    """The settings the fit uses: a warm start fine-tunes at LEARNING_RATE x WARM_START_LR_FACTOR."""
+    if warm.weights is None:
+        return s
+    return s.model_copy(update={"learning_rate": s.learning_rate * WARM_START_LR_FACTOR})
+
+
 def log_warm_start(s: Settings, meta: DatasetMeta) -> WarmStart:
     """Decide the warm start inside the active MLflow run and record it (param + tag), also when cold."""
     import logging
@@ -85,5 +95,7 @@ def log_warm_start(s: Settings, meta: DatasetMeta) -> WarmStart:
     warm = champion_weights(s, meta, network_shapes(s, meta)) if s.warm_start else _cold("warm start off")
     mlflow.log_param(PARAM_WARM_STARTED_FROM, warm.from_version or "none")
     mlflow.set_tag(TAG_WARM_START, warm.reason)
+    if warm.weights is not None:
+        mlflow.log_param("warm_start_learning_rate", fit_settings(s, warm).learning_rate)
     logging.getLogger(__name__).info("warm start: %s", warm.reason)
     return warm
