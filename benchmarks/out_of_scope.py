@@ -135,7 +135,7 @@ def measure(args, settings) -> None:
     from serving.bundle import load_bundle
     from training.data import load_split_arrays
     from training.ood import non_smear_images
-    from training.registry import download_bundle
+    from training.gate import download_bundle
     from training.tracking import mlflow_client
 
     run_id, version = _train_or_reuse(args, settings)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.update(_stack_env(home))
     from contracts.settings import get_settings
-    from pipeline import stack
+    from ops import stack
 
     settings = get_settings()
     os.environ["MLFLOW_S3_ENDPOINT_URL"] = settings.s3_endpoint_url

@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     train_time_budget_s: float = Field(840.0, gt=0, description="Wall-clock budget for fit()")
     target_sensitivity: float = Field(0.98, gt=0, le=1)
     canary_count: int = Field(4, ge=1)
+    warm_start: bool = Field(False, description="Start a candidate from the champion's weights when labels and "
+                             "architecture match (training/warm_start.py)")
 
     # --- promotion gate ----------------------------------------------------------------
     gate_min_balanced_accuracy: float = Field(0.80, ge=0, le=1)

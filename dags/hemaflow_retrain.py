@@ -42,6 +42,8 @@ OVERRIDE_PARAMS: dict[str, tuple[list[str], dict[str, Any], str]] = {
                          "Network input side (TRAIN_INPUT_SIZE)"),
     "max_bad_fraction": (["null", "number"], {"minimum": 0, "maximum": 1},
                          "Validation fails above this fraction of quarantined images (MAX_BAD_FRACTION)"),
+    "warm_start": (["null", "boolean"], {}, "Start the candidate from the champion's weights when labels and "
+                   "architecture match (WARM_START)"),
     "gate_min_balanced_accuracy": (["null", "number"], {"minimum": 0, "maximum": 1},
                                    "Promotion floor on test balanced accuracy (can only raise the configured one)"),
     "gate_min_sensitivity": (["null", "number"], {"minimum": 0, "maximum": 1},
@@ -74,7 +76,7 @@ Runs **{schedule}** (cron, no catch-up) **or** as soon as new images land under
 | report | run summary in the task log and in MLflow (`<prefix>-pipeline-runs`) | summary run id |
 
 **Params** (all optional, null = configured value) override settings for this run only:
-epochs, image size, network input size, bad-fraction threshold and gate thresholds (the gate's
+epochs, image size, network input size, warm start, bad-fraction threshold and gate thresholds (the gate's
 floors and margin can only be raised above the configured values, never lowered).
 """
 

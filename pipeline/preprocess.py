@@ -14,6 +14,12 @@ re-ran the parent's `__main__` (the `airflow` entry script) and died initialisin
 column) and finally dataset.json are uploaded, each shard while the next one is encoded; a
 local copy is kept in the processed cache so training on the same machine does not download
 it again.
+
+Incremental (issue 14, `pipeline/incremental.py`): each image is decoded once per set of
+preprocessing parameters (prepared-pixel cache), shards are assigned by content (sha256 bucket
+within a split), and a shard whose content key a published version already has is copied in
+S3 instead of being encoded and uploaded; adding or removing a few images rewrites only the
+shards they fall in.
 """
 
 from __future__ import annotations
@@ -68,16 +74,33 @@ def dataset_version(pairs: list[tuple[str, str]], labels: list[str], preprocessi
                         "splits": splits}, 20)
 
 
+def image_preparer(settings: Settings, crop: str = "center_crop"):
+    """bytes -> prepared uint8 array with this install's parameters (those `preprocessing_params` records)."""
+    from functools import partial
+
+    from contracts.imaging import prepare_image
+
+    return partial(prepare_image, size=settings.image_size, max_pixels=settings.max_image_pixels, crop=crop)
+
+
 def preprocess(validated_key: str, dataset: str, settings: Settings | None = None,
                show_progress: bool = False) -> PreprocessResult:
-    """Write the processed dataset version for the validated rows (or find it already there)."""
+    """Write the processed dataset version for the validated rows (or find it already there).
+
+    Incremental (pipeline/incremental.py): pixels come from the prepared cache when an image was
+    decoded before with the same parameters, and a shard another published version already has
+    (same shard key) is copied in S3 and hard-linked locally rather than encoded and uploaded."""
     from contracts.common import progress, to_jsonl, utc_now
     from contracts.dataset_spec import load_spec
     from contracts.processed import (MANIFEST_FILE, META_FILE, SPLITS, DatasetMeta, TFRecordWriter,
-                                     local_version_dir, shard_name, version_prefix)
+                                     encode_example, local_version_dir, shard_name, version_prefix)
     from pipeline.cache import ensure_cached
+    from pipeline.incremental import (find_published_shard, is_prepared, plan_shards, prepared_pixels,
+                                      record_published_shards, reuse_local, shard_key)
     from contracts.splits import assign_splits, split_score
     from pipeline.storage import ensure_bucket, get_jsonl, object_exists, s3_call, s3_client
+
+    import numpy as np
 
     s = settings or get_settings()
     spec = load_spec(dataset, s.dataset_specs_dir)
@@ -87,6 +110,7 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
     if not rows:
         raise ValueError(f"{validated_key} has no images: nothing to preprocess")
     prep, split_cfg = preprocessing_params(s, spec.crop), split_params(s)
+    prepare = image_preparer(s, spec.crop)
     version = dataset_version([(r["sha256"], r["label"]) for r in rows], spec.labels, prep, split_cfg)
     prefix = version_prefix(dataset, version)
     if s3_call(s, "check version", object_exists, client, s.s3_bucket, prefix + META_FILE):
@@ -99,27 +123,38 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
     # Order within a split by split score: deterministic and label-mixed within every shard.
     ordered = {sp: sorted((r for r in rows if splits[r["sha256"]] == sp),
                           key=lambda r: (split_score(r["sha256"], s.split_salt), r["sha256"])) for sp in SPLITS}
+    size = s.image_size
+
+    def _encode(row: dict) -> bytes:
+        pixels = prepared_pixels(s, prep, row["sha256"], lambda: ensure_cached(row, s, client), prepare)
+        image = np.frombuffer(pixels, dtype=np.uint8).reshape(size, size, 3)
+        return encode_example(image, label_index[row["label"]], row["sha256"])
 
     def _encode_all(pool, chunk: list[dict]):
-        with ThreadPoolExecutor(max_workers=s.transfer_workers) as fetcher:  # cache misses re-download
-            paths = [str(p) for p in fetcher.map(lambda r: ensure_cached(r, s, client), chunk)]
-        return pool.map(encode_cached_file, paths, [s.image_size] * len(chunk), [s.max_image_pixels] * len(chunk),
-                        [label_index[r["label"]] for r in chunk], [r["sha256"] for r in chunk],
-                        [spec.crop] * len(chunk))
+        missing = [r for r in chunk if not is_prepared(s, prep, r["sha256"])]
+        with ThreadPoolExecutor(max_workers=s.transfer_workers) as fetcher:  # raw-cache misses re-download
+            list(fetcher.map(lambda r: ensure_cached(r, s, client), missing))
+        return pool.map(_encode, chunk), len(missing)
 
     final_dir = local_version_dir(s, dataset, version)
     work = final_dir.parent / f".tmp-{version}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     shards: dict[str, list[str]] = {}
+    keys: dict[str, str] = {}
     counts: dict[str, dict[str, int]] = {}
     manifest: list[dict] = []
+    stats = {"shards_reused": 0, "shards_written": 0, "images_decoded": 0}
     workers = max(2, os.cpu_count() or 2)
     bar = progress(range(len(rows)), len(rows), f"preprocess {dataset}", show_progress)
 
     def _upload(name: str) -> None:
         with open(work / name, "rb") as fh:
             s3_call(s, f"upload {name}", client.put_object, Bucket=s.s3_bucket, Key=prefix + name, Body=fh)
+
+    def _copy(source_key: str, name: str) -> None:
+        s3_call(s, f"copy {name}", client.copy_object, Bucket=s.s3_bucket, Key=prefix + name,
+                CopySource={"Bucket": s.s3_bucket, "Key": source_key})
 
     try:
         # One uploader thread: each finished shard goes up while the next one is encoded
@@ -128,17 +163,26 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
             uploads = []
             for sp in SPLITS:
                 items = ordered[sp]
-                total = max(1, math.ceil(len(items) / s.shard_size)) if items else 0
                 shards[sp] = []
                 counts[sp] = dict(sorted(Counter(r["label"] for r in items).items()))
-                for index in range(total):
-                    chunk = items[index * s.shard_size:(index + 1) * s.shard_size]
-                    name = shard_name(sp, index, total)
-                    with TFRecordWriter(work / name) as writer:
-                        for row, record in zip(chunk, _encode_all(pool, chunk)):
-                            writer.write(record)
-                            next(bar, None)
-                    uploads.append(uploader.submit(_upload, name))
+                for bucket, buckets, chunk in plan_shards(items, s.shard_size):
+                    name = shard_name(sp, bucket, buckets)
+                    keys[name] = shard_key(chunk, label_index, prep)
+                    published = s3_call(s, "find shard", find_published_shard, s, client, dataset, keys[name])
+                    if published:
+                        uploads.append(uploader.submit(_copy, published["s3_key"], name))
+                        s3_call(s, f"reuse {name}", reuse_local, s, client, dataset, published, work / name)
+                        stats["shards_reused"] += 1
+                    else:
+                        records, decoded = _encode_all(pool, chunk)
+                        with TFRecordWriter(work / name) as writer:
+                            for record in records:
+                                writer.write(record)
+                        uploads.append(uploader.submit(_upload, name))
+                        stats["shards_written"] += 1
+                        stats["images_decoded"] += decoded
+                    for _ in chunk:
+                        next(bar, None)
                     shards[sp].append(name)
                     manifest.extend({**{k: row.get(k) for k in ("key", "sha256", "class", "label", "bytes",
                                                                    "width", "height", "format", "mode")},
@@ -152,11 +196,12 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
             classes=dict(spec.classes), positive_label=spec.positive_label, counts=counts, shards=shards,
             preprocessing={**prep, "splits": split_cfg}, source_manifest_key=validated_key,
             validation_summary_key=validated_key.rsplit("/", 1)[0] + "/summary.json", created_at=utc_now(),
-            extra={"images": len(rows), "shard_size": s.shard_size},
+            extra={"images": len(rows), "shard_size": s.shard_size, "shard_keys": keys, **stats},
         )
         (work / META_FILE).write_text(meta.to_json(), encoding="utf-8")
         s3_call(s, "upload dataset.json", client.put_object, Bucket=s.s3_bucket, Key=prefix + META_FILE,
                 Body=meta.to_json().encode(), ContentType="application/json")  # last: marks completeness
+        s3_call(s, "index shards", record_published_shards, s, client, dataset, version, keys)
         if not (final_dir / META_FILE).is_file():
             shutil.rmtree(final_dir, ignore_errors=True)
             os.replace(work, final_dir)
@@ -164,4 +209,7 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
         shutil.rmtree(work, ignore_errors=True)
     per_split = {sp: sum(c.values()) for sp, c in counts.items()}
     return PreprocessResult(dataset_version=version, prefix=prefix, created=True, counts=counts,
-                            per_split=per_split, message=f"dataset version {version} written: {per_split}")
+                            per_split=per_split,
+                            message=f"dataset version {version} written: {per_split}; {stats['shards_written']} "
+                                    f"shards written ({stats['images_decoded']} images decoded), "
+                                    f"{stats['shards_reused']} reused")

@@ -148,15 +148,17 @@ def get_json_or_none(client, bucket: str, key: str) -> Any | None:
         raise
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: never a partial file."""
+def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Write to a temporary file in the same folder, fsync (unless a cache says not to), then
+    rename: never a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -28,6 +28,7 @@ class FitRequest:
     folder: Path
     verbose: int = 0  # Keras' fit verbosity (the CLI shows a progress bar)
     on_epoch: Callable[[int, dict], None] | None = None
+    initial_weights: list[Any] | None = None  # warm start (training/warm_start.py); None = random init
 
 
 @dataclass
@@ -108,6 +109,8 @@ def _fit(req: FitRequest):
                             colour_strength=s.train_colour_strength)
     val_ds = make_dataset(folder, meta, "val", s.batch_size, resize_to=size)
     net = build_model(len(labels), size, size, s.model_width, s.model_depth, seed=s.seed)
+    if req.initial_weights is not None:
+        net.set_weights(req.initial_weights)
     net.compile(
         optimizer=keras.optimizers.Adam(s.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(),

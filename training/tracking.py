@@ -93,7 +93,8 @@ def package_versions() -> dict[str, str]:
 
 
 def training_config(s: Settings) -> dict[str, Any]:
-    return {k: getattr(s, k) for k in TRAIN_SETTING_KEYS}
+    # warm_start only when on: existing runs (made without the setting) keep their config hash.
+    return {k: getattr(s, k) for k in TRAIN_SETTING_KEYS} | ({"warm_start": True} if s.warm_start else {})
 
 
 def config_hash(s: Settings, dataset: str, dataset_version: str) -> str:

@@ -154,11 +154,14 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     from training.ood import fit_for_run
     from training.registration import version_tags
     from training.tracking import epoch_logger, log_evaluation, log_fit, log_model
+    from training.warm_start import fit_settings, log_warm_start
 
     s, meta = c.settings, c.meta
     signing_key = signing_key_of(s)  # security: fail before training, not after, when no key is set
+    warm = log_warm_start(s, meta)
     try:
-        fitted = fit_and_evaluate(FitRequest(s, meta, folder, c.verbose, epoch_logger(s.epochs, c.on_epoch)))
+        fitted = fit_and_evaluate(FitRequest(fit_settings(s, warm), meta, folder, c.verbose,
+                                             epoch_logger(s.epochs, c.on_epoch), initial_weights=warm.weights))
     except Diverged as exc:
         mlflow.log_param("model_params", exc.model_params)
         mlflow.set_tag("failure", "non-finite loss")
@@ -188,6 +191,7 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
         "threshold": fitted.threshold, "epochs_run": fitted.epochs_run, "stop_reason": fitted.stop_reason,
         "dataset_drift": drift,
     }
+    result["warm_started_from"] = warm.from_version
     return result, model_uri, version_tags(meta, c.commit, c.chash, fitted)
 
 

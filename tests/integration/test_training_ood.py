@@ -9,7 +9,8 @@ import json
 
 def test_training_fits_logs_and_ships_the_detector_and_the_gate_records_it(tiny_registered_model):
     from contracts.ood import OOD_FILE, OodDetector
-    from training.registry import TAG_GATE_OOD, download_bundle
+    from training.gate import download_bundle
+    from training.registry import TAG_GATE_OOD
     from training.tracking import mlflow_client
 
     info = tiny_registered_model

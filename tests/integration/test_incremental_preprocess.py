@@ -1,0 +1,143 @@
+"""Incremental preprocessing against the real SeaweedFS of the session stack (issue 14 item 2)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def _run(settings, dataset):
+    from pipeline.ingest import ingest
+    from pipeline.preprocess import preprocess
+    from pipeline.validate import validate
+
+    validated = validate(ingest(dataset, settings).manifest_key, dataset, settings)
+    return preprocess(validated.validated_key, dataset, settings)
+
+
+def _shards(s3, settings, dataset, version) -> dict[str, tuple[str, bytes]]:
+    """shard name -> (ETag, bytes) of a published version."""
+    from contracts.processed import version_prefix
+    from pipeline.storage import load_meta
+
+    meta = load_meta(dataset, version, settings)
+    prefix = version_prefix(dataset, version)
+    out = {}
+    for name in (n for names in meta.shards.values() for n in names):
+        obj = s3.get_object(Bucket=settings.s3_bucket, Key=prefix + name)
+        out[name] = (obj["ETag"], obj["Body"].read())
+    return out
+
+
+def _shard_of(settings, dataset, version) -> dict[str, str]:
+    from contracts.processed import read_local_manifest
+    from pipeline.storage import fetch_processed
+
+    return {r["sha256"]: r["shard"] for r in read_local_manifest(fetch_processed(dataset, version, settings))}
+
+
+def _add_images(root, count: int, seed: int) -> None:
+    from tests.fixtures.data import make_image
+
+    for i in range(count):
+        folder = ("neg", "pos")[i % 2]
+        make_image(seed + i, (200, 120, 160), (48, 48)).save(root / folder / f"new_{seed}_{i:04d}.png", "PNG")
+
+
+def test_adding_and_removing_images_rewrites_only_the_shards_they_touch(tiny_dataset_factory, s3):
+    from pipeline.upload import upload_tree
+
+    settings, dataset, root = tiny_dataset_factory({"neg": 40, "pos": 40}, shard_size=4)
+    upload_tree(root, dataset, settings)
+    first = _run(settings, dataset)
+    before = _shards(s3, settings, dataset, first.dataset_version)
+    shard_before = _shard_of(settings, dataset, first.dataset_version)
+
+    _add_images(root, 4, seed=9000)  # +5 %
+    upload_tree(root, dataset, settings)
+    second = _run(settings, dataset)
+    assert second.created and second.dataset_version != first.dataset_version
+    after = _shards(s3, settings, dataset, second.dataset_version)
+    shard_after = _shard_of(settings, dataset, second.dataset_version)
+    touched = {shard_after[sha] for sha in set(shard_after) - set(shard_before)}
+    common = set(before) & set(after)
+    unchanged = {n for n in common if before[n] == after[n]}
+    assert touched and touched.isdisjoint(unchanged)
+    assert unchanged == common - touched  # every untouched shard kept its bytes (and ETag)
+    sizes = __import__("collections").Counter(shard_after.values())
+    assert max(sizes.values()) <= 3 * settings.shard_size, sizes  # content buckets of about SHARD_SIZE images
+    assert len(touched) <= 4 and len(unchanged) >= len(after) - 4 >= 3 * len(touched), (len(unchanged), len(after))
+    assert "4 images decoded" in second.message and f"{len(unchanged)} reused" in second.message
+
+    victim = sorted((root / "pos").glob("pos_*.png"))[0]
+    victim_sha = __import__("hashlib").sha256(victim.read_bytes()).hexdigest()
+    s3.delete_object(Bucket=settings.s3_bucket, Key=f"raw/{dataset}/pos/{victim.name}")
+    # Another worker: no local copy of the previous version, so reused shards are downloaded.
+    from contracts.processed import local_version_dir
+
+    shutil.rmtree(local_version_dir(settings, dataset, second.dataset_version))
+    third = _run(settings, dataset)
+    removed = _shards(s3, settings, dataset, third.dataset_version)
+    changed = {n for n in removed if after.get(n) != removed[n]}
+    assert changed == {shard_after[victim_sha]}
+    local = local_version_dir(settings, dataset, third.dataset_version)
+    assert {n: (local / n).read_bytes() for n in removed} == {n: body for n, (_, body) in removed.items()}
+    assert "0 images decoded" in third.message
+
+
+def test_version_and_bytes_do_not_depend_on_history(tiny_dataset_factory, s3, tmp_path):
+    """A version built incrementally equals the same version built from scratch on a fresh cache."""
+    from pipeline.upload import upload_tree
+
+    settings, dataset, root = tiny_dataset_factory({"neg": 20, "pos": 20}, shard_size=4)
+    upload_tree(root, dataset, settings)
+    _run(settings, dataset)
+    _add_images(root, 2, seed=7000)
+    upload_tree(root, dataset, settings)
+    incremental = _run(settings, dataset)
+    built = _shards(s3, settings, dataset, incremental.dataset_version)
+
+    # Same images under another dataset name, fresh home (no prepared cache, no shard index).
+    fresh, other, other_root = tiny_dataset_factory({"neg": 1, "pos": 1}, shard_size=4,
+                                                    hemaflow_home=tmp_path / "fresh-home")
+    shutil.rmtree(other_root)
+    shutil.copytree(root, other_root)
+    upload_tree(other_root, other, fresh)
+    scratch = _run(fresh, other)
+    assert scratch.dataset_version == incremental.dataset_version
+    assert "0 reused" in scratch.message
+    assert _shards(s3, fresh, other, scratch.dataset_version) == built
+
+
+def test_a_crash_mid_write_publishes_nothing_and_the_rerun_completes(tiny_dataset_factory, s3, monkeypatch):
+    from contracts.processed import META_FILE, local_version_dir, version_prefix
+    from pipeline import incremental
+    from pipeline.storage import iter_objects, object_exists
+    from pipeline.upload import upload_tree
+
+    settings, dataset, root = tiny_dataset_factory({"neg": 20, "pos": 20}, shard_size=4)
+    upload_tree(root, dataset, settings)
+    real = incremental.shard_key
+    calls = []
+
+    def crash_on_third_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(incremental, "shard_key", crash_on_third_shard)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(settings, dataset)
+    monkeypatch.setattr(incremental, "shard_key", real)
+    keys = [o["Key"] for o in iter_objects(s3, settings.s3_bucket, f"processed/{dataset}/")]
+    assert keys and not any(k.endswith(META_FILE) or "/_shards/" in k for k in keys), keys
+    assert not list((settings.hemaflow_home / "cache" / "processed" / dataset).glob("*"))
+
+    result = _run(settings, dataset)
+    assert result.created and "0 reused" in result.message
+    assert object_exists(s3, settings.s3_bucket, version_prefix(dataset, result.dataset_version) + META_FILE)
+    assert (local_version_dir(settings, dataset, result.dataset_version) / META_FILE).is_file()
