@@ -1,4 +1,4 @@
-"""The training-data profile stored in the bundle (format and drift tests: contracts.drift).
+"""The training-data profile stored in the bundle (format: contracts.drift; drift tests: contracts.drift_checks).
 
 Colour/stain statistics of up to STATS_SAMPLE training images and the model's `pooled_features`
 (GAP) of FEATURES_SAMPLE of them, computed with Keras until the TFLite signature has a features
@@ -42,7 +42,8 @@ def drift_vs_champion(client: Any, settings: Any, model_name: str, profile: dict
     import mlflow
 
     from contracts.bundle import DATA_PROFILE_FILE, BundleError
-    from contracts.drift import DriftThresholds, ProfileError, profile_drift
+    from contracts.drift import ProfileError
+    from contracts.drift_checks import DriftThresholds, profile_drift
     from training.gate import download_bundle
     from training.registry import CHAMPION, alias_version
 

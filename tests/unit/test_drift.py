@@ -1,4 +1,4 @@
-"""Drift (contracts.drift) on real statistics: a re-stained batch is flagged, an unchanged
+"""Drift (contracts.drift, contracts.drift_checks) on real statistics: a re-stained batch is flagged, an unchanged
 held-out batch is not. Real smear fields from ../shared/data when present, generated
 smear-like images otherwise (both paths run the same assertions)."""
 
@@ -8,15 +8,8 @@ import json
 
 import numpy as np
 import pytest
-from contracts.drift import (
-    PROFILE_FORMAT,
-    DriftThresholds,
-    ProfileError,
-    build_profile,
-    drift_report,
-    load_profile,
-    profile_bytes,
-)
+from contracts.drift import PROFILE_FORMAT, ProfileError, build_profile, load_profile, profile_bytes
+from contracts.drift_checks import DriftThresholds, drift_report
 from tests.helpers import SHARED_DATA, restain
 
 SIZE = 64
@@ -129,7 +122,7 @@ def test_pooled_feature_mmd_flags_restained_not_unchanged(tiny_keras_model):
 
 def test_profile_drift_of_a_restained_dataset_version(profile, smears):
     """A new dataset version is compared profile to profile (what training does against the champion)."""
-    from contracts.drift import profile_drift
+    from contracts.drift_checks import profile_drift
 
     images, labels = smears["held"]
     same = build_profile(images, labels, dataset_version="v-new")
