@@ -73,7 +73,8 @@ def main() -> int:
     from pipeline.airflow_api import api_client, dag_runs, get_dag, trigger_dag
     from contracts.settings import get_settings
     from pipeline.upload import upload_tree
-    from scripts.demo import airflow_site, api_settings, champion_report
+    from scripts.demo import champion_report
+    from scripts.demo_airflow import airflow_site, api_settings
 
     settings = get_settings()
     dag_id = f"hemaflow_retrain_{args.dataset}"

@@ -17,144 +17,26 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import secrets
 import sys
 import time
 from pathlib import Path
 
 from contracts.settings import PROJECT_ROOT, Settings, get_settings, secrets_file_path
+from scripts.demo_airflow import (DemoError, airflow_site, api_settings, follow_run, start_airflow,
+                                  stop_legacy_airflow, wait_for_dag)
+from scripts.demo_data import hold_back, no_data_help, resolve_data_dir
 
-SHARED_DEMO_DATA = Path(os.environ.get("HEMAFLOW_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
-LEGACY_AIRFLOW_PROCESS = "airflow"  # `airflow standalone` of earlier demos
 SERVING_PROCESS = "serving"
 SERVING_START_TIMEOUT_S = 180.0
-DAG_PARSE_TIMEOUT_S = 180.0
-RUN_TIMEOUT_S = 3 * 3600.0
 DEMO_BATCH_ID = "demo-holdout"  # fixed: a second `make demo` finds the batch (and its result) again
-DEMO_HOLD_BACK = 40  # images of the demo data never uploaded to raw/: scored as a batch at the end
 HEADLINE_METRICS = ("test_balanced_accuracy", "test_sensitivity", "test_specificity", "test_accuracy",
                     "test_roc_auc", "test_macro_f1", "test_n")
-
-
-class DemoError(RuntimeError):
-    """The demo cannot go on; the message says what to do."""
-
-
-# --- Airflow on this machine --------------------------------------------------------------------
-
-
-def airflow_site(settings: Settings, admin_key: str):
-    """The demo's Airflow: LocalExecutor, SQLite under HEMAFLOW_HOME, the repo's DAGs."""
-    from ops.airflow_local import AirflowSite
-
-    return AirflowSite(home=settings.hemaflow_home / "airflow", port=settings.airflow_port,
-                       extra_env={"SERVING_ADMIN_API_KEYS": admin_key})
-
-
-def api_settings(settings: Settings, site) -> Settings:
-    """The settings with the demo's api-server and its admin login (for the asset event)."""
-    from pydantic import SecretStr
-
-    from ops.airflow_local import ADMIN_USER, admin_password
-
-    return settings.model_copy(update={"airflow_api_url": site.api_url, "airflow_api_username": ADMIN_USER,
-                                       "airflow_api_password": SecretStr(admin_password(site))})
-
-
-EPOCH_MARKER = re.compile(r"epoch \d+/\d+ [^\[\"]*?(?=\s+\[|\"|$)")
-FINISHED_TASK_STATES = frozenset({"success", "skipped", "failed", "upstream_failed", "removed"})
-
-
-class RunProgress:
-    """Turns polls of a DAG run into one line per finished task (a skipped training must not
-    read as "done") and one line per training epoch, read from the train task's log."""
-
-    def __init__(self, airflow_home: Path) -> None:
-        self.airflow_home = airflow_home
-        self.shown: set[tuple[str, int]] = set()
-        self.log_offsets: dict[Path, int] = {}
-
-    def task_lines(self, tis: list[dict]) -> list[str]:
-        lines = []
-        for ti in sorted(tis, key=lambda t: t.get("end_date") or "~"):
-            key = (ti["task_id"], ti.get("try_number") or 0)
-            if ti.get("state") in FINISHED_TASK_STATES and key not in self.shown:
-                self.shown.add(key)
-                state = "done" if ti["state"] == "success" else ti["state"]
-                lines.append(f"  . {ti['task_id']} {state} ({ti.get('duration') or 0:.1f}s)")
-        return lines
-
-    def epoch_lines(self, run: dict, tis: list[dict]) -> list[str]:
-        train = next((t for t in tis if t["task_id"] == "train" and t.get("state") == "running"), None)
-        if train is None:
-            return []
-        folder = (self.airflow_home / "logs" / f"dag_id={run['dag_id']}" / f"run_id={run['dag_run_id']}"
-                  / "task_id=train")
-        lines = []
-        for log in sorted(folder.glob("attempt=*.log")):
-            with open(log, encoding="utf-8", errors="replace") as fh:
-                fh.seek(self.log_offsets.get(log, 0))
-                text = fh.read()
-                self.log_offsets[log] = fh.tell()
-            lines += ["      " + m.group(0) for m in EPOCH_MARKER.finditer(text)]
-        return lines
-
-    def feed(self, run: dict, tis: list[dict]) -> list[str]:
-        return self.epoch_lines(run, tis) + self.task_lines(tis)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
     """Rates with 4 decimals, counts (test_n) as integers."""
     return ", ".join(f"{k}={v:.0f}" if k == "test_n" else f"{k}={v:.4f}" for k, v in metrics.items())
-
-
-def stop_legacy_airflow(settings: Settings) -> bool:
-    """An `airflow standalone` left by an earlier demo holds the port: stop its process group."""
-    from ops import supervisor
-
-    return supervisor.stop_process(settings, LEGACY_AIRFLOW_PROCESS)
-
-
-def start_airflow(settings: Settings, site) -> None:
-    from ops import airflow_local
-
-    stop_legacy_airflow(settings)
-    airflow_local.prepare(site)
-    airflow_local.start(settings, site)
-
-
-def wait_for_dag(client, dag_id: str) -> None:
-    from pipeline.airflow_api import get_dag
-
-    deadline = time.monotonic() + DAG_PARSE_TIMEOUT_S
-    while get_dag(client, dag_id) is None:
-        if time.monotonic() > deadline:
-            raise DemoError(f"Airflow has not parsed {dag_id} after {DAG_PARSE_TIMEOUT_S:.0f}s; see "
-                            "HEMAFLOW_HOME/stack/logs/airflow-dag-processor.log")
-        time.sleep(2)
-
-
-def follow_run(client, site, dag_id: str, pick) -> dict:
-    """Wait for the run `pick` chooses, echoing its progress; raises DemoError unless it succeeded."""
-    from pipeline.airflow_api import wait_for_run
-
-    progress = RunProgress(site.home)
-    announced: list[str] = []
-
-    def _show(run: dict, tis: list[dict]) -> None:
-        if not announced:
-            announced.append(run["dag_run_id"])
-            print(f"following {dag_id} run {run['dag_run_id']} ({run['run_type']}) - also in the Airflow UI",
-                  flush=True)
-        for line in progress.feed(run, tis):
-            print(line, flush=True)
-
-    run = wait_for_run(client, dag_id, pick, timeout_s=RUN_TIMEOUT_S, on_poll=_show)
-    if run["state"] != "success":
-        raise DemoError(f"{dag_id} run {run['dag_run_id']} ended {run['state']}; see the Airflow UI "
-                        f"({site.api_url}) and HEMAFLOW_HOME/airflow/logs")
-    return run
 
 
 # --- serving ------------------------------------------------------------------------------------
@@ -198,33 +80,7 @@ def demo_admin_key(settings: Settings) -> str:
     return path.read_text().strip()
 
 
-# --- data and results ---------------------------------------------------------------------------
-
-
-def resolve_data_dir(dataset: str) -> Path | None:
-    """DATA_DIR if given, else ../shared/data/<dataset> when it exists, else None."""
-    given = os.environ.get("DATA_DIR")
-    if given:
-        path = Path(given).expanduser().resolve()
-        if not path.is_dir():
-            raise DemoError(f"DATA_DIR={given} is not a folder")
-        return path
-    shared = SHARED_DEMO_DATA / dataset
-    return shared if shared.is_dir() else None
-
-
-def no_data_help(dataset: str) -> str:
-    from contracts.dataset_spec import load_spec
-
-    spec = load_spec(dataset)
-    folders = "\n".join(f"    {folder}/   ({label})" for folder, label in sorted(spec.classes.items()))
-    return (
-        f"No demo images found: DATA_DIR is not set and {SHARED_DEMO_DATA / dataset} does not exist.\n"
-        f"Point the demo at a folder-per-class dataset, one sub-folder per class of spec '{dataset}':\n"
-        f"  DATA_DIR/\n{folders}\n"
-        f"then run:  make demo DATA_DIR=/path/to/images\n"
-        f"(another dataset: DATASET=<name> with pipeline/specs/<name>.toml; see pipeline/specs/_template.toml)"
-    )
+# --- results ------------------------------------------------------------------------------------
 
 
 def champion_report(settings: Settings, dataset: str) -> tuple[str | None, dict[str, float]]:
@@ -239,37 +95,6 @@ def champion_report(settings: Settings, dataset: str) -> tuple[str | None, dict[
     metrics = client.get_run(version.run_id).data.metrics
     shown = [k for k in HEADLINE_METRICS if k in metrics] or sorted(k for k in metrics if k.startswith("test"))
     return str(version.version), {k: metrics[k] for k in shown}
-
-
-def hold_back(settings: Settings, data_dir: Path, dataset: str, count: int = DEMO_HOLD_BACK) -> tuple[Path, Path]:
-    """Split the demo data into a training tree and a held-back batch, as two folders of symlinks
-    under HEMAFLOW_HOME/demo (rebuilt each time): the last files of each class folder, taken in
-    turn, form the batch (flat, so no class name gives the answer away). Returns (train, batch)."""
-    import shutil
-
-    from contracts.dataset_spec import load_spec
-
-    spec = load_spec(dataset)
-    per_class = {f: sorted(p for p in (data_dir / f).rglob("*") if p.is_file() and not p.name.startswith("."))
-                 for f in spec.class_folders if (data_dir / f).is_dir()}
-    held: list[Path] = []
-    while len(held) < count and any(len(files) > 1 for files in per_class.values()):
-        for files in per_class.values():
-            if len(held) < count and len(files) > 1:
-                held.append(files.pop())
-    home = settings.hemaflow_home / "demo"
-    train, batch = home / "train-tree", home / "holdout-batch"
-    for folder in (train, batch):
-        shutil.rmtree(folder, ignore_errors=True)
-    for folder, files in per_class.items():
-        for path in files:
-            link = train / folder / path.relative_to(data_dir / folder)
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(path)
-    batch.mkdir(parents=True)
-    for i, path in enumerate(held):
-        (batch / f"{i:03d}-{path.name}").symlink_to(path)
-    return train, batch
 
 
 def score_holdout(settings: Settings, site, dataset: str, batch_dir: Path) -> dict | None:

@@ -27,7 +27,8 @@ import urllib.request
 from pathlib import Path
 
 from contracts.settings import PROJECT_ROOT, get_settings
-from scripts.demo import SHARED_DEMO_DATA, airflow_site
+from scripts.demo_airflow import airflow_site
+from scripts.demo_data import SHARED_DEMO_DATA
 
 CHROMIUM = os.environ.get("HEMAFLOW_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -31,7 +31,7 @@ def test_demo_with_a_missing_data_dir_is_a_clear_error(tmp_path):
 
 def test_demo_airflow_is_loopback_only_with_low_parallelism_and_repo_dags(tmp_path):
     from ops.airflow_local import site_env
-    from scripts.demo import airflow_site
+    from scripts.demo_airflow import airflow_site
 
     s = get_settings(hemaflow_home=tmp_path, airflow_port=18080)
     env = site_env(airflow_site(s, "admin-key"))
@@ -45,7 +45,7 @@ def test_demo_airflow_is_loopback_only_with_low_parallelism_and_repo_dags(tmp_pa
 
 def test_demo_airflow_secrets_are_random_per_install_and_owner_only(tmp_path):
     from ops.airflow_local import site_env, site_secrets
-    from scripts.demo import airflow_site
+    from scripts.demo_airflow import airflow_site
 
     first = site_env(airflow_site(get_settings(hemaflow_home=tmp_path / "a"), "k"))
     second = site_env(airflow_site(get_settings(hemaflow_home=tmp_path / "b"), "k"))
@@ -62,7 +62,7 @@ def _ti(task_id: str, state: str, end: str, duration: float = 1.0, try_number: i
 
 
 def test_demo_progress_says_skipped_for_a_skipped_task_and_done_for_a_successful_one(tmp_path):
-    from scripts.demo import RunProgress
+    from scripts.demo_airflow import RunProgress
 
     progress = RunProgress(tmp_path)
     run = {"dag_id": "hemaflow_retrain_leukemia", "dag_run_id": "r1"}
@@ -82,7 +82,7 @@ def test_demo_champion_metrics_show_rates_to_4_decimals_and_the_test_count_as_an
 
 
 def test_demo_progress_echoes_each_training_epoch_from_the_task_log_once(tmp_path):
-    from scripts.demo import RunProgress
+    from scripts.demo_airflow import RunProgress
 
     progress = RunProgress(tmp_path)
     run = {"dag_id": "hemaflow_retrain_leukemia", "dag_run_id": "r1"}
@@ -98,7 +98,7 @@ def test_demo_progress_echoes_each_training_epoch_from_the_task_log_once(tmp_pat
 
 
 def test_demo_holds_back_a_flat_batch_that_never_reaches_the_training_tree(tmp_path):
-    from scripts.demo import hold_back
+    from scripts.demo_data import hold_back
     from tests.fixtures.data import make_image_tree
 
     data = make_image_tree(tmp_path / "data", {"Benign": 6, "Early": 5, "Pre": 1}, size=(8, 8))
