@@ -114,6 +114,7 @@ class GateDecision(StageResult):
     reason: str
     needs_review: bool = False
     compared_champion: str | None = None  # what apply_gate checks @champion against
+    reviewed: dict[str, Any] | None = None  # {n, candidate, champion} metrics on reviewed images; not gated on
 
 
 @dataclass

@@ -81,6 +81,8 @@ def build_summary(dataset: str, results: RunResults, run: dict[str, Any] | None 
         "dataset_drift": r.train.extra.get("dataset_drift") if r.train else None,  # {level, reference, detail}
         "gate_passed": r.gate.passed if r.gate else None,
         "gate_reason": r.gate.reason if r.gate else None,
+        "gate_reviewed": r.gate.reviewed if r.gate else None,  # {n, candidate, champion}; not gated on
+        "primary_metric": r.gate.extra.get("primary_metric") if r.gate else None,
         "promoted": promoted,
         "kept_as_challenger": r.applied is not None and not passed,
         "champion_version": r.applied.champion if r.applied else None,
@@ -88,6 +90,23 @@ def build_summary(dataset: str, results: RunResults, run: dict[str, Any] | None 
         "serving_detail": r.notify.detail if r.notify else None,
         "outcome": _outcome(r, trained, promoted),
     }
+
+
+def reviewed_line(reviewed: dict | None, primary_metric: str | None) -> str:
+    """Pure: the gate's figures on reviewed images, one line (recorded, not gated on)."""
+    if not reviewed or not reviewed.get("n"):
+        return "Reviewed images at the gate: none in this dataset version"
+    metrics = [m for m in ("accuracy", primary_metric or "balanced_accuracy") if m]
+    metrics = list(dict.fromkeys(metrics))
+
+    def figures(who: str) -> str:
+        values = reviewed.get(who)
+        if not values:
+            return f"{who} not evaluated"
+        return f"{who} " + ", ".join(f"{m} {values[m]:.4f}" for m in metrics if values.get(m) is not None)
+
+    return (f"Reviewed images at the gate ({reviewed['n']}, not gated on): "
+            f"{figures('candidate')}; {figures('champion')}")
 
 
 def summary_markdown(summary: dict) -> str:
@@ -110,6 +129,8 @@ def summary_markdown(summary: dict) -> str:
         f"- Promoted: {summary['promoted']}; @champion after this run: {summary['champion_version']}; "
         f"serving notified: {summary['serving_notified']}",
     ]
+    if summary.get("gate_passed") is not None:
+        lines.append(f"- {reviewed_line(summary.get('gate_reviewed'), summary.get('primary_metric'))}")
     drift = summary.get("dataset_drift")
     if drift:
         mark = "**STRONG DRIFT**" if drift["level"] == "strong" else drift["level"]
@@ -155,6 +176,7 @@ def record_summary(summary: dict, settings: Settings | None = None) -> str:
         ("ingested_total", ing["total"]), ("ingested_reviewed", ing.get("reviewed")),
         ("quarantined", summary["quarantined"]),
         ("bad_fraction", summary["bad_fraction"]),
+        ("gate_reviewed_n", (summary.get("gate_reviewed") or {}).get("n")),
     ):
         if isinstance(value, (int, float)):
             client.log_metric(run_id, name, float(value))

@@ -143,6 +143,25 @@ def load_split_arrays(folder: Path, meta: DatasetMeta, split: str) -> tuple[np.n
     return np.concatenate(images), np.concatenate(labels).astype(np.int64)
 
 
+def load_examples_by_sha256(folder: Path, meta: DatasetMeta, shards: list[str],
+                            sha256s: set[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The images (uint8 [N,S,S,3]) and labels of the examples whose sha256 is in `sha256s`,
+    read from the named shards (any split), in shard order."""
+    import tensorflow as tf
+
+    spec = feature_spec()
+    size = meta.image_size
+    images, labels = [], []
+    for raw in tf.data.TFRecordDataset([str(folder / name) for name in shards]).as_numpy_iterator():
+        ex = tf.io.parse_single_example(raw, spec)
+        if ex["sha256"].numpy().decode() in sha256s:
+            images.append(np.frombuffer(ex["image"].numpy(), np.uint8).reshape(size, size, 3))
+            labels.append(int(ex["label"].numpy()))
+    if not images:
+        return np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int64)
+    return np.stack(images), np.asarray(labels, np.int64)
+
+
 def class_weights(meta: DatasetMeta) -> dict[int, float]:
     """Balanced weights n / (C * n_c) from the train counts (labels with no images get 1)."""
     counts = meta.counts.get("train", {})

@@ -11,6 +11,11 @@ image size) never lets the floors alone promote; the candidate waits as @challen
 a person promotes it with a reason (`promote_by_person`). Trigger-time overrides can make
 floors and margin stricter, never looser (`run_settings`). Applying a decision to the
 registry's aliases is `training.registry.apply_gate`.
+
+Reviewed images (joined by screening feedback, `contracts.screening.is_reviewed_key`) are also
+scored by both bundles wherever they landed (any split): `reviewed: {n, candidate, champion}` is
+recorded in the comparison, the decision, the candidate run's `reviewed_*` metrics and the run
+report, and is not gated on (a handful of images, chosen because a model was unsure).
 """
 
 from __future__ import annotations
@@ -18,15 +23,17 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from contracts.bundle import BUNDLE_DIR, read_bundle
-from contracts.processed import read_local_meta
+from contracts.processed import read_local_manifest, read_local_meta
+from contracts.screening import is_reviewed_key
 from contracts.settings import Settings, get_settings
 from pipeline.storage import fetch_processed
-from training.data import load_split_arrays
-from training.evaluate import compute_metrics
+from training.data import load_examples_by_sha256, load_split_arrays
+from training.evaluate import compute_metrics, scalar_metrics
 from training.registry import CHAMPION, RegistryError, alias_version, apply_gate
 from training.tracking import mlflow_client
 
@@ -70,8 +77,37 @@ def evaluate_bundle(bundle, images, y) -> dict[str, Any]:
     return compute_metrics(y, probs, meta["labels"], meta.get("positive_label"), meta.get("threshold"))
 
 
+def reviewed_examples(folder: Path, meta):
+    """(images, labels) of the reviewed images in a processed version, any split, or None.
+
+    The version's manifest.jsonl keeps each image's raw key, sha256 and shard: reviewed images are
+    the rows whose key is a reviewed name; only their shards are read."""
+    rows = [r for r in read_local_manifest(folder) if is_reviewed_key(r.get("key") or "")]
+    if not rows:
+        return None
+    if all(r.get("shard") for r in rows):
+        shards = sorted({r["shard"] for r in rows})
+    else:
+        shards = [name for split_shards in meta.shards.values() for name in split_shards]
+    images, y = load_examples_by_sha256(folder, meta, shards, {r["sha256"] for r in rows})
+    return (images, y) if len(y) else None
+
+
+def log_reviewed_metrics(client, run_id: str, reviewed: dict) -> None:
+    """`reviewed_n`, `reviewed_<metric>` and `reviewed_champion_<metric>` on the candidate's run."""
+    from mlflow.entities import Metric
+
+    figures = {"reviewed_n": float(reviewed["n"])}
+    for who, prefix in (("candidate", "reviewed_"), ("champion", "reviewed_champion_")):
+        if reviewed.get(who):
+            figures.update(scalar_metrics({k: v for k, v in reviewed[who].items() if k != "n"}, prefix))
+    stamp = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, stamp, 0) for k, v in sorted(figures.items())])
+
+
 def evaluate_against_champion(dataset: str, model_version: str, settings: Settings | None = None) -> dict:
-    """Candidate and @champion, both evaluated via their bundles on the candidate's test split."""
+    """Candidate and @champion, both evaluated via their bundles on the candidate's test split
+    (and on the version's reviewed images: `reviewed`, recorded, not gated on)."""
     s = settings or get_settings()
     client = mlflow_client(s)
     name = s.model_name(dataset)
@@ -82,6 +118,7 @@ def evaluate_against_champion(dataset: str, model_version: str, settings: Settin
     folder = fetch_processed(dataset, ds_version, s)
     meta = read_local_meta(folder)
     images, y = load_split_arrays(folder, meta, "test")
+    reviewed = reviewed_examples(folder, meta)
     cand_bundle = download_bundle(client, candidate.run_id, s)
     task = cand_bundle.meta["task"]
     result: dict[str, Any] = {
@@ -96,25 +133,41 @@ def evaluate_against_champion(dataset: str, model_version: str, settings: Settin
                       # the out-of-scope detector's validation figures (recorded, not gated on)
                       "ood": (cand_bundle.meta.get("ood") or {}).get("validation")},
         "champion": None,
+        "reviewed": {"n": 0 if reviewed is None else int(len(reviewed[1]))},
     }
+    if reviewed is not None:
+        result["reviewed"].update(candidate=evaluate_bundle(cand_bundle, *reviewed), champion=None)
     champ = alias_version(client, name, CHAMPION)
-    if champ is None:
-        return result
+    if champ is not None:
+        result["champion"], champ_bundle = _champion_entry(client, s, champ, candidate, cand_bundle, meta)
+        entry = result["champion"]
+        if entry.get("same_as_candidate"):
+            entry["metrics"] = result["candidate"]["metrics"]
+            if reviewed is not None:
+                result["reviewed"]["champion"] = result["reviewed"]["candidate"]
+        elif champ_bundle is not None:
+            entry["metrics"] = evaluate_bundle(champ_bundle, images, y)
+            if reviewed is not None:
+                result["reviewed"]["champion"] = evaluate_bundle(champ_bundle, *reviewed)
+    log_reviewed_metrics(client, candidate.run_id, result["reviewed"])
+    return result
+
+
+def _champion_entry(client, s: Settings, champ, candidate, cand_bundle, meta) -> tuple[dict, Any]:
+    """The champion's entry (metrics still None) and its bundle when it is comparable, else None."""
     entry: dict[str, Any] = {"version": str(champ.version), "run_id": champ.run_id,
                              "dataset_version": champ.tags.get("dataset_version"), "metrics": None}
     if str(champ.version) == str(candidate.version):
-        entry["metrics"] = result["candidate"]["metrics"]
         entry["same_as_candidate"] = True
+        return entry, None
+    champ_bundle = download_bundle(client, champ.run_id, s)
+    if champ_bundle.meta["labels"] != cand_bundle.meta["labels"]:
+        entry["incomparable"] = f"labels differ ({champ_bundle.meta['labels']} vs {cand_bundle.meta['labels']})"
+    elif int(champ_bundle.meta["image_size"]) != meta.image_size:
+        entry["incomparable"] = f"image size differs ({champ_bundle.meta['image_size']} vs {meta.image_size})"
     else:
-        champ_bundle = download_bundle(client, champ.run_id, s)
-        if champ_bundle.meta["labels"] != cand_bundle.meta["labels"]:
-            entry["incomparable"] = f"labels differ ({champ_bundle.meta['labels']} vs {cand_bundle.meta['labels']})"
-        elif int(champ_bundle.meta["image_size"]) != meta.image_size:
-            entry["incomparable"] = f"image size differs ({champ_bundle.meta['image_size']} vs {meta.image_size})"
-        else:
-            entry["metrics"] = evaluate_bundle(champ_bundle, images, y)
-    result["champion"] = entry
-    return result
+        return entry, champ_bundle
+    return entry, None
 
 
 def run_settings(configured: Settings, overrides: dict[str, Any]) -> Settings:
@@ -155,7 +208,9 @@ def decide_gate(comparison: dict, settings: Settings | None = None, overrides: d
            "margin": s.gate_margin, "floors": floors, "champion_version": None, "needs_review": False,
            # What apply_gate checks @champion against (compare-and-set).
            "compared_champion": champ["version"] if champ else None,
-           "ood": comparison["candidate"].get("ood")}
+           "ood": comparison["candidate"].get("ood"),
+           # figures on reviewed images (recorded, not gated on)
+           "reviewed": comparison.get("reviewed", {"n": 0})}
     if failed:
         return {**out, "passed": False, "reason": "below floor: " + "; ".join(failed)}
     if champ is None:

@@ -88,6 +88,8 @@ def test_gate_promotes_better_rejects_worse_and_rollback_restores(local_stack):
     first = promote_if_better(dataset, weak["model_version"], no_floors)
     assert first["decision"]["passed"] and first["comparison"]["champion"] is None
     assert "no champion" in first["decision"]["reason"]
+    assert first["comparison"]["reviewed"] == first["decision"]["reviewed"] == {"n": 0}  # none in this version
+    assert client.get_run(weak["run_id"]).data.metrics["reviewed_n"] == 0
 
     good = train_candidate(dataset, version, s)
     gate = promote_if_better(dataset, good["model_version"], s)

@@ -51,6 +51,24 @@ def test_summary_marks_a_strong_data_drift_against_the_champion():
     assert quiet["dataset_drift"] is None and "Data drift" not in summary_markdown(quiet)
 
 
+def test_report_shows_the_gate_figures_on_reviewed_images_or_says_none():
+    reviewed = {"n": 4, "candidate": {"n": 4, "accuracy": 0.75, "balanced_accuracy": 0.8},
+                "champion": {"n": 4, "accuracy": 0.5, "balanced_accuracy": 0.5}}
+    gate = {"passed": False, "reason": "does not beat", "primary_metric": "balanced_accuracy", "reviewed": reviewed}
+    s = build_summary("leukemia", RunResults.from_dict({"train": TRAINED, "gate": gate}))
+    assert s["gate_reviewed"] == reviewed
+    assert ("- Reviewed images at the gate (4, not gated on): candidate accuracy 0.7500, balanced_accuracy 0.8000; "
+            "champion accuracy 0.5000, balanced_accuracy 0.5000") in summary_markdown(s)
+    first = {**gate, "primary_metric": "macro_f1",
+             "reviewed": {"n": 2, "candidate": {"accuracy": 1.0, "macro_f1": 1.0}, "champion": None}}
+    md = summary_markdown(build_summary("pbc8", RunResults.from_dict({"train": TRAINED, "gate": first})))
+    assert "(2, not gated on): candidate accuracy 1.0000, macro_f1 1.0000; champion not evaluated" in md
+    none = build_summary("leukemia", RunResults.from_dict({"train": TRAINED, "gate": {**gate, "reviewed": {"n": 0}}}))
+    assert "- Reviewed images at the gate: none in this dataset version" in summary_markdown(none)
+    not_gated = build_summary("leukemia", RunResults.from_dict({"train": TRAINED}))
+    assert "Reviewed images at the gate" not in summary_markdown(not_gated)
+
+
 def test_summary_of_a_skipped_training_and_of_a_rejected_candidate():
     skipped = build_summary("leukemia", RunResults.from_dict({
         "ingest": INGEST, "train": {**TRAINED, "skipped": True, "reason": "already registered as v3"}}))
