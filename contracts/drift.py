@@ -301,7 +301,7 @@ class DriftResult:
                   "strong": "STRONG DRIFT: results on these images may be unreliable"}[self.level]
         marker = self.level if self.tested else "untested"
         if not self.tested:
-            colour, banner = "#666", "Drift not tested: " + "; ".join(dict.fromkeys(c.detail for c in self.checks))
+            colour, banner = "#666", "Drift not tested: " + e("; ".join(dict.fromkeys(c.detail for c in self.checks)))
         rows = "".join(
             f"<tr><td>{e(c.name)}</td><td>{'yes' if c.drifted else ('no' if c.tested else 'not tested')}</td>"
             f"<td>{'' if c.p_value is None else f'{c.p_value:.3g}'}</td><td>{e(c.detail)}</td></tr>"
