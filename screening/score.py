@@ -9,8 +9,9 @@
                               report.html, then summary.json (the completion marker)
 
 Idempotent per (batch, model version): a batch whose summary.json exists is not scored again,
-and a chunk file that exists (an Airflow retry) is reused. A bad image is a row with its reason,
-never a failed batch. Tasks pass S3 keys and versions, never pixels.
+and a chunk file that exists (an Airflow retry) is reused (one written before drift inputs were
+kept is scored again). A bad image is a row with its reason, never a failed batch. Tasks pass
+S3 keys and versions, never pixels; drift's per-image inputs travel in the chunk files.
 """
 
 from __future__ import annotations
@@ -161,13 +162,12 @@ def score_chunk(chunk: dict, settings: Settings | None = None, model: ScoringMod
 
     Returns {dataset, batch_id, model_version, run_id, chunk_key, scored, bad}."""
     from pipeline.storage import get_jsonl, object_exists, put_jsonl, s3_client
+    from screening.batch_drift import has_drift_inputs
     from screening.champion import load_scoring_model
 
     s = settings or get_settings()
     client = s3_client(s)
     key = chunk_key(chunk["dataset"], chunk["batch_id"], chunk["model_version"], chunk["first"])
-    from screening.batch_drift import has_drift_inputs
-
     rows = get_jsonl(client, s.s3_bucket, key) if object_exists(client, s.s3_bucket, key) else None
     if rows is not None and [r["key"] for r in rows] == list(chunk["keys"]) and has_drift_inputs(rows):
         log.info("chunk %s already scored (%d rows): reused", key, len(rows))
