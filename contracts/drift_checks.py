@@ -148,6 +148,11 @@ class DriftResult:
     strong_effect: float
 
     @property
+    def tested(self) -> bool:
+        """False when no test ran (no profile, too few images): the level "none" then says nothing."""
+        return any(c.tested for c in self.checks)
+
+    @property
     def level(self) -> str:
         hits = [c for c in self.checks if c.drifted]
         if any((c.effect or 0) >= self.strong_effect for c in hits) or len(hits) >= 2:
@@ -169,7 +174,7 @@ class DriftResult:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "level": self.level}
+        return {**asdict(self), "level": self.level, "tested": self.tested}
 
     def html_section(self) -> str:
         """A self-contained <section> (inline styles); a strong drift is a red banner."""
@@ -177,6 +182,9 @@ class DriftResult:
         colour = {"none": "#1b7f3b", "drift": "#b36b00", "strong": "#b00020"}[self.level]
         banner = {"none": "No drift detected", "drift": "Drift detected",
                   "strong": "STRONG DRIFT: results on these images may be unreliable"}[self.level]
+        marker = self.level if self.tested else "untested"
+        if not self.tested:
+            colour, banner = "#666", "Drift not tested: " + e("; ".join(dict.fromkeys(c.detail for c in self.checks)))
         rows = "".join(
             f"<tr><td>{e(c.name)}</td><td>{'yes' if c.drifted else ('no' if c.tested else 'not tested')}</td>"
             f"<td>{'' if c.p_value is None else f'{c.p_value:.3g}'}</td><td>{e(c.detail)}</td></tr>"
@@ -189,7 +197,7 @@ class DriftResult:
         detail = (f"<details><summary>Colour statistics</summary><table><tr><th>statistic</th><th>training mean</th>"
                   f"<th>this mean</th><th>SMD</th><th>KS p</th><th>drifted</th></tr>{stat_rows}</table></details>"
                   if stat_rows else "")
-        return (f'<section class="drift drift-{self.level}" data-drift-level="{self.level}">'
+        return (f'<section class="drift drift-{self.level}" data-drift-level="{marker}">'
                 f"<h2>Drift</h2>"
                 f'<p style="padding:.5em;color:#fff;background:{colour};font-weight:bold">{banner}</p>'
                 f"<p>{e(self.subject)}: {self.n_images} images compared with the training data of "
@@ -198,15 +206,19 @@ class DriftResult:
 
 
 def drift_report(reference_profile: dict[str, Any] | bytes | str | None, images: np.ndarray | None = None, *,
-                 features: np.ndarray | None = None, labels: Sequence[str] | None = None,
+                 stats: np.ndarray | None = None, features: np.ndarray | None = None, labels: Sequence[str] | None = None,
                  label_source: str = "predicted", subject: str = "batch",
                  thresholds: DriftThresholds | None = None, seed: int = 0) -> DriftResult:
     """Compare images (uint8 [N, S, S, 3]), their pooled features [N, K] and labels with the profile.
+    `stats` ([N, len(STAT_NAMES)] `image_stats` rows) stands in for `images` when those were kept
+    image by image (batch scoring keeps 13 numbers per image, not its pixels).
 
     Any of the three may be None (that test is reported as not tested, with the reason); so may the
     profile (a bundle trained before profiles: `bundle.files.get(DATA_PROFILE_FILE)`)."""
     t = thresholds or DriftThresholds.from_settings()
-    n = next((len(x) for x in (images, features, labels) if x is not None), 0)
+    if stats is None and images is not None:
+        stats = image_stats(images)
+    n = next((len(x) for x in (stats, features, labels) if x is not None), 0)
     if reference_profile is None:
         why = "the model's bundle has no training-data profile (trained before drift checks)"
         return DriftResult(subject, n, "", [DriftCheck(name, False, detail=why)
@@ -214,10 +226,10 @@ def drift_report(reference_profile: dict[str, Any] | bytes | str | None, images:
     profile = load_profile(reference_profile)
     checks: list[DriftCheck] = []
     too_few = f"{n} images < DRIFT_MIN_IMAGES={t.min_images}" if n < t.min_images else ""
-    if images is None or too_few:
+    if stats is None or too_few:
         checks.append(DriftCheck("colour", False, detail=too_few or "no images given"))
     else:
-        checks.append(colour_drift(profile, image_stats(images), t))
+        checks.append(colour_drift(profile, np.asarray(stats, np.float64), t))
     if features is None or not profile.get("features") or too_few:
         why = too_few or ("the profile has no pooled features" if features is not None
                           else "no pooled features given (the model's bundle has no features output)")

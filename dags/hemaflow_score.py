@@ -41,7 +41,7 @@ never fail the batch.
 |---|---|---|
 | plan | resolves `@champion`, lists the batches' keys, cuts them in chunks of {chunk} | chunks (keys) |
 | score_chunk | mapped: scores one chunk, writes previews and `_chunks/<first>.jsonl` | chunk file key, counts |
-| finish | per batch: predictions.csv, report.html, then summary.json | summaries |
+| finish | per batch: drift vs the champion's training profile, predictions.csv, report.html, then summary.json | summaries, drift verdicts |
 """
 
 
@@ -105,10 +105,11 @@ def build_score_dag(spec: DatasetSpec, settings: Settings):
 
         @task(doc_md="Per batch: predictions.csv and report.html, then summary.json (the completion marker).")
         def finish(chunks_done: list[dict]) -> list[dict]:
+            from screening.report import drift_verdict
             from screening.score import finish_batches
 
             return [{k: s[k] for k in ("batch_id", "model_version", "n_scored", "n_bad", "counts", "prefix", "reused")}
-                    for s in finish_batches(list(chunks_done), get_settings())]
+                    | {"drift": drift_verdict(s.get("drift"))} for s in finish_batches(list(chunks_done), get_settings())]
 
         finish(score_chunk.expand(chunk=plan()))
 

@@ -12,6 +12,7 @@ from screening.feedback_cli import add_feedback_command
 
 
 def _score(args: argparse.Namespace) -> int:
+    from screening.report import drift_verdict
     from screening.score import score_batch
 
     s = get_settings()
@@ -23,6 +24,7 @@ def _score(args: argparse.Namespace) -> int:
         state = "already scored (result kept)" if r["reused"] else "scored"
         print(f"score    batch {r['batch_id']}: {state} by {r['model_name']} v{r['model_version']}: "
               f"{r['n_scored']} scored, {r['n_bad']} unreadable; counts {r['counts']}")
+        print(f"         {drift_verdict(r.get('drift'))}")
         print(f"         report s3://{s.s3_bucket}/{r['prefix']}{r['files']['report']}")
         if r.get("review_url"):
             print(f"         review {r['review_url']}")

@@ -101,6 +101,8 @@ def summarise(rows: list[dict], meta: dict, *, dataset: str, batch_id: str, mode
 
 _STYLE = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
 .warn{background:#fff4d6;border:1px solid #e0b84c;padding:.6em 1em;border-radius:4px}
+.strong-drift{background:#b00020;color:#fff;padding:.8em 1em;border-radius:4px;font-size:1.1em}
+.strong-drift a{color:#fff}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left}
 img{width:96px;height:96px;image-rendering:auto}.num{text-align:right;font-variant-numeric:tabular-nums}"""
 
@@ -122,8 +124,34 @@ def _image_rows(rows: list[dict], labels: list[str]) -> str:
     return "".join(out)
 
 
-def render_report(rows: list[dict], summary: dict) -> str:
-    """A self-contained page (previews by relative path, next to it under the results prefix)."""
+def drift_verdict(drift: dict | None) -> str:
+    """One line for the task log and the CLI from summary.json's `drift` (DriftResult.to_dict())."""
+    if not drift:
+        return "drift not recorded (scored before drift checks)"
+    checks = drift.get("checks") or []
+    if not drift.get("tested"):
+        reasons = "; ".join(dict.fromkeys(c["detail"] for c in checks)) or "no test ran"
+        return f"drift NOT TESTED: {reasons}"
+    parts = ", ".join(f"{c['name']} {'DRIFTED' if c['drifted'] else 'ok'}" + (f" p={c['p_value']:.3g}"
+                                                                               if c.get("p_value") is not None else "")
+                      for c in checks if c["tested"])
+    return f"drift {drift['level'].upper()} vs training data {drift.get('reference') or '?'} ({parts})"
+
+
+def _drift_banner(drift: dict | None) -> str:
+    """The mark at the top of the report: loud for a strong drift, a line otherwise."""
+    if not drift:
+        return ""
+    if drift.get("tested") and drift["level"] == "strong":
+        return ("<p class=strong-drift data-drift-banner=strong><b>STRONG DRIFT: these images differ markedly "
+                "from the model's training data; treat every result below with extra caution.</b> "
+                "<a href='#drift'>Details</a></p>")
+    return f"<p data-drift-banner>{_e(drift_verdict(drift))} <a href='#drift'>Details</a></p>"
+
+
+def render_report(rows: list[dict], summary: dict, drift_html: str = "") -> str:
+    """A self-contained page (previews by relative path, next to it under the results prefix);
+    `drift_html` is the batch's DriftResult.html_section()."""
     labels = summary["labels"]
     ranked = [r for r in rows if r["rank"] is not None]
     refused = [r for r in rows if r["rank"] is None and not r.get("error")]
@@ -144,6 +172,7 @@ def render_report(rows: list[dict], summary: dict) -> str:
     return f"""<!doctype html><html lang=en><head><meta charset=utf-8>
 <title>HemaFlow batch {_e(summary['batch_id'])} ({_e(summary['dataset'])})</title><style>{_STYLE}</style></head><body>
 <h1>Batch {_e(summary['batch_id'])} <small>({_e(summary['dataset'])})</small></h1>
+{_drift_banner(summary.get('drift'))}
 <p class=warn><b>{_e(DISCLAIMER)}</b></p>
 <p>Model {_e(summary['model_name'])} version <b>{_e(summary['model_version'])}</b> (dataset version
 {_e(summary['dataset_version'])}, run {_e(summary['run_id'])}); scored {_e(summary['scored_at'])}.
@@ -151,6 +180,7 @@ def render_report(rows: list[dict], summary: dict) -> str:
 <p>{summary['n_images']} images: {summary['n_scored']} scored, {summary['n_bad']} unreadable.
 Ranked by {_e(summary['ranking'])}.</p>
 <h2>Counts per predicted label</h2><table>{counts}</table>
+<div id=drift>{drift_html}</div>
 <h2>Ranked images ({len(ranked)})</h2><table>{head}{_image_rows(ranked, labels)}</table>
 {scope}
 <h2>Unreadable images ({summary['n_bad']})</h2><table><tr><th>key</th><th>reason</th><th>detail</th></tr>{bad}</table>

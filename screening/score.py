@@ -3,12 +3,15 @@
     plan_batches  -> chunks   which batches need a result for the current @champion, in chunks
                               of SCORE_CHUNK_SIZE keys (the DAG maps one task per chunk)
     score_chunk   -> rows     every image of a chunk: same `prepare_image` as serving, LiteRT,
-                              thumbnail + Grad-CAM heatmap; rows saved as `_chunks/<first>.jsonl`
-    finish_batch  -> summary  predictions.csv, report.html, then summary.json (the completion marker)
+                              thumbnail + Grad-CAM heatmap; rows saved as `_chunks/<first>.jsonl`,
+                              each with what drift needs (colour statistics, pooled features)
+    finish_batch  -> summary  drift against the champion's training profile, predictions.csv,
+                              report.html, then summary.json (the completion marker)
 
 Idempotent per (batch, model version): a batch whose summary.json exists is not scored again,
-and a chunk file that exists (an Airflow retry) is reused. A bad image is a row with its reason,
-never a failed batch. Tasks pass S3 keys and versions, never pixels.
+and a chunk file that exists (an Airflow retry) is reused (one written before drift inputs were
+kept is scored again). A bad image is a row with its reason, never a failed batch. Tasks pass
+S3 keys and versions, never pixels; drift's per-image inputs travel in the chunk files.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class PreparedScore:
     confidence: float  # probability of `label`
     in_scope: bool | None  # None: the bundle has no out-of-scope detector
     class_map: Any  # (h, w) Grad-CAM map of `label`
+    features: Any = None  # (K,) pooled features; None: the bundle's model has no features output
 
 
 def score_prepared(model: ScoringModel, image) -> PreparedScore:
@@ -49,13 +53,15 @@ def score_prepared(model: ScoringModel, image) -> PreparedScore:
     The label follows serving's rule (binary: P(positive) >= the bundle's threshold; else argmax).
     `in_scope` stays None while the bundle has no out-of-scope detector (no `ood` in bundle.json);
     the detector's verdict belongs here, from the same `outputs`."""
-    from contracts.bundle import OUTPUT_CLASS_MAPS, OUTPUT_PROBABILITIES
+    from contracts.bundle import OUTPUT_CLASS_MAPS, OUTPUT_FEATURES, OUTPUT_PROBABILITIES
     from training.evaluate import predict_labels
 
     outputs = model.runner(image[None])  # every named output of the signature
     probs, class_maps = outputs[OUTPUT_PROBABILITIES], outputs[OUTPUT_CLASS_MAPS]
     idx = int(predict_labels(probs, model.labels, model.positive_label, model.threshold)[0])
-    return PreparedScore(probs[0], model.labels[idx], float(probs[0][idx]), None, class_maps[0][..., idx])
+    features = outputs.get(OUTPUT_FEATURES)
+    return PreparedScore(probs[0], model.labels[idx], float(probs[0][idx]), None, class_maps[0][..., idx],
+                         None if features is None else features[0])
 
 
 def _jpeg(rgb) -> bytes:
@@ -88,6 +94,7 @@ def score_key(client, key: str, model: ScoringModel, results: str, s: Settings) 
     from contracts.imaging import ImageRejected, prepare_image
     from contracts.screening import heatmap_key, thumbnail_key
     from pipeline.storage import put_bytes
+    from screening.batch_drift import drift_inputs
 
     row: dict[str, Any] = {"key": key, "sha256": None, "label": None, "confidence": None, "in_scope": None,
                            "error": None, "detail": None}
@@ -100,6 +107,7 @@ def score_key(client, key: str, model: ScoringModel, results: str, s: Settings) 
     scored = score_prepared(model, image)
     row.update(label=scored.label, confidence=round(scored.confidence, 6), in_scope=scored.in_scope)
     row.update({f"p_{label}": round(float(p), 6) for label, p in zip(model.labels, scored.probabilities)})
+    row.update(drift_inputs(image, scored.features))
     put_bytes(client, s.s3_bucket, thumbnail_key(results, row["sha256"]), _jpeg(image), "image/jpeg")
     put_bytes(client, s.s3_bucket, heatmap_key(results, row["sha256"]),
               _jpeg(gradcam.overlay(image, scored.class_map)), "image/jpeg")
@@ -154,13 +162,14 @@ def score_chunk(chunk: dict, settings: Settings | None = None, model: ScoringMod
 
     Returns {dataset, batch_id, model_version, run_id, chunk_key, scored, bad}."""
     from pipeline.storage import get_jsonl, object_exists, put_jsonl, s3_client
+    from screening.batch_drift import has_drift_inputs
     from screening.champion import load_scoring_model
 
     s = settings or get_settings()
     client = s3_client(s)
     key = chunk_key(chunk["dataset"], chunk["batch_id"], chunk["model_version"], chunk["first"])
     rows = get_jsonl(client, s.s3_bucket, key) if object_exists(client, s.s3_bucket, key) else None
-    if rows is not None and [r["key"] for r in rows] == list(chunk["keys"]):
+    if rows is not None and [r["key"] for r in rows] == list(chunk["keys"]) and has_drift_inputs(rows):
         log.info("chunk %s already scored (%d rows): reused", key, len(rows))
     else:
         ref = ChampionRef(s.model_name(chunk["dataset"]), str(chunk["model_version"]), chunk["run_id"])
@@ -194,11 +203,13 @@ def finish_batches(chunk_results: list[dict], settings: Settings | None = None) 
 
 def finish_batch(dataset: str, batch_id: str, model_version: str, run_id: str, chunk_keys: list[str],
                  settings: Settings | None = None) -> dict:
-    """predictions.csv, report.html, then summary.json last (the completion marker); an existing summary wins."""
+    """Drift, predictions.csv, report.html, then summary.json last (the completion marker); an
+    existing summary wins."""
     from contracts.screening import PREDICTIONS_FILE, REPORT_FILE
     from pipeline.storage import get_json_or_none, get_jsonl, put_bytes, put_json, s3_client
+    from screening.batch_drift import batch_drift
     from screening.batches import summary_key
-    from screening.report import predictions_csv, rank_rows, render_report, summarise
+    from screening.report import drift_verdict, predictions_csv, rank_rows, render_report, summarise
     from screening.champion import champion_bundle
 
     s = settings or get_settings()
@@ -206,15 +217,19 @@ def finish_batch(dataset: str, batch_id: str, model_version: str, run_id: str, c
     marker = summary_key(dataset, batch_id, model_version)
     existing = get_json_or_none(client, s.s3_bucket, marker)
     if existing is not None:
-        log.info("batch %s already has %s: not rewritten", batch_id, marker)
+        log.info("batch %s already has %s: not rewritten; %s", batch_id, marker, drift_verdict(existing.get("drift")))
         return {**existing, "reused": True}
-    meta = champion_bundle(run_id, s).meta
+    bundle = champion_bundle(run_id, s)
+    meta = bundle.meta
     rows = rank_rows([row for key in chunk_keys for row in get_jsonl(client, s.s3_bucket, key)], meta)
     prefix = results_prefix(dataset, batch_id, model_version)
     summary = summarise(rows, meta, dataset=dataset, batch_id=batch_id, model_version=model_version,
                         run_id=run_id, prefix=prefix, serving_url=s.serving_url)
+    drift = batch_drift(bundle, rows, f"batch {batch_id}", s)
+    summary["drift"] = drift.to_dict()
+    log.info("batch %s: %s", batch_id, drift_verdict(summary["drift"]))
     put_bytes(client, s.s3_bucket, prefix + PREDICTIONS_FILE, predictions_csv(rows, meta["labels"]), "text/csv")
-    put_bytes(client, s.s3_bucket, prefix + REPORT_FILE, render_report(rows, summary).encode("utf-8"),
+    put_bytes(client, s.s3_bucket, prefix + REPORT_FILE, render_report(rows, summary, drift.html_section()).encode("utf-8"),
               "text/html; charset=utf-8")
     put_json(client, s.s3_bucket, marker, summary)
     log.info("batch %s scored by %s v%s: %s; bad %d; report s3://%s/%s", batch_id, summary["model_name"],

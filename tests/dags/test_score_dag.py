@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.data import make_image_tree, write_spec
-from tests.fixtures.training import TINY_CLASSES
+from tests.dags.scoring_helpers import run_dag as _run
+from tests.dags.scoring_helpers import s3_bytes as _get
+from tests.dags.scoring_helpers import scoring_dag
+from tests.fixtures.data import make_image_tree
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -33,37 +35,13 @@ STATE: dict = {}
 
 @pytest.fixture(scope="module")
 def scoring(tiny_registered_model, airflow_db, tmp_path_factory):
-    """{dataset, settings, dag, tree}: the tiny champion's dataset with a spec and its scoring DAG."""
-    from airflow.dag_processing.dagbag import DagBag
-
-    from contracts.settings import get_settings
-    from tests.dags.airflow_home import DAGS_DIR
-
-    dataset = tiny_registered_model["dataset"]
-    specs = tmp_path_factory.mktemp("score-specs")
-    write_spec(specs, dataset, TINY_CLASSES, positive_label="abnormal")
+    """{dataset, settings, dag, model, tree}: the tiny champion's scoring DAG and a batch folder."""
     tree = make_image_tree(tmp_path_factory.mktemp("batch"), {"a": IMAGES_PER_CLASS, "b": IMAGES_PER_CLASS},
                            size=(40, 44))
     (tree / "nested").mkdir()
     (tree / CORRUPT_KEY_SUFFIX).write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG " * 10)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DATASET_SPECS_DIR", str(specs))
-        mp.setenv("SCORE_CHUNK_SIZE", str(CHUNK))
-        mp.setenv("SERVING_URL", "http://serving.test:8000")
-        mp.setenv("MLFLOW_TRACKING_URI", tiny_registered_model["settings"].mlflow_tracking_uri)
-        dag = DagBag(dag_folder=str(DAGS_DIR)).dags[f"hemaflow_score_{dataset}"]
-        yield {"dataset": dataset, "settings": get_settings(), "dag": dag, "tree": tree,
-               "model": tiny_registered_model}
-
-
-def _run(dag, conf: dict | None = None):
-    dag_run = dag.test(run_conf=conf or {})
-    tis = dag_run.get_task_instances()
-    return dag_run, {(ti.task_id, ti.map_index): str(ti.state) for ti in tis}
-
-
-def _get(s3, bucket: str, key: str) -> bytes:
-    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    with scoring_dag(tiny_registered_model, tmp_path_factory.mktemp("score-specs"), CHUNK) as scoring_env:
+        yield {**scoring_env, "tree": tree}
 
 
 def _results(dataset: str, version: str) -> str:
@@ -112,6 +90,8 @@ def test_batch_is_scored_in_mapped_chunks_and_a_bad_image_is_listed(scoring, s3)
     report = _get(s3, s.s3_bucket, prefix + "report.html").decode()
     assert "screening aid, not a diagnosis" in report and CORRUPT_KEY_SUFFIX in report
     assert "http://serving.test:8000/v1/model/card" in report
+    assert summary["drift"]["tested"] is False  # 8 readable images: too few to test, and the report says so
+    assert 'data-drift-level="untested"' in report and "Drift not tested: 8 images &lt; DRIFT_MIN_IMAGES" in report
     STATE["summary_etag"] = s3.head_object(Bucket=s.s3_bucket, Key=prefix + "summary.json")["ETag"]
     STATE["report_modified"] = s3.head_object(Bucket=s.s3_bucket, Key=prefix + "report.html")["LastModified"]
 

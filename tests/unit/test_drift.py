@@ -86,8 +86,22 @@ def test_too_few_images_are_reported_not_tested(profile, smears):
 def test_a_bundle_without_profile_is_reported_not_tested(smears):
     images, labels = smears["held"]
     result = drift_report(None, images, labels=labels, thresholds=THRESHOLDS)
-    assert result.level == "none" and not any(c.tested for c in result.checks)
-    assert "no training-data profile" in result.html_section()
+    assert result.level == "none" and not result.tested and not any(c.tested for c in result.checks)
+    page = result.html_section()
+    assert "Drift not tested: the model&#x27;s bundle has no training-data profile" in page
+    assert "No drift detected" not in page and 'data-drift-level="untested"' in page
+    assert result.to_dict()["tested"] is False
+
+
+def test_per_image_stats_stand_in_for_the_images(profile, smears):
+    """Batch scoring keeps image_stats rows, not pixels: the same verdict and figures."""
+    from contracts.drift import image_stats
+
+    images, labels = smears["held"]
+    moved = restain(images, 20, 1.25)
+    from_pixels = drift_report(profile, moved, labels=labels, thresholds=THRESHOLDS)
+    from_stats = drift_report(profile, stats=image_stats(moved), labels=labels, thresholds=THRESHOLDS)
+    assert from_stats.to_dict() == from_pixels.to_dict() and from_stats.level != "none"
 
 
 def test_profile_round_trips_and_refuses_unknown_format(profile):

@@ -72,6 +72,49 @@ def test_report_escapes_keys_and_states_what_it_is():
     assert summary["bad_reasons"] == {"truncated": 1} and summary["n_out_of_scope"] is None
 
 
+def _drift_summary(drift) -> tuple[list[dict], dict]:
+    rows = rank_rows([_row("k1", "normal", 0.9, {"abnormal": 0.1, "normal": 0.9})], BINARY)
+    summary = summarise(rows, BINARY, dataset="d", batch_id="b1", model_version="2", run_id="r", prefix="p/",
+                        serving_url="")
+    return rows, {**summary, "drift": drift.to_dict()}
+
+
+def test_a_bundle_without_profile_makes_the_report_say_drift_was_not_tested_and_why():
+    import numpy as np
+
+    from contracts.settings import Settings
+    from screening.batch_drift import batch_drift, drift_inputs
+    from screening.report import drift_verdict
+
+    class NoProfileBundle:  # a bundle trained before profiles: no data_profile.json among its files
+        files = {"bundle.json": b"{}"}
+
+    image = np.full((32, 32, 3), 200, np.uint8)
+    rows = [{"key": f"k{i}", "label": "normal", "error": None, **drift_inputs(image, np.ones(4))} for i in range(30)]
+    drift = batch_drift(NoProfileBundle(), rows, "batch b1", Settings())
+    rows, summary = _drift_summary(drift)
+    page = render_report(rows, summary, drift.html_section())
+    assert "Drift not tested: the model&#x27;s bundle has no training-data profile" in page
+    assert "STRONG DRIFT" not in page and "No drift detected" not in page
+    assert drift_verdict(summary["drift"]).startswith("drift NOT TESTED: the model's bundle has no training-data")
+    assert drift_verdict(None) == "drift not recorded (scored before drift checks)"
+
+
+def test_a_strong_drift_is_marked_at_the_top_of_the_report():
+    from contracts.drift_checks import DriftCheck, DriftResult
+    from screening.report import drift_verdict
+
+    drift = DriftResult("batch b1", 40, "v-train", [
+        DriftCheck("colour", True, True, statistic=3.0, p_value=1e-9, effect=3.0, detail="drifted: hue_cos"),
+        DriftCheck("features", True, False, p_value=0.4), DriftCheck("label_mix", True, False, p_value=0.5)], 1.5)
+    rows, summary = _drift_summary(drift)
+    page = render_report(rows, summary, drift.html_section())
+    assert page.index("data-drift-banner=strong") < page.index("screening aid, not a diagnosis")
+    assert 'data-drift-level="strong"' in page
+    assert drift_verdict(summary["drift"]) == ("drift STRONG vs training data v-train "
+                                               "(colour DRIFTED p=1e-09, features ok p=0.4, label_mix ok p=0.5)")
+
+
 def test_the_scoring_code_path_imports_no_tensorflow():
     """The scoring tasks run LiteRT only: every module they import stays free of TensorFlow/Keras."""
     import subprocess
@@ -80,6 +123,7 @@ def test_the_scoring_code_path_imports_no_tensorflow():
     from tests.helpers import REPO_ROOT
 
     code = ("import sys, screening.score, screening.champion, screening.batches, screening.report, "
+            "screening.batch_drift, contracts.drift, "
             "training.registry, training.evaluate, contracts.gradcam, contracts.bundle, contracts.imaging;"
             "print('HEAVY', [m for m in ('tensorflow', 'keras') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
