@@ -166,3 +166,27 @@ class OodDetector:
         if int(meta_ood.get("feature_dim", k)) != k:
             raise ValueError(f"bundle.json says feature_dim {meta_ood.get('feature_dim')}, ood.npz has {k}")
         return cls(feats, stats, float(meta_ood["feature_threshold"]), float(meta_ood["statistics_threshold"]))
+
+
+def bundle_detector(files: dict[str, bytes], meta: dict[str, Any], runner: Any) -> OodDetector | None:
+    """The bundle's out-of-scope detector; None for bundles without one. A detector bundle.json
+    announces must be covered by SHA256SUMS (so signed) and fit the model's features output.
+    `runner` is the bundle's `contracts.bundle.TFLiteRunner` (serving and batch scoring both load it here)."""
+    from contracts.bundle import OUTPUT_FEATURES, SUMS_FILE, BundleError, parse_sums
+
+    ood = meta.get("ood")
+    if not ood:
+        return None
+    if not runner.has_features:
+        raise BundleError("bad_model", "bundle.json has an out-of-scope detector but the model has no features output")
+    if OOD_FILE not in parse_sums(files[SUMS_FILE].decode("utf-8", errors="replace")):
+        raise BundleError("bad_checksums", f"{OOD_FILE} is not covered by SHA256SUMS")
+    try:
+        detector = OodDetector.load(ood, files[OOD_FILE])
+    except Exception as exc:  # a missing array, a corrupt zip, a wrong shape: never swapped in
+        raise BundleError("bad_detector", f"out-of-scope detector unusable: {exc}") from None
+    width = int(runner.runner.get_output_details()[OUTPUT_FEATURES]["shape"][-1])
+    if width != detector.features.means.shape[1]:
+        raise BundleError("bad_detector", f"detector expects {detector.features.means.shape[1]} features, "
+                          f"the model outputs {width}")
+    return detector

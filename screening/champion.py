@@ -34,6 +34,7 @@ class ScoringModel:
     meta: dict[str, Any]
     runner: Any
     signed_by: str
+    detector: Any = None  # contracts.ood.OodDetector; None: the bundle has no out-of-scope detector
 
     @property
     def labels(self) -> list[str]:
@@ -77,7 +78,9 @@ def champion_bundle(run_id: str, s: Settings):
 def load_scoring_model(ref: ChampionRef, s: Settings) -> ScoringModel:
     """Download (cached) and verify the version's bundle; BundleError names what was refused."""
     from contracts.bundle import BundleError, check_canaries, verify_signature
+    from contracts.ood import bundle_detector
     from contracts.signing import parse_public_keys
+
     bundle = champion_bundle(ref.run_id, s)
     signed_by = verify_signature(bundle.files, parse_public_keys(s.bundle_trusted_public_keys))
     for field, wanted, reason in (("run_id", ref.run_id, "run_mismatch"),
@@ -86,4 +89,4 @@ def load_scoring_model(ref: ChampionRef, s: Settings) -> ScoringModel:
             raise BundleError(reason, f"bundle.json says {field} {bundle.meta.get(field)!r}, the registry {wanted!r}")
     runner = bundle.runner(num_threads=1)
     check_canaries(bundle, runner.predict)
-    return ScoringModel(ref, bundle.meta, runner, signed_by)
+    return ScoringModel(ref, bundle.meta, runner, signed_by, bundle_detector(bundle.files, bundle.meta, runner))

@@ -51,8 +51,8 @@ def score_prepared(model: ScoringModel, image) -> PreparedScore:
     """Score one prepared (S,S,3) image: the one place a batch image meets the model.
 
     The label follows serving's rule (binary: P(positive) >= the bundle's threshold; else argmax).
-    `in_scope` stays None while the bundle has no out-of-scope detector (no `ood` in bundle.json);
-    the detector's verdict belongs here, from the same `outputs`."""
+    `in_scope` is the bundle's out-of-scope detector's verdict on the same outputs (serving's rule);
+    None when the bundle has no detector (no `ood` in bundle.json)."""
     from contracts.bundle import OUTPUT_CLASS_MAPS, OUTPUT_FEATURES, OUTPUT_PROBABILITIES
     from training.evaluate import predict_labels
 
@@ -60,7 +60,10 @@ def score_prepared(model: ScoringModel, image) -> PreparedScore:
     probs, class_maps = outputs[OUTPUT_PROBABILITIES], outputs[OUTPUT_CLASS_MAPS]
     idx = int(predict_labels(probs, model.labels, model.positive_label, model.threshold)[0])
     features = outputs.get(OUTPUT_FEATURES)
-    return PreparedScore(probs[0], model.labels[idx], float(probs[0][idx]), None, class_maps[0][..., idx],
+    in_scope = None
+    if model.detector is not None and features is not None:
+        in_scope = bool(model.detector.check(features[:1], image[None])[0].in_scope)
+    return PreparedScore(probs[0], model.labels[idx], float(probs[0][idx]), in_scope, class_maps[0][..., idx],
                          None if features is None else features[0])
 
 

@@ -23,13 +23,12 @@ from contracts.bundle import (
     BundleError,
     TFLiteRunner,
     check_canaries,
-    parse_sums,
     read_meta,
     verify_checksums,
     verify_signature,
 )
 from contracts.common import sha256_hex
-from contracts.ood import OOD_FILE, OodDetector
+from contracts.ood import OodDetector, bundle_detector
 
 
 @dataclass(frozen=True)
@@ -103,25 +102,6 @@ def _check_expected(meta: dict[str, Any], expect: dict[str, str]) -> None:
                               f"bundle.json says {key} {got or '(empty)'!r}, the registry says {wanted!r}")
 
 
-def _load_detector(files: dict[str, bytes], meta: dict[str, Any], runner: TFLiteRunner) -> OodDetector | None:
-    """The bundle's out-of-scope detector; None for bundles without one. A detector bundle.json
-    announces must be covered by SHA256SUMS (so signed) and fit the model's features output."""
-    ood = meta.get("ood")
-    if not ood:
-        return None
-    if not runner.has_features:
-        raise BundleError("bad_model", "bundle.json has an out-of-scope detector but the model has no features output")
-    if OOD_FILE not in parse_sums(files[SUMS_FILE].decode("utf-8", errors="replace")):
-        raise BundleError("bad_checksums", f"{OOD_FILE} is not covered by SHA256SUMS")
-    try:
-        detector = OodDetector.load(ood, files[OOD_FILE])
-    except Exception as exc:  # a missing array, a corrupt zip, a wrong shape: never swapped in
-        raise BundleError("bad_detector", f"out-of-scope detector unusable: {exc}") from None
-    width = int(runner.runner.get_output_details()[OUTPUT_FEATURES]["shape"][-1])
-    if width != detector.features.means.shape[1]:
-        raise BundleError("bad_detector", f"detector expects {detector.features.means.shape[1]} features, "
-                          f"the model outputs {width}")
-    return detector
 
 
 def load_bundle(
@@ -171,7 +151,7 @@ def load_bundle(
         threshold=float(threshold) if threshold is not None else None,
         _runner=RunnerPool(runners, solo),
         card_html=files.get(MODEL_CARD_FILE),
-        detector=_load_detector(files, meta, runners[0]),
+        detector=bundle_detector(files, meta, runners[0]),
     )
     try:
         check_canaries(Bundle(files, meta), model.predict)

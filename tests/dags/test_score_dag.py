@@ -71,12 +71,15 @@ def test_batch_is_scored_in_mapped_chunks_and_a_bad_image_is_listed(scoring, s3)
     bad = [r for r in rows if r["error"]]
     assert [r["key"] for r in bad] == [f"inbox/{dataset}/{BATCH}/{CORRUPT_KEY_SUFFIX}"]
     assert bad[0]["rank"] == "" and bad[0]["label"] == ""
+    scored = [r for r in rows if not r["error"]]
+    # The bundle carries an out-of-scope detector: every scored image has its verdict (serving's rule).
+    assert {r["in_scope"].lower() for r in scored} <= {"true", "false"} and bad[0]["in_scope"] == ""
+    refused = [r for r in scored if r["in_scope"].lower() == "false"]
     ranked = [r for r in rows if r["rank"]]
-    assert [int(r["rank"]) for r in ranked] == list(range(1, n_images))
+    assert [int(r["rank"]) for r in ranked] == list(range(1, n_images - len(refused)))  # refused listed apart
     p_positive = [float(r["p_abnormal"]) for r in ranked]
     assert p_positive == sorted(p_positive, reverse=True)  # most suspicious first
-    assert all(r["in_scope"] == "" for r in rows)  # the tiny bundle has no out-of-scope detector
-    for r in ranked:
+    for r in scored:
         for folder in ("thumbnails", "heatmaps"):
             assert _get(s3, s.s3_bucket, f"{prefix}{folder}/{r['sha256']}.jpg")[:3] == b"\xff\xd8\xff"
 
@@ -84,8 +87,8 @@ def test_batch_is_scored_in_mapped_chunks_and_a_bad_image_is_listed(scoring, s3)
 
     summary = json.loads(_get(s3, s.s3_bucket, prefix + "summary.json"))
     assert summary["model_version"] == version and summary["n_bad"] == 1 and summary["n_scored"] == n_images - 1
-    assert sum(summary["counts"].values()) == n_images - 1
-    assert summary["n_out_of_scope"] is None and summary["has_detector"] is False
+    assert sum(summary["counts"].values()) == n_images - 1 - len(refused)  # counts are of in-scope images
+    assert summary["has_detector"] is True and summary["n_out_of_scope"] == len(refused)
     assert summary["review_url"] == f"http://serving.test:8000/batches/{BATCH}"
     report = _get(s3, s.s3_bucket, prefix + "report.html").decode()
     assert "screening aid, not a diagnosis" in report and CORRUPT_KEY_SUFFIX in report
