@@ -127,7 +127,7 @@ def test_pooled_feature_mmd_flags_restained_not_unchanged(tiny_keras_model):
     held = images[180:]
     same = drift_report(profile, held, features=feats[180:], labels=labels[180:], thresholds=THRESHOLDS)
     assert not same.check("features").drifted, same.check("features").detail
-    shifted = restain(held, 40, 1.4)
+    shifted = restain(held, 120, 1.8)  # a strong stain change: features must move, not only colours
     moved = drift_report(profile, shifted, features=pooled.predict(shifted.astype(np.float32), verbose=0),
                          labels=labels[180:], thresholds=THRESHOLDS)
     assert moved.check("features").drifted, moved.check("features").detail
