@@ -9,14 +9,12 @@ made by `python -m screening feedback` are found by `hemaflow_watch_raw` instead
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from airflow.sdk import Asset, CronTriggerTimetable, dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from contracts.dataset_spec import list_specs
 from contracts.settings import get_settings
-from ops.dag_defaults import DAG_START, task_defaults
+from ops.dag_defaults import polling_dag_args
 from pipeline.watch import raw_asset_name, raw_asset_uri
 
 FEEDBACK_DAG_ID = "hemaflow_feedback"
@@ -28,14 +26,7 @@ def build_feedback_dag():
     @dag(
         dag_id=FEEDBACK_DAG_ID,
         schedule=CronTriggerTimetable(settings.raw_watch_schedule, timezone="UTC"),
-        start_date=DAG_START,
-        catchup=False,
-        max_active_runs=1,
-        dagrun_timeout=timedelta(minutes=20),
-        default_args=task_defaults(
-            retry_delay=timedelta(seconds=20), max_retry_delay=timedelta(minutes=5),
-            execution_timeout=timedelta(minutes=10),
-        ),
+        **polling_dag_args(),
         tags=["hemaflow", "screening"],
         doc_md=__doc__,
         description="Copy reviewed batch images into raw/ and start retraining",

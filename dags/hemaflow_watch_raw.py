@@ -9,12 +9,10 @@ or deleted images its task succeeds and so emits the Asset, which starts
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from airflow.sdk import Asset, CronTriggerTimetable, dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from ops.dag_defaults import DAG_START, task_defaults
+from ops.dag_defaults import polling_dag_args
 from contracts.dataset_spec import list_specs
 from contracts.settings import get_settings
 from pipeline.watch import raw_asset_name, raw_asset_uri
@@ -28,14 +26,7 @@ def build_watch_dag():
     @dag(
         dag_id=WATCH_DAG_ID,
         schedule=CronTriggerTimetable(settings.raw_watch_schedule, timezone="UTC"),
-        start_date=DAG_START,
-        catchup=False,
-        max_active_runs=1,
-        dagrun_timeout=timedelta(minutes=20),
-        default_args=task_defaults(
-            retry_delay=timedelta(seconds=20), max_retry_delay=timedelta(minutes=5),
-            execution_timeout=timedelta(minutes=10),
-        ),
+        **polling_dag_args(),
         tags=["hemaflow", "watcher"],
         doc_md=__doc__,
         description="Start retraining when raw images change in the bucket",

@@ -1,4 +1,5 @@
-"""Defaults every HemaFlow DAG shares: owner, start date and the task retry policy.
+"""Defaults every HemaFlow DAG shares: owner, start date, the task retry policy, and the settings of
+the small DAGs that poll the bucket on RAW_WATCH_SCHEDULE (the raw watcher, review feedback).
 
 Kept outside `dags/` so both DAG files import one definition (and parsing stays cheap:
 nothing here imports Airflow).
@@ -29,4 +30,17 @@ def task_defaults(retry_delay: timedelta, max_retry_delay: timedelta, execution_
         "max_retry_delay": max_retry_delay,
         "execution_timeout": execution_timeout,
         "on_failure_callback": log_failure_summary,
+    }
+
+
+def polling_dag_args() -> dict[str, Any]:
+    """`@dag` arguments of a short DAG polling the bucket on a cron: one run at a time, no catch-up,
+    a 20-minute run timeout and quick retries (the schedule and the names are the caller's)."""
+    return {
+        "start_date": DAG_START,
+        "catchup": False,
+        "max_active_runs": 1,
+        "dagrun_timeout": timedelta(minutes=20),
+        "default_args": task_defaults(retry_delay=timedelta(seconds=20), max_retry_delay=timedelta(minutes=5),
+                                      execution_timeout=timedelta(minutes=10)),
     }
