@@ -2,9 +2,10 @@
 
 One run per (batch, model version) in the experiment `<MODEL_NAME_PREFIX>-screening-<dataset>`,
 found again by its tags (`batch_id`, `model_version`): a re-run does not make a second one.
-Metrics: the drift figures (`drift_level` 0 none / 1 drift / 2 strong, each tested check's
-statistic, p-value and effect: `contracts.drift_checks.DriftResult.metrics`) and the batch's counts;
-tags: the drift level, the champion's run, the report's S3 key; the drift section as an artifact.
+Metrics: the drift figures when drift was tested (`drift_level` 0 none / 1 drift / 2 strong, each
+tested check's statistic, p-value and effect: `contracts.drift_checks.DriftResult.metrics`) and the
+batch's counts; tags: the drift level ("untested" when too few images or no profile), the champion's
+run, the report's S3 key; the drift section as an artifact.
 The retraining run logs the dataset version's drift on the candidate's run
 (`training.data_profile.drift_vs_champion`, metrics `dataset_drift_*`).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from contracts.screening import REPORT_FILE
 from contracts.settings import Settings
 
 SCREENING_EXPERIMENT = "screening"  # full name: f"{model_name_prefix}-screening-<dataset>"
@@ -59,10 +61,10 @@ def log_batch_run(summary: dict, drift, settings: Settings) -> str:
     run = found or client.create_run(exp, run_name=f"{summary['batch_id']} v{summary['model_version']}",
                                      tags=batch_run_tags(summary))
     stamp = int(time.time() * 1000)
-    figures: dict[str, Any] = {**drift.metrics("drift_"),
+    figures: dict[str, Any] = {**(drift.metrics("drift_") if drift.tested else {}),  # untested: no "level 0"
                                **{k: float(summary[k]) for k in COUNT_METRICS if summary.get(k) is not None}}
     tags = {"drift_level": drift.level if drift.tested else "untested", "drift_reference": drift.reference,
-            "champion_run_id": summary.get("run_id") or "", "report": f"{summary['prefix']}report.html"}
+            "champion_run_id": summary.get("run_id") or "", "report": summary["prefix"] + REPORT_FILE}
     client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in sorted(figures.items())],
                      tags=[RunTag(k, str(v)) for k, v in tags.items()])
     client.log_text(run.info.run_id, drift.html_section(), DRIFT_HTML_ARTIFACT)

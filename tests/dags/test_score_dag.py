@@ -112,6 +112,13 @@ def test_batch_is_scored_in_mapped_chunks_and_a_bad_image_is_listed(scoring, s3)
     assert "http://serving.test:8000/v1/model/card" in report
     assert summary["drift"]["tested"] is False  # 9 readable images: too few to test, and the report says so
     assert 'data-drift-level="untested"' in report and "Drift not tested: 9 images &lt; DRIFT_MIN_IMAGES" in report
+    # the batch's MLflow run says "untested", with its counts and no drift figures (not a "level 0")
+    from mlflow import MlflowClient
+
+    run = MlflowClient(s.mlflow_tracking_uri).get_run(summary["mlflow_run_id"])
+    assert run.data.tags["drift_level"] == "untested" and run.data.tags["batch_id"] == BATCH
+    assert run.data.metrics["n_scored"] == n_images - 1 and run.data.metrics["n_bad"] == 1
+    assert not [m for m in run.data.metrics if m.startswith("drift_")]
     assert grey_key in summary["out_of_scope"]
     out_of_scope = report[report.index(f"Out of scope ({len(refused)})"):report.index("Unreadable images")]
     assert GREY_KEY_SUFFIX.rsplit("/", 1)[-1] in out_of_scope  # listed apart, by file name
