@@ -27,10 +27,11 @@ MIN_SECRET_CHARS = 16
 PLACEHOLDER_PREFIXES = ("change-me", "changeme", "change_me")
 PIPELINE_MLFLOW_USER = "hemaflow-pipeline"
 SERVING_MLFLOW_USER = "hemaflow-serving"
+SERVING_S3_USER = "hemaflow-serving"  # serving's SeaweedFS access key id (not secret)
 
 # Which secrets each component needs (Settings field names).
 COMPONENT_SECRETS: dict[str, tuple[str, ...]] = {
-    "s3": ("aws_secret_access_key",),
+    "s3": ("aws_secret_access_key", "serving_s3_secret_access_key"),
     "mlflow-server": ("aws_secret_access_key", "mlflow_admin_password", "mlflow_flask_secret_key",
                       "mlflow_tracking_password", "serving_mlflow_password"),
     "pipeline": ("aws_secret_access_key", "mlflow_tracking_password", "bundle_signing_key"),
@@ -57,6 +58,8 @@ def _fernet_key() -> str:
 # Environment variable -> generator. Usernames are not secret, but they belong to the identities.
 GENERATORS: dict[str, Callable[[], str]] = {
     "AWS_SECRET_ACCESS_KEY": _token,
+    "SERVING_S3_ACCESS_KEY_ID": lambda: SERVING_S3_USER,
+    "SERVING_S3_SECRET_ACCESS_KEY": _token,
     "MLFLOW_TRACKING_USERNAME": lambda: PIPELINE_MLFLOW_USER,
     "MLFLOW_TRACKING_PASSWORD": _token,
     "SERVING_MLFLOW_USERNAME": lambda: SERVING_MLFLOW_USER,
@@ -72,8 +75,8 @@ GENERATORS: dict[str, Callable[[], str]] = {
 KEY_PAIR = ("BUNDLE_SIGNING_KEY", "BUNDLE_TRUSTED_PUBLIC_KEYS")
 GENERATED_NAMES = tuple(GENERATORS) + KEY_PAIR
 # What a local stack (SeaweedFS + MLflow with its users) and the pipeline and serving need.
-STACK_NAMES = ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-               "SERVING_MLFLOW_USERNAME", "SERVING_MLFLOW_PASSWORD", "MLFLOW_ADMIN_PASSWORD",
+STACK_NAMES = ("AWS_SECRET_ACCESS_KEY", "SERVING_S3_ACCESS_KEY_ID", "SERVING_S3_SECRET_ACCESS_KEY",
+               "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "SERVING_MLFLOW_USERNAME", "SERVING_MLFLOW_PASSWORD", "MLFLOW_ADMIN_PASSWORD",
                "MLFLOW_FLASK_SECRET_KEY") + KEY_PAIR
 
 
@@ -123,6 +126,8 @@ def _signing_key_problem(value: str) -> str | None:
 
 def _serving_problems(s: Settings) -> list[str]:
     found = problems(s, ("serving_mlflow_password",)) if s.serving_bundle_path is None else []
+    if s.serving_s3_secret_access_key.get_secret_value():  # empty: no review queue (it answers 503)
+        found += problems(s, ("serving_s3_secret_access_key",))
     for field in ("serving_admin_api_keys", "serving_api_keys", "serving_reviewer_api_keys"):
         keys = s.key_list(getattr(s, field))
         if field == "serving_reviewer_api_keys":
@@ -137,7 +142,7 @@ def check_component(component: str, settings: Settings | None = None) -> None:
     """Refuse to start `component` with guessable secrets (WeakSecret), unless demo mode is explicit."""
     s = settings or get_settings()
     if component == "compose":
-        fields = sorted({f for c in ("mlflow-server", "airflow", "serving") for f in COMPONENT_SECRETS[c]})
+        fields = sorted({f for c in ("s3", "mlflow-server", "airflow", "serving") for f in COMPONENT_SECRETS[c]})
         found = problems(s, fields) + _serving_problems(s)
     elif component == "serving":
         found = _serving_problems(s)

@@ -25,6 +25,20 @@ PREVIEW_SUFFIX = ".jpg"  # thumbnails and heatmaps are small JPEGs named by the 
 # Batch ids become S3 key segments and URL path segments: keep them boring.
 BATCH_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
+# Serving's own SeaweedFS identity (SERVING_S3_ACCESS_KEY_ID / _SECRET_ACCESS_KEY): what the review
+# queue needs and nothing else. It lists and reads scorings, reads inbox images (a missing
+# thumbnail is made from the original) and review files, and writes only review files and
+# contributed images; raw/, processed/ and MLflow's artifacts are out of its reach. SeaweedFS
+# matches a trailing `*` as a key prefix; its `Write` also allows deleting under that prefix.
+SERVING_S3_GRANTS = (("List", RESULTS_ROOT), ("Read", RESULTS_ROOT), ("Read", INBOX_ROOT), ("Read", REVIEWS_ROOT),
+                     ("Write", REVIEWS_ROOT), ("Write", INBOX_ROOT))
+
+
+def serving_s3_actions(bucket: str) -> list[str]:
+    """SeaweedFS identity actions of serving: `Action:<bucket>/<prefix>/*` for each grant."""
+    return [f"{action}:{bucket}/{root}/*" for action, root in SERVING_S3_GRANTS]
+
+
 # Columns of predictions.csv, in order; per-class probabilities follow as `p_<label>`.
 PREDICTION_COLUMNS = ("key", "sha256", "label", "confidence", "in_scope", "rank", "error")
 

@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     serving_api_keys: SecretStr = SecretStr("")
     serving_reviewer_api_keys: SecretStr = Field(
         SecretStr(""), description="Comma-separated `name:key` (or bare key) entries of the review queue; empty = off")
+    serving_s3_access_key_id: str = Field("hemaflow-serving", description="Serving's own S3 identity (review queue)")
+    serving_s3_secret_access_key: SecretStr = Field(
+        SecretStr(""), description="Its secret; empty = the review queue is off (503). Scope: contracts.screening")
     serving_max_upload_bytes: int = Field(10_000_000, ge=1)
     serving_max_batch: int = Field(16, ge=1)
     serving_micro_batch: int = Field(1, ge=1, description="Most queued images per interpreter call (1 = off)")

@@ -34,9 +34,16 @@ def task_defaults(retry_delay: timedelta, max_retry_delay: timedelta, execution_
 
 
 def polling_dag_args() -> dict[str, Any]:
-    """`@dag` arguments of a short DAG polling the bucket on a cron: one run at a time, no catch-up,
-    a 20-minute run timeout and quick retries (the schedule and the names are the caller's)."""
+    """`@dag` arguments of a short DAG polling the bucket on a cron: active from creation, one run at
+    a time, no catch-up, a 20-minute run timeout and quick retries (the schedule and the names are
+    the caller's).
+
+    Active at creation (the site pauses new DAGs by default): the loop "images in the bucket or
+    reviews -> raw/ -> retraining" runs without a person unpausing anything. A poll that finds
+    nothing is skipped and emits nothing; one that races an upload's own Asset event queues a
+    retraining run that ends green with "nothing to do"."""
     return {
+        "is_paused_upon_creation": False,
         "start_date": DAG_START,
         "catchup": False,
         "max_active_runs": 1,

@@ -17,11 +17,15 @@ from pathlib import Path
 
 from contracts.common import write_private_file
 from contracts.credentials import check_component, stack_secrets
+from contracts.screening import serving_s3_actions
 from contracts.settings import Settings, get_settings
 from ops import mlflow_auth
 from ops.supervisor import (StackError, find_executable, free_port, http_ok, managed_names, port_free, process_paths,
                             read_pid, stack_dir, start_process, stop_process, wait_until)
 from pipeline.storage import wait_for_bucket
+
+
+SERVING_S3_IDENTITY = "serving"  # the identity's name in SeaweedFS's config
 
 
 @dataclass(frozen=True)
@@ -37,21 +41,22 @@ class ServiceStatus:
 # --- the two services ------------------------------------------------------------------
 
 
+def _identity(name: str, access_key: str, secret_key: str, actions: list[str]) -> dict:
+    return {"name": name, "credentials": [{"accessKey": access_key, "secretKey": secret_key}], "actions": actions}
+
+
 def _s3_identities(settings: Settings) -> dict:
-    return {
-        "identities": [
-            {
-                "name": "hemaflow",
-                "credentials": [
-                    {
-                        "accessKey": settings.aws_access_key_id,
-                        "secretKey": settings.aws_secret_access_key.get_secret_value(),
-                    }
-                ],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }
-        ]
-    }
+    """The pipeline's admin identity and, when its secret is set, serving's least-privilege one
+    (contracts.screening.serving_s3_actions: the review queue's prefixes only)."""
+    identities = [_identity("hemaflow", settings.aws_access_key_id, settings.aws_secret_access_key.get_secret_value(),
+                            ["Admin", "Read", "Write", "List", "Tagging"])]
+    serving_secret = settings.serving_s3_secret_access_key.get_secret_value()
+    if serving_secret:
+        if settings.serving_s3_access_key_id == settings.aws_access_key_id:
+            raise StackError("SERVING_S3_ACCESS_KEY_ID must differ from AWS_ACCESS_KEY_ID (two identities)")
+        identities.append(_identity(SERVING_S3_IDENTITY, settings.serving_s3_access_key_id, serving_secret,
+                                    serving_s3_actions(settings.s3_bucket)))
+    return {"identities": identities}
 
 
 def _s3_healthy(settings: Settings) -> bool:
@@ -63,10 +68,23 @@ def _mlflow_healthy(settings: Settings) -> bool:
     return http_ok(settings.mlflow_tracking_uri.rstrip("/") + "/health")
 
 
+def _s3_config_path(settings: Settings) -> Path:
+    return stack_dir(settings) / "run" / "s3-identities.json"
+
+
+def _s3_config_current(settings: Settings) -> bool:
+    """Whether the running SeaweedFS was started with today's identities (it reads them at start only)."""
+    path = _s3_config_path(settings)
+    try:
+        return json.loads(path.read_text()) == _s3_identities(settings)
+    except (OSError, ValueError):
+        return False
+
+
 def _start_s3(settings: Settings) -> None:
     pid_file, log_file, data_dir = process_paths(settings, "s3")
     port = settings.s3_port
-    config = stack_dir(settings) / "run" / "s3-identities.json"
+    config = _s3_config_path(settings)
     write_private_file(config, json.dumps(_s3_identities(settings)))  # it holds the secret key
     # Internal SeaweedFS ports are derived from the S3 port so that several stacks
     # (tests on free ports) never collide; gRPC ports are these + 10000.
@@ -140,7 +158,7 @@ def up(settings: Settings | None = None) -> dict[str, str]:
     s = settings or get_settings()
     check_component("mlflow-server", s)  # refuses guessable secrets before anything starts
     _, s3_log, _ = process_paths(s, "s3")
-    if read_pid(s, "s3") is None or not _s3_healthy(s):
+    if read_pid(s, "s3") is None or not _s3_healthy(s) or not _s3_config_current(s):  # e.g. an identity added
         stop_process(s, "s3")
         _start_s3(s)
         wait_until(lambda: _s3_healthy(s), "SeaweedFS S3", s3_log, lambda: read_pid(s, "s3"))

@@ -6,7 +6,8 @@
                               thumbnail + Grad-CAM heatmap; rows saved as `_chunks/<first>.jsonl`,
                               each with what drift needs (colour statistics, pooled features)
     finish_batch  -> summary  drift against the champion's training profile, predictions.csv,
-                              report.html, then summary.json (the completion marker)
+                              report.html, the batch's MLflow run (screening.tracking), then
+                              summary.json (the completion marker)
 
 Idempotent per (batch, model version): a batch whose summary.json exists is not scored again,
 and a chunk file that exists (an Airflow retry) is reused (one written before drift inputs were
@@ -214,6 +215,7 @@ def finish_batch(dataset: str, batch_id: str, model_version: str, run_id: str, c
     from screening.batches import summary_key
     from screening.report import drift_verdict, predictions_csv, rank_rows, render_report, summarise
     from screening.champion import champion_bundle
+    from screening.tracking import log_batch_run
 
     s = settings or get_settings()
     client = s3_client(s)
@@ -234,6 +236,7 @@ def finish_batch(dataset: str, batch_id: str, model_version: str, run_id: str, c
     put_bytes(client, s.s3_bucket, prefix + PREDICTIONS_FILE, predictions_csv(rows, meta["labels"]), "text/csv")
     put_bytes(client, s.s3_bucket, prefix + REPORT_FILE, render_report(rows, summary, drift.html_section()).encode("utf-8"),
               "text/html; charset=utf-8")
+    summary["mlflow_run_id"] = log_batch_run(summary, drift, s)  # before the marker: a re-run finds it by tags
     put_json(client, s.s3_bucket, marker, summary)
     log.info("batch %s scored by %s v%s: %s; bad %d; report s3://%s/%s", batch_id, summary["model_name"],
              model_version, summary["counts"], summary["n_bad"], s.s3_bucket, prefix + REPORT_FILE)

@@ -43,7 +43,16 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 
 def serving_env(settings: Settings, admin_key: str) -> dict[str, str]:
+    """What the serving process gets on top of this environment. Like compose's serving it holds only
+    its own identities (SERVING_*): the pipeline's secrets are blanked (empty = unset, and .env does
+    not override a variable that is set) and the secrets file is not read again."""
+    from contracts.credentials import GENERATED_NAMES
+
+    not_serving = {name: "" for name in GENERATED_NAMES
+                   if not name.startswith("SERVING_") and name != "BUNDLE_TRUSTED_PUBLIC_KEYS"}
     return {
+        **not_serving,
+        "HEMAFLOW_SECRETS_FILE": "",
         "SERVING_HOST": "127.0.0.1",
         "SERVING_PORT": str(settings.serving_port),
         "SERVING_ADMIN_API_KEYS": admin_key,

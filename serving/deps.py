@@ -121,7 +121,7 @@ def get_screening_store(request: Request):
     if store is None:
         store = request.app.state.screening_store = ScreeningStore(request.app.state.settings)
     if not store.configured:
-        raise ApiError(503, "screening_unavailable", "the review queue needs S3 settings (AWS_SECRET_ACCESS_KEY)")
+        raise ApiError(503, "screening_unavailable", "the review queue needs serving's S3 identity (SERVING_S3_SECRET_ACCESS_KEY)")
     return store
 
 

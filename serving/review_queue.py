@@ -3,7 +3,8 @@
 Batch scoring writes `results/<dataset>/<batch_id>/<model_version>/` (contracts.screening); this
 module lists those batches, reads a scoring's predictions.csv in review order (highest P(positive)
 first for a two-label task, lowest confidence first otherwise; failed images apart) and appends
-reviewer decisions with contracts.reviews, through serving.s3 (no boto3 in the serving image).
+reviewer decisions with contracts.reviews, through serving.s3 (no boto3 in the serving image) as
+serving's own S3 identity, which may write nothing but review files and contributed images.
 Calls are blocking: routers run them in threads.
 """
 
@@ -97,7 +98,7 @@ class ScreeningStore:
 
     @property
     def configured(self) -> bool:
-        return bool(self.settings.aws_secret_access_key.get_secret_value())
+        return bool(self.settings.serving_s3_secret_access_key.get_secret_value())
 
     @property
     def client(self):

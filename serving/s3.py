@@ -38,14 +38,16 @@ def _hmac(key: bytes, text: str) -> bytes:
 
 
 class S3Lite:
-    """Signed S3 requests to the configured endpoint and credentials (one short request per call)."""
+    """Signed S3 requests to the configured endpoint as serving's own identity
+    (SERVING_S3_ACCESS_KEY_ID / SERVING_S3_SECRET_ACCESS_KEY, scoped to the review queue's prefixes:
+    contracts.screening.serving_s3_actions), one short request per call."""
 
     def __init__(self, settings: Settings) -> None:
         self.endpoint = settings.s3_endpoint_url.rstrip("/")
         self.host = urllib.parse.urlparse(self.endpoint).netloc
         self.region = settings.s3_region
-        self.access_key = settings.aws_access_key_id
-        self._secret = settings.aws_secret_access_key
+        self.access_key = settings.serving_s3_access_key_id
+        self._secret = settings.serving_s3_secret_access_key
         self.timeout = settings.s3_connect_timeout_s + settings.s3_read_timeout_s
 
     def _signed_headers(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes) -> dict:

@@ -27,6 +27,15 @@ def _fmt(metrics: dict) -> str:
     return "  ".join(f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), (int, float)))
 
 
+def _print_reviewed(comparison: dict) -> None:
+    """The gate's figures on reviewed images (recorded, not gated on), when the version has any."""
+    from ops.report import reviewed_line
+
+    reviewed = comparison.get("reviewed") or {}
+    if reviewed.get("n"):
+        print(reviewed_line(reviewed, comparison.get("primary_metric")))
+
+
 def _print_gate(result: dict) -> None:
     comp, decision = result["comparison"], result["decision"]
     print(f"candidate v{comp['candidate']['version']} on {comp['evaluated_on']} ({comp['test_images']} test images)")
@@ -35,6 +44,7 @@ def _print_gate(result: dict) -> None:
     if champ and champ.get("metrics"):
         print(f"champion v{champ['version']} re-evaluated on the same split")
         print("  " + _fmt(champ["metrics"]))
+    _print_reviewed(comp)
     verdict = "PASSED" if decision["passed"] else "NEEDS A PERSON" if decision.get("needs_review") else "FAILED"
     print(f"gate: {verdict} - {decision['reason']}")
     already = " (already; nothing changed)" if result["applied"].get("already_champion") else ""
@@ -71,9 +81,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     comparison = evaluate_against_champion(args.dataset, args.version)
     decision = decide_gate(comparison)
-    print(json.dumps({"comparison": comparison, "decision": decision}, indent=2, default=str) if args.json
-          else f"would {'PASS' if decision['passed'] else 'FAIL'}: {decision['reason']}\n"
-               f"candidate: {_fmt(comparison['candidate']['metrics'])}")
+    if args.json:
+        print(json.dumps({"comparison": comparison, "decision": decision}, indent=2, default=str))
+        return 0
+    print(f"would {'PASS' if decision['passed'] else 'FAIL'}: {decision['reason']}\n"
+          f"candidate: {_fmt(comparison['candidate']['metrics'])}")
+    _print_reviewed(comparison)
     return 0
 
 

@@ -88,6 +88,8 @@ def test_a_new_spec_gets_an_active_dag(site, api):
     shutil.copyfile(TEMPLATE_SPEC, PROJECT_ROOT.joinpath(cli_env["DATASET_SPECS_DIR"], f"{NEW_SPEC}.toml"))
     dag = wait_for(lambda: get_dag(api, DAG_ID), f"{DAG_ID} to be parsed", timeout_s=120)
     assert dag["is_paused"] is False
+    for polling in ("hemaflow_watch_raw", "hemaflow_feedback"):  # reviews -> raw/ -> retraining, unattended
+        assert wait_for(lambda: get_dag(api, polling), f"{polling} to be parsed", timeout_s=120)["is_paused"] is False
 
 
 def test_first_scheduled_run_on_an_empty_prefix_ends_green_with_nothing_to_do(site, api, local_stack):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.data import write_spec
-from tests.fixtures.training import TINY_CLASSES
+from tests.fixtures.training import TINY_CLASSES, TINY_LABELS
 
 
 @contextmanager
@@ -41,3 +41,13 @@ def run_dag(dag, conf: dict | None = None):
 
 def s3_bytes(s3, bucket: str, key: str) -> bytes:
     return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def write_batch_folder(folder: Path, images, labels: list[int]) -> Path:
+    """Generated uint8 images as lossless PNGs in one folder per label (pixels as generated)."""
+    from PIL import Image
+
+    for i, (image, k) in enumerate(zip(images, labels)):
+        (folder / TINY_LABELS[k]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / TINY_LABELS[k] / f"{i:03d}.png")
+    return folder

@@ -82,6 +82,13 @@ def test_scoring_dag_maps_chunks_and_listens_to_the_inbox(dagbag):
         assert dag.params["batch_id"] is None
 
 
+def test_polling_dags_are_active_at_creation(dagbag):
+    """The site pauses new DAGs (DAGS_ARE_PAUSED_AT_CREATION): the watcher and review feedback say
+    otherwise, so reviews -> raw/ -> retraining needs no person to unpause them."""
+    for dag_id in ("hemaflow_watch_raw", "hemaflow_feedback"):
+        assert dagbag.dags[dag_id].is_paused_upon_creation is False, dag_id
+
+
 def test_watcher_emits_exactly_the_assets_the_retraining_dags_consume(dagbag):
     watcher = dagbag.dags["hemaflow_watch_raw"]
     emitted = {o.uri for t in watcher.tasks for o in t.outlets}

@@ -3,8 +3,9 @@
 A tiny model is trained and promoted on the test stack (`tiny_registered_model`); its dataset gets
 a spec in a private specs folder, so `hemaflow_score_<dataset>` exists. In order (each test builds
 on the previous one's state):
-1. a submitted batch of generated images plus a corrupt file, scored in mapped chunks of 3: the
-   corrupt one is listed with its reason, the others ranked, previews and report written;
+1. a submitted batch, scored in mapped chunks of 3: images from the tiny model's training
+   generator (most pass its out-of-scope detector and are ranked), one flat grey image (refused,
+   listed apart) and a corrupt file (listed with its reason); previews and report written;
 2. the same run again rewrites nothing (summary.json is the completion marker);
 3. a new @champion version re-scores the batch into a new version folder, the old one untouched;
 4. the CLIs: `pipeline submit` then `screening score` on a second batch.
@@ -21,8 +22,9 @@ import pytest
 
 from tests.dags.scoring_helpers import run_dag as _run
 from tests.dags.scoring_helpers import s3_bytes as _get
-from tests.dags.scoring_helpers import scoring_dag
+from tests.dags.scoring_helpers import scoring_dag, write_batch_folder
 from tests.fixtures.data import make_image_tree
+from tests.fixtures.training import TINY_SIZE
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -30,15 +32,22 @@ CHUNK = 3
 BATCH = "b-2026-12-02"
 IMAGES_PER_CLASS = 4
 CORRUPT_KEY_SUFFIX = "nested/broken.jpg"
+GREY_KEY_SUFFIX = "nested/flat-grey.png"  # nothing like a smear: the detector refuses it
 STATE: dict = {}
 
 
 @pytest.fixture(scope="module")
 def scoring(tiny_registered_model, airflow_db, tmp_path_factory):
     """{dataset, settings, dag, model, tree}: the tiny champion's scoring DAG and a batch folder."""
-    tree = make_image_tree(tmp_path_factory.mktemp("batch"), {"a": IMAGES_PER_CLASS, "b": IMAGES_PER_CLASS},
-                           size=(40, 44))
+    from PIL import Image
+
+    from training.synthetic import synthetic_images
+
+    labels = [i % 2 for i in range(2 * IMAGES_PER_CLASS)]
+    # other draws of the generator the tiny champion was trained on (tiny_registered_model)
+    tree = write_batch_folder(tmp_path_factory.mktemp("batch"), synthetic_images(labels, TINY_SIZE, seed=31), labels)
     (tree / "nested").mkdir()
+    Image.new("RGB", (TINY_SIZE, TINY_SIZE), (128, 128, 128)).save(tree / GREY_KEY_SUFFIX)
     (tree / CORRUPT_KEY_SUFFIX).write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG " * 10)
     with scoring_dag(tiny_registered_model, tmp_path_factory.mktemp("score-specs"), CHUNK) as scoring_env:
         yield {**scoring_env, "tree": tree}
@@ -55,7 +64,7 @@ def test_batch_is_scored_in_mapped_chunks_and_a_bad_image_is_listed(scoring, s3)
 
     s, dataset = scoring["settings"], scoring["dataset"]
     submitted = submit_folder(scoring["tree"], dataset, BATCH, s, emit_asset_event=False)
-    n_images = 2 * IMAGES_PER_CLASS + 1
+    n_images = 2 * IMAGES_PER_CLASS + 2  # + the grey image + the corrupt file
     assert submitted["uploaded"] == n_images and submitted["prefix"] == f"inbox/{dataset}/{BATCH}/"
 
     dag_run, states = _run(scoring["dag"], {"batch_id": BATCH})
@@ -75,9 +84,17 @@ def test_batch_is_scored_in_mapped_chunks_and_a_bad_image_is_listed(scoring, s3)
     # The bundle carries an out-of-scope detector: every scored image has its verdict (serving's rule).
     assert {r["in_scope"].lower() for r in scored} <= {"true", "false"} and bad[0]["in_scope"] == ""
     refused = [r for r in scored if r["in_scope"].lower() == "false"]
+    grey_key = f"inbox/{dataset}/{BATCH}/{GREY_KEY_SUFFIX}"
+    assert grey_key in [r["key"] for r in refused], refused
+    grey = next(r for r in rows if r["key"] == grey_key)
+    assert grey["rank"] == "" and grey["label"]  # scored (its label kept) but not ranked
     ranked = [r for r in rows if r["rank"]]
+    # in-distribution images pass the detector: most of the generated images are ranked
+    assert len(ranked) >= 3 * IMAGES_PER_CLASS // 2, [(r["key"], r["in_scope"]) for r in scored]
+    assert grey_key not in [r["key"] for r in ranked]
     assert [int(r["rank"]) for r in ranked] == list(range(1, n_images - len(refused)))  # refused listed apart
     p_positive = [float(r["p_abnormal"]) for r in ranked]
+    assert len(set(p_positive)) > 1  # a ranking of distinct scores, not one value repeated
     assert p_positive == sorted(p_positive, reverse=True)  # most suspicious first
     for r in scored:
         for folder in ("thumbnails", "heatmaps"):
@@ -93,8 +110,18 @@ def test_batch_is_scored_in_mapped_chunks_and_a_bad_image_is_listed(scoring, s3)
     report = _get(s3, s.s3_bucket, prefix + "report.html").decode()
     assert "screening aid, not a diagnosis" in report and CORRUPT_KEY_SUFFIX in report
     assert "http://serving.test:8000/v1/model/card" in report
-    assert summary["drift"]["tested"] is False  # 8 readable images: too few to test, and the report says so
-    assert 'data-drift-level="untested"' in report and "Drift not tested: 8 images &lt; DRIFT_MIN_IMAGES" in report
+    assert summary["drift"]["tested"] is False  # 9 readable images: too few to test, and the report says so
+    assert 'data-drift-level="untested"' in report and "Drift not tested: 9 images &lt; DRIFT_MIN_IMAGES" in report
+    # the batch's MLflow run says "untested", with its counts and no drift figures (not a "level 0")
+    from mlflow import MlflowClient
+
+    run = MlflowClient(s.mlflow_tracking_uri).get_run(summary["mlflow_run_id"])
+    assert run.data.tags["drift_level"] == "untested" and run.data.tags["batch_id"] == BATCH
+    assert run.data.metrics["n_scored"] == n_images - 1 and run.data.metrics["n_bad"] == 1
+    assert not [m for m in run.data.metrics if m.startswith("drift_")]
+    assert grey_key in summary["out_of_scope"]
+    out_of_scope = report[report.index(f"Out of scope ({len(refused)})"):report.index("Unreadable images")]
+    assert GREY_KEY_SUFFIX.rsplit("/", 1)[-1] in out_of_scope  # listed apart, by file name
     STATE["summary_etag"] = s3.head_object(Bucket=s.s3_bucket, Key=prefix + "summary.json")["ETag"]
     STATE["report_modified"] = s3.head_object(Bucket=s.s3_bucket, Key=prefix + "report.html")["LastModified"]
 

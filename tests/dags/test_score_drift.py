@@ -13,8 +13,8 @@ import json
 
 import pytest
 
-from tests.dags.scoring_helpers import run_dag, s3_bytes, scoring_dag
-from tests.fixtures.training import TINY_LABELS, TINY_SIZE
+from tests.dags.scoring_helpers import run_dag, s3_bytes, scoring_dag, write_batch_folder
+from tests.fixtures.training import TINY_SIZE
 from tests.helpers import restain
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -23,14 +23,6 @@ CHUNK = 10
 N_IMAGES = 24  # >= DRIFT_MIN_IMAGES (20): every test runs
 HELD_OUT = "drift-held-out"
 RESTAINED = "drift-restained"
-
-
-def _write_batch(folder, images, labels) -> None:
-    from PIL import Image
-
-    for i, (image, k) in enumerate(zip(images, labels)):
-        (folder / TINY_LABELS[k]).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / TINY_LABELS[k] / f"{i:03d}.png")  # lossless: pixels as generated
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +37,7 @@ def scored(tiny_registered_model, airflow_db, tmp_path_factory):
     with scoring_dag(tiny_registered_model, tmp_path_factory.mktemp("drift-specs"), CHUNK) as env:
         s, dataset, out = env["settings"], env["dataset"], {}
         for batch_id, batch in ((HELD_OUT, images), (RESTAINED, restain(images, 60, 1.6))):
-            folder = tmp_path_factory.mktemp(batch_id)
-            _write_batch(folder, batch, labels)
+            folder = write_batch_folder(tmp_path_factory.mktemp(batch_id), batch, labels)
             assert submit_folder(folder, dataset, batch_id, s, emit_asset_event=False)["uploaded"] == N_IMAGES
             dag_run, states = run_dag(env["dag"], {"batch_id": batch_id})
             assert str(dag_run.state) == "success", states
@@ -96,3 +87,43 @@ def test_restained_batch_is_flagged_strong_and_marked_at_the_top_of_the_report(s
     out = capsys.readouterr().out
     assert "already scored (result kept)" in out
     assert "drift STRONG vs training data" in out and "colour DRIFTED" in out
+
+
+def _batch_runs(scored, batch_id: str) -> list:
+    from mlflow import MlflowClient
+
+    from screening.tracking import screening_experiment
+
+    s = scored["settings"]
+    client = MlflowClient(s.mlflow_tracking_uri)
+    exp = client.get_experiment_by_name(screening_experiment(s, scored["dataset"]))
+    assert exp is not None, "no screening experiment in MLflow"
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.batch_id = '{batch_id}'")
+
+
+def test_each_batch_drift_is_one_mlflow_run_in_the_screening_experiment(scored, s3):
+    version = scored["model"]["model_version"]
+    for batch_id, level in ((HELD_OUT, 0.0), (RESTAINED, 2.0)):
+        summary, _ = _results(scored, s3, batch_id)
+        runs = _batch_runs(scored, batch_id)
+        assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]
+        run = runs[0]
+        assert run.info.status == "FINISHED" and run.data.tags["model_version"] == version
+        assert run.data.metrics["drift_level"] == level
+        assert run.data.tags["drift_level"] == summary["drift"]["level"]
+        assert run.data.metrics["n_scored"] == N_IMAGES and run.data.metrics["n_bad"] == 0
+        assert run.data.metrics["drift_colour_drifted"] == float(level == 2.0)  # re-stain moves colour
+
+
+def test_a_finish_that_runs_again_does_not_log_a_second_run(scored, s3):
+    """summary.json lost after the run was logged (the finish stopped before its marker): the DAG
+    finishes the batch again (chunk files reused) and finds the batch's run by its tags."""
+    s = scored["settings"]
+    summary, _ = _results(scored, s3, HELD_OUT)
+    s3.delete_object(Bucket=s.s3_bucket, Key=scored["prefixes"][HELD_OUT] + "summary.json")
+    dag_run, states = run_dag(scored["dag"], {"batch_id": HELD_OUT})
+    assert str(dag_run.state) == "success", states
+    again, _ = _results(scored, s3, HELD_OUT)
+    assert again["scored_at"] != summary["scored_at"]  # finished again, not reused
+    assert again["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert len(_batch_runs(scored, HELD_OUT)) == 1

@@ -28,7 +28,7 @@ def _rename_some_as_reviewed(root, per_class: int) -> set[str]:
     return names
 
 
-def test_gate_reports_candidate_and_champion_on_reviewed_images(tiny_dataset_factory):
+def test_gate_reports_candidate_and_champion_on_reviewed_images(tiny_dataset_factory, capsys, monkeypatch):
     from mlflow import MlflowClient
 
     from contracts.processed import read_local_manifest
@@ -79,3 +79,16 @@ def test_gate_reports_candidate_and_champion_on_reviewed_images(tiny_dataset_fac
 
     summary = build_summary(dataset, RunResults.from_dict({"train": second, "gate": gate["decision"]}))
     assert f"Reviewed images at the gate ({n_reviewed}, not gated on): candidate accuracy" in summary_markdown(summary)
+
+    # `python -m training evaluate` prints the same figures on reviewed images (nothing changes)
+    from training.__main__ import main as training_main
+
+    monkeypatch.setenv("DATASET_SPECS_DIR", str(s.dataset_specs_dir))
+    capsys.readouterr()
+    assert training_main(["evaluate", "--dataset", dataset, "--version", str(second["model_version"])]) == 0
+    out = capsys.readouterr().out
+    line = next((ln for ln in out.splitlines() if ln.startswith("Reviewed images at the gate")), None)
+    assert line is not None, out
+    assert line.startswith(f"Reviewed images at the gate ({n_reviewed}, not gated on): "
+                           f"candidate accuracy {reviewed['candidate']['accuracy']:.4f}, "
+                           f"balanced_accuracy {reviewed['candidate']['balanced_accuracy']:.4f}; champion accuracy "), line

@@ -85,12 +85,14 @@ def test_serving_s3_client_matches_boto3(s3, local_stack):
     writes, metadata, paginated listings with folders, and errors in boto3's shape."""
     from serving.s3 import S3Error, S3Lite
 
-    lite, bucket, base = S3Lite(local_stack), local_stack.s3_bucket, f"results/{unique_dataset_name()}/"
-    etag = lite.put_object(Bucket=bucket, Key=base + "a b+é.csv", Body=b"x,y\n", IfNoneMatch="*")["ETag"]
-    got = s3.get_object(Bucket=bucket, Key=base + "a b+é.csv")
+    # serving writes under reviews/ only (its identity: test_serving_identity_is_scoped_to_the_review_queue)
+    dataset = unique_dataset_name()
+    lite, bucket, base, written = S3Lite(local_stack), local_stack.s3_bucket, f"results/{dataset}/", f"reviews/{dataset}/"
+    etag = lite.put_object(Bucket=bucket, Key=written + "a b+é.csv", Body=b"x,y\n", IfNoneMatch="*")["ETag"]
+    got = s3.get_object(Bucket=bucket, Key=written + "a b+é.csv")
     assert got["Body"].read() == b"x,y\n" and got["ETag"] == etag
     with pytest.raises(S3Error) as refused:
-        lite.put_object(Bucket=bucket, Key=base + "a b+é.csv", Body=b"z", IfMatch='"0123"')
+        lite.put_object(Bucket=bucket, Key=written + "a b+é.csv", Body=b"z", IfMatch='"0123"')
     assert refused.value.response["Error"]["Code"] == "PreconditionFailed"
     with pytest.raises(S3Error) as missing:
         lite.get_object(Bucket=bucket, Key=base + "nothing")
@@ -110,3 +112,40 @@ def test_serving_s3_client_matches_boto3(s3, local_stack):
     assert folders == [f"{base}b{i}/" for i in range(5)]
     keys = [c["Key"] for c in lite.list_objects_v2(Bucket=bucket, Prefix=base)["Contents"]]
     assert keys == sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=base)["Contents"])
+
+
+def test_serving_identity_is_scoped_to_the_review_queue(s3, local_stack):
+    """Serving's own SeaweedFS identity (SERVING_S3_*; contracts.screening.serving_s3_actions), checked
+    by the real SeaweedFS: it reads scorings and inbox images and writes review files, and is refused
+    everywhere else (the pipeline's data and MLflow's artifacts)."""
+    from serving.s3 import S3Error, S3Lite
+
+    s, dataset = local_stack, unique_dataset_name()
+    lite, bucket = S3Lite(s), s.s3_bucket
+    assert lite.access_key == s.serving_s3_access_key_id != s.aws_access_key_id
+    for key in (f"results/{dataset}/b/1/summary.json", f"inbox/{dataset}/b/x.png", f"raw/{dataset}/c/x.png",
+                f"processed/{dataset}/v1/dataset.json", f"{s.mlflow_artifacts_prefix}/{dataset}/model.tflite"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"pipeline data")
+    assert lite.get_object(Bucket=bucket, Key=f"results/{dataset}/b/1/summary.json")["Body"].read() == b"pipeline data"
+    assert lite.get_object(Bucket=bucket, Key=f"inbox/{dataset}/b/x.png")["Body"].read() == b"pipeline data"
+    listed = lite.list_objects_v2(Bucket=bucket, Prefix=f"results/{dataset}/", Delimiter="/")["CommonPrefixes"]
+    assert listed == [{"Prefix": f"results/{dataset}/b/"}]
+    lite.put_object(Bucket=bucket, Key=f"reviews/{dataset}/b.jsonl", Body=b"{}\n")
+    lite.put_object(Bucket=bucket, Key=f"inbox/{dataset}/contributed-2026-12-02/y.png", Body=b"img")
+
+    def refused(call, **kw) -> str:
+        with pytest.raises(S3Error) as denied:
+            call(Bucket=bucket, **kw)
+        return denied.value.response["Error"]["Code"]
+
+    for key in (f"results/{dataset}/b/1/summary.json", f"raw/{dataset}/c/x.png", f"processed/{dataset}/v1/x",
+                f"{s.mlflow_artifacts_prefix}/{dataset}/model.tflite", f"{dataset}-outside.txt"):
+        assert refused(lite.put_object, Key=key, Body=b"overwritten") == "AccessDenied", key
+    for key in (f"raw/{dataset}/c/x.png", f"processed/{dataset}/v1/dataset.json",
+                f"{s.mlflow_artifacts_prefix}/{dataset}/model.tflite"):
+        assert refused(lite.get_object, Key=key) == "AccessDenied", key
+    assert refused(lite.list_objects_v2, Prefix=f"raw/{dataset}/") == "AccessDenied"
+    assert refused(lite.list_objects_v2, Prefix="") == "AccessDenied"
+    # nothing it was refused reached the bucket
+    assert s3.get_object(Bucket=bucket, Key=f"results/{dataset}/b/1/summary.json")["Body"].read() == b"pipeline data"
+    assert s3.get_object(Bucket=bucket, Key=f"raw/{dataset}/c/x.png")["Body"].read() == b"pipeline data"

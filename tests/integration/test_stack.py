@@ -60,6 +60,30 @@ def test_down_stops_exactly_what_it_started(tmp_path, stack_env):
     assert stack.down(settings) == []
 
 
+def test_up_restarts_s3_when_its_identities_change(tmp_path, stack_env):
+    """SeaweedFS reads its identities at start only: a new serving secret (e.g. `make secrets` on an
+    install from before serving had one) restarts it, and only the new secret is accepted."""
+    import secrets
+
+    from serving.s3 import S3Error, S3Lite
+
+    settings = get_settings(hemaflow_home=tmp_path / "home", s3_endpoint_url=f"http://127.0.0.1:{free_s3_port()}",
+                            mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}")
+    rotated = settings.model_copy(update={"serving_s3_secret_access_key": SecretStr(secrets.token_urlsafe(32))})
+    try:
+        stack.up(settings)
+        before = {n: supervisor.read_pid(settings, n) for n in stack.SERVICES}
+        assert S3Lite(settings).list_objects_v2(Bucket=settings.s3_bucket, Prefix="results/")["Contents"] == []
+        stack.up(rotated)
+        after = {n: supervisor.read_pid(settings, n) for n in stack.SERVICES}
+        assert after["s3"] != before["s3"] and after["mlflow"] == before["mlflow"]
+        assert S3Lite(rotated).list_objects_v2(Bucket=settings.s3_bucket, Prefix="results/")["Contents"] == []
+        with pytest.raises(S3Error):
+            S3Lite(settings).list_objects_v2(Bucket=settings.s3_bucket, Prefix="results/")
+    finally:
+        stack.down(settings)
+
+
 def test_stale_pid_file_is_not_trusted(tmp_path):
     settings = get_settings(hemaflow_home=tmp_path)
     run = supervisor.stack_dir(settings) / "run"

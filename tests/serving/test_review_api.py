@@ -168,3 +168,18 @@ def test_contribution_is_explicit_reviewer_only_and_stored_with_a_decision(local
         assert saved.review_id == decision["review_id"] and saved.model_version == decision["model_version"]
     finally:
         proc.stop()
+
+
+def test_without_its_own_s3_identity_the_queue_answers_503_and_never_borrows_the_pipelines(local_stack, tmp_path):
+    """The pipeline's S3 secret is in this process's environment; serving must not fall back to it."""
+    assert local_stack.aws_secret_access_key.get_secret_value()
+    proc = ServingProcess({"DATASET": unique_dataset_name("no"), "SERVING_POLL_INTERVAL_S": "0",
+                           "SERVING_REVIEWER_API_KEYS": f"alice:{ALICE}", "SERVING_S3_SECRET_ACCESS_KEY": ""},
+                          tmp_path / "server")
+    proc.start(wait_ready=False)
+    try:
+        answer = _get(proc, "/v1/batches")
+        assert answer.status_code == 503 and answer.json()["error"] == "screening_unavailable"
+        assert "SERVING_S3_SECRET_ACCESS_KEY" in answer.text
+    finally:
+        proc.stop()

@@ -82,11 +82,11 @@ def test_services_use_in_network_endpoints_not_loopback():
 # --- least privilege, start-up order, volumes, build context (issue 11) ---------------------------
 # Secret variables (generated per install); usernames and the pinned public keys are not secret.
 SECRETS = (set(GENERATED_NAMES) | {"SERVING_API_KEYS"}) - {
-    "MLFLOW_TRACKING_USERNAME", "SERVING_MLFLOW_USERNAME", "BUNDLE_TRUSTED_PUBLIC_KEYS"}
+    "MLFLOW_TRACKING_USERNAME", "SERVING_MLFLOW_USERNAME", "SERVING_S3_ACCESS_KEY_ID", "BUNDLE_TRUSTED_PUBLIC_KEYS"}
 AIRFLOW_SHARED = {"POSTGRES_PASSWORD", "AIRFLOW_JWT_SECRET", "AIRFLOW_FERNET_KEY"}
 EXPECTED_SECRETS = {
     "secrets-check": SECRETS,
-    "seaweedfs": {"AWS_SECRET_ACCESS_KEY"},
+    "seaweedfs": {"AWS_SECRET_ACCESS_KEY", "SERVING_S3_SECRET_ACCESS_KEY"},
     "s3-init": {"AWS_SECRET_ACCESS_KEY"},
     "postgres": {"POSTGRES_PASSWORD"},
     "redis": set(),
@@ -101,7 +101,8 @@ EXPECTED_SECRETS = {
                                         "SERVING_ADMIN_API_KEYS"},
     "airflow-worker-training": AIRFLOW_SHARED | {"AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD",
                                                  "BUNDLE_SIGNING_KEY", "SERVING_ADMIN_API_KEYS"},
-    "serving": {"SERVING_MLFLOW_PASSWORD", "SERVING_ADMIN_API_KEYS", "SERVING_API_KEYS", "SERVING_REVIEWER_API_KEYS"},
+    "serving": {"SERVING_MLFLOW_PASSWORD", "SERVING_ADMIN_API_KEYS", "SERVING_API_KEYS", "SERVING_REVIEWER_API_KEYS",
+                "SERVING_S3_SECRET_ACCESS_KEY"},
 }
 # Everything serving may see: its own settings, MLflow read-only access, the pinned keys, image limits.
 SERVING_ENV = {
@@ -110,6 +111,7 @@ SERVING_ENV = {
     "DATASET", "MODEL_NAME_PREFIX", "SERVING_POLL_INTERVAL_S", "SERVING_ADMIN_API_KEYS", "SERVING_REQUIRE_API_KEY",
     "SERVING_API_KEYS", "SERVING_REVIEWER_API_KEYS", "SERVING_MAX_UPLOAD_BYTES", "SERVING_MAX_BATCH", "SERVING_MICRO_BATCH", "ALLOWED_FORMATS",
     "MIN_IMAGE_SIDE", "MAX_IMAGE_SIDE", "MAX_IMAGE_PIXELS",
+    "S3_ENDPOINT_URL", "S3_BUCKET", "S3_REGION", "SERVING_S3_ACCESS_KEY_ID", "SERVING_S3_SECRET_ACCESS_KEY",
 }
 # Settings the Airflow workers do not get (serving's, the host CLI's, MLflow server's, or set in the image).
 NOT_FOR_WORKERS = {
@@ -144,6 +146,32 @@ def test_serving_gets_only_its_own_variables():
     assert {"SERVING_MLFLOW_USERNAME", "SERVING_MLFLOW_PASSWORD", "BUNDLE_TRUSTED_PUBLIC_KEYS",
             "SERVING_ADMIN_API_KEYS"} <= set(env)
     assert not {"AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "BUNDLE_SIGNING_KEY"} & _referenced(serving)
+
+
+def test_seaweedfs_gives_serving_the_scoped_identity_the_local_stack_gives_it():
+    """Compose's SeaweedFS config (a printf in its command) and the local stack's (`ops.stack`) hold
+    the same two identities: the pipeline's admin and serving's, with contracts' scoped actions."""
+    import json
+
+    from contracts.screening import serving_s3_actions
+    from ops.stack import _s3_identities
+
+    weed = _compose()["services"]["seaweedfs"]
+    script = weed["command"][0]
+    template = re.search(r"printf '(.*?)'", script, re.S).group(1)
+    values = re.findall(r'"\$\$([A-Z0-9_]+)"', script.split(template, 1)[1].split(">", 1)[0])
+    assert {"AWS_SECRET_ACCESS_KEY", "SERVING_S3_ACCESS_KEY_ID", "SERVING_S3_SECRET_ACCESS_KEY", "S3_BUCKET"} <= set(
+        weed["environment"])
+    env = {"AWS_ACCESS_KEY_ID": "pipeline-id", "AWS_SECRET_ACCESS_KEY": "pipeline-secret",
+           "SERVING_S3_ACCESS_KEY_ID": "serving-id", "SERVING_S3_SECRET_ACCESS_KEY": "serving-secret", "S3_BUCKET": "bkt"}
+    compose_config = json.loads(template % tuple(env[v] for v in values))
+    settings = Settings(aws_access_key_id="pipeline-id", aws_secret_access_key="pipeline-secret",
+                        serving_s3_access_key_id="serving-id", serving_s3_secret_access_key="serving-secret",
+                        s3_bucket="bkt")
+    assert compose_config == _s3_identities(settings)
+    serving = compose_config["identities"][1]
+    assert serving["actions"] == serving_s3_actions("bkt") and not any(a in ("Admin", "Write", "Read") for a in
+                                                                      serving["actions"])
 
 
 def test_workers_get_every_pipeline_setting():

@@ -18,7 +18,7 @@ from contracts.credentials import (
 )
 from contracts.settings import PROJECT_ROOT, Settings, get_settings
 
-USERNAMES = {"MLFLOW_TRACKING_USERNAME", "SERVING_MLFLOW_USERNAME"}
+USERNAMES = {"MLFLOW_TRACKING_USERNAME", "SERVING_MLFLOW_USERNAME", "SERVING_S3_ACCESS_KEY_ID"}  # not secret
 
 
 def _generated_settings(tmp_path) -> Settings:

@@ -111,3 +111,26 @@ def test_demo_holds_back_a_flat_batch_that_never_reaches_the_training_tree(tmp_p
     assert sorted(p.name for p in (train / "Pre").iterdir()) == ["Pre_0000.png"]
     again = hold_back(get_settings(hemaflow_home=tmp_path / "home"), data, "leukemia", count=7)
     assert sorted(p.resolve() for p in again[1].iterdir()) == held  # the same batch every time
+
+
+def test_demo_serving_holds_its_own_identities_not_the_pipelines(tmp_path):
+    """The demo's serving process, started from an environment holding every per-install secret,
+    sees its own (MLflow reader, scoped S3 identity, reviewer keys) and none of the pipeline's."""
+    import json
+
+    from contracts.credentials import generate_missing
+    from scripts.demo import serving_env
+
+    generated = generate_missing({})
+    env = {**os.environ, **generated, "HEMAFLOW_ENV_FILE": "", "HEMAFLOW_HOME": str(tmp_path / "home")}
+    env.update(serving_env(get_settings(), "admin-key-0123456789abcdef"))
+    code = ("import json; from contracts.settings import get_settings; s = get_settings(); print(json.dumps({"
+            "'s3': s.serving_s3_secret_access_key.get_secret_value(), 'admin_s3': s.aws_secret_access_key.get_secret_value(),"
+            "'mlflow': s.serving_mlflow_password.get_secret_value(), 'writer': s.mlflow_tracking_password.get_secret_value(),"
+            "'signing': s.bundle_signing_key.get_secret_value()}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    seen = json.loads(done.stdout)
+    assert seen["s3"] == generated["SERVING_S3_SECRET_ACCESS_KEY"]
+    assert seen["mlflow"] == generated["SERVING_MLFLOW_PASSWORD"]
+    assert seen["admin_s3"] == seen["writer"] == seen["signing"] == ""
