@@ -8,9 +8,9 @@ inference threads, nobody ever waits.
 
 A lone request may run on a multi-threaded interpreter instead (lowest latency on an idle machine),
 but only while that has been measured faster than a single-threaded one: on a machine whose other
-jobs keep the cores busy, a two-thread call waits for its slower half (median 3.8-11 ms on
-2026-12-02 at load average 7-12, against ~2 ms idle; one thread: 3.3 ms) and uses ~20 % more CPU
-(benchmarks/serving_profile.py).
+jobs keep the cores busy, a two-thread call waits for its slower half (median 3.8-15 ms on
+2026-12-02 at load average 7-14, against ~2 ms idle; one thread: 3.3 ms) and uses up to ~25 % more
+CPU (benchmarks/serving_profile.py).
 """
 
 from __future__ import annotations
