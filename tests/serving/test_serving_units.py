@@ -182,6 +182,30 @@ def test_a_lone_call_runs_on_the_solo_runner_and_concurrent_ones_spread():
     assert len(set(who)) == 2  # never the same runner twice at once
 
 
+@pytest.mark.parametrize("solo_ms, pooled_ms, expected", [(1, 20, "solo"), (20, 1, "pooled")])
+def test_lone_calls_go_to_the_interpreter_measured_faster(solo_ms, pooled_ms, expected):
+    """A lone call uses the solo (multi-threaded) interpreter only while it is faster per image than a
+    pooled one; the other is re-measured every EXPLORE_EVERY-th lone call, so a loaded machine that
+    slows the solo interpreter moves lone calls to single-threaded runners (and back)."""
+    import time
+
+    from serving.runners import EXPLORE_EVERY, RunnerPool
+
+    def runner(name: str, ms: float):
+        def run(images):
+            time.sleep(ms * len(images) / 1000)
+            return {"who": name}
+        return run
+
+    pool = RunnerPool([runner("pooled", pooled_ms)], solo=runner("solo", solo_ms))
+    batch = np.zeros((2, 4, 4, 3), np.float32)
+    who = [pool(batch)["who"] for _ in range(3 * EXPLORE_EVERY)]
+    assert who[0] == "solo" and who[EXPLORE_EVERY - 1] == "pooled"  # starts on solo, then measures the other
+    settled = who[EXPLORE_EVERY:]
+    assert settled.count(expected) >= len(settled) - 3, who  # at most the re-measuring calls go elsewhere
+    assert pool.prefers_solo() == (expected == "solo")
+
+
 def test_serving_preprocesses_with_the_crop_policy_the_bundle_records():
     """bundle.json preprocessing.crop reaches prepare_image; older bundles (no crop) mean center_crop."""
     import io
