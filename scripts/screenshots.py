@@ -253,11 +253,9 @@ def shoot_review_page(context, out: Path, base: str, batch_id: str, reviewer_key
 
 
 def first_reviewer_key(settings) -> str:
-    """The key of the first SERVING_REVIEWER_API_KEYS entry (`name:key` or a bare key)."""
+    """The key of the first SERVING_REVIEWER_API_KEYS entry (`name:key` or a bare key), or ""."""
     entries = settings.key_list(settings.serving_reviewer_api_keys)
-    if not entries:
-        raise SystemExit("no reviewer key: pass --reviewer-key or set SERVING_REVIEWER_API_KEYS")
-    return entries[0].rpartition(":")[2]
+    return entries[0].rpartition(":")[2] if entries else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             print("no Airflow site found: run `make demo` first", file=sys.stderr)
             return 2
         password = admin_password(site)
-    reviewer_key = args.reviewer_key or (first_reviewer_key(s) if "batch" in only else "")
+    reviewer_key = args.reviewer_key or first_reviewer_key(s)
     args.out.mkdir(parents=True, exist_ok=True)
     with (tempfile.TemporaryDirectory(prefix="hemaflow-shots-") as profile,
           tempfile.TemporaryDirectory(prefix="hemaflow-batch-") as results, sync_playwright() as pw):
@@ -306,7 +304,12 @@ def main(argv: list[str] | None = None) -> int:
             if "batch" in only:
                 report = fetch_batch_results(s, dataset, args.batch, Path(results))
                 shoot_batch_report(context, args.out, report)
-                shoot_review_page(context, args.out, f"http://127.0.0.1:{s.serving_port}", args.batch, reviewer_key)
+                if reviewer_key:
+                    shoot_review_page(context, args.out, f"http://127.0.0.1:{s.serving_port}", args.batch,
+                                      reviewer_key)
+                else:
+                    print("review-page.png skipped: no reviewer key (--reviewer-key or SERVING_REVIEWER_API_KEYS)",
+                          file=sys.stderr)
         finally:
             context.close()
     return 0
