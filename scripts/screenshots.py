@@ -8,6 +8,11 @@ airflow-graph.png    the same run in the graph view (task states, the gate's bra
 mlflow-registry.png  the MLflow registry page of the model, with the @champion alias
 mlflow-run.png       the champion's MLflow run page (test metrics)
 serving-page.png     the serving page after dropping a real image (bars + Grad-CAM overlay)
+batch-report.png     the report.html of a scored batch (newest scoring of --batch, default the demo's
+                     held-back batch), opened from a local copy of its results folder
+review-page.png      that batch on the serving instance's review page (/batches/<id>), entered with a
+                     reviewer key (--reviewer-key, else the first of SERVING_REVIEWER_API_KEYS); the
+                     script only looks: it records no decision
 
 Drives Debian's Chromium through Playwright with a fresh profile. Each PNG is palette-quantised
 (and downscaled if still needed) to stay under MAX_PNG_BYTES so the README stays light.
@@ -28,6 +33,7 @@ from pathlib import Path
 
 from contracts.settings import PROJECT_ROOT, get_settings
 from scripts.demo_airflow import airflow_site
+from scripts.demo import DEMO_BATCH_ID
 from scripts.demo_data import SHARED_DEMO_DATA
 
 CHROMIUM = os.environ.get("HEMAFLOW_CHROMIUM", "/usr/bin/chromium")
@@ -57,8 +63,8 @@ def shrink_png(raw: bytes, max_bytes: int = MAX_PNG_BYTES) -> bytes:
         img = img.resize((int(img.width * 0.85), int(img.height * 0.85)), Image.Resampling.LANCZOS)
 
 
-def save_shot(page, path: Path, full_page: bool = False) -> None:
-    data = shrink_png(page.screenshot(full_page=full_page))
+def save_shot(page, path: Path, full_page: bool = False, clip: dict | None = None) -> None:
+    data = shrink_png(page.screenshot(full_page=full_page, clip=clip))
     path.write_bytes(data)
     print(f"{path}  ({len(data) // 1024} KB)")
 
@@ -199,26 +205,85 @@ def shoot_serving(context, out: Path, base: str, image: Path) -> None:
     page.close()
 
 
+def fetch_batch_results(settings, dataset: str, batch_id: str, folder: Path) -> Path:
+    """The newest complete scoring of a batch (summary.json is written last), copied to `folder` with
+    its previews, so report.html's relative image links resolve; returns the report's path."""
+    from contracts.screening import REPORT_FILE, RESULTS_ROOT, SUMMARY_FILE, check_batch_id
+    from pipeline.storage import iter_objects, s3_client
+
+    client = s3_client(settings)
+    prefix = f"{RESULTS_ROOT}/{dataset}/{check_batch_id(batch_id)}/"
+    keys = [obj["Key"][len(prefix):] for obj in iter_objects(client, settings.s3_bucket, prefix)]
+    complete = [k.split("/", 1)[0] for k in keys if k.endswith(f"/{SUMMARY_FILE}") and k.count("/") == 1]
+    if not complete:
+        raise SystemExit(f"batch {batch_id!r} of {dataset!r} has no complete scoring under {prefix}")
+    version = max(complete, key=lambda v: (v.isdigit(), int(v) if v.isdigit() else 0, v))
+    for key in keys:
+        if key.startswith(f"{version}/"):
+            target = folder / key[len(version) + 1:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(settings.s3_bucket, prefix + key, str(target))
+    return folder / REPORT_FILE
+
+
+def shoot_batch_report(context, out: Path, report: Path) -> None:
+    """The top of the report: header, counts, drift and the first ranked rows with their previews."""
+    page = context.new_page()
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.goto(report.as_uri(), wait_until="load", timeout=TIMEOUT_MS)
+    page.evaluate("() => Promise.all([...document.images].map(i => (i.loading = 'eager', i.decode()"
+                  ".catch(() => null))))")
+    height = min(1500, page.evaluate("document.documentElement.scrollHeight"))
+    save_shot(page, out / "batch-report.png", full_page=True, clip={"x": 0, "y": 0, "width": 1280, "height": height})
+    page.close()
+
+
+def shoot_review_page(context, out: Path, base: str, batch_id: str, reviewer_key: str) -> None:
+    """The batch's review queue on a laptop-sized window, as a reviewer sees it after entering their key."""
+    page = context.new_page()
+    page.set_viewport_size({"width": 1366, "height": 768})
+    page.goto(f"{base}/batches/{batch_id}", wait_until="load", timeout=TIMEOUT_MS)
+    page.fill("#key-input", reviewer_key)
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelectorAll('#queue li').length > 0", timeout=TIMEOUT_MS)
+    page.wait_for_function("document.getElementById('d-heat').naturalWidth > 0", timeout=TIMEOUT_MS)
+    page.wait_for_timeout(800)
+    save_shot(page, out / "review-page.png")
+    page.close()
+
+
+def first_reviewer_key(settings) -> str:
+    """The key of the first SERVING_REVIEWER_API_KEYS entry (`name:key` or a bare key), or ""."""
+    entries = settings.key_list(settings.serving_reviewer_api_keys)
+    return entries[0].rpartition(":")[2] if entries else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "scripts" / "screenshots")
     parser.add_argument("--image", type=Path, help="image dropped on the serving page (default: a real smear)")
-    parser.add_argument("--only", choices=["airflow", "mlflow", "serving"], action="append")
+    parser.add_argument("--only", choices=["airflow", "mlflow", "serving", "batch"], action="append")
+    parser.add_argument("--batch", default=DEMO_BATCH_ID, help="scored batch of the report and review page")
+    parser.add_argument("--reviewer-key", help="key the review page is opened with (default: the first of "
+                        "SERVING_REVIEWER_API_KEYS)")
     args = parser.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
     s = get_settings()
     dataset = s.dataset
-    from ops.airflow_local import SECRETS_FILE, admin_password
+    only = set(args.only or ["airflow", "mlflow", "serving", "batch"])
+    if "airflow" in only:
+        from ops.airflow_local import SECRETS_FILE, admin_password
 
-    site = airflow_site(s, admin_key="")
-    if not (site.home / SECRETS_FILE).is_file():
-        print("no Airflow site found: run `make demo` first", file=sys.stderr)
-        return 2
-    password = admin_password(site)
-    only = set(args.only or ["airflow", "mlflow", "serving"])
+        site = airflow_site(s, admin_key="")
+        if not (site.home / SECRETS_FILE).is_file():
+            print("no Airflow site found: run `make demo` first", file=sys.stderr)
+            return 2
+        password = admin_password(site)
+    reviewer_key = args.reviewer_key or first_reviewer_key(s)
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="hemaflow-shots-") as profile, sync_playwright() as pw:
+    with (tempfile.TemporaryDirectory(prefix="hemaflow-shots-") as profile,
+          tempfile.TemporaryDirectory(prefix="hemaflow-batch-") as results, sync_playwright() as pw):
         # MLflow asks for basic auth: the browser answers with serving's read-only identity.
         reader = {"username": s.serving_mlflow_username, "password": s.serving_mlflow_password.get_secret_value()}
         context = pw.chromium.launch_persistent_context(
@@ -236,6 +301,15 @@ def main(argv: list[str] | None = None) -> int:
             if "serving" in only:
                 shoot_serving(context, args.out, f"http://127.0.0.1:{s.serving_port}",
                               args.image or demo_image(dataset))
+            if "batch" in only:
+                report = fetch_batch_results(s, dataset, args.batch, Path(results))
+                shoot_batch_report(context, args.out, report)
+                if reviewer_key:
+                    shoot_review_page(context, args.out, f"http://127.0.0.1:{s.serving_port}", args.batch,
+                                      reviewer_key)
+                else:
+                    print("review-page.png skipped: no reviewer key (--reviewer-key or SERVING_REVIEWER_API_KEYS)",
+                          file=sys.stderr)
         finally:
             context.close()
     return 0

@@ -60,17 +60,18 @@ def next_minute_after(seconds: float) -> datetime:
     return (moment + timedelta(minutes=1)).replace(second=0, microsecond=0)
 
 
-def image_tree(root: Path, shared_pbc8: Path | None) -> tuple[Path, str]:
+def image_tree(root: Path, shared_pbc8: Path | None, part: int = 0) -> tuple[Path, str]:
     """Folder-per-class images of the template's four classes, all needing a resize:
-    pbc8 crops (360x363) when ../shared/data is there, else generated 320x240 JPEGs."""
+    pbc8 crops (360x363) when ../shared/data is there, else generated 320x240 JPEGs.
+    Each `part` is IMAGES_PER_CLASS other images per class (a batch unlike the training upload)."""
     classes = ("eosinophil", "lymphocyte", "monocyte", "neutrophil")
     if shared_pbc8 is not None and shared_pbc8.is_dir():
         for folder in classes:
             (root / folder).mkdir(parents=True, exist_ok=True)
-            for path in sorted((shared_pbc8 / folder).iterdir())[:IMAGES_PER_CLASS]:
+            for path in sorted((shared_pbc8 / folder).iterdir())[part * IMAGES_PER_CLASS:][:IMAGES_PER_CLASS]:
                 shutil.copyfile(path, root / folder / path.name)
         return root, "pbc8 360x363 JPEGs"
-    make_image_tree(root, {c: IMAGES_PER_CLASS for c in classes}, size=(320, 240), fmt="JPEG")
+    make_image_tree(root, {c: IMAGES_PER_CLASS for c in classes}, size=(320, 240), seed=part, fmt="JPEG")
     return root, "generated 320x240 JPEGs"
 
 

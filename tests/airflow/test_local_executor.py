@@ -9,15 +9,21 @@ task runner (never `dag.test()`). The user's path, in order:
    need resizing and emits the Asset event; the asset-triggered run trains, promotes and
    serving picks up @champion;
 4. `python -m pipeline submit` sends a batch (with a corrupt file) to the inbox and emits its Asset
-   event; the asset-triggered `hemaflow_score_<spec>` run scores it in mapped chunks.
+   event; the asset-triggered `hemaflow_score_<spec>` run scores it in mapped chunks;
+5. a reviewer confirms or corrects labels of that batch through serving's review API;
+   `hemaflow_feedback` (unpaused and triggered through the REST API) copies the reviewed images
+   into raw/<spec>/<class>/ with their provenance; its Asset event starts a retraining run whose
+   report counts the reviewed images that joined, and whose gate scored both models on them.
 """
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import httpx
 import pytest
@@ -34,6 +40,11 @@ SCHEDULE_LEAD_S = 150  # the spec is added and parsed well before the scheduled 
 RUN_TIMEOUT_S = 900
 ADMIN_KEY = "airflow-test-admin-key"
 SCORE_CHUNK = 64  # 281 images -> 5 mapped tasks (each task costs seconds of scheduling and start-up)
+SCORED_BATCH = "sched-batch-1"
+FEEDBACK_DAG_ID = "hemaflow_feedback"
+REVIEWER = "alice"
+REVIEWER_KEY = secrets.token_urlsafe(24)
+N_REVIEWED = 8  # the first images of the review queue: the most doubtful
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +56,12 @@ def site(local_stack, hemaflow_env, airflow_stop, tmp_path_factory):
     due = next_minute_after(SCHEDULE_LEAD_S)
     serving_port = free_port()
     hemaflow = {k: v for k, v in hemaflow_env.items() if not k.startswith("AIRFLOW")}
+    # The polling DAGs' daily cron is 12 h away: no scheduled poll during the module (but unpausing
+    # hemaflow_feedback still starts one run for the latest past cron time, see the feedback test).
+    polled = cron_at(datetime.now(timezone.utc) + timedelta(hours=12))
     hemaflow.update(RETRAIN_SCHEDULE=cron_at(due), SERVING_URL=f"http://127.0.0.1:{serving_port}",
                     SERVING_ADMIN_API_KEYS=ADMIN_KEY, SERVING_PORT=str(serving_port), SERVING_POLL_INTERVAL_S="3",
+                    SERVING_REVIEWER_API_KEYS=f"{REVIEWER}:{REVIEWER_KEY}", RAW_WATCH_SCHEDULE=polled,
                     SCORE_CHUNK_SIZE=str(SCORE_CHUNK))
     deployment = airflow_local.AirflowSite(home=tmp_path_factory.mktemp("airflow-local"), port=free_port(),
                                            parse_interval_s=5, extra_env=hemaflow)
@@ -69,16 +84,40 @@ def api(site, local_stack):
         yield client
 
 
-def _summary(local_stack, run_id: str) -> dict:
-    """The run summary the report task recorded in MLflow."""
-    from mlflow.artifacts import load_dict
+@pytest.fixture(scope="module")
+def serving(site, tmp_path_factory):
+    """`python -m serving` for the spec, as deployed next to Airflow (started by the first test that
+    needs it, before any model exists; it follows @champion); yields its URL."""
+    _, cli_env, serving_url, _ = site
+    log = tmp_path_factory.mktemp("serving") / "serving.log"
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "serving"], env={**cli_env, "DATASET": NEW_SPEC},
+                                   cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        wait_for(lambda: process.poll() is not None or _answers(serving_url), "serving to start", timeout_s=120)
+        assert process.poll() is None, log.read_text()[-2000:]
+        yield serving_url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _summary_run(local_stack, run_id: str) -> str:
+    """The MLflow run in which the report task recorded the summary of DAG run `run_id`."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=local_stack.mlflow_tracking_uri)
     experiment = client.get_experiment_by_name(f"{local_stack.model_name_prefix}-pipeline-runs")
     found = client.search_runs([experiment.experiment_id], filter_string=f"tags.`hemaflow.dag_run_id` = '{run_id}'")
     assert found, f"no pipeline-runs summary for {run_id}"
-    return load_dict(f"runs:/{found[0].info.run_id}/run_summary.json")
+    return found[0].info.run_id
+
+
+def _summary(local_stack, run_id: str) -> dict:
+    """The run summary the report task recorded in MLflow."""
+    from mlflow.artifacts import load_dict
+
+    return load_dict(f"runs:/{_summary_run(local_stack, run_id)}/run_summary.json")
 
 
 def test_a_new_spec_gets_an_active_dag(site, api):
@@ -107,40 +146,33 @@ def test_first_scheduled_run_on_an_empty_prefix_ends_green_with_nothing_to_do(si
     assert _summary(local_stack, run["dag_run_id"])["outcome"].startswith("nothing to do: no images")
 
 
-def test_upload_event_retrains_through_the_scheduler_and_serving_follows(site, api, local_stack, tmp_path):
+def test_upload_event_retrains_through_the_scheduler_and_serving_follows(site, api, serving, local_stack, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from pipeline.airflow_api import task_instances, wait_for_run
 
-    _, cli_env, serving_url, _ = site
-    serving = subprocess.Popen([sys.executable, "-m", "serving"], env={**cli_env, "DATASET": NEW_SPEC}, cwd=PROJECT_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serving.log", "wb"))
-    try:
-        wait_for(lambda: _answers(serving_url), "serving to start", timeout_s=120)
-        assert httpx.get(f"{serving_url}/readyz").status_code == 503  # no champion yet: not ready, not crashed
+    _, cli_env, _, _ = site
+    assert httpx.get(f"{serving}/readyz").status_code == 503  # no champion yet: not ready, not crashed
 
-        tree, kind = image_tree(tmp_path / "upload", SHARED_DATA / "pbc8")
-        before = {r["dag_run_id"] for r in _runs(api)}
-        output = upload_cli(tree, NEW_SPEC, cli_env)
-        assert "asset event" in output and "emitted" in output, output[-1000:]
-        run = wait_for_run(api, DAG_ID, lambda runs: next((r for r in reversed(runs) if r["run_type"] ==
-                                                           "asset_triggered" and r["dag_run_id"] not in before),
-                                                          None), timeout_s=RUN_TIMEOUT_S)
-        tis = task_instances(api, DAG_ID, run["dag_run_id"])
-        print(f"\nasset-triggered run on {kind}: {run['state']} in {run_wall_s(run):.0f}s\n{task_table(tis)}")
-        assert run["state"] == "success", (tmp_path / "serving.log").read_text()[-2000:]
-        states = {t["task_id"]: t["state"] for t in tis}
-        assert all(states[t] == "success" for t in ("ingest", "validate", "preprocess", "train", "evaluate",
-                                                    "gate", "promote", "notify_serving", "report")), states
-        assert states["keep_champion"] == "skipped"
+    tree, kind = image_tree(tmp_path / "upload", SHARED_DATA / "pbc8")
+    before = {r["dag_run_id"] for r in _runs(api)}
+    output = upload_cli(tree, NEW_SPEC, cli_env)
+    assert "asset event" in output and "emitted" in output, output[-1000:]
+    run = wait_for_run(api, DAG_ID, lambda runs: next((r for r in reversed(runs) if r["run_type"] ==
+                                                       "asset_triggered" and r["dag_run_id"] not in before),
+                                                      None), timeout_s=RUN_TIMEOUT_S)
+    tis = task_instances(api, DAG_ID, run["dag_run_id"])
+    print(f"\nasset-triggered run on {kind}: {run['state']} in {run_wall_s(run):.0f}s\n{task_table(tis)}")
+    assert run["state"] == "success"
+    states = {t["task_id"]: t["state"] for t in tis}
+    assert all(states[t] == "success" for t in ("ingest", "validate", "preprocess", "train", "evaluate",
+                                                "gate", "promote", "notify_serving", "report")), states
+    assert states["keep_champion"] == "skipped"
 
-        champion = MlflowClient(tracking_uri=local_stack.mlflow_tracking_uri).get_model_version_by_alias(
-            local_stack.model_name(NEW_SPEC), "champion")
-        served = wait_for(lambda: serving_model_version(serving_url), "serving to load @champion", timeout_s=60)
-        assert served == str(champion.version)
-    finally:
-        serving.terminate()
-        serving.wait(timeout=30)
+    champion = MlflowClient(tracking_uri=local_stack.mlflow_tracking_uri).get_model_version_by_alias(
+        local_stack.model_name(NEW_SPEC), "champion")
+    served = wait_for(lambda: serving_model_version(serving), "serving to load @champion", timeout_s=60)
+    assert served == str(champion.version)
 
 
 def test_submitted_batch_is_scored_through_the_scheduler_in_mapped_chunks(site, api, local_stack, s3, tmp_path):
@@ -151,8 +183,9 @@ def test_submitted_batch_is_scored_through_the_scheduler_in_mapped_chunks(site, 
     from pipeline.storage import get_json_or_none
 
     _, cli_env, _, _ = site
-    dag_id, batch = f"hemaflow_score_{NEW_SPEC}", "sched-batch-1"
-    tree, _ = image_tree(tmp_path / "batch", SHARED_DATA / "pbc8")  # nested class folders: fine for a batch
+    dag_id, batch = f"hemaflow_score_{NEW_SPEC}", SCORED_BATCH
+    # Nested class folders (fine for a batch) of images the model was not trained on.
+    tree, _ = image_tree(tmp_path / "batch", SHARED_DATA / "pbc8", part=1)
     (tree / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated " * 8)
     n_images = sum(1 for p in tree.rglob("*") if p.is_file())
     champion = _champion_version(local_stack)
@@ -172,6 +205,93 @@ def test_submitted_batch_is_scored_through_the_scheduler_in_mapped_chunks(site, 
     if any(t["task_id"] == "plan" and t["state"] == "success" for t in tis):  # not done before by a cron run
         chunks = [t for t in tis if t["task_id"] == "score_chunk"]
         assert len(chunks) == math.ceil(n_images / SCORE_CHUNK) and all(t["state"] == "success" for t in chunks)
+
+
+def test_reviewed_images_join_raw_and_retrain_through_the_scheduler(site, api, serving, local_stack, s3):
+    """The feedback loop as deployed: reviews through serving's API -> hemaflow_feedback (REST trigger)
+    -> raw/<spec>/<class>/ with provenance -> its Asset event -> a retraining run that counts them."""
+    from contracts.dataset_spec import load_spec
+    from contracts.screening import ReviewDecision
+    from pipeline.airflow_api import task_instances, trigger_dag, wait_for_run
+    from screening.feedback import (META_BATCH, META_MODEL_VERSION, META_REVIEW_ID, META_REVIEWER,
+                                    class_folder_for, reviewed_name)
+
+    _, cli_env, _, _ = site
+    champion = _champion_version(local_stack)
+    wait_for(lambda: serving_model_version(serving) == champion, "serving to load @champion", timeout_s=60)
+    queue = _reviewer_get(serving, f"/v1/batches/{SCORED_BATCH}")
+    assert queue["model_version"] == champion and len(queue["items"]) >= N_REVIEWED, queue.get("summary")
+    decisions = []
+    for row in queue["items"][:N_REVIEWED]:  # the reviewer gives each image its true class (its folder)
+        truth = row["key"].split(f"/{SCORED_BATCH}/", 1)[1].split("/", 1)[0]
+        answer = httpx.post(f"{serving}/v1/batches/{SCORED_BATCH}/reviews", headers={"X-API-Key": REVIEWER_KEY},
+                            json={"sha256": row["sha256"], "reviewed_label": truth}, timeout=30)
+        assert answer.status_code == 201, answer.text
+        decisions.append(ReviewDecision.from_dict(answer.json()))
+    corrected = sum(d.reviewed_label != d.predicted_label for d in decisions)
+    assert {(d.reviewer, d.model_version, d.batch_id) for d in decisions} == {(REVIEWER, champion, SCORED_BATCH)}
+
+    before = {r["dag_run_id"] for r in _runs(api)}
+    known_feedback = {r["dag_run_id"] for r in _runs_of(api, FEEDBACK_DAG_ID)}
+    # Unpausing also starts a run for the latest past cron time (catchup=False still runs that one, unless
+    # the DAG was active before); one run at a time: whichever runs first copies, the other is skipped.
+    manual = _trigger_unpaused(api, FEEDBACK_DAG_ID, trigger_dag)
+    wait_for_run(api, FEEDBACK_DAG_ID, lambda runs: next((r for r in runs if r["dag_run_id"] == manual["dag_run_id"]),
+                                                         None), timeout_s=RUN_TIMEOUT_S)
+    runs = wait_for(lambda: _all_finished([r for r in _runs_of(api, FEEDBACK_DAG_ID)
+                                           if r["dag_run_id"] not in known_feedback]),
+                    "the feedback runs to finish", timeout_s=RUN_TIMEOUT_S)
+    outcomes = sorted((r["state"], *(t["state"] for t in task_instances(api, FEEDBACK_DAG_ID, r["dag_run_id"])
+                                     if t["task_id"] == f"feedback_{NEW_SPEC}")) for r in runs)
+    assert outcomes == [("success", "skipped")] * (len(runs) - 1) + [("success", "success")], outcomes
+
+    spec = load_spec(NEW_SPEC, Path(cli_env["DATASET_SPECS_DIR"]))
+    for decision in decisions:  # each image in its reviewed class folder, carrying its provenance
+        key = spec.key_for(class_folder_for(spec, decision.reviewed_label), reviewed_name(decision))
+        meta = s3.head_object(Bucket=local_stack.s3_bucket, Key=key)["Metadata"]
+        assert (meta[META_REVIEW_ID], meta[META_REVIEWER], meta[META_MODEL_VERSION], meta[META_BATCH]) == (
+            decision.review_id, REVIEWER, champion, SCORED_BATCH), key
+
+    run = wait_for_run(api, DAG_ID, lambda runs: next((r for r in reversed(runs) if r["run_type"] == "asset_triggered"
+                                                       and r["dag_run_id"] not in before), None),
+                       timeout_s=RUN_TIMEOUT_S)
+    tis = task_instances(api, DAG_ID, run["dag_run_id"])
+    print(f"\nretraining on {N_REVIEWED} reviewed images ({corrected} corrected): {run['state']} in "
+          f"{run_wall_s(run):.0f}s\n{task_table(tis)}")
+    assert run["state"] == "success"
+    events = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/upstreamAssetEvents").json()
+    assert FEEDBACK_DAG_ID in {e["source_dag_id"] for e in events["asset_events"]}, events
+    summary = _summary(local_stack, run["dag_run_id"])
+    assert (summary["ingested"]["new"], summary["ingested"]["reviewed"]) == (N_REVIEWED, N_REVIEWED), summary
+    gate = summary["gate_reviewed"]
+    assert gate["n"] == N_REVIEWED and gate["candidate"] and gate["champion"], gate
+    report = _summary_text(local_stack, run["dag_run_id"])
+    assert f"reviewed images joined: {N_REVIEWED}" in report and f"Reviewed images at the gate ({N_REVIEWED}" in report
+
+
+def _all_finished(runs: list[dict]) -> list[dict] | None:
+    from pipeline.airflow_api import FINISHED_RUN_STATES
+
+    return runs if runs and all(r["state"] in FINISHED_RUN_STATES for r in runs) else None
+
+
+def _reviewer_get(serving_url: str, path: str) -> dict:
+    answer = httpx.get(f"{serving_url}{path}", headers={"X-API-Key": REVIEWER_KEY}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def _trigger_unpaused(api, dag_id: str, trigger_dag) -> dict:
+    """Unpause `dag_id` (deployments may create it paused) and trigger a manual run of it."""
+    answer = api.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False})
+    assert answer.status_code == 200 and answer.json()["is_paused"] is False, answer.text
+    return trigger_dag(api, dag_id)
+
+
+def _summary_text(local_stack, run_id: str) -> str:
+    from mlflow.artifacts import load_text
+
+    return load_text(f"runs:/{_summary_run(local_stack, run_id)}/run_summary.md")
 
 
 def _champion_version(local_stack) -> str:

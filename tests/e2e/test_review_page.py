@@ -123,3 +123,31 @@ def test_contribute_is_offered_to_reviewers_only_and_off_by_default(local_stack,
         assert decision.reviewer == "alice" and decision.reviewed_label == predicted
     finally:
         server.stop()
+
+
+def test_screenshots_of_a_scored_batch(review_page_server, browser, local_stack, s3, tmp_path):  # noqa: F811
+    """scripts.screenshots: the newest *complete* scoring (numeric version order) is copied with its
+    previews beside report.html; the report and review-page shots are PNGs within MAX_PNG_BYTES."""
+    from PIL import Image
+
+    from contracts.screening import PREDICTIONS_FILE, REPORT_FILE, results_prefix
+    from scripts.screenshots import MAX_PNG_BYTES, fetch_batch_results, shoot_batch_report, shoot_review_page
+
+    server, dataset, _ = review_page_server  # batch slide-1 scored by version 2
+    newer = write_scored_batch(s3, local_stack.s3_bucket, dataset, "slide-1", 10, 3, seed=1)
+    report_html = f"<h1>slide-1</h1><img src='thumbnails/{newer[0].sha256}.jpg'>".encode()
+    s3.put_object(Bucket=local_stack.s3_bucket, Key=results_prefix(dataset, "slide-1", 10) + REPORT_FILE,
+                  Body=report_html)
+    shoot_review_page(browser, tmp_path, server.url, "slide-1", REVIEWER_KEY)
+
+    s3.put_object(Bucket=local_stack.s3_bucket, Key=results_prefix(dataset, "slide-1", 11) + PREDICTIONS_FILE,
+                  Body=b"key,sha256\n")  # still being scored: no summary.json yet
+    report = fetch_batch_results(local_stack, dataset, "slide-1", tmp_path / "copy")
+    assert report == tmp_path / "copy" / REPORT_FILE and report.read_bytes() == report_html
+    assert {p.name for p in (tmp_path / "copy" / "thumbnails").iterdir()} == {f"{i.sha256}.jpg" for i in newer}
+    shoot_batch_report(browser, tmp_path, report)
+    for name in ("batch-report.png", "review-page.png"):
+        shot = tmp_path / name
+        assert 0 < shot.stat().st_size <= MAX_PNG_BYTES
+        with Image.open(shot) as img:
+            assert img.format == "PNG" and img.width >= 400
