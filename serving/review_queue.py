@@ -88,6 +88,10 @@ def review_order(items: list[dict[str, Any]], labels: list[str], positive_label:
     return sorted(items, key=lambda row: (row["confidence"], row["key"]))
 
 
+def _is_not_found(exc: Exception) -> bool:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", "")) in NOT_FOUND_CODES
+
+
 class ScreeningStore:
     """Reads scored batches and review files of one S3 bucket (one client, made on first use)."""
 
@@ -122,14 +126,25 @@ class ScreeningStore:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except Exception as exc:  # noqa: BLE001 - only a missing object is None
-            if str(getattr(exc, "response", {}).get("Error", {}).get("Code", "")) in NOT_FOUND_CODES:
+            if _is_not_found(exc):
                 return None
             raise
 
+    def _exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+            return True
+        except Exception as exc:  # noqa: BLE001 - only a missing object is False
+            if _is_not_found(exc):
+                return False
+            raise
+
     def versions(self, dataset: str, batch_id: str) -> list[str]:
-        """Model versions that scored the batch, newest first."""
+        """Model versions whose scoring of the batch is complete (summary.json, written last), newest
+        first: a scoring still in progress must not hide the finished one from reviewers."""
         prefix = f"{RESULTS_ROOT}/{dataset}/{check_batch_id(batch_id)}/"
-        return sorted(self._folders(prefix), key=_version_order, reverse=True)
+        folders = sorted(self._folders(prefix), key=_version_order, reverse=True)
+        return [v for v in folders if self._exists(results_prefix(dataset, batch_id, v) + SUMMARY_FILE)]
 
     def list_batches(self, dataset: str) -> list[dict[str, Any]]:
         """Every scored batch of the dataset with its newest scoring's summary and review progress."""

@@ -54,8 +54,13 @@ def _post(server, path, body, key=ALICE):
     return httpx.post(server.url + path, json=body, headers={"X-API-Key": key}, timeout=30)
 
 
-def test_batches_list_and_ranked_batch(review_server):
-    server, dataset, images, _ = review_server
+def test_batches_list_and_ranked_batch(review_server, local_stack):
+    server, dataset, images, client = review_server
+    from contracts.screening import results_prefix
+
+    # Version 3 is still being scored (a chunk file, no summary.json): the finished version 2 stays shown.
+    client.put_object(Bucket=local_stack.s3_bucket, Key=results_prefix(dataset, "b1", "3") + "_chunks/0000000.jsonl",
+                      Body=b"{}\n")
     listing = _get(server, "/v1/batches").json()
     assert listing["dataset"] == dataset and listing["reviewer"] == "alice"
     (batch,) = listing["batches"]
