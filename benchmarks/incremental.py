@@ -75,7 +75,7 @@ def serve_reload_s(settings) -> tuple[float, str]:
 
 def _champion(dataset: str, version: str, settings) -> dict:
     """Train from scratch on the 95 % version, promote it, load it the way serving does."""
-    from training.registry import promote_if_better
+    from training.gate import promote_if_better
 
     champion = timed_training(dataset, version, settings, warm_start=False)
     gate = promote_if_better(dataset, champion["model_version"], settings)
@@ -121,7 +121,7 @@ def main() -> int:
     from pipeline.preprocess import preprocess
     from pipeline.run import run_pipeline
     from pipeline.upload import upload_tree
-    from training.registry import promote_if_better
+    from training.gate import promote_if_better
 
     settings = get_settings()
     if args.epochs:
