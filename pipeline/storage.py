@@ -205,12 +205,11 @@ def fetch_processed(dataset: str, dataset_version: str, settings: Settings | Non
         return target
     client = s3_client(s)
     meta = load_meta(dataset, dataset_version, s, client)
-    prefix = version_prefix(dataset, dataset_version)
     names = [n for split in SPLITS for n in meta.shards.get(split, [])] + [MANIFEST_FILE]
 
     def _get(name: str) -> None:
         if not (target / name).is_file():
-            data = client.get_object(Bucket=s.s3_bucket, Key=prefix + name)["Body"].read()
+            data = client.get_object(Bucket=s.s3_bucket, Key=meta.object_key(name))["Body"].read()
             atomic_write_bytes(target / name, data)
 
     with ThreadPoolExecutor(max_workers=s.transfer_workers) as pool:
