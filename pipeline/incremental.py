@@ -5,7 +5,7 @@ and the parameters (same images and settings -> same version and same shard byte
 
 - Prepared-pixel cache, `HEMAFLOW_HOME/cache/prepared/<params hash>/<sha[:2]>/<sha256>`: the
   uint8 pixels `prepare_image` produced for one image. The params hash is `stable_hash` of the
-  preprocessing parameters dict (`preprocess.preprocessing_params`: image size, crop policy,
+  preprocessing parameters dict (`preprocessing_params`: image size, crop policy,
   resample, PREPROCESS_VERSION), so changing any of them starts a fresh cache instead of
   reusing stale pixels. The pixels rather than the encoded Example are kept: the label index
   can change with the spec, and framing an Example is a copy, not a decode.
@@ -41,6 +41,8 @@ from typing import Any
 
 from contracts.settings import Settings
 
+# 2: large JPEGs are decoded at reduced scale before resizing (contracts.imaging.DRAFT_FACTOR).
+PREPROCESS_VERSION = 2
 SHARD_STORE_DIR = "_shards"
 SHARD_SUFFIX = ".tfrecord"
 BUCKET_HASH_HEX = 8  # hex digits of sha256 that pick the bucket (32 bits)
@@ -57,6 +59,23 @@ class ShardPlan:
     name: str
     key: str
     rows: list[dict[str, Any]]
+
+
+def preprocessing_params(settings: Settings, crop: str = "center_crop") -> dict[str, Any]:
+    """What prepared pixels are a function of (besides the image): recorded in every dataset version."""
+    from contracts.imaging import CROP_POLICY_NAMES, RESAMPLE
+
+    return {"policy": CROP_POLICY_NAMES[crop], "resample": RESAMPLE.name.lower(),
+            "image_size": settings.image_size, "preprocess_version": PREPROCESS_VERSION}
+
+
+def image_preparer(settings: Settings, crop: str = "center_crop"):
+    """bytes -> prepared uint8 array with this install's parameters (those `preprocessing_params` records)."""
+    from functools import partial
+
+    from contracts.imaging import prepare_image
+
+    return partial(prepare_image, size=settings.image_size, max_pixels=settings.max_image_pixels, crop=crop)
 
 
 def params_hash(preprocessing: dict[str, Any]) -> str:
@@ -83,15 +102,20 @@ def prepared_pixels(settings: Settings, preprocessing: dict[str, Any], sha256: s
 
     A cached file counts only at its exact size (size x size x 3); writes are atomic renames, so a
     killed run never leaves a partial entry under a content name."""
-    from pipeline.storage import atomic_write_bytes
-
-    target = prepared_path(settings, preprocessing, sha256)
     if is_prepared(settings, preprocessing, sha256):
-        return target.read_bytes()
+        return prepared_path(settings, preprocessing, sha256).read_bytes()
     with open(raw_path(), "rb") as fh:
         pixels = prepare(fh.read()).tobytes()
-    atomic_write_bytes(target, pixels, fsync=False)  # a cache: a lost entry is decoded again
+    store_prepared(settings, preprocessing, sha256, pixels)
     return pixels
+
+
+def store_prepared(settings: Settings, preprocessing: dict[str, Any], sha256: str, pixels: bytes) -> None:
+    """Cache one image's prepared pixels (ingest calls it with the image it just decoded)."""
+    from pipeline.storage import atomic_write_bytes
+
+    # A cache: a lost entry is decoded again, so no fsync.
+    atomic_write_bytes(prepared_path(settings, preprocessing, sha256), pixels, fsync=False)
 
 
 def bucket_count(images: int, shard_size: int) -> int:

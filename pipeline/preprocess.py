@@ -23,20 +23,17 @@ they fall in (with small shards, SHARD_SIZE, a small minority of them).
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from contracts.imaging import CROP_POLICY_NAMES
 from contracts.settings import Settings, get_settings
 from contracts.stages import PreprocessResult
-from pipeline.incremental import ShardPlan, plan_shards, shard_builder
+from pipeline.incremental import (PREPROCESS_VERSION, ShardPlan, image_preparer, plan_shards,  # noqa: F401 - re-exported
+                                  preprocessing_params, shard_builder)
 
-# 2: large JPEGs are decoded at reduced scale before resizing (contracts.imaging.DRAFT_FACTOR).
-PREPROCESS_VERSION = 2
 SHARD_WORKERS = 4  # shards built and uploaded at once (at least; more on more cores)
 SHARD_STATS = ("written", "reused", "uploaded", "downloaded")
 MANIFEST_ROW_FIELDS = ("key", "sha256", "class", "label", "bytes", "width", "height", "format", "mode")
@@ -55,13 +52,6 @@ def encode_cached_file(path: str, size: int, max_pixels: int, label: int, sha256
     return encode_example(prepare_image(data, size, max_pixels, crop=crop), label, sha256)
 
 
-def preprocessing_params(settings: Settings, crop: str = "center_crop") -> dict[str, Any]:
-    from contracts.imaging import RESAMPLE
-
-    return {"policy": CROP_POLICY_NAMES[crop], "resample": RESAMPLE.name.lower(),
-            "image_size": settings.image_size, "preprocess_version": PREPROCESS_VERSION}
-
-
 def split_params(settings: Settings) -> dict[str, Any]:
     from contracts.splits import SPLITS_VERSION
 
@@ -75,15 +65,6 @@ def dataset_version(pairs: list[tuple[str, str]], labels: list[str], preprocessi
 
     return stable_hash({"pairs": sorted(pairs), "labels": list(labels), "preprocessing": preprocessing,
                         "splits": splits}, 20)
-
-
-def image_preparer(settings: Settings, crop: str = "center_crop"):
-    """bytes -> prepared uint8 array with this install's parameters (those `preprocessing_params` records)."""
-    from functools import partial
-
-    from contracts.imaging import prepare_image
-
-    return partial(prepare_image, size=settings.image_size, max_pixels=settings.max_image_pixels, crop=crop)
 
 
 def preprocess(validated_key: str, dataset: str, settings: Settings | None = None,

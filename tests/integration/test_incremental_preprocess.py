@@ -55,6 +55,8 @@ def test_adding_and_removing_images_rewrites_only_the_shards_they_touch(tiny_dat
     before = _shards(s3, settings, dataset, first.dataset_version)
     shard_before = _shard_of(settings, dataset, first.dataset_version)
 
+    prepared = settings.hemaflow_home / "cache" / "prepared"
+    prepared_before = sum(1 for p in prepared.rglob("*") if p.is_file())
     _add_images(root, 4, seed=9000)  # +5 %
     upload_tree(root, dataset, settings)
     second = _run(settings, dataset)
@@ -69,7 +71,9 @@ def test_adding_and_removing_images_rewrites_only_the_shards_they_touch(tiny_dat
     sizes = __import__("collections").Counter(shard_after.values())
     assert max(sizes.values()) <= 3 * settings.shard_size, sizes  # content buckets of about SHARD_SIZE images
     assert len(touched) <= 4 and len(unchanged) >= len(after) - 4 >= 3 * len(touched), (len(unchanged), len(after))
-    assert "4 images decoded" in second.message and f"{len(unchanged)} reused" in second.message
+    # Ingest decoded (and prepared) exactly the 4 new images; preprocess decoded none again.
+    assert sum(1 for p in prepared.rglob("*") if p.is_file()) == prepared_before + 4
+    assert "(0 images decoded)" in second.message and f"{len(unchanged)} reused" in second.message
     assert f"({len(touched)} uploaded, 0 downloaded)" in second.message  # nothing copied or re-sent
     processed = {o["Key"] for o in iter_objects(s3, settings.s3_bucket, f"processed/{dataset}/")}
     assert len([k for k in processed if k.endswith(".tfrecord")]) == len(before) + len(touched)

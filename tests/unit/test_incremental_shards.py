@@ -51,6 +51,7 @@ def test_shard_key_depends_on_labels_and_parameters():
 def test_prepared_cache_is_keyed_by_every_preprocessing_parameter(tmp_path, monkeypatch):
     """PREPROCESS_VERSION, the crop policy and the size are all in the key: a change re-decodes."""
     from contracts.settings import get_settings
+    from pipeline import incremental
     from pipeline import preprocess as pre
     from pipeline.incremental import prepared_path, prepared_pixels
 
@@ -68,7 +69,7 @@ def test_prepared_cache_is_keyed_by_every_preprocessing_parameter(tmp_path, monk
 
     first = prepared_pixels(settings, prep, sha, lambda: raw, prepare)
     assert prepared_pixels(settings, prep, sha, lambda: raw, prepare) == first and len(calls) == 1
-    monkeypatch.setattr(pre, "PREPROCESS_VERSION", pre.PREPROCESS_VERSION + 1)
+    monkeypatch.setattr(incremental, "PREPROCESS_VERSION", incremental.PREPROCESS_VERSION + 1)
     bumped = pre.preprocessing_params(settings)
     other_policy = {**prep, "policy": "resize_longer_pad_square"}
     assert len({prepared_path(settings, p, sha) for p in (prep, bumped, other_policy)}) == 3
