@@ -174,11 +174,11 @@ def published_shard_keys(settings: Settings, client, dataset: str) -> set[str]:
 def write_shard(path: Path, records) -> None:
     """Write TFRecords to `path` atomically (temporary name in the same folder, then rename)."""
     from contracts.processed import TFRecordWriter
+    from pipeline.storage import creating_parent
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.part")
     try:
-        with TFRecordWriter(tmp) as writer:
+        with creating_parent(lambda: TFRecordWriter(tmp), tmp) as writer:
             for record in records:
                 writer.write(record)
         os.replace(tmp, path)
@@ -212,9 +212,9 @@ def shard_builder(settings: Settings, client, dataset: str, preprocessing: dict[
     bucket = settings.s3_bucket
     uploads = threading.Semaphore(max(1, UPLOAD_BYTES_IN_FLIGHT // (size * size * 3 * settings.shard_size)))
 
-    def _record(row: dict[str, Any]) -> bytes:
+    def _record(row: dict[str, Any], prepare_counted: Callable[[bytes], Any]) -> bytes:
         pixels = prepared_pixels(settings, preprocessing, row["sha256"],
-                                 lambda: ensure_cached(row, settings, client), prepare)
+                                 lambda: ensure_cached(row, settings, client), prepare_counted)
         image = np.frombuffer(pixels, dtype=np.uint8).reshape(size, size, 3)
         return encode_example(image, label_index[row["label"]], row["sha256"])
 
@@ -234,8 +234,11 @@ def shard_builder(settings: Settings, client, dataset: str, preprocessing: dict[
             atomic_write_bytes(local, s3_call(settings, f"download {item.name}", _download, remote), fsync=False)
             done.update(reused=1, downloaded=1)
         else:
-            done["decoded"] += sum(not is_prepared(settings, preprocessing, r["sha256"]) for r in item.rows)
-            write_shard(local, (_record(r) for r in item.rows))
+            def prepare_counted(data: bytes) -> Any:  # images not prepared before (ingest prepares new ones)
+                done["decoded"] += 1
+                return prepare(data)
+
+            write_shard(local, (_record(r, prepare_counted) for r in item.rows))
             done["written"] += 1
         if item.key not in published:
             s3_call(settings, f"upload {item.name}", _upload, local, remote)

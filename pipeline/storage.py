@@ -148,11 +148,23 @@ def get_json_or_none(client, bucket: str, key: str) -> Any | None:
         raise
 
 
+def creating_parent(action, path: Path):
+    """`action()`, creating `path`'s folder first only if it fails for lack of it.
+
+    Caches write thousands of files into a few folders: an unconditional mkdir per file is a
+    syscall that contends on the folder's lock across threads (seconds per ingest on a loaded VM)."""
+    try:
+        return action()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return action()
+
+
 def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
     """Write to a temporary file in the same folder, fsync (unless a cache says not to), then
     rename: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    fd, tmp = creating_parent(
+        lambda: tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part"), path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
