@@ -75,7 +75,7 @@ def serve_reload_s(settings) -> tuple[float, str]:
 
 def _champion(dataset: str, version: str, settings) -> dict:
     """Train from scratch on the 95 % version, promote it, load it the way serving does."""
-    from training.registry import promote_if_better
+    from training.gate import promote_if_better
 
     champion = timed_training(dataset, version, settings, warm_start=False)
     gate = promote_if_better(dataset, champion["model_version"], settings)
@@ -88,14 +88,14 @@ def _champion(dataset: str, version: str, settings) -> dict:
 
 
 def clean_processed(settings, dataset: str) -> None:
-    """Forget processed versions, the shard index and the prepared cache; keep raw images and manifests."""
+    """Forget processed versions, stored shards and the prepared cache; keep raw images and manifests."""
     from pipeline.storage import iter_objects, s3_client
 
     client = s3_client(settings)
     keys = [{"Key": o["Key"]} for o in iter_objects(client, settings.s3_bucket, f"processed/{dataset}/")]
     for i in range(0, len(keys), 1000):
         client.delete_objects(Bucket=settings.s3_bucket, Delete={"Objects": keys[i:i + 1000]})
-    for sub in ("processed", "prepared"):
+    for sub in ("processed", "prepared", "shards"):
         shutil.rmtree(settings.hemaflow_home / "cache" / sub, ignore_errors=True)
 
 
@@ -121,7 +121,7 @@ def main() -> int:
     from pipeline.preprocess import preprocess
     from pipeline.run import run_pipeline
     from pipeline.upload import upload_tree
-    from training.registry import promote_if_better
+    from training.gate import promote_if_better
 
     settings = get_settings()
     if args.epochs:

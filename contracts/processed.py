@@ -8,6 +8,12 @@ A processed dataset version lives under `processed/<dataset>/<dataset_version>/`
     manifest.jsonl                       one row per image (key, sha256, class, label, split, ...)
     dataset.json                         DatasetMeta; written LAST, so its presence means complete
 
+Shards written since issue 14 are stored once per content under `processed/<dataset>/_shards/`
+(pipeline/incremental.py) and `DatasetMeta.shard_objects` maps each shard name to its S3 key;
+readers go through `DatasetMeta.object_key`, which falls back to `<version prefix>/<name>` for
+versions written before (no `shard_objects`). Locally a version is still one folder of files
+named as in `shards`.
+
 Each Example has: `image` (raw uint8 bytes, IMAGE_SIZE x IMAGE_SIZE x 3, row-major RGB),
 `label` (int64 index into `labels`), `sha256` (bytes), `height`, `width` (int64).
 Raw pixels rather than JPEG keep decoding out of the training loop on a 2-core CPU.
@@ -47,6 +53,11 @@ class DatasetMeta:
     created_at: str = ""
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    shard_objects: dict[str, str] = field(default_factory=dict)  # shard name -> S3 key of its bytes
+
+    def object_key(self, name: str) -> str:
+        """S3 key of a file of this version: a shared shard object, else under the version prefix."""
+        return self.shard_objects.get(name) or version_prefix(self.dataset, self.dataset_version) + name
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -73,7 +73,7 @@ class Settings(BaseSettings):
 
     # --- preprocessing and splits ------------------------------------------------------
     image_size: int = Field(224, ge=16, le=1024)
-    shard_size: int = Field(512, ge=1, description="Images per TFRecord shard")
+    shard_size: int = Field(4, ge=1, description="Images per TFRecord shard (about: content buckets)")
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
     split_salt: str = "hemaflow-v1"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from contracts.settings import Settings, get_settings
-from pipeline.storage import s3_call, s3_client
+from pipeline.storage import creating_parent, s3_call, s3_client
 
 STALE_TEMP_AGE_S = 60.0  # a temp file younger than this may be between its writer's open and flock
 STREAM_CHUNK_BYTES = 1 << 20
@@ -50,11 +50,9 @@ def _locked_temporary(settings: Settings) -> Iterator[tuple[Path, BinaryIO]]:
     The kernel drops the lock when the writer closes the file or dies, which is how
     `clean_stale_temporaries` tells an abandoned temp file from one being written. On any
     error the temp file is removed."""
-    tmp_dir = _tmp_dir(settings)
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{os.getpid()}-{secrets.token_hex(6)}.part"
+    tmp = _tmp_dir(settings) / f"{os.getpid()}-{secrets.token_hex(6)}.part"
     try:
-        with open(tmp, "wb") as fh:
+        with creating_parent(lambda: open(tmp, "wb"), tmp) as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             yield tmp, fh
     except BaseException:
@@ -65,8 +63,7 @@ def _locked_temporary(settings: Settings) -> Iterator[tuple[Path, BinaryIO]]:
 def _publish(tmp: Path, fh: BinaryIO, target: Path) -> None:
     """Rename a written temp file to its content name (still holding the lock)."""
     fh.flush()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, target)
+    creating_parent(lambda: os.replace(tmp, target), target)
 
 
 def write_cached(settings: Settings, sha256: str, data: bytes) -> Path:

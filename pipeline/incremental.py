@@ -5,20 +5,26 @@ and the parameters (same images and settings -> same version and same shard byte
 
 - Prepared-pixel cache, `HEMAFLOW_HOME/cache/prepared/<params hash>/<sha[:2]>/<sha256>`: the
   uint8 pixels `prepare_image` produced for one image. The params hash is `stable_hash` of the
-  preprocessing parameters dict (`preprocess.preprocessing_params`: image size, crop policy,
+  preprocessing parameters dict (`preprocessing_params`: image size, crop policy,
   resample, PREPROCESS_VERSION), so changing any of them starts a fresh cache instead of
   reusing stale pixels. The pixels rather than the encoded Example are kept: the label index
   can change with the spec, and framing an Example is a copy, not a decode.
-- Content-bucketed shards: within a split, an image's shard is the top bits of its sha256
-  (`bucket_of`) among a power-of-two number of buckets (`bucket_count`: about SHARD_SIZE
-  images each). Adding or removing images changes only the buckets they hash to; the others
-  keep their images, their order and so their bytes. The bucket count of a split changes only
-  when the split roughly doubles or halves in size (then its shards are all rewritten once).
-  Each shard has a `shard_key` (its images, labels, parameters and format); a published version
-  records `processed/<dataset>/_shards/<shard_key>.json` -> the S3 key of those bytes, and a later
-  version with the same shard copies that object server-side (and hard-links the local file)
-  instead of encoding and uploading it again. Index entries are written only after the version's
-  dataset.json, and an entry counts only while that version's dataset.json still exists.
+- Content-bucketed, content-addressed shards: within a split, an image's shard is the top bits of
+  its sha256 (`bucket_of`) among a power-of-two number of buckets (`bucket_count`: about
+  SHARD_SIZE images each). Each shard has a `shard_key` (its images in order, their labels, the
+  preprocessing parameters and the record format), and its bytes are stored ONCE, under that key:
+  `processed/<dataset>/_shards/<shard_key>.tfrecord` in S3 and
+  `HEMAFLOW_HOME/cache/shards/<dataset>/<shard_key>.tfrecord` locally. A version's dataset.json
+  maps each shard name to its object (`DatasetMeta.shard_objects`), so a later version that has
+  the same shard writes, uploads and copies nothing for it (S3 copies are full byte copies on
+  SeaweedFS); its local folder hard-links the local copy. Adding or removing images changes
+  only the buckets they hash to, and the bucket count of a split changes only when the split
+  roughly doubles or halves in size.
+
+Which fraction of the shards a change touches: k new images spread uniformly over shards of
+about m images touch about 1 - exp(-k m / N) of them, so +5 % touches ~1 - exp(-0.05 m):
+80 % at m = 32, 33 % at m = 8, 18 % at m = 4. Only small shards make a small addition cheap;
+tf.data reads many small files as fast as a few large ones (benchmarks in README).
 """
 
 from __future__ import annotations
@@ -26,14 +32,50 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import threading
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from contracts.settings import Settings
 
-SHARD_INDEX_DIR = "_shards"
+# 2: large JPEGs are decoded at reduced scale before resizing (contracts.imaging.DRAFT_FACTOR).
+PREPROCESS_VERSION = 2
+SHARD_STORE_DIR = "_shards"
+SHARD_SUFFIX = ".tfrecord"
 BUCKET_HASH_HEX = 8  # hex digits of sha256 that pick the bucket (32 bits)
+# Shard bytes being PUT at once: several small shards in parallel, large ones one at a time
+# (four parallel 75 MB PUTs timed out on a loaded 2-core machine's SeaweedFS).
+UPLOAD_BYTES_IN_FLIGHT = 32 << 20
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard of a version: its split, file name, content key and rows (in record order)."""
+
+    split: str
+    name: str
+    key: str
+    rows: list[dict[str, Any]]
+
+
+def preprocessing_params(settings: Settings, crop: str = "center_crop") -> dict[str, Any]:
+    """What prepared pixels are a function of (besides the image): recorded in every dataset version."""
+    from contracts.imaging import CROP_POLICY_NAMES, RESAMPLE
+
+    return {"policy": CROP_POLICY_NAMES[crop], "resample": RESAMPLE.name.lower(),
+            "image_size": settings.image_size, "preprocess_version": PREPROCESS_VERSION}
+
+
+def image_preparer(settings: Settings, crop: str = "center_crop"):
+    """bytes -> prepared uint8 array with this install's parameters (those `preprocessing_params` records)."""
+    from functools import partial
+
+    from contracts.imaging import prepare_image
+
+    return partial(prepare_image, size=settings.image_size, max_pixels=settings.max_image_pixels, crop=crop)
 
 
 def params_hash(preprocessing: dict[str, Any]) -> str:
@@ -60,15 +102,20 @@ def prepared_pixels(settings: Settings, preprocessing: dict[str, Any], sha256: s
 
     A cached file counts only at its exact size (size x size x 3); writes are atomic renames, so a
     killed run never leaves a partial entry under a content name."""
-    from pipeline.storage import atomic_write_bytes
-
-    target = prepared_path(settings, preprocessing, sha256)
     if is_prepared(settings, preprocessing, sha256):
-        return target.read_bytes()
+        return prepared_path(settings, preprocessing, sha256).read_bytes()
     with open(raw_path(), "rb") as fh:
         pixels = prepare(fh.read()).tobytes()
-    atomic_write_bytes(target, pixels, fsync=False)  # a cache: a lost entry is decoded again
+    store_prepared(settings, preprocessing, sha256, pixels)
     return pixels
+
+
+def store_prepared(settings: Settings, preprocessing: dict[str, Any], sha256: str, pixels: bytes) -> None:
+    """Cache one image's prepared pixels (ingest calls it with the image it just decoded)."""
+    from pipeline.storage import atomic_write_bytes
+
+    # A cache: a lost entry is decoded again, so no fsync.
+    atomic_write_bytes(prepared_path(settings, preprocessing, sha256), pixels, fsync=False)
 
 
 def bucket_count(images: int, shard_size: int) -> int:
@@ -101,44 +148,101 @@ def shard_key(rows: list[dict[str, Any]], label_index: dict[str, int], preproces
                         "preprocessing": preprocessing, "format_version": FORMAT_VERSION}, 32)
 
 
-def shard_index_key(dataset: str, key: str) -> str:
-    return f"processed/{dataset}/{SHARD_INDEX_DIR}/{key}.json"
+def shard_object_key(dataset: str, key: str) -> str:
+    """Where the bytes of the shard with content key `key` live in S3 (shared by every version)."""
+    return f"processed/{dataset}/{SHARD_STORE_DIR}/{key}{SHARD_SUFFIX}"
 
 
-def find_published_shard(settings: Settings, client, dataset: str, key: str) -> dict[str, str] | None:
-    """The published copy of a shard with this key ({"version", "name", "s3_key"}) if it still exists."""
-    from pipeline.storage import get_json_or_none, object_exists
-
-    from contracts.processed import META_FILE, version_prefix
-
-    entry = get_json_or_none(client, settings.s3_bucket, shard_index_key(dataset, key))
-    if not entry or not object_exists(client, settings.s3_bucket, entry["s3_key"]):
-        return None
-    if not object_exists(client, settings.s3_bucket, version_prefix(dataset, entry["version"]) + META_FILE):
-        return None  # that version is no longer published (deleted or being rebuilt): encode instead
-    return entry
+def local_shard_path(settings: Settings, dataset: str, key: str) -> Path:
+    """The local copy of a shard's bytes; version folders hard-link it."""
+    return settings.hemaflow_home / "cache" / "shards" / dataset / f"{key}{SHARD_SUFFIX}"
 
 
-def reuse_local(settings: Settings, client, dataset: str, entry: dict[str, str], target: Path) -> None:
-    """Put a published shard's bytes at `target`: hard-link (or copy) its local file, else download it."""
-    from contracts.processed import local_version_dir
+def published_shard_keys(settings: Settings, client, dataset: str) -> set[str]:
+    """Content keys of the shards already in S3: one listing, not one request per shard.
 
-    source = local_version_dir(settings, dataset, entry["version"]) / entry["name"]
-    if not source.is_file():
-        client.download_file(settings.s3_bucket, entry["s3_key"], str(target))
-        return
+    A PUT is atomic, so an object under a content key holds that shard's complete bytes (it may
+    belong to no published version yet: a run that died before its dataset.json; reusing it is
+    then exactly what the re-run would have written)."""
+    from pipeline.storage import iter_objects
+
+    prefix = f"processed/{dataset}/{SHARD_STORE_DIR}/"
+    return {o["Key"][len(prefix):-len(SHARD_SUFFIX)] for o in iter_objects(client, settings.s3_bucket, prefix)
+            if o["Key"].endswith(SHARD_SUFFIX)}
+
+
+def write_shard(path: Path, records) -> None:
+    """Write TFRecords to `path` atomically (temporary name in the same folder, then rename)."""
+    from contracts.processed import TFRecordWriter
+    from pipeline.storage import creating_parent
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.part")
+    try:
+        with creating_parent(lambda: TFRecordWriter(tmp), tmp) as writer:
+            for record in records:
+                writer.write(record)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link `source` at `target` (a copy where the filesystem cannot link)."""
     try:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
 
 
-def record_published_shards(settings: Settings, client, dataset: str, version: str, keys: dict[str, str]) -> None:
-    """After dataset.json: index every shard of the version by its shard key (name -> key)."""
-    from contracts.processed import version_prefix
-    from pipeline.storage import put_json
+def shard_builder(settings: Settings, client, dataset: str, preprocessing: dict[str, Any],
+                  label_index: dict[str, int], published: set[str], prepare: Callable[[bytes], Any]):
+    """A function ShardPlan -> Counter of what it took, safe to run in threads.
 
-    prefix = version_prefix(dataset, version)
-    for name, key in keys.items():
-        put_json(client, settings.s3_bucket, shard_index_key(dataset, key),
-                 {"version": version, "name": name, "s3_key": prefix + name})
+    It makes the shard's local copy (kept if there, downloaded if another worker published it,
+    else encoded from prepared pixels, decoding only images never prepared with these
+    parameters) and uploads it unless its content key is already in S3."""
+    import numpy as np
+
+    from contracts.processed import encode_example
+    from pipeline.cache import ensure_cached
+    from pipeline.storage import atomic_write_bytes, s3_call
+
+    size = int(preprocessing["image_size"])
+    bucket = settings.s3_bucket
+    uploads = threading.Semaphore(max(1, UPLOAD_BYTES_IN_FLIGHT // (size * size * 3 * settings.shard_size)))
+
+    def _record(row: dict[str, Any], prepare_counted: Callable[[bytes], Any]) -> bytes:
+        pixels = prepared_pixels(settings, preprocessing, row["sha256"],
+                                 lambda: ensure_cached(row, settings, client), prepare_counted)
+        image = np.frombuffer(pixels, dtype=np.uint8).reshape(size, size, 3)
+        return encode_example(image, label_index[row["label"]], row["sha256"])
+
+    def _download(key: str) -> bytes:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def _upload(path: Path, key: str) -> None:
+        with uploads, open(path, "rb") as fh:
+            client.put_object(Bucket=bucket, Key=key, Body=fh)
+
+    def build(item: ShardPlan) -> Counter:
+        done: Counter = Counter()
+        local, remote = local_shard_path(settings, dataset, item.key), shard_object_key(dataset, item.key)
+        if local.is_file():
+            done["reused"] += 1
+        elif item.key in published:
+            atomic_write_bytes(local, s3_call(settings, f"download {item.name}", _download, remote), fsync=False)
+            done.update(reused=1, downloaded=1)
+        else:
+            def prepare_counted(data: bytes) -> Any:  # images not prepared before (ingest prepares new ones)
+                done["decoded"] += 1
+                return prepare(data)
+
+            write_shard(local, (_record(r, prepare_counted) for r in item.rows))
+            done["written"] += 1
+        if item.key not in published:
+            s3_call(settings, f"upload {item.name}", _upload, local, remote)
+            done["uploaded"] += 1
+        return done
+
+    return build

@@ -10,8 +10,10 @@ so an unchanged re-run downloads nothing and writes no new manifest.
 
 Manifest rows (JSONL at `manifests/<dataset>/<ingest_id>.jsonl`): key, etag, sha256, bytes,
 format, width, height, mode, class, label, decoded, error, error_detail. Each new object is
-decoded completely once, here, while other downloads are in flight (`decoded` = true);
-unreadable files are kept with `error` set: the validate stage decides what to do with them.
+decoded completely once, here, while other downloads are in flight (`decoded` = true), and that
+decode also fills the prepared-pixel cache (pipeline/incremental.py), so preprocess does not
+decode the image again; unreadable files are kept with `error` set: the validate stage decides
+what to do with them.
 `manifests/<dataset>/latest.json` points at the newest manifest and records deletions and
 objects that are not under a class folder of the spec (reported, never silently dropped).
 """
@@ -23,11 +25,12 @@ from typing import Any
 
 from contracts.common import progress, utc_now, utc_stamp
 from contracts.dataset_spec import load_spec
-from contracts.imaging import ImageRejected, open_image, to_rgb
+from contracts.imaging import ImageRejected, open_image, read_header, to_rgb
 from contracts.screening import is_reviewed_key
 from contracts.settings import Settings, get_settings
 from contracts.stages import IngestResult
 from pipeline.cache import ObjectTooLarge, clean_stale_temporaries, stream_to_cache
+from pipeline.incremental import image_preparer, is_prepared, preprocessing_params, store_prepared
 from pipeline.manifests import diff_listing, latest_key, load_previous, manifest_prefix
 from pipeline.storage import ensure_bucket, iter_objects, put_json, put_jsonl, s3_call, s3_client
 
@@ -53,6 +56,23 @@ def describe_bytes(data: bytes, max_pixels: int) -> dict[str, Any]:
     except ImageRejected as exc:
         return _undecoded(exc.reason, exc.detail)
     return {**facts, "decoded": True, "error": None, "error_detail": None}
+
+
+def describe_and_prepare(data: bytes, max_pixels: int, prepare) -> tuple[dict[str, Any], Any]:
+    """`describe_bytes`'s facts from the one decode that also yields the prepared pixels (None if rejected).
+
+    Format, size and mode come from the header (the original's, before a reduced-scale JPEG decode);
+    `prepare` decodes every byte (truncation is still caught) and converts to RGB: the checks
+    `describe_bytes` makes, so preprocess need not decode the image a second time."""
+    try:
+        info = read_header(data, max_pixels)
+        pixels = prepare(data)
+    except ImageRejected as exc:
+        return _undecoded(exc.reason, exc.detail), None
+    except Exception:  # noqa: BLE001 - a failure of the resize alone: the plain checks decide, preprocess reports
+        return describe_bytes(data, max_pixels), None
+    return {"format": info.format, "width": info.width, "height": info.height, "mode": info.mode,
+            "decoded": True, "error": None, "error_detail": None}, pixels
 
 
 def _undecoded(error: str, detail: str) -> dict[str, Any]:
@@ -92,6 +112,8 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
     relabeled = [r for r in unchanged if r.get("label") != spec.classes[r["class"]]]
     unchanged = [{**r, "label": spec.classes[r["class"]]} for r in unchanged]
     to_fetch = new + changed
+    # New images are prepared here, from the decode the checks need anyway, while other downloads wait.
+    prep, prepare = preprocessing_params(s, spec.crop), image_preparer(s, spec.crop)
 
     def _fetch(obj: dict) -> dict[str, Any]:
         key = obj["Key"]
@@ -104,8 +126,14 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
         except ObjectTooLarge as exc:  # validate quarantines it with this reason
             return {**row, "sha256": None, "bytes": exc.size, **_undecoded("file_too_large", str(exc))}
         row.update({"sha256": digest, "bytes": size})
-        row.update(describe_bytes(path.read_bytes(), s.max_image_pixels))
-        return row
+        data = path.read_bytes()
+        if is_prepared(s, prep, digest):
+            row.update(describe_bytes(data, s.max_image_pixels))
+            return row
+        facts, pixels = describe_and_prepare(data, s.max_image_pixels, prepare)
+        if pixels is not None:
+            store_prepared(s, prep, digest, pixels.tobytes())
+        return {**row, **facts}
 
     fetched: list[dict] = []
     if to_fetch:

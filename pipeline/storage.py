@@ -148,11 +148,23 @@ def get_json_or_none(client, bucket: str, key: str) -> Any | None:
         raise
 
 
+def creating_parent(action, path: Path):
+    """`action()`, creating `path`'s folder first only if it fails for lack of it.
+
+    Caches write thousands of files into a few folders: an unconditional mkdir per file is a
+    syscall that contends on the folder's lock across threads (seconds per ingest on a loaded VM)."""
+    try:
+        return action()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return action()
+
+
 def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
     """Write to a temporary file in the same folder, fsync (unless a cache says not to), then
     rename: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    fd, tmp = creating_parent(
+        lambda: tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part"), path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -205,12 +217,11 @@ def fetch_processed(dataset: str, dataset_version: str, settings: Settings | Non
         return target
     client = s3_client(s)
     meta = load_meta(dataset, dataset_version, s, client)
-    prefix = version_prefix(dataset, dataset_version)
     names = [n for split in SPLITS for n in meta.shards.get(split, [])] + [MANIFEST_FILE]
 
     def _get(name: str) -> None:
         if not (target / name).is_file():
-            data = client.get_object(Bucket=s.s3_bucket, Key=prefix + name)["Body"].read()
+            data = client.get_object(Bucket=s.s3_bucket, Key=meta.object_key(name))["Body"].read()
             atomic_write_bytes(target / name, data)
 
     with ThreadPoolExecutor(max_workers=s.transfer_workers) as pool:

@@ -20,14 +20,12 @@ def _run(settings, dataset):
 
 def _shards(s3, settings, dataset, version) -> dict[str, tuple[str, bytes]]:
     """shard name -> (ETag, bytes) of a published version."""
-    from contracts.processed import version_prefix
     from pipeline.storage import load_meta
 
     meta = load_meta(dataset, version, settings)
-    prefix = version_prefix(dataset, version)
     out = {}
     for name in (n for names in meta.shards.values() for n in names):
-        obj = s3.get_object(Bucket=settings.s3_bucket, Key=prefix + name)
+        obj = s3.get_object(Bucket=settings.s3_bucket, Key=meta.object_key(name))
         out[name] = (obj["ETag"], obj["Body"].read())
     return out
 
@@ -48,6 +46,7 @@ def _add_images(root, count: int, seed: int) -> None:
 
 
 def test_adding_and_removing_images_rewrites_only_the_shards_they_touch(tiny_dataset_factory, s3):
+    from pipeline.storage import iter_objects
     from pipeline.upload import upload_tree
 
     settings, dataset, root = tiny_dataset_factory({"neg": 40, "pos": 40}, shard_size=4)
@@ -56,6 +55,8 @@ def test_adding_and_removing_images_rewrites_only_the_shards_they_touch(tiny_dat
     before = _shards(s3, settings, dataset, first.dataset_version)
     shard_before = _shard_of(settings, dataset, first.dataset_version)
 
+    prepared = settings.hemaflow_home / "cache" / "prepared"
+    prepared_before = sum(1 for p in prepared.rglob("*") if p.is_file())
     _add_images(root, 4, seed=9000)  # +5 %
     upload_tree(root, dataset, settings)
     second = _run(settings, dataset)
@@ -70,22 +71,28 @@ def test_adding_and_removing_images_rewrites_only_the_shards_they_touch(tiny_dat
     sizes = __import__("collections").Counter(shard_after.values())
     assert max(sizes.values()) <= 3 * settings.shard_size, sizes  # content buckets of about SHARD_SIZE images
     assert len(touched) <= 4 and len(unchanged) >= len(after) - 4 >= 3 * len(touched), (len(unchanged), len(after))
-    assert "4 images decoded" in second.message and f"{len(unchanged)} reused" in second.message
+    # Ingest decoded (and prepared) exactly the 4 new images; preprocess decoded none again.
+    assert sum(1 for p in prepared.rglob("*") if p.is_file()) == prepared_before + 4
+    assert "(0 images decoded)" in second.message and f"{len(unchanged)} reused" in second.message
+    assert f"({len(touched)} uploaded, 0 downloaded)" in second.message  # nothing copied or re-sent
+    processed = {o["Key"] for o in iter_objects(s3, settings.s3_bucket, f"processed/{dataset}/")}
+    assert len([k for k in processed if k.endswith(".tfrecord")]) == len(before) + len(touched)
 
     victim = sorted((root / "pos").glob("pos_*.png"))[0]
     victim_sha = __import__("hashlib").sha256(victim.read_bytes()).hexdigest()
     s3.delete_object(Bucket=settings.s3_bucket, Key=f"raw/{dataset}/pos/{victim.name}")
-    # Another worker: no local copy of the previous version, so reused shards are downloaded.
+    # Another worker: no local copy of any shard, so reused shards are downloaded.
     from contracts.processed import local_version_dir
 
     shutil.rmtree(local_version_dir(settings, dataset, second.dataset_version))
+    shutil.rmtree(settings.hemaflow_home / "cache" / "shards")
     third = _run(settings, dataset)
     removed = _shards(s3, settings, dataset, third.dataset_version)
     changed = {n for n in removed if after.get(n) != removed[n]}
     assert changed == {shard_after[victim_sha]}
     local = local_version_dir(settings, dataset, third.dataset_version)
     assert {n: (local / n).read_bytes() for n in removed} == {n: body for n, (_, body) in removed.items()}
-    assert "0 images decoded" in third.message
+    assert "0 images decoded" in third.message and f"(1 uploaded, {len(removed) - 1} downloaded)" in third.message
 
 
 def test_version_and_bytes_do_not_depend_on_history(tiny_dataset_factory, s3, tmp_path):
@@ -113,6 +120,8 @@ def test_version_and_bytes_do_not_depend_on_history(tiny_dataset_factory, s3, tm
 
 
 def test_a_crash_mid_write_publishes_nothing_and_the_rerun_completes(tiny_dataset_factory, s3, monkeypatch):
+    """Shards already stored when a run dies are complete objects (atomic PUT, atomic rename); the
+    re-run reuses them and publishes the same bytes as an uninterrupted run would."""
     from contracts.processed import META_FILE, local_version_dir, version_prefix
     from pipeline import incremental
     from pipeline.storage import iter_objects, object_exists
@@ -120,24 +129,29 @@ def test_a_crash_mid_write_publishes_nothing_and_the_rerun_completes(tiny_datase
 
     settings, dataset, root = tiny_dataset_factory({"neg": 20, "pos": 20}, shard_size=4)
     upload_tree(root, dataset, settings)
-    real = incremental.shard_key
+    real = incremental.write_shard
     calls = []
 
-    def crash_on_third_shard(*args, **kwargs):
+    def crash_on_third_shard(path, records):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
+        return real(path, records)
 
-    monkeypatch.setattr(incremental, "shard_key", crash_on_third_shard)
+    monkeypatch.setattr(incremental, "write_shard", crash_on_third_shard)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(settings, dataset)
-    monkeypatch.setattr(incremental, "shard_key", real)
+    monkeypatch.setattr(incremental, "write_shard", real)
     keys = [o["Key"] for o in iter_objects(s3, settings.s3_bucket, f"processed/{dataset}/")]
-    assert keys and not any(k.endswith(META_FILE) or "/_shards/" in k for k in keys), keys
+    assert not any(k.endswith(META_FILE) for k in keys), keys  # nothing published
     assert not list((settings.hemaflow_home / "cache" / "processed" / dataset).glob("*"))
+    stored = list((settings.hemaflow_home / "cache" / "shards" / dataset).glob("*"))
+    assert not [p for p in stored if p.name.endswith(".part")]  # the failed writer left no partial file
 
     result = _run(settings, dataset)
-    assert result.created and "0 reused" in result.message
+    assert result.created and f"{len(stored)} reused" in result.message
     assert object_exists(s3, settings.s3_bucket, version_prefix(dataset, result.dataset_version) + META_FILE)
-    assert (local_version_dir(settings, dataset, result.dataset_version) / META_FILE).is_file()
+    local = local_version_dir(settings, dataset, result.dataset_version)
+    assert (local / META_FILE).is_file()
+    published = _shards(s3, settings, dataset, result.dataset_version)
+    assert {n: (local / n).read_bytes() for n in published} == {n: body for n, (_, body) in published.items()}

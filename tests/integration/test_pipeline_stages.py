@@ -131,6 +131,7 @@ def test_threaded_encoding_writes_byte_identical_shards_on_rerun(tiny_dataset_fa
     from pipeline.ingest import ingest
     from pipeline.preprocess import preprocess
     from contracts.processed import META_FILE, local_version_dir
+    from pipeline.storage import iter_objects
     from pipeline.upload import upload_tree
     from pipeline.validate import validate
 
@@ -145,4 +146,10 @@ def test_threaded_encoding_writes_byte_identical_shards_on_rerun(tiny_dataset_fa
         outputs.append({p.name: p.read_bytes() for p in folder.iterdir() if p.name != META_FILE})
         s3.delete_object(Bucket=settings.s3_bucket, Key=result.prefix + META_FILE)
         shutil.rmtree(folder)
+        # Stored shards and prepared pixels too, so that the second run encodes every shard again.
+        for key in iter_objects(s3, settings.s3_bucket, f"processed/{dataset}/_shards/"):
+            s3.delete_object(Bucket=settings.s3_bucket, Key=key["Key"])
+        for sub in ("shards", "prepared"):
+            shutil.rmtree(settings.hemaflow_home / "cache" / sub)
+        assert "0 reused" in result.message
     assert outputs[0] == outputs[1] and any(name.endswith(".tfrecord") for name in outputs[0])
