@@ -49,6 +49,7 @@ class Lever:
     batch_size: int = 32
     learning_rate: float = 2e-3
     patience: int = 6
+    start_epoch: int = 6  # early stopping's warm-up (EARLY_STOPPING_START_EPOCH)
     colour_strength: float = 1.0
     seed: int = 1337
     extra: dict[str, Any] = field(default_factory=dict)
@@ -57,6 +58,7 @@ class Lever:
 def lever_from_settings(s, **changes: Any) -> Lever:
     base = Lever(input_size=s.train_input_size, width=s.model_width, depth=s.model_depth, epochs=s.epochs,
                  batch_size=s.batch_size, learning_rate=s.learning_rate, patience=s.early_stopping_patience,
+                 start_epoch=s.early_stopping_start_epoch,
                  colour_strength=s.train_colour_strength, seed=s.seed)
     for key, value in changes.items():
         setattr(base, key, value)
@@ -162,7 +164,7 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
     net.compile(optimizer=keras.optimizers.Adam(lever.learning_rate),
                 loss=keras.losses.SparseCategoricalCrossentropy(),
                 metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-    callbacks, stops = reproducible_callbacks(lever.patience, time_budget_s)
+    callbacks, stops = reproducible_callbacks(lever.patience, time_budget_s, lever.start_epoch)
     history = net.fit(_dataset(data.images[tr], data.y[tr], lever, True),
                       validation_data=_dataset(data.images[va], data.y[va], lever, False),
                       epochs=lever.epochs, class_weight=weights, callbacks=callbacks, verbose=verbose).history
