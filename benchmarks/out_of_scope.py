@@ -106,7 +106,7 @@ def _train_or_reuse(args, settings) -> tuple[str, str]:
     """(run_id, dataset_version) of the model to measure."""
     from pipeline.run import run_pipeline
     from pipeline.upload import upload_tree
-    from training.registry import promote_if_better
+    from training.gate import promote_if_better
     from training.tracking import mlflow_client
     from training.train import train_candidate
 
