@@ -66,6 +66,8 @@ def time_budget_callback(budget_s: float):
             self.start = time.monotonic()
 
         def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 >= self.params.get("epochs", float("inf")):
+                return  # the last epoch: EPOCHS ends the run, not the budget
             elapsed = time.monotonic() - self.start
             if elapsed + elapsed / (epoch + 1) > self.budget_s:
                 self.stopped_for_budget = True

@@ -44,6 +44,12 @@ def test_budget_exceeded_is_time_budget():
     assert len(history["loss"]) == 1 and reason == TIME_BUDGET
 
 
+def test_budget_after_the_last_epoch_is_epochs():
+    # The run ended because EPOCHS were done; the budget's forecast for a next epoch does not matter.
+    _, history, reason, _, _ = _fit(epochs=1, patience=50, budget_s=1e-6)
+    assert len(history["loss"]) == 1 and reason == EPOCHS
+
+
 def test_same_seed_same_model():
     a, ha, _, x, _ = _fit(epochs=2, patience=50, budget_s=1e9)
     b, hb, _, _, _ = _fit(epochs=2, patience=50, budget_s=1e9)
