@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,24 +207,30 @@ def lever_key(dataset: str, crop: str, lever: Lever, splits: str = "pipeline") -
 
 
 def fit_and_score(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_s: float = 1e9,
-                  verbose: int = 0, save_logits: Path | None = None) -> dict[str, Any]:
+                  verbose: int = 0, save_logits: Path | None = None,
+                  extra_arrays: Callable[[Any], dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """Train one lever and report its VALIDATION figures (never the test split).
 
     With `save_logits`, the val and test logits are written there (npz) unread, so the
-    configuration finally chosen on validation is measured on test without retraining."""
+    configuration finally chosen on validation is measured on test without retraining;
+    `extra_arrays(model)` adds arrays to that file (e.g. pooled features for the out-of-scope detector)."""
     from training.calibration import fit_temperature
 
     started = time.monotonic()
     model, history, reason = fit(data, idx, lever, time_budget_s, verbose)
+    fit_s = time.monotonic() - started
     val_logits = logits_of(model, data.images[idx["val"]])
     if save_logits is not None:
         save_logits.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(save_logits, val_idx=idx["val"], test_idx=idx["test"], val_logits=val_logits,
+        extra = extra_arrays(model) if extra_arrays is not None else {}
+        tmp = save_logits.with_suffix(".tmp.npz")
+        np.savez(tmp, val_idx=idx["val"], test_idx=idx["test"], val_logits=val_logits,
                  test_logits=logits_of(model, data.images[idx["test"]]), epochs_run=len(history["loss"]),
-                 stop_reason=reason, fit_s=time.monotonic() - started)
+                 stop_reason=reason, fit_s=fit_s, **extra)
+        tmp.replace(save_logits)
     val = score(data, idx["val"], val_logits)
     out = {"lever": lever.name, "epochs_run": len(history["loss"]), "stop_reason": reason,
-           "fit_s": round(time.monotonic() - started, 1), "val_loss": float(min(history["val_loss"])),
+           "fit_s": round(fit_s, 1), "val_loss": float(min(history["val_loss"])),
            "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "val_roc_auc": val["roc_auc"],
            "val_ece": val["ece"], "temperature": fit_temperature(val_logits, data.y[idx["val"]])}
     if data.positive_label is not None:

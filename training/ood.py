@@ -56,13 +56,23 @@ def conformal_threshold(scores: np.ndarray, alpha: float) -> tuple[float, int, b
 def fit_detector(model: Any, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
                  alpha: float = ALPHA) -> tuple[OodDetector, dict[str, Any]]:
     """(detector, validation figures): Gaussians on train, conformal thresholds on validation."""
-    from contracts.ood import image_statistics
-
     if len(val_x) == 0 or len(train_x) < 2:
         raise ValueError("the out-of-scope detector needs training and validation images")
-    features = Gaussian.fit(pooled_features(model, train_x), train_y)
+    detector, figures = detector_from_arrays(pooled_features(model, train_x), train_y, train_x,
+                                             pooled_features(model, val_x), val_x, alpha)
+    figures.update(non_smear_refusals(detector, model, int(val_x.shape[1])))
+    return detector, figures
+
+
+def detector_from_arrays(train_features: np.ndarray, train_y: np.ndarray, train_x: np.ndarray,
+                         val_features: np.ndarray, val_x: np.ndarray,
+                         alpha: float = ALPHA) -> tuple[OodDetector, dict[str, Any]]:
+    """`fit_detector` on pooled features already computed (benchmarks fit it on saved features)."""
+    from contracts.ood import image_statistics
+
+    features = Gaussian.fit(train_features, train_y)
     statistics = Gaussian.fit(image_statistics(train_x))
-    val_f = features.distance(pooled_features(model, val_x))
+    val_f = features.distance(val_features)
     val_s = statistics.distance(image_statistics(val_x))
     feature_threshold, rank, valid = conformal_threshold(val_f, alpha / 2)
     statistics_threshold, _, _ = conformal_threshold(val_s, alpha / 2)
@@ -76,7 +86,6 @@ def fit_detector(model: Any, train_x: np.ndarray, train_y: np.ndarray, val_x: np
         "val_pass_rate": float(np.mean(passed_f & passed_s)),
         "val_pass_features": float(np.mean(passed_f)), "val_pass_statistics": float(np.mean(passed_s)),
     }
-    figures.update(non_smear_refusals(detector, model, int(val_x.shape[1])))
     return detector, figures
 
 
