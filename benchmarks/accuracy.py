@@ -171,7 +171,13 @@ def direct(args) -> int:
         idx = ex.fold_splits(data, args.folds, fold, s.split_salt)
         saved = CACHE / f"logits-{ex.lever_key(args.dataset, spec.crop, lever, f'fold{fold}of{args.folds}')}.npz"
         if not saved.is_file():
-            ex.fit_and_score(data, idx, lever, s.train_time_budget_s, save_logits=saved)
+            extra = None
+            if args.ood_other:  # also keep pooled features for benchmarks/out_of_scope.py --folds
+                from benchmarks.out_of_scope import fold_feature_arrays, probe_images
+
+                probes = probe_images(args.data, args.ood_other, s.image_size, 500, 50)
+                extra = fold_feature_arrays(data, idx, probes)
+            ex.fit_and_score(data, idx, lever, s.train_time_budget_s, save_logits=saved, extra_arrays=extra)
         z = np.load(saved)
         ev = evaluate_split(data, z["val_idx"], z["val_logits"], z["test_idx"], z["test_logits"],
                             s.target_sensitivity)
@@ -214,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="leave the stack running (with --home)")
     parser.add_argument("--direct", action="store_true", help="no stack: train in-process on the same splits")
     parser.add_argument("--folds", type=int, default=0, help="k-fold estimate over content-hash folds (no stack)")
+    parser.add_argument("--ood-other", default="", help="with --folds: also save each new fold model's pooled "
+                        "features and those of this other dataset's images (out_of_scope.py --folds)")
     args = parser.parse_args(argv)
     source = args.data / args.dataset
     if not source.is_dir():

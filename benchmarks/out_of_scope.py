@@ -91,6 +91,97 @@ def latency_p50_ms(model, jpegs: list[bytes], tta: bool, settings, rounds: int =
     return float(np.median(times))
 
 
+def probe_images(data_root: Path, other: str, size: int, other_limit: int, per_kind: int) -> dict[str, np.ndarray]:
+    """The out-of-scope probes as prepared images: `other` (another dataset) and each synthetic kind."""
+    from contracts.imaging import prepare_image
+    from training.ood import non_smear_images
+
+    probes = {"other": other_dataset_images(data_root / other, size, other_limit)}
+    for kind, pics in non_smear_images(per_kind, seed=2026).items():
+        probes[f"synthetic_{kind}"] = np.stack([prepare_image(p, size) for p in pics])
+    return probes
+
+
+def fold_feature_arrays(data, idx: dict[str, np.ndarray], probes: dict[str, np.ndarray]):
+    """`extra_arrays` for training.experiment.fit_and_score: the trained model's pooled features of
+    the fold's train/val/test images and of the probes, so the detector can be fitted afterwards."""
+    def arrays(model) -> dict[str, np.ndarray]:
+        from training.ood import pooled_features
+
+        out = {f"features_{split}": pooled_features(model, data.images[idx[split]]) for split in idx}
+        out["train_idx"] = idx["train"]
+        out.update({f"features_probe_{name}": pooled_features(model, images) for name, images in probes.items()})
+        return out
+
+    return arrays
+
+
+# The rule before the conformal one (for comparison only): a plain 99.5 % quantile per check.
+PLAIN_QUANTILE = 0.995
+
+
+def fold_refusals(data, idx: dict[str, np.ndarray], z, probes: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Per rule (conformal, plain): the shares refused of the fold's test split and of each probe,
+    the detector fitted on the fold's train features and thresholds set on its validation split."""
+    import dataclasses
+
+    from training.ood import detector_from_arrays
+
+    tr, va = idx["train"], idx["val"]
+    conformal, figures = detector_from_arrays(z["features_train"], data.y[tr], data.images[tr],
+                                              z["features_val"], data.images[va])
+    val_f, val_s = conformal.scores(z["features_val"], data.images[va])
+    plain = dataclasses.replace(conformal, feature_threshold=float(np.quantile(val_f, PLAIN_QUANTILE, method="higher")),
+                                statistics_threshold=float(np.quantile(val_s, PLAIN_QUANTILE, method="higher")))
+    sets = {"test": (z["features_test"], data.images[idx["test"]])}
+    sets.update({name: (z[f"features_probe_{name}"], images) for name, images in probes.items()})
+    out = {}
+    for rule, det in (("conformal", conformal), ("plain99.5", plain)):
+        out[rule] = {name: float(np.mean([not v.in_scope for v in det.check(f, x)])) for name, (f, x) in sets.items()}
+        out[rule]["test_refused_n"] = int(round(out[rule]["test"] * len(idx["test"])))
+    out["figures"] = figures
+    return out
+
+
+def folds_report(args) -> int:
+    """--folds K: the detector on each fold model `benchmarks/accuracy.py --folds K --ood-other` saved."""
+    from benchmarks.levers import CACHE
+    from contracts.dataset_spec import load_spec
+    from contracts.settings import get_settings
+    from training import experiment as ex
+
+    s = get_settings()
+    spec = load_spec(args.dataset)
+    data = ex.load_folder(args.data / args.dataset, spec, s.image_size, spec.crop, CACHE)
+    lever = ex.lever_from_settings(s)
+    probes = probe_images(args.data, args.other, s.image_size, 500, 50)
+    totals: dict[str, list[int]] = {}
+    for fold in range(args.folds):
+        saved = CACHE / f"logits-{ex.lever_key(args.dataset, spec.crop, lever, f'fold{fold}of{args.folds}')}.npz"
+        z = np.load(saved) if saved.is_file() else None
+        if z is None or "features_train" not in z:
+            print(f"fold {fold + 1}/{args.folds}: no saved features (run accuracy.py --folds {args.folds} "
+                  f"--ood-other {args.other} first)")
+            continue
+        idx = ex.fold_splits(data, args.folds, fold, s.split_salt)
+        res = fold_refusals(data, idx, z, probes)
+        f = res["figures"]
+        print(f"fold {fold + 1}/{args.folds} ({int(z['epochs_run'])} epochs, {z['stop_reason']}): validation "
+              f"{f['val_images']} images, rank {f['conformal_rank']}, valid {f['conformal_valid']}, "
+              f"pass bound {f['pass_bound']:.4f}")
+        for rule in ("conformal", "plain99.5"):
+            r = res[rule]
+            print(f"  {rule:10s} test refused {r['test']:.4f} ({r['test_refused_n']} of {len(idx['test'])})  "
+                  + "  ".join(f"{k}={v:.3f}" for k, v in r.items() if k not in ("test", "test_refused_n")))
+            tot = totals.setdefault(rule, [0, 0])
+            tot[0] += r["test_refused_n"]
+            tot[1] += len(idx["test"])
+    for rule, (refused, n) in totals.items():
+        print(f"pooled in-scope test images refused, {rule}: {refused} of {n} = {refused / max(1, n):.4f} "
+              "(target <= 0.01)")
+    return 0
+
+
 def _jpegs(images: np.ndarray, count: int = 32) -> list[bytes]:
     from PIL import Image
 
@@ -185,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="leave the stack running (with --home)")
     parser.add_argument("--reuse", action="store_true", help="measure the newest registered version (with --home)")
     parser.add_argument("--save-bundle", type=Path, help="copy the measured bundle here")
+    parser.add_argument("--folds", type=int, default=0, help="no stack: the detector on the K fold models "
+                        "that `benchmarks/accuracy.py --folds K --ood-other OTHER` saved features of")
     args = parser.parse_args(argv)
     for name in (args.dataset, args.other):
         if not (args.data / name).is_dir():
@@ -192,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     os.environ["HEMAFLOW_ENV_FILE"] = ""  # shipped defaults, not a developer's .env
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.folds:
+        return folds_report(args)
     tmp = None if args.home else tempfile.TemporaryDirectory(prefix="hemaflow-ood-bench-")
     home = args.home or Path(tmp.name)
     from benchmarks.accuracy import _stack_env

@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     model_depth: int = Field(5, ge=2, le=8, description="Conv blocks, each halving resolution")
     train_input_size: int = Field(96, ge=16, le=1024, description="Network input side")
     early_stopping_patience: int = Field(6, ge=1)
+    early_stopping_start_epoch: int = Field(6, ge=0, description="0-based epoch from which early stopping "
+                                            "watches val_loss (warm-up before it; training.stopping)")
     train_colour_strength: float = Field(1.0, ge=0, le=3, description="Scale of the colour/stain jitter")
     train_time_budget_s: float = Field(840.0, gt=0, description="Wall-clock budget for fit()")
     target_sensitivity: float = Field(0.98, gt=0, le=1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ class Lever:
     batch_size: int = 32
     learning_rate: float = 2e-3
     patience: int = 6
+    start_epoch: int = 6  # early stopping's warm-up (EARLY_STOPPING_START_EPOCH)
     colour_strength: float = 1.0
     seed: int = 1337
     extra: dict[str, Any] = field(default_factory=dict)
@@ -57,6 +59,7 @@ class Lever:
 def lever_from_settings(s, **changes: Any) -> Lever:
     base = Lever(input_size=s.train_input_size, width=s.model_width, depth=s.model_depth, epochs=s.epochs,
                  batch_size=s.batch_size, learning_rate=s.learning_rate, patience=s.early_stopping_patience,
+                 start_epoch=s.early_stopping_start_epoch,
                  colour_strength=s.train_colour_strength, seed=s.seed)
     for key, value in changes.items():
         setattr(base, key, value)
@@ -162,7 +165,7 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
     net.compile(optimizer=keras.optimizers.Adam(lever.learning_rate),
                 loss=keras.losses.SparseCategoricalCrossentropy(),
                 metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-    callbacks, stops = reproducible_callbacks(lever.patience, time_budget_s)
+    callbacks, stops = reproducible_callbacks(lever.patience, time_budget_s, lever.start_epoch)
     history = net.fit(_dataset(data.images[tr], data.y[tr], lever, True),
                       validation_data=_dataset(data.images[va], data.y[va], lever, False),
                       epochs=lever.epochs, class_weight=weights, callbacks=callbacks, verbose=verbose).history
@@ -204,24 +207,30 @@ def lever_key(dataset: str, crop: str, lever: Lever, splits: str = "pipeline") -
 
 
 def fit_and_score(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_s: float = 1e9,
-                  verbose: int = 0, save_logits: Path | None = None) -> dict[str, Any]:
+                  verbose: int = 0, save_logits: Path | None = None,
+                  extra_arrays: Callable[[Any], dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """Train one lever and report its VALIDATION figures (never the test split).
 
     With `save_logits`, the val and test logits are written there (npz) unread, so the
-    configuration finally chosen on validation is measured on test without retraining."""
+    configuration finally chosen on validation is measured on test without retraining;
+    `extra_arrays(model)` adds arrays to that file (e.g. pooled features for the out-of-scope detector)."""
     from training.calibration import fit_temperature
 
     started = time.monotonic()
     model, history, reason = fit(data, idx, lever, time_budget_s, verbose)
+    fit_s = time.monotonic() - started
     val_logits = logits_of(model, data.images[idx["val"]])
     if save_logits is not None:
         save_logits.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(save_logits, val_idx=idx["val"], test_idx=idx["test"], val_logits=val_logits,
+        extra = extra_arrays(model) if extra_arrays is not None else {}
+        tmp = save_logits.with_suffix(".tmp.npz")
+        np.savez(tmp, val_idx=idx["val"], test_idx=idx["test"], val_logits=val_logits,
                  test_logits=logits_of(model, data.images[idx["test"]]), epochs_run=len(history["loss"]),
-                 stop_reason=reason, fit_s=time.monotonic() - started)
+                 stop_reason=reason, fit_s=fit_s, **extra)
+        tmp.replace(save_logits)
     val = score(data, idx["val"], val_logits)
     out = {"lever": lever.name, "epochs_run": len(history["loss"]), "stop_reason": reason,
-           "fit_s": round(time.monotonic() - started, 1), "val_loss": float(min(history["val_loss"])),
+           "fit_s": round(fit_s, 1), "val_loss": float(min(history["val_loss"])),
            "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "val_roc_auc": val["roc_auc"],
            "val_ece": val["ece"], "temperature": fit_temperature(val_logits, data.y[idx["val"]])}
     if data.positive_label is not None:

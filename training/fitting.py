@@ -71,7 +71,8 @@ def _callbacks(s: Settings, on_epoch: Callable[[int, dict], None] | None):
             if on_epoch is not None:
                 on_epoch(epoch, dict(logs or {}))
 
-    callbacks, stops = reproducible_callbacks(s.early_stopping_patience, s.train_time_budget_s)
+    callbacks, stops = reproducible_callbacks(s.early_stopping_patience, s.train_time_budget_s,
+                                             s.early_stopping_start_epoch)
     return [*callbacks, EpochHook()], stops
 
 

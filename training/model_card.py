@@ -41,8 +41,9 @@ log = logging.getLogger("training")
 
 def card_data(*, meta: Any, fitted: Any, model_name: str, run_id: str, git_commit: str,
               description: str = "", credits: str = "", calibration_png: bytes = b"",
-              intervals: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything the card shows, as JSON-able values (`fitted` is a training.fitting.FitResult)."""
+              intervals: dict[str, Any] | None = None, ood: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything the card shows, as JSON-able values (`fitted` is a training.fitting.FitResult;
+    `ood` the out-of-scope detector's validation figures, training.ood.fit_detector)."""
     from training.intervals import bootstrap_intervals
 
     if intervals is None:
@@ -59,7 +60,7 @@ def card_data(*, meta: Any, fitted: Any, model_name: str, run_id: str, git_commi
         "intervals": intervals, "test_n": int(test.get("n", len(fitted.test_y))),
         "confusion_matrix": test.get("confusion_matrix"),
         "calibration_png": base64.b64encode(calibration_png).decode() if calibration_png else "",
-        "gate": None,
+        "gate": None, "ood": ood,
     }
 
 
@@ -95,6 +96,18 @@ def _gate_html(gate: dict[str, Any] | None) -> str:
             f'at {e(gate.get("at") or "")}: {e(gate.get("reason") or "")}</p>')
 
 
+def _ood_html(ood: dict[str, Any] | None) -> str:
+    if not ood:
+        return "<p>This model carries no out-of-scope detector.</p>"
+    rule = (f"split-conformal: thresholds at rank {ood['conformal_rank']} of {ood['val_images']} validation "
+            f"scores, so an in-scope image is refused with probability at most {ood['alpha']:.2%} "
+            f"(expected pass rate at least {ood['pass_bound']:.2%})" if ood.get("conformal_valid")
+            else "the largest validation score (too few validation images for the conformal rank)")
+    return (f"<p>Images unlike the training data are refused, not labelled. Thresholds from the validation "
+            f"split, {html.escape(rule)}. Validation images passing: {ood.get('val_pass_rate', 0):.2%}; "
+            f"generated non-smears refused: {ood.get('synthetic_refused', 0):.2%}.</p>")
+
+
 def render_card(d: dict[str, Any]) -> str:
     """The card as one HTML page (inline CSS, the calibration plot inline as a data URI)."""
     e = html.escape
@@ -123,6 +136,7 @@ table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padd
 over images.</p>{_metrics_html(d)}
 <h3>Confusion matrix (test)</h3>{_confusion_html(d)}
 <h3>Calibration (test)</h3>{plot}
+<h2>Out-of-scope images</h2>{_ood_html(d.get('ood'))}
 <h2>Gate decision</h2>{_gate_html(d.get('gate'))}
 <h2>Intended use</h2><p>{e(INTENDED_USE)}</p>
 <h2>Limitations</h2><ul>{''.join(f'<li>{e(x)}</li>' for x in LIMITATIONS)}</ul>
@@ -131,8 +145,9 @@ over images.</p>{_metrics_html(d)}
 """
 
 
-def training_card(s: Any, meta: Any, fitted: Any, run_id: str, model_name: str, commit: str) -> dict[str, Any]:
-    """card_data for a just-fitted model: spec description and credits, the calibration plot."""
+def training_card(s: Any, meta: Any, fitted: Any, run_id: str, model_name: str, commit: str,
+                  ood: dict[str, Any] | None = None) -> dict[str, Any]:
+    """card_data for a just-fitted model: spec description and credits, the calibration plot, the detector."""
     import tempfile
     from pathlib import Path
 
@@ -147,7 +162,7 @@ def training_card(s: Any, meta: Any, fitted: Any, run_id: str, model_name: str, 
     with tempfile.TemporaryDirectory(prefix="hemaflow-card-") as tmp:
         png = ev.plot_calibration(fitted.test_y, fitted.test_p, Path(tmp) / "calibration.png").read_bytes()
     return card_data(meta=meta, fitted=fitted, model_name=model_name, run_id=run_id, git_commit=commit,
-                     description=description, credits=credits, calibration_png=png)
+                     description=description, credits=credits, calibration_png=png, ood=ood)
 
 
 def log_card(client: Any, run_id: str, data: dict[str, Any]) -> str:

@@ -1,7 +1,9 @@
 """Why a training run ended, and the callbacks that make the end reproducible.
 
 The default run ends by `EPOCHS` or by early stopping on validation loss (best weights
-restored): with a fixed seed and deterministic ops the same data gives the same model on a
+restored). Early stopping watches only from `EARLY_STOPPING_START_EPOCH` on: a warm-up epoch's
+low but noisy validation loss can neither end the run nor be the weights it restores (in a 3-fold
+estimate two of three models had stopped with epoch 2-3 weights). With a fixed seed and deterministic ops the same data gives the same model on a
 busy or an idle machine. The wall-clock budget (`TRAIN_TIME_BUDGET_S`) is only a safety stop;
 when it fires the model depends on the machine's speed, and the run says so in its
 `stop_reason` (one of STOP_REASONS), logged to MLflow as a tag and a param.
@@ -64,6 +66,8 @@ def time_budget_callback(budget_s: float):
             self.start = time.monotonic()
 
         def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 >= self.params.get("epochs", float("inf")):
+                return  # the last epoch: EPOCHS ends the run, not the budget
             elapsed = time.monotonic() - self.start
             if elapsed + elapsed / (epoch + 1) > self.budget_s:
                 self.stopped_for_budget = True
@@ -72,13 +76,17 @@ def time_budget_callback(budget_s: float):
     return TimeBudget()
 
 
-def reproducible_callbacks(patience: int, time_budget_s: float) -> tuple[list[Any], Stops]:
+def reproducible_callbacks(patience: int, time_budget_s: float, start_epoch: int = 0) -> tuple[list[Any], Stops]:
     """NaN guard, early stopping on val_loss (best weights restored even when the last epoch
-    or the budget ends the run), LR halving on plateaus, and the wall-clock safety stop."""
+    or the budget ends the run), LR halving on plateaus, and the wall-clock safety stop.
+
+    `start_epoch` (0-based) is the warm-up: before it early stopping neither counts patience nor
+    keeps weights, so a run lasts at least start_epoch + patience + 1 epochs (or all of them) and
+    the restored weights are those of the best epoch from start_epoch on."""
     import keras
 
     early = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True,
-                                          start_from_epoch=0, verbose=0)
+                                          start_from_epoch=start_epoch, verbose=0)
     budget = time_budget_callback(time_budget_s)
     callbacks = [
         keras.callbacks.TerminateOnNaN(),

@@ -35,6 +35,7 @@ TRAIN_SETTING_KEYS = (
     "model_depth",
     "train_input_size",
     "early_stopping_patience",
+    "early_stopping_start_epoch",
     "train_colour_strength",
     "train_time_budget_s",
     "target_sensitivity",

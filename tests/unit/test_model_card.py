@@ -42,3 +42,12 @@ def test_card_shows_metrics_with_intervals_splits_and_escapes_text():
 def test_card_after_the_gate_names_version_and_decision():
     page = render_card(_card(version="7", gate={"decision": "failed", "reason": "below floor", "at": "t"}))
     assert "hemaflow-leukemia version 7" in page and "<b>failed</b>" in page and "below floor" in page
+
+
+def test_card_states_the_out_of_scope_rule():
+    figures = {"alpha": 0.005, "conformal_rank": 402, "conformal_valid": 1.0, "pass_bound": 0.99504,
+               "val_images": 402, "val_pass_rate": 1.0, "synthetic_refused": 1.0}
+    page = render_card(_card(ood=figures))
+    assert "rank 402 of 402 validation scores" in page and "at most 0.50%" in page and "99.50%" in page
+    assert "too few validation images" in render_card(_card(ood={**figures, "conformal_valid": 0.0}))
+    assert "no out-of-scope detector" in render_card(_card())

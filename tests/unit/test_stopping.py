@@ -7,7 +7,8 @@ import numpy as np
 from training.stopping import EARLY_STOPPING, EPOCHS, TIME_BUDGET, enable_determinism, reproducible_callbacks, stop_reason
 
 
-def _fit(epochs: int, patience: int, budget_s: float, learning_rate: float = 1e-2, seed: int = 3):
+def _fit(epochs: int, patience: int, budget_s: float, learning_rate: float = 1e-2, seed: int = 3,
+         start_epoch: int = 0, weights_per_epoch: list | None = None):
     import keras
 
     from training.model import build_model
@@ -18,30 +19,60 @@ def _fit(epochs: int, patience: int, budget_s: float, learning_rate: float = 1e-
     x = synthetic_images(list(y), 24, seed=seed).astype(np.float32)
     model = build_model(2, 24, 24, width=4, depth=2, seed=seed)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy")
-    callbacks, stops = reproducible_callbacks(patience, budget_s)
+    callbacks, stops = reproducible_callbacks(patience, budget_s, start_epoch)
+    if weights_per_epoch is not None:
+        callbacks.append(keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: weights_per_epoch.append(model.get_weights())))
     history = model.fit(x[:48], y[:48], validation_data=(x[48:], y[48:]), epochs=epochs, batch_size=16,
                         callbacks=callbacks, verbose=0, shuffle=False).history
-    return model, history, stop_reason(stops, len(history["loss"]), epochs), x
+    return model, history, stop_reason(stops, len(history["loss"]), epochs), x, stops
 
 
 def test_all_epochs_run_is_epochs():
-    _, history, reason, _ = _fit(epochs=2, patience=50, budget_s=1e9)
+    _, history, reason, _, _ = _fit(epochs=2, patience=50, budget_s=1e9)
     assert len(history["loss"]) == 2 and reason == EPOCHS
 
 
 def test_no_validation_improvement_is_early_stopping():
     # A learning rate of ~0 cannot improve val_loss after epoch 1: patience 1 stops at epoch 2.
-    _, history, reason, _ = _fit(epochs=10, patience=1, budget_s=1e9, learning_rate=1e-12)
+    _, history, reason, _, _ = _fit(epochs=10, patience=1, budget_s=1e9, learning_rate=1e-12)
     assert len(history["loss"]) < 10 and reason == EARLY_STOPPING
 
 
 def test_budget_exceeded_is_time_budget():
-    _, history, reason, _ = _fit(epochs=10, patience=50, budget_s=1e-6)
+    _, history, reason, _, _ = _fit(epochs=10, patience=50, budget_s=1e-6)
     assert len(history["loss"]) == 1 and reason == TIME_BUDGET
 
 
+def test_budget_after_the_last_epoch_is_epochs():
+    # The run ended because EPOCHS were done; the budget's forecast for a next epoch does not matter.
+    _, history, reason, _, _ = _fit(epochs=1, patience=50, budget_s=1e-6)
+    assert len(history["loss"]) == 1 and reason == EPOCHS
+
+
 def test_same_seed_same_model():
-    a, ha, _, x = _fit(epochs=2, patience=50, budget_s=1e9)
-    b, hb, _, _ = _fit(epochs=2, patience=50, budget_s=1e9)
+    a, ha, _, x, _ = _fit(epochs=2, patience=50, budget_s=1e9)
+    b, hb, _, _, _ = _fit(epochs=2, patience=50, budget_s=1e9)
     assert ha["val_loss"] == hb["val_loss"]
     assert all(np.array_equal(wa, wb) for wa, wb in zip(a.get_weights(), b.get_weights()))
+
+
+def test_early_stopping_cannot_stop_in_the_warm_up():
+    # The same fit that stops after 2 epochs without a warm-up (above) runs at least
+    # start_epoch + patience + 1 epochs with one: warm-up epochs count no patience.
+    _, history, reason, _, stops = _fit(epochs=12, patience=1, budget_s=1e9, learning_rate=1e-12, start_epoch=5)
+    assert len(history["loss"]) >= 5 + 1 + 1
+    assert stops.early.best_epoch >= 5
+
+
+def test_restored_weights_come_from_after_the_warm_up():
+    # A learning rate so high that validation loss is best at epoch 1 and worse after it: without a
+    # warm-up early stopping restores epoch 1's weights; with one, the best epoch's from start_epoch on.
+    _, history0, _, _, stops0 = _fit(epochs=6, patience=50, budget_s=1e9, learning_rate=0.05)
+    assert stops0.early.best_epoch < 3 and history0["val_loss"][stops0.early.best_epoch] == min(history0["val_loss"])
+    seen: list = []
+    model, history, _, _, stops = _fit(epochs=6, patience=50, budget_s=1e9, learning_rate=0.05, start_epoch=3,
+                                       weights_per_epoch=seen)
+    best = stops.early.best_epoch
+    assert best >= 3 and history["val_loss"][best] == min(history["val_loss"][3:])
+    assert all(np.array_equal(w, b) for w, b in zip(model.get_weights(), seen[best]))
