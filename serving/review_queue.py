@@ -130,33 +130,33 @@ class ScreeningStore:
                 return None
             raise
 
-    def _exists(self, key: str) -> bool:
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=key)
-            return True
-        except Exception as exc:  # noqa: BLE001 - only a missing object is False
-            if _is_not_found(exc):
-                return False
-            raise
+    def scorings(self, dataset: str, batch_id: str) -> dict[str, dict[str, Any]]:
+        """{model version: summary} of the batch's complete scorings (summary.json, written last),
+        newest first: a scoring still in progress must not hide the finished one from reviewers."""
+        prefix = f"{RESULTS_ROOT}/{dataset}/{check_batch_id(batch_id)}/"
+        found = {}
+        for version in sorted(self._folders(prefix), key=_version_order, reverse=True):
+            text = self._get(results_prefix(dataset, batch_id, version) + SUMMARY_FILE)
+            if text is not None:
+                found[version] = json.loads(text)
+        return found
 
     def versions(self, dataset: str, batch_id: str) -> list[str]:
-        """Model versions whose scoring of the batch is complete (summary.json, written last), newest
-        first: a scoring still in progress must not hide the finished one from reviewers."""
-        prefix = f"{RESULTS_ROOT}/{dataset}/{check_batch_id(batch_id)}/"
-        folders = sorted(self._folders(prefix), key=_version_order, reverse=True)
-        return [v for v in folders if self._exists(results_prefix(dataset, batch_id, v) + SUMMARY_FILE)]
+        """Model versions with a complete scoring of the batch, newest first."""
+        return list(self.scorings(dataset, batch_id))
 
     def list_batches(self, dataset: str) -> list[dict[str, Any]]:
         """Every scored batch of the dataset with its newest scoring's summary and review progress."""
         out = []
         for batch_id in sorted(self._folders(f"{RESULTS_ROOT}/{dataset}/")):
             try:
-                versions = self.versions(dataset, batch_id)
+                scorings = self.scorings(dataset, batch_id)
             except ValueError:  # a folder that is not a valid batch id: not ours to show
                 continue
-            if not versions:
+            if not scorings:
                 continue
-            summary = json.loads(self._get(results_prefix(dataset, batch_id, versions[0]) + SUMMARY_FILE) or b"{}")
+            versions = list(scorings)
+            summary = scorings[versions[0]]
             reviewed = len(latest_by_image(read_decisions(self.client, self.bucket, dataset, batch_id)))
             out.append({"batch_id": batch_id, "model_version": versions[0], "versions": versions,
                         "summary": summary, "reviewed": reviewed})
@@ -165,13 +165,14 @@ class ScreeningStore:
     def load_batch(self, dataset: str, batch_id: str, version: str | None,
                    positive_label: str | None) -> ScoredBatch:
         """A scoring in review order with each image's latest decision (`review`, None if unreviewed)."""
-        versions = self.versions(dataset, batch_id)
+        scorings = self.scorings(dataset, batch_id)
+        versions = list(scorings)
         chosen = version or (versions[0] if versions else None)
         text = self._get(results_prefix(dataset, batch_id, chosen) + PREDICTIONS_FILE) if chosen in versions else None
         if text is None:
             raise BatchNotFound(f"batch {batch_id!r} of {dataset!r} has no scoring" +
                                 (f" by model version {version}" if version else ""))
-        summary = json.loads(self._get(results_prefix(dataset, batch_id, chosen) + SUMMARY_FILE) or b"{}")
+        summary = scorings[chosen]
         labels, items, refused = parse_predictions(text.decode("utf-8"))
         positive_label = summary.get("positive_label") or positive_label
         latest = latest_by_image(read_decisions(self.client, self.bucket, dataset, batch_id))
