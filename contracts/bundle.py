@@ -2,7 +2,8 @@
 
     model.tflite   signature "serving_default": image [N,S,S,3] float 0..255 ->
                    {probabilities [N,C], class_maps [N,h,w,C], features [N,K] (since issue 10)}
-    bundle.json    labels, threshold, preprocessing, metrics, canaries, provenance, ood
+    bundle.json    labels, threshold, preprocessing, metrics, canaries, provenance, ood,
+                   quantization (how model.tflite's weights are stored; absent = float32)
     ood.npz        the out-of-scope detector's arrays (contracts/ood.py; optional)
     canary/*.png   lossless preprocessed canary inputs with their expected outputs
     SHA256SUMS     "<sha256>  <relative path>" for every other file
@@ -34,6 +35,13 @@ FORMAT_VERSION = 1
 BUNDLE_DIR = "serving_bundle"  # run artifact folder
 CANARY_DIR = "canary"
 CANARY_TOLERANCE = 1e-4
+# bundle.json `quantization.method`, the values of Settings.model_quantization. dynamic_int8: int8
+# weights, activations quantized per image at run time (XNNPACK's qd8 kernels, ~3.6x faster here).
+QUANTIZATION_NONE = "none"
+QUANTIZATION_DYNAMIC_INT8 = "dynamic_int8"
+# A quantized model's canaries re-run on another CPU may take other int8 kernels (AVX2 vs AVX-512
+# VNNI) that round an activation differently; 1e-3 still tells a wrong model or preprocessing apart.
+CANARY_TOLERANCE_QUANTIZED = 1e-3
 SUMS_FILE = "SHA256SUMS"
 SIGNATURE_FILE = "SHA256SUMS.sig"  # signs SHA256SUMS, so it is the one file SHA256SUMS does not list
 UNLISTED = (SUMS_FILE, SIGNATURE_FILE)
@@ -214,12 +222,23 @@ def read_bundle(folder: Path | str) -> Bundle:
     return Bundle(files, read_meta(files), Path(folder))
 
 
-def check_canaries(bundle: Bundle, predict=None, tolerance: float = CANARY_TOLERANCE) -> float:
-    """Re-predict every canary; returns the max abs difference, raises BundleError beyond `tolerance`.
+def quantization_of(meta: dict[str, Any]) -> str:
+    """The bundle's quantization method (bundles from before quantization are float32)."""
+    return (meta.get("quantization") or {}).get("method", QUANTIZATION_NONE)
+
+
+def canary_tolerance(meta: dict[str, Any]) -> float:
+    return CANARY_TOLERANCE if quantization_of(meta) == QUANTIZATION_NONE else CANARY_TOLERANCE_QUANTIZED
+
+
+def check_canaries(bundle: Bundle, predict=None, tolerance: float | None = None) -> float:
+    """Re-predict every canary; returns the max abs difference, raises BundleError beyond `tolerance`
+    (default: `canary_tolerance` of the bundle).
 
     `predict(images) -> (probabilities, class_maps)` defaults to a fresh runner of the bundle's
     model (serving passes its loaded model's thread-safe predict)."""
     predict = predict or bundle.runner().predict
+    tolerance = canary_tolerance(bundle.meta) if tolerance is None else tolerance
     labels, size = bundle.meta["labels"], bundle.meta["image_size"]
     canaries = bundle.meta.get("canaries") or []
     if not canaries:

@@ -15,6 +15,7 @@ import base64
 import binascii
 import os
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 from dotenv import dotenv_values, load_dotenv
@@ -93,6 +94,9 @@ class Settings(BaseSettings):
     train_time_budget_s: float = Field(840.0, gt=0, description="Wall-clock budget for fit()")
     target_sensitivity: float = Field(0.98, gt=0, le=1)
     canary_count: int = Field(4, ge=1)
+    model_quantization: Literal["dynamic_int8", "none"] = Field(
+        "dynamic_int8", description="How model.tflite stores its weights (contracts.bundle QUANTIZATION_*); "
+        "dynamic_int8 is shipped only when it agrees with the float model on validation (training.bundle)")
     warm_start: bool = Field(False, description="Start a candidate from the champion's weights when labels and "
                              "architecture match (training/warm_start.py)")
 

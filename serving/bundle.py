@@ -2,7 +2,8 @@
 
 Nothing is swapped in before `load_bundle` has verified the Ed25519 signature of SHA256SUMS
 against the pinned public keys, every file against SHA256SUMS, that bundle.json names the run
-and model the registry resolved, and re-predicted every canary within `CANARY_TOLERANCE`.
+and model the registry resolved, and re-predicted every canary within the bundle's tolerance
+(`contracts.bundle.canary_tolerance`: 1e-4 for float32, 1e-3 for a quantized model).
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """Writing the serving bundle (format and reader: contracts/bundle.py).
 
 `export_bundle` builds it from a trained Keras model and refuses to write a bundle whose
-TFLite outputs differ from Keras (max abs diff > CANARY_TOLERANCE); `sign_bundle` and
+float32 TFLite outputs differ from Keras (max abs diff > CANARY_TOLERANCE). A quantized model
+(`quantization="dynamic_int8"`) is shipped only when it agrees with Keras on the validation
+images (`quantization_agreement`); otherwise the bundle falls back to float32 and says why in
+bundle.json `quantization`. `sign_bundle` and
 `sign_registered_bundle` sign its SHA256SUMS with BUNDLE_SIGNING_KEY (contracts.signing).
 """
 
@@ -23,6 +26,7 @@ from contracts.bundle import (
     CANARY_DIR,
     CANARY_TOLERANCE,
     FORMAT_VERSION,
+    QUANTIZATION_NONE,
     MODEL_FILE,
     OUTPUT_FEATURES,
     OUTPUT_PROBABILITIES,
@@ -40,6 +44,10 @@ from contracts.bundle import (
 from training.model import serving_function
 
 PREPROCESSING = {"policy": "resize_shorter_center_crop", "resample": "bilinear"}
+# A quantized model is shipped only within these bounds of the Keras model on validation images.
+QUANTIZED_MAX_PROB_DIFF = 0.05
+QUANTIZED_MIN_DECISION_AGREEMENT = 0.995
+QUANTIZED_MAX_FEATURE_DIFF = 0.05  # relative to each image's largest pooled feature (the OOD input)
 
 
 def preprocessing_record(crop: str = "center_crop") -> dict[str, str]:
@@ -50,8 +58,8 @@ def preprocessing_record(crop: str = "center_crop") -> dict[str, str]:
     return {**PREPROCESSING, "policy": CROP_POLICY_NAMES[crop], "crop": crop}
 
 
-def convert_to_tflite(model: Any, image_size: int) -> bytes:
-    """Keras model -> float32 TFLite flatbuffer with the named serving signature.
+def convert_to_tflite(model: Any, image_size: int, quantization: str = QUANTIZATION_NONE) -> bytes:
+    """Keras model -> TFLite flatbuffer (float32, or dynamic-range int8) with the named serving signature.
 
     Goes through a SavedModel with an explicit signature so the output names
     (`probabilities`, `class_maps`) survive conversion.
@@ -68,8 +76,61 @@ def convert_to_tflite(model: Any, image_size: int) -> bytes:
     with tempfile.TemporaryDirectory(prefix="hemaflow-savedmodel-") as tmp:
         archive.write_out(tmp, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[SIGNATURE])
-        converter.optimizations = []  # float32: canaries must match Keras within 1e-4
+        # float32 must match Keras within 1e-4; Optimize.DEFAULT alone is dynamic-range int8
+        converter.optimizations = [] if quantization == QUANTIZATION_NONE else [tf.lite.Optimize.DEFAULT]
         return converter.convert()
+
+
+def quantization_agreement(model: Any, runner: TFLiteRunner, images: np.ndarray, labels: list[str],
+                           positive_label: str | None, threshold: float | None) -> dict[str, float]:
+    """How closely a converted model follows Keras on `images`: the largest probability and
+    (relative) pooled-feature differences, and the share of identical decisions at the threshold."""
+    from training.evaluate import predict_labels
+    from training.model import pooled_feature_model
+
+    features_of = pooled_feature_model(model)
+    lite_p, lite_f, keras_p, keras_f = [], [], [], []
+    for i in range(0, len(images), 64):
+        batch = np.asarray(images[i:i + 64], dtype=np.float32)
+        out = runner(batch)
+        lite_p.append(out[OUTPUT_PROBABILITIES])
+        lite_f.append(out[OUTPUT_FEATURES])
+        keras_p.append(np.asarray(model(batch, training=False)))
+        keras_f.append(np.asarray(features_of(batch, training=False)))
+    lp, kp, lf, kf = (np.concatenate(a) for a in (lite_p, keras_p, lite_f, keras_f))
+    same = predict_labels(lp, labels, positive_label, threshold) == predict_labels(kp, labels, positive_label, threshold)
+    scale = np.maximum(1.0, np.abs(kf).max(axis=1))
+    return {"images": int(len(lp)), "max_abs_prob_diff": float(np.max(np.abs(lp - kp))),
+            "max_feature_diff": float(np.max(np.abs(lf - kf).max(axis=1) / scale)),
+            "decision_agreement": float(np.mean(same))}
+
+
+def quantization_refusal(agreement: dict[str, float]) -> str | None:
+    """Why a quantized model may not be shipped, or None when it may."""
+    if not agreement["max_abs_prob_diff"] <= QUANTIZED_MAX_PROB_DIFF:  # also catches NaN
+        return f"probabilities differ from Keras by {agreement['max_abs_prob_diff']:.3f} (> {QUANTIZED_MAX_PROB_DIFF})"
+    if not agreement["max_feature_diff"] <= QUANTIZED_MAX_FEATURE_DIFF:
+        return f"pooled features differ from Keras by {agreement['max_feature_diff']:.3f} (> {QUANTIZED_MAX_FEATURE_DIFF})"
+    if not agreement["decision_agreement"] >= QUANTIZED_MIN_DECISION_AGREEMENT:
+        return (f"{agreement['decision_agreement']:.2%} of decisions agree with Keras "
+                f"(< {QUANTIZED_MIN_DECISION_AGREEMENT:.1%})")
+    return None
+
+
+def shipped_model(model: Any, image_size: int, quantization: str, agreement_images: np.ndarray,
+                  labels: list[str], positive_label: str | None, threshold: float | None) -> tuple[bytes, dict]:
+    """(model.tflite bytes, bundle.json `quantization`): the quantized model when it agrees with
+    Keras on `agreement_images` (validation), else float32 with the reason recorded."""
+    if quantization == QUANTIZATION_NONE:
+        return convert_to_tflite(model, image_size), {"method": QUANTIZATION_NONE}
+    quantized = convert_to_tflite(model, image_size, quantization)
+    agreement = quantization_agreement(model, TFLiteRunner(quantized), agreement_images, labels,
+                                       positive_label, threshold)
+    refusal = quantization_refusal(agreement)
+    if refusal is None:
+        return quantized, {"method": quantization, "validation": agreement}
+    return convert_to_tflite(model, image_size), {"method": QUANTIZATION_NONE, "requested": quantization,
+                                                  "fallback_reason": refusal, "validation": agreement}
 
 
 def write_sums(folder: Path) -> None:
@@ -163,6 +224,8 @@ def export_bundle(
     crop: str = "center_crop",
     calibration: dict[str, Any] | None = None,
     ood: tuple[Any, dict[str, Any]] | None = None,
+    quantization: str = QUANTIZATION_NONE,
+    agreement_images: np.ndarray | None = None,
 ) -> Bundle:
     """Convert `model` to TFLite and write a complete, verified bundle into `out_dir`.
 
@@ -173,6 +236,8 @@ def export_bundle(
     `calibration` (training.calibration.calibrate) is recorded as `calibration`; its temperature
     is already applied inside model.tflite, so serving's probabilities are the calibrated ones.
     `ood` = (contracts.ood.OodDetector, its validation figures) adds ood.npz and bundle.json `ood`.
+    `quantization` (contracts.bundle QUANTIZATION_*) is checked against Keras on `agreement_images`
+    (the validation images; default the canaries) by `shipped_model`.
     """
     from PIL import Image
 
@@ -188,15 +253,19 @@ def export_bundle(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        (staging / MODEL_FILE).write_bytes(convert_to_tflite(model, image_size))
+        tflite, quantized = shipped_model(model, image_size, quantization,
+                                          canary_images if agreement_images is None else agreement_images,
+                                          labels, positive_label, threshold)
+        (staging / MODEL_FILE).write_bytes(tflite)
         runner = TFLiteRunner(staging / MODEL_FILE)
         lite = runner(canary_images.astype(np.float32))[OUTPUT_PROBABILITIES]
         keras_probs = np.asarray(model.predict(canary_images.astype(np.float32), verbose=0), dtype=np.float32)
         diff = float(np.max(np.abs(lite - keras_probs)))
-        if not diff <= CANARY_TOLERANCE:  # also catches NaN
-            raise BundleError("canary_mismatch",
-                              f"TFLite and Keras disagree on the canaries by {diff:.2e} (> {CANARY_TOLERANCE:.0e})")
-        _check_features(model, runner, canary_images)
+        if quantized["method"] == QUANTIZATION_NONE:  # a quantized model passed shipped_model's bounds
+            if not diff <= CANARY_TOLERANCE:  # also catches NaN
+                raise BundleError("canary_mismatch",
+                                  f"TFLite and Keras disagree on the canaries by {diff:.2e} (> {CANARY_TOLERANCE:.0e})")
+            _check_features(model, runner, canary_images)
         (staging / CANARY_DIR).mkdir()
         canaries = []
         for i, (image, label) in enumerate(zip(canary_images, canary_labels, strict=True)):
@@ -220,6 +289,7 @@ def export_bundle(
             "metrics": metrics or {},
             "canaries": canaries,
             "keras_tflite_max_abs_diff": diff,
+            "quantization": quantized,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "git_commit": git_commit,
             **(extra or {}),

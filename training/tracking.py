@@ -40,6 +40,7 @@ TRAIN_SETTING_KEYS = (
     "train_time_budget_s",
     "target_sensitivity",
     "canary_count",
+    "model_quantization",
 )
 # Source files whose content defines "the same code" for idempotence.
 CODE_FILES = (
@@ -207,6 +208,17 @@ def epoch_logger(epochs: int, on_epoch: Callable[[int, dict], None] | None) -> C
             on_epoch(epoch, logs)
 
     return _epoch
+
+
+def log_quantization(record: dict) -> None:
+    """Tag `quantization` (the shipped method, and why float32 when the quantized model was refused)
+    and its agreement with Keras on validation as metrics."""
+    import mlflow
+
+    mlflow.set_tag("quantization", record["method"])
+    if "fallback_reason" in record:
+        mlflow.set_tag("quantization_fallback", record["fallback_reason"])
+    mlflow.log_metrics({f"quantization_{k}": float(v) for k, v in record.get("validation", {}).items()})
 
 
 def log_fit(fitted) -> None:

@@ -153,7 +153,7 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     from training.fitting import FitRequest, fit_and_evaluate, pick_canaries
     from training.ood import fit_for_run
     from training.registration import version_tags
-    from training.tracking import epoch_logger, log_evaluation, log_fit, log_model
+    from training.tracking import epoch_logger, log_evaluation, log_fit, log_model, log_quantization
     from training.warm_start import fit_settings, log_warm_start
 
     s, meta = c.settings, c.meta
@@ -181,9 +181,11 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
             run_id=c.run_id, model_name=c.model_name, git_commit=c.commit, signing_key=signing_key,
             extra_files=extra_files, crop=crop_of(meta.preprocessing), calibration=fitted.calibration,
             extra={TAG_STOP_REASON: fitted.stop_reason}, ood=ood,
+            quantization=s.model_quantization, agreement_images=fitted.val_x,
         )
         mlflow.log_artifacts(str(bundle.folder), BUNDLE_DIR)
         mlflow.log_metric("keras_tflite_max_abs_diff", bundle.meta["keras_tflite_max_abs_diff"])
+        log_quantization(bundle.meta["quantization"])
     model_uri = log_model(fitted.model, fitted.val_x[:2].astype(np.float32))
     result = {
         "run_id": c.run_id, "skipped": False, "resumed": False, "reason": f"trained on {meta.dataset_version}",

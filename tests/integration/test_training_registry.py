@@ -46,7 +46,15 @@ def test_tiny_training_registers_a_version_with_bundle_and_provenance(tiny_regis
     bundle = download_bundle(client, info["run_id"], s)
     assert bundle.meta["run_id"] == info["run_id"] and bundle.meta["task"] == "binary"
     assert 0.0 <= bundle.meta["threshold"] <= 1.0
-    assert check_canaries(bundle) <= 1e-4
+    assert check_canaries(bundle) <= 1e-4  # same machine, same kernels: even a quantized model repeats itself
+    # MODEL_QUANTIZATION's default is asked for; the bundle and the run say what was shipped and why.
+    quantization = bundle.meta["quantization"]
+    assert run.data.params["model_quantization"] == "dynamic_int8"
+    assert run.data.tags["quantization"] == quantization["method"]
+    assert quantization["validation"]["images"] >= 1
+    assert run.data.metrics["quantization_decision_agreement"] == quantization["validation"]["decision_agreement"]
+    if quantization["method"] == "none":
+        assert run.data.tags["quantization_fallback"] == quantization["fallback_reason"]
     # Reproducible end: the run says what ended it; the temperature fitted on validation is in the bundle.
     assert run.data.tags["stop_reason"] in ("epochs", "early_stopping", "time_budget")
     assert run.data.params["stop_reason"] == run.data.tags["stop_reason"] == bundle.meta["stop_reason"]
