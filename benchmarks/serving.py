@@ -11,9 +11,13 @@ reporting medians:
 
   * `hemaflow`: this tree's `python -m serving` with the shipped defaults;
   * `hemaflow-workers2`: the same with SERVING_WORKERS=2 (one inference thread each);
+  * `hemaflow-float32`: this tree serving the champion's float32 twin (`float32_twin`: the same
+    Keras weights exported without MODEL_QUANTIZATION, signed with the stack's key), when the
+    champion is quantized: what the serving code alone gained;
   * `hemaflow-before`: the serving code of `--baseline-ref` (the commit before issue 14),
-    checked out with `git archive` into a temp folder and run with the same interpreter;
-  * `flask`: the shape of a typical hand-made app (serving_baselines.FLASK_APP): one Flask route,
+    checked out with `git archive` into a temp folder and run with the same interpreter, on the
+    float32 twin (today's app with today's model);
+  * `flask`: the shape of a typical hand-made app (serving_baselines.FLASK_APP), on the float32 twin: one Flask route,
     Pillow decode + resize, one LiteRT interpreter behind a lock, jsonify, Flask's development
     server in one process;
   * `mlflow`: `mlflow models serve -m models:/<name>@champion --env-manager local`, once (it is
@@ -43,7 +47,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.serving_baselines import (  # noqa: E402 - after the sys.path line (run as a file)
-    DEFAULT_BASELINE_REF, FLASK_APP, FLASK_PHASES, MLFLOW_PHASES, Server, checkout_baseline, stop_server)
+    DEFAULT_BASELINE_REF, FLASK_APP, FLASK_PHASES, MLFLOW_PHASES, Server, checkout_baseline, float32_twin,
+    stop_server)
+from contracts.bundle import QUANTIZATION_NONE, quantization_of  # noqa: E402
 from benchmarks.serving_load import drive_phases  # noqa: E402
 
 PHASES = [("sequential", 1, 300), ("c=8", 8, 800), ("c=32", 32, 1600)]
@@ -149,6 +155,12 @@ def main() -> int:
                     (out / rel).write_bytes(blob)
         size = int(json.loads((bundle / "bundle.json").read_text())["image_size"])
         model_name = s.model_name(args.dataset)
+        # Today's app served today's (float32) model: the baselines get the champion's float32 twin.
+        float_bundle = bundle
+        if not args.bundle and s.bundle_signing_key.get_secret_value():
+            float_bundle = float32_twin(bundle, work / "bundle-float32", s)
+        elif quantization_of(json.loads((bundle / "bundle.json").read_text())) != QUANTIZATION_NONE:
+            print("no BUNDLE_SIGNING_KEY here: the baselines serve the shipped quantized model too", flush=True)
 
         serving_py = REPO / ".venv-serving" / "bin" / "python"
         python = str(serving_py) if serving_py.exists() else sys.executable
@@ -164,14 +176,17 @@ def main() -> int:
 
         servers.append(hemaflow("hemaflow", REPO))
         servers.append(hemaflow("hemaflow-workers2", REPO, SERVING_WORKERS="2"))
+        float_env = {} if float_bundle == bundle else {"SERVING_BUNDLE_PATH": str(float_bundle)}
+        if float_env:
+            servers.append(hemaflow("hemaflow-float32", REPO, **float_env))
         before = checkout_baseline(args.baseline_ref, work / "before")
         if before is not None:
-            servers.append(hemaflow("hemaflow-before", before))
+            servers.append(hemaflow("hemaflow-before", before, **float_env))
         if not args.skip_flask:
             app_file = work / "flask_app.py"
             app_file.write_text(FLASK_APP)
             port = free_port()
-            servers.append(Server("flask", "flask", [sys.executable, str(app_file), str(bundle / "model.tflite"),
+            servers.append(Server("flask", "flask", [sys.executable, str(app_file), str(float_bundle / "model.tflite"),
                                                      str(port), str(size)], {}, "/ping", port, FLASK_PHASES, large=True))
         # Interleaved repeats: each server runs its phases once per round, so drifting load from
         # other work on the machine spreads over all of them. Idle servers wait, started.
@@ -233,7 +248,9 @@ def _print(report: dict, serving_py: Path, baseline_ref: str) -> None:
     h = report["hemaflow"]
     hp = h["phases"]
     print()
-    for other, label in (("hemaflow-workers2", "SERVING_WORKERS=2"), ("hemaflow-before", f"HemaFlow at {baseline_ref}"),
+    for other, label in (("hemaflow-workers2", "SERVING_WORKERS=2"),
+                         ("hemaflow-float32", "this serving code on the float32 twin"),
+                         ("hemaflow-before", f"HemaFlow at {baseline_ref}"),
                          ("flask", "Flask + Pillow + LiteRT"), ("mlflow", "mlflow models serve")):
         if other in report:
             op = report[other]["phases"]

@@ -136,3 +136,40 @@ class Server:
         if self.large_runs:
             out["large"] = median_phases(self.large_runs)
         return out
+
+
+def float32_twin(shipped: Path, out: Path, settings) -> Path:
+    """The shipped bundle's model exported as float32 (what HemaFlow shipped before MODEL_QUANTIZATION)
+    from the run's registered Keras weights, with the same metadata, canaries and detector, signed
+    with this stack's key. `hemaflow-before` and `flask` serve it: today's app with today's model.
+    A bundle that is already float32 is returned as it is."""
+    import json
+
+    import mlflow
+    import numpy as np
+    from PIL import Image
+
+    from contracts.bundle import BUNDLE_JSON, QUANTIZATION_NONE, quantization_of
+    from contracts.ood import OOD_FILE, OodDetector
+    from training.bundle import export_bundle
+    from training.tracking import MODEL_ARTIFACT
+
+    meta = json.loads((shipped / BUNDLE_JSON).read_text())
+    if quantization_of(meta) == QUANTIZATION_NONE:
+        return shipped
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    model = mlflow.tensorflow.load_model(f"runs:/{meta['run_id']}/{MODEL_ARTIFACT}")
+    canaries = meta["canaries"]
+    images = np.stack([np.asarray(Image.open(shipped / c["file"]).convert("RGB")) for c in canaries])
+    ood = None
+    if meta.get("ood"):
+        detector = OodDetector.load(meta["ood"], (shipped / OOD_FILE).read_bytes())
+        ood = (detector, meta["ood"]["validation"])
+    export_bundle(model, out, dataset=meta["dataset"], dataset_version=meta["dataset_version"],
+                  labels=meta["labels"], classes=meta["classes"], image_size=meta["image_size"],
+                  canary_images=images, canary_labels=[c["label"] for c in canaries],
+                  positive_label=meta["positive_label"], threshold=meta["threshold"], metrics=meta["metrics"],
+                  run_id=meta["run_id"], model_name=meta["model_name"], git_commit=meta["git_commit"],
+                  signing_key=settings.bundle_signing_key.get_secret_value(),
+                  crop=meta["preprocessing"].get("crop", "center_crop"), calibration=meta["calibration"], ood=ood)
+    return out
