@@ -104,6 +104,9 @@ class ModelInfo(BaseModel):
     signed_by: str | None = Field(None, description="id of the pinned public key that verified the bundle")
     out_of_scope_detector: dict[str, Any] | None = Field(
         None, description="The bundle's out-of-scope detector: method, thresholds, validation figures (null: none)")
+    quantization: dict[str, Any] = Field(
+        default_factory=lambda: {"method": "none"},
+        description="How model.tflite stores its weights and how it agreed with the float model on validation")
     clinical: dict[str, ClinicalContext]
 
 

@@ -37,6 +37,7 @@ async def model_info(manager: ManagerDep):
         git_commit=meta.get("git_commit"),
         signed_by=model.identity.signed_by,
         out_of_scope_detector=meta.get("ood"),
+        quantization=meta.get("quantization") or {"method": "none"},
         clinical={lab: schemas.ClinicalContext(**context_for(lab)) for lab in model.labels},
     )
 
