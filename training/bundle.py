@@ -226,6 +226,7 @@ def export_bundle(
     ood: tuple[Any, dict[str, Any]] | None = None,
     quantization: str = QUANTIZATION_NONE,
     agreement_images: np.ndarray | None = None,
+    served_model: tuple[bytes, dict[str, Any]] | None = None,
 ) -> Bundle:
     """Convert `model` to TFLite and write a complete, verified bundle into `out_dir`.
 
@@ -237,7 +238,8 @@ def export_bundle(
     is already applied inside model.tflite, so serving's probabilities are the calibrated ones.
     `ood` = (contracts.ood.OodDetector, its validation figures) adds ood.npz and bundle.json `ood`.
     `quantization` (contracts.bundle QUANTIZATION_*) is checked against Keras on `agreement_images`
-    (the validation images; default the canaries) by `shipped_model`.
+    (the validation images; default the canaries) by `shipped_model`, unless `served_model` (its
+    result, when training already chose the served model to fit the detector on) is given.
     """
     from PIL import Image
 
@@ -253,9 +255,9 @@ def export_bundle(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        tflite, quantized = shipped_model(model, image_size, quantization,
-                                          canary_images if agreement_images is None else agreement_images,
-                                          labels, positive_label, threshold)
+        tflite, quantized = served_model or shipped_model(
+            model, image_size, quantization, canary_images if agreement_images is None else agreement_images,
+            labels, positive_label, threshold)
         (staging / MODEL_FILE).write_bytes(tflite)
         runner = TFLiteRunner(staging / MODEL_FILE)
         lite = runner(canary_images.astype(np.float32))[OUTPUT_PROBABILITIES]

@@ -1,8 +1,9 @@
 """The training-data profile stored in the bundle (format: contracts.drift; drift tests: contracts.drift_checks).
 
 Colour/stain statistics of up to STATS_SAMPLE training images and the model's `pooled_features`
-(GAP) of FEATURES_SAMPLE of them, computed with Keras until the TFLite signature has a features
-output; the label mix is the exact train split count of the processed version.
+(GAP) of FEATURES_SAMPLE of them, computed by the served model when training passes its TFLite
+runner (what serving's drift checks compare with); the label mix is the exact train split count
+of the processed version.
 """
 
 from __future__ import annotations
@@ -19,17 +20,19 @@ log = logging.getLogger("training")
 
 
 def training_profile(model: Any, folder: Path, meta: DatasetMeta, seed: int = 0) -> dict[str, Any]:
-    """The profile of the train split of `meta` (local copy in `folder`) as seen by `model`."""
+    """The profile of the train split of `meta` (local copy in `folder`) as seen by `model`
+    (Keras, or the served `contracts.bundle.TFLiteRunner`)."""
     from contracts.drift import FEATURES_SAMPLE, STATS_SAMPLE, build_profile
     from training.data import load_split_arrays
-    from training.model import POOLED_FEATURES_LAYER, pooled_feature_model
+    from training.model import POOLED_FEATURES_LAYER
+    from training.ood import pooled_features
 
     images, y = load_split_arrays(folder, meta, "train")
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(images), min(len(images), STATS_SAMPLE), replace=False))
     images, y = images[pick], y[pick]
     for_features = np.sort(rng.choice(len(images), min(len(images), FEATURES_SAMPLE), replace=False))
-    features = pooled_feature_model(model).predict(images[for_features].astype(np.float32), batch_size=32, verbose=0)
+    features = pooled_features(model, images[for_features])
     mix = {label: int(n) for label, n in (meta.counts.get("train") or {}).items() if n}
     return build_profile(images, [meta.labels[int(k)] for k in y], features=features,
                          feature_layer=POOLED_FEATURES_LAYER, dataset=meta.dataset,

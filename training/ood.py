@@ -1,6 +1,6 @@
 """Fitting the out-of-scope detector (format and scoring: contracts/ood.py) at training time.
 
-The Gaussians are fitted on the TRAINING split (pooled features of the trained model, and image
+The Gaussians are fitted on the TRAINING split (pooled features of the served model, and image
 statistics); each threshold is a split-conformal quantile of the VALIDATION scores: with n
 validation images, the k-th smallest score, k = ceil((n + 1)(1 - ALPHA / 2)). For an in-scope
 image exchangeable with validation (a content-hash split is) each check then refuses it with
@@ -29,12 +29,22 @@ NON_SMEAR_KINDS = ("flat", "noise", "text", "photo")
 
 
 def pooled_features(model: Any, images: np.ndarray, batch_size: int = FEATURE_BATCH) -> np.ndarray:
-    """Pooled features [N, K] of raw 0..255 images, computed in chunks (a split can be large)."""
+    """Pooled features [N, K] of raw 0..255 images, computed in chunks (a split can be large), by a
+    Keras model or by the served model (`contracts.bundle.TFLiteRunner`). Training fits the detector
+    and the drift profile on the served model's features: a quantized model's differ from Keras'
+    by up to a few %, and serving compares what IT computes with the thresholds."""
+    from contracts.bundle import OUTPUT_FEATURES, TFLiteRunner
     from training.model import pooled_feature_model
 
-    sub = pooled_feature_model(model)
-    parts = [np.asarray(sub(images[i:i + batch_size].astype(np.float32), training=False))
-             for i in range(0, len(images), batch_size)]
+    if isinstance(model, TFLiteRunner):
+        def extract(batch):
+            return model(batch)[OUTPUT_FEATURES]
+    else:
+        sub = pooled_feature_model(model)
+
+        def extract(batch):
+            return np.asarray(sub(batch, training=False))
+    parts = [extract(images[i:i + batch_size].astype(np.float32)) for i in range(0, len(images), batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 

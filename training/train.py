@@ -147,7 +147,8 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
 
     from contracts.bundle import BUNDLE_DIR
     from contracts.imaging import crop_of
-    from training.bundle import export_bundle, signing_key_of
+    from contracts.bundle import TFLiteRunner
+    from training.bundle import export_bundle, shipped_model, signing_key_of
     from training.stopping import TAG_STOP_REASON
     from training.errors import Diverged
     from training.fitting import FitRequest, fit_and_evaluate, pick_canaries
@@ -168,9 +169,14 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
         raise
     log_fit(fitted)
     log_evaluation(s, meta, fitted)
-    ood = fit_for_run(fitted.model, folder, meta, fitted.val_x)  # out-of-scope detector, thresholds on val
+    # The served model (int8 when it follows Keras on validation) is chosen first: the out-of-scope
+    # detector (thresholds on val) and the drift profile are fitted on the features IT computes.
+    served = shipped_model(fitted.model, meta.image_size, s.model_quantization, fitted.val_x, fitted.labels,
+                           fitted.positive_label, fitted.threshold)
+    runner = TFLiteRunner(served[0])
+    ood = fit_for_run(runner, folder, meta, fitted.val_x)
     mlflow.log_metrics({f"ood_{k}": v for k, v in ood[1].items()})
-    extra_files, drift = profile_and_card(c, folder, fitted, ood[1])
+    extra_files, drift = profile_and_card(c, folder, fitted, ood[1], runner)
     canary_x, canary_labels = pick_canaries(fitted.val_x, fitted.val_y, fitted.labels, s.canary_count)
     with tempfile.TemporaryDirectory(prefix="hemaflow-bundle-") as tmp:
         bundle = export_bundle(
@@ -181,7 +187,7 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
             run_id=c.run_id, model_name=c.model_name, git_commit=c.commit, signing_key=signing_key,
             extra_files=extra_files, crop=crop_of(meta.preprocessing), calibration=fitted.calibration,
             extra={TAG_STOP_REASON: fitted.stop_reason}, ood=ood,
-            quantization=s.model_quantization, agreement_images=fitted.val_x,
+            served_model=served,
         )
         mlflow.log_artifacts(str(bundle.folder), BUNDLE_DIR)
         mlflow.log_metric("keras_tflite_max_abs_diff", bundle.meta["keras_tflite_max_abs_diff"])
@@ -197,10 +203,11 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     return result, model_uri, version_tags(meta, c.commit, c.chash, fitted)
 
 
-def profile_and_card(c: CandidateRun, folder: Path, fitted,
-                     ood: dict[str, Any] | None = None) -> tuple[dict[str, bytes], dict[str, Any] | None]:
-    """The training-data profile and the model card, logged to the run and returned as bundle files,
-    and the data's drift against the champion's profile ({level, reference, detail}; None: no champion)."""
+def profile_and_card(c: CandidateRun, folder: Path, fitted, ood: dict[str, Any],
+                     served: Any) -> tuple[dict[str, bytes], dict[str, Any] | None]:
+    """The training-data profile (features by `served`, the bundle's TFLite runner) and the model
+    card, logged to the run and returned as bundle files, and the data's drift against the
+    champion's profile ({level, reference, detail}; None: no champion)."""
     import mlflow
 
     from contracts.bundle import DATA_PROFILE_FILE, MODEL_CARD_FILE
@@ -208,7 +215,7 @@ def profile_and_card(c: CandidateRun, folder: Path, fitted,
     from training.data_profile import drift_vs_champion, training_profile
     from training.model_card import log_card, render_card, training_card
 
-    profile = training_profile(fitted.model, folder, c.meta, c.settings.seed)
+    profile = training_profile(served, folder, c.meta, c.settings.seed)
     mlflow.log_dict(profile, f"profile/{DATA_PROFILE_FILE}")
     drift = drift_vs_champion(mlflow_client(c.settings), c.settings, c.model_name, profile)
     card = training_card(c.settings, c.meta, fitted, c.run_id, c.model_name, c.commit, ood)

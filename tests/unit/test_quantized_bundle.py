@@ -79,3 +79,22 @@ def test_canary_tolerance_follows_the_shipped_method():
     assert canary_tolerance({"quantization": {"method": QUANTIZATION_NONE, "requested": "dynamic_int8"}}) \
         == CANARY_TOLERANCE
     assert canary_tolerance({"quantization": {"method": QUANTIZATION_DYNAMIC_INT8}}) == CANARY_TOLERANCE_QUANTIZED
+
+
+def test_detector_fitted_on_the_served_model_uses_its_features(tiny_keras_model):
+    """Training fits the out-of-scope detector on the features the served (quantized) model computes:
+    its validation scores are then exactly what serving will compute for the same images."""
+    from training.ood import fit_detector, pooled_features
+
+    model, images, labels = tiny_keras_model
+    tflite, record = training_bundle.shipped_model(model, TINY_SIZE, QUANTIZATION_DYNAMIC_INT8, images,
+                                                   TINY_LABELS, "abnormal", 0.5)
+    assert record["method"] == QUANTIZATION_DYNAMIC_INT8
+    runner = TFLiteRunner(tflite)
+    val = synthetic_images([0, 1] * 20, TINY_SIZE, seed=5)
+    served_features = pooled_features(runner, val)
+    assert np.array_equal(served_features, runner(val.astype(np.float32))["features"])
+    assert not np.array_equal(served_features, pooled_features(model, val))  # int8 features differ from Keras'
+    detector, figures = fit_detector(runner, images, np.array(labels), val)
+    distances = detector.features.distance(served_features)
+    assert np.mean(distances <= detector.feature_threshold) == figures["val_pass_features"]
