@@ -41,9 +41,11 @@ log = logging.getLogger("training")
 
 def card_data(*, meta: Any, fitted: Any, model_name: str, run_id: str, git_commit: str,
               description: str = "", credits: str = "", calibration_png: bytes = b"",
-              intervals: dict[str, Any] | None = None, ood: dict[str, Any] | None = None) -> dict[str, Any]:
+              intervals: dict[str, Any] | None = None, ood: dict[str, Any] | None = None,
+              quantization: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the card shows, as JSON-able values (`fitted` is a training.fitting.FitResult;
-    `ood` the out-of-scope detector's validation figures, training.ood.fit_detector)."""
+    `ood` the out-of-scope detector's validation figures, training.ood.fit_detector; `quantization`
+    the served model's bundle.json `quantization`, training.bundle.shipped_model)."""
     from training.intervals import bootstrap_intervals
 
     if intervals is None:
@@ -60,7 +62,7 @@ def card_data(*, meta: Any, fitted: Any, model_name: str, run_id: str, git_commi
         "intervals": intervals, "test_n": int(test.get("n", len(fitted.test_y))),
         "confusion_matrix": test.get("confusion_matrix"),
         "calibration_png": base64.b64encode(calibration_png).decode() if calibration_png else "",
-        "gate": None, "ood": ood,
+        "gate": None, "ood": ood, "quantization": quantization,
     }
 
 
@@ -108,6 +110,21 @@ def _ood_html(ood: dict[str, Any] | None) -> str:
             f"generated non-smears refused: {ood.get('synthetic_refused', 0):.2%}.</p>")
 
 
+def _served_html(q: dict[str, Any] | None) -> str:
+    """One sentence on the served model's weights (cards from before quantization say nothing)."""
+    if not q:
+        return ""
+    agreement = q.get("validation")
+    figures = (f" On the {agreement['images']} validation images it took the same decision as the float model "
+               f"on {agreement['decision_agreement']:.2%} (largest probability difference "
+               f"{agreement['max_abs_prob_diff']:.3f}); the test figures below are the served model's."
+               if agreement else "")
+    if q.get("method") == "dynamic_int8":
+        return f"<p>Served model: int8 weights (dynamic-range quantization).{html.escape(figures)}</p>"
+    reason = f" (int8 was refused: {q['fallback_reason']})" if q.get("fallback_reason") else ""
+    return f"<p>Served model: float32 weights{html.escape(reason)}.</p>"
+
+
 def render_card(d: dict[str, Any]) -> str:
     """The card as one HTML page (inline CSS, the calibration plot inline as a data URI)."""
     e = html.escape
@@ -129,7 +146,7 @@ table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padd
 <body><h1>Model card: {e(d['model_name'])} {version}</h1>
 <p class="warn"><b>Screening aid, not a diagnosis.</b> Every result must be reviewed by a qualified person.</p>
 <h2>Model</h2><p>Run {e(d['run_id'])}, code {e(d.get('git_commit') or '')}. Labels: {e(', '.join(d['labels']))}
-(classes: {classes}). Input: {d['image_size']}×{d['image_size']} RGB.</p>{threshold}
+(classes: {classes}). Input: {d['image_size']}×{d['image_size']} RGB.</p>{threshold}{_served_html(d.get('quantization'))}
 <h2>Data</h2><p>Dataset <b>{e(d['dataset'])}</b> ({e(d.get('description') or '')}), version
 <code>{e(d['dataset_version'])}</code>.</p>{_table(['split', 'images', 'per label'], split_rows)}
 <h2>Performance</h2><p>On the held-out test split ({d['test_n']} images), intervals by percentile bootstrap
@@ -146,8 +163,9 @@ over images.</p>{_metrics_html(d)}
 
 
 def training_card(s: Any, meta: Any, fitted: Any, run_id: str, model_name: str, commit: str,
-                  ood: dict[str, Any] | None = None) -> dict[str, Any]:
-    """card_data for a just-fitted model: spec description and credits, the calibration plot, the detector."""
+                  ood: dict[str, Any] | None = None, quantization: dict[str, Any] | None = None) -> dict[str, Any]:
+    """card_data for a just-fitted model: spec description and credits, the calibration plot, the
+    detector, the served model's quantization."""
     import tempfile
     from pathlib import Path
 
@@ -162,7 +180,8 @@ def training_card(s: Any, meta: Any, fitted: Any, run_id: str, model_name: str, 
     with tempfile.TemporaryDirectory(prefix="hemaflow-card-") as tmp:
         png = ev.plot_calibration(fitted.test_y, fitted.test_p, Path(tmp) / "calibration.png").read_bytes()
     return card_data(meta=meta, fitted=fitted, model_name=model_name, run_id=run_id, git_commit=commit,
-                     description=description, credits=credits, calibration_png=png, ood=ood)
+                     description=description, credits=credits, calibration_png=png, ood=ood,
+                     quantization=quantization)
 
 
 def log_card(client: Any, run_id: str, data: dict[str, Any]) -> str:

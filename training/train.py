@@ -176,7 +176,7 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     runner = TFLiteRunner(served[0])
     ood = fit_for_run(runner, folder, meta, fitted.val_x)
     mlflow.log_metrics({f"ood_{k}": v for k, v in ood[1].items()})
-    extra_files, drift = profile_and_card(c, folder, fitted, ood[1], runner)
+    extra_files, drift = profile_and_card(c, folder, fitted, ood[1], runner, served[1])
     canary_x, canary_labels = pick_canaries(fitted.val_x, fitted.val_y, fitted.labels, s.canary_count)
     with tempfile.TemporaryDirectory(prefix="hemaflow-bundle-") as tmp:
         bundle = export_bundle(
@@ -203,8 +203,8 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     return result, model_uri, version_tags(meta, c.commit, c.chash, fitted)
 
 
-def profile_and_card(c: CandidateRun, folder: Path, fitted, ood: dict[str, Any],
-                     served: Any) -> tuple[dict[str, bytes], dict[str, Any] | None]:
+def profile_and_card(c: CandidateRun, folder: Path, fitted, ood: dict[str, Any], served: Any,
+                     quantization: dict[str, Any]) -> tuple[dict[str, bytes], dict[str, Any] | None]:
     """The training-data profile (features by `served`, the bundle's TFLite runner) and the model
     card, logged to the run and returned as bundle files, and the data's drift against the
     champion's profile ({level, reference, detail}; None: no champion)."""
@@ -218,7 +218,7 @@ def profile_and_card(c: CandidateRun, folder: Path, fitted, ood: dict[str, Any],
     profile = training_profile(served, folder, c.meta, c.settings.seed)
     mlflow.log_dict(profile, f"profile/{DATA_PROFILE_FILE}")
     drift = drift_vs_champion(mlflow_client(c.settings), c.settings, c.model_name, profile)
-    card = training_card(c.settings, c.meta, fitted, c.run_id, c.model_name, c.commit, ood)
+    card = training_card(c.settings, c.meta, fitted, c.run_id, c.model_name, c.commit, ood, quantization)
     mlflow.log_metrics({f"test_{k}_ci_{end}": v[end] for k, v in card["intervals"].items()
                         for end in ("low", "high") if np.isfinite(v[end])})
     log_card(mlflow_client(c.settings), c.run_id, card)

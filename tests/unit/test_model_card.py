@@ -51,3 +51,14 @@ def test_card_states_the_out_of_scope_rule():
     assert "rank 402 of 402 validation scores" in page and "at most 0.50%" in page and "99.50%" in page
     assert "too few validation images" in render_card(_card(ood={**figures, "conformal_valid": 0.0}))
     assert "no out-of-scope detector" in render_card(_card())
+
+
+def test_card_says_how_the_served_model_is_quantized():
+    agreement = {"images": 402, "decision_agreement": 1.0, "max_abs_prob_diff": 0.024, "max_feature_diff": 0.014}
+    page = render_card(_card(quantization={"method": "dynamic_int8", "validation": agreement}))
+    assert "int8 weights" in page and "402 validation images" in page and "100.00%" in page and "0.024" in page
+    fallback = render_card(_card(quantization={"method": "none", "requested": "dynamic_int8",
+                                               "fallback_reason": "probabilities differ from Keras by 0.2 (> 0.05)",
+                                               "validation": {**agreement, "max_abs_prob_diff": 0.2}}))
+    assert "float32 weights (int8 was refused: probabilities differ from Keras by 0.2 (&gt; 0.05))" in fallback
+    assert "Served model" not in render_card(_card())  # cards from before quantization
