@@ -117,7 +117,8 @@ def _served_html(q: dict[str, Any] | None) -> str:
     agreement = q.get("validation")
     figures = (f" On the {agreement['images']} validation images it took the same decision as the float model "
                f"on {agreement['decision_agreement']:.2%} (largest probability difference "
-               f"{agreement['max_abs_prob_diff']:.3f}); the test figures below are the served model's."
+               f"{agreement['max_abs_prob_diff']:.3f}). The test figures below are the float model's; the "
+               "promotion gate evaluates the served model itself."
                if agreement else "")
     if q.get("method") == "dynamic_int8":
         return f"<p>Served model: int8 weights (dynamic-range quantization).{html.escape(figures)}</p>"

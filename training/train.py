@@ -145,9 +145,8 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
 
     import mlflow
 
-    from contracts.bundle import BUNDLE_DIR
+    from contracts.bundle import BUNDLE_DIR, TFLiteRunner
     from contracts.imaging import crop_of
-    from contracts.bundle import TFLiteRunner
     from training.bundle import export_bundle, shipped_model, signing_key_of
     from training.stopping import TAG_STOP_REASON
     from training.errors import Diverged
