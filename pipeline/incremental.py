@@ -36,6 +36,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,9 @@ BUCKET_HASH_HEX = 8  # hex digits of sha256 that pick the bucket (32 bits)
 # Shard bytes being PUT at once: several small shards in parallel, large ones one at a time
 # (four parallel 75 MB PUTs timed out on a loaded 2-core machine's SeaweedFS).
 UPLOAD_BYTES_IN_FLIGHT = 32 << 20
+# Shards up to this size are PUT from memory: boto sends a file body with `Expect: 100-continue`,
+# one more round trip per PUT (hundreds of small shards); larger ones stream from the file.
+PUT_FROM_MEMORY_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,14 @@ def params_hash(preprocessing: dict[str, Any]) -> str:
 
 
 def prepared_path(settings: Settings, preprocessing: dict[str, Any], sha256: str) -> Path:
-    return (settings.hemaflow_home / "cache" / "prepared" / params_hash(preprocessing) / sha256[:2] / sha256)
+    root = _prepared_root(str(settings.hemaflow_home), tuple(sorted(preprocessing.items())))
+    return Path(f"{root}/{sha256[:2]}/{sha256}")
+
+
+@lru_cache(maxsize=64)
+def _prepared_root(home: str, preprocessing: tuple) -> str:
+    """The cache folder of one parameter set, hashed once (each image looks it up twice or more)."""
+    return f"{home}/cache/prepared/{params_hash(dict(preprocessing))}"
 
 
 def is_prepared(settings: Settings, preprocessing: dict[str, Any], sha256: str) -> bool:
@@ -223,7 +234,8 @@ def shard_builder(settings: Settings, client, dataset: str, preprocessing: dict[
 
     def _upload(path: Path, key: str) -> None:
         with uploads, open(path, "rb") as fh:
-            client.put_object(Bucket=bucket, Key=key, Body=fh)
+            small = os.fstat(fh.fileno()).st_size <= PUT_FROM_MEMORY_BYTES
+            client.put_object(Bucket=bucket, Key=key, Body=fh.read() if small else fh)
 
     def build(item: ShardPlan) -> Counter:
         done: Counter = Counter()
