@@ -11,8 +11,10 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from contracts.imaging import CROP_POLICIES
-from contracts.settings import get_settings
+from contracts.settings import Settings, get_settings
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _FOLDER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,127}$")
@@ -20,6 +22,15 @@ _FOLDER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,127}$")
 
 class SpecError(ValueError):
     """A dataset spec is missing or malformed."""
+
+
+class SpecTraining(BaseModel):
+    """A spec's optional [training] table: settings that differ per dataset (what a set needs to
+    converge within the CPU budget). They replace the global settings for that dataset's training runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    train_input_size: int | None = Field(None, ge=16, le=1024)
+    epochs: int | None = Field(None, ge=1)
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,8 @@ class DatasetSpec:
     credits: str = ""  # who made the data and how to cite it (shown on the model card)
     # How a non-square image becomes the square model input (contracts.imaging.CROP_POLICIES).
     crop: str = "center_crop"
+    # [training] overrides of the global settings for this dataset (SpecTraining), unset ones omitted.
+    training: dict[str, int] = field(default_factory=dict)
 
     @property
     def class_folders(self) -> list[str]:
@@ -100,6 +113,11 @@ def parse_spec(text: str, source: Path | None = None) -> DatasetSpec:
     if crop not in CROP_POLICIES:
         raise SpecError(f"dataset spec {name!r}: crop must be one of {', '.join(CROP_POLICIES)}, "
                         f"not {crop!r}{where}")
+    try:
+        training = SpecTraining.model_validate(raw.get("training", {})).model_dump(exclude_none=True)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'training'}: {e['msg']}" for e in exc.errors())
+        raise SpecError(f"dataset spec {name!r}: bad [training] table ({problems}){where}") from None
     return DatasetSpec(
         name=name,
         description=str(raw.get("description", "")),
@@ -109,7 +127,17 @@ def parse_spec(text: str, source: Path | None = None) -> DatasetSpec:
         source=source,
         credits=str(raw.get("credits", "")),
         crop=crop,
+        training=training,
     )
+
+
+def training_settings(settings: Settings, dataset: str) -> Settings:
+    """`settings` with the dataset spec's [training] table applied (unchanged when the dataset has no spec)."""
+    try:
+        spec = load_spec(dataset, settings.dataset_specs_dir)
+    except SpecError:
+        return settings
+    return settings.model_copy(update=spec.training) if spec.training else settings
 
 
 def spec_paths(specs_dir: Path | None = None) -> list[Path]:

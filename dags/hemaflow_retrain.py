@@ -187,7 +187,10 @@ def build_retrain_dag(spec: DatasetSpec, settings: Settings):
             from training.train import train_candidate
 
             dataset_version = PreprocessResult.from_dict(processed).dataset_version
-            result = TrainResult.from_dict(train_candidate(dataset, dataset_version, settings=_settings()))
+            settings = _settings()
+            # The run's params (validated in _settings) win over the spec's [training] table.
+            run_params = {k: getattr(settings, k) for k in _overrides()}
+            result = TrainResult.from_dict(train_candidate(dataset, dataset_version, settings=settings, **run_params))
             # The report reads this key whether or not training was skipped.
             get_current_context()["ti"].xcom_push(key="result", value=result.to_dict())
             if result.skipped:

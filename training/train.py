@@ -83,11 +83,12 @@ def train_candidate(
     """
     import mlflow
 
+    from contracts.dataset_spec import training_settings
     from pipeline.storage import load_meta
     from training.claim import claim_tags, heartbeat
     from training.registration import existing_version_result
 
-    s = settings or get_settings()
+    s = training_settings(settings or get_settings(), dataset)  # the spec's [training] table, then `overrides`
     if overrides:
         s = s.model_copy(update=overrides)
     client = mlflow_client(s)

@@ -64,3 +64,28 @@ def test_crop_policy_is_recorded_in_the_dataset_version_params():
     default, fit = preprocessing_params(s), preprocessing_params(s, "fit")
     assert default["policy"] == "resize_shorter_center_crop"  # unchanged: old versions keep their hash
     assert crop_of(default) == "center_crop" and crop_of(fit) == "fit" and default != fit
+
+
+def test_training_table_overrides_the_global_settings_for_its_dataset_only(tmp_path):
+    from contracts.dataset_spec import training_settings
+    from contracts.settings import Settings
+
+    base = 'name = "{name}"\n{training}[classes]\na = "a"\nb = "b"\n'
+    (tmp_path / "big.toml").write_text(base.format(name="big", training="[training]\ntrain_input_size = 128\nepochs = 20\n"))
+    (tmp_path / "plain.toml").write_text(base.format(name="plain", training=""))
+    settings = Settings(_env_file=None, dataset_specs_dir=tmp_path, train_input_size=96, epochs=14)
+    big = training_settings(settings, "big")
+    assert (big.train_input_size, big.epochs) == (128, 20)
+    assert training_settings(settings, "plain") is settings and training_settings(settings, "gone") is settings
+    assert load_spec("leukemia").training == {"train_input_size": 128}  # shipped: measured on validation
+    assert load_spec("pbc8").training == {}
+
+
+@pytest.mark.parametrize(("table", "match"), [
+    ("train_input_size = 8", "train_input_size"),
+    ("learning_rate = 0.1", "learning_rate"),
+    ("epochs = 'many'", "epochs"),
+])
+def test_bad_training_table_is_rejected_clearly(table, match):
+    with pytest.raises(SpecError, match=rf"bad \[training\] table \({match}"):
+        parse_spec(f'name = "x"\n[training]\n{table}\n[classes]\na = "a"\nb = "b"\n')
