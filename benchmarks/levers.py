@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     from contracts.settings import get_settings
     from training import experiment as ex
 
-    s = get_settings()
+    from contracts.dataset_spec import training_settings
+
+    s = training_settings(get_settings(), args.dataset)  # the spec's [training] table, as training applies it
     spec = load_spec(args.dataset)
     rows = []
     for name in (["baseline", "baseline"] if args.determinism else args.lever):

@@ -150,7 +150,9 @@ def folds_report(args) -> int:
     from contracts.settings import get_settings
     from training import experiment as ex
 
-    s = get_settings()
+    from contracts.dataset_spec import training_settings
+
+    s = training_settings(get_settings(), args.dataset)  # the spec's [training] table, as training applies it
     spec = load_spec(args.dataset)
     data = ex.load_folder(args.data / args.dataset, spec, s.image_size, spec.crop, CACHE)
     lever = ex.lever_from_settings(s)
