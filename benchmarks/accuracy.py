@@ -144,12 +144,10 @@ def direct(args) -> int:
     import numpy as np
 
     from benchmarks.levers import CACHE
-    from contracts.dataset_spec import load_spec
+    from contracts.dataset_spec import load_spec, training_settings
     from contracts.settings import get_settings
     from training import experiment as ex
     from training.intervals import bootstrap_intervals
-
-    from contracts.dataset_spec import training_settings
 
     s = training_settings(get_settings(), args.dataset)  # the spec's [training] table, as training applies it
     spec = load_spec(args.dataset)

@@ -56,11 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ["HEMAFLOW_ENV_FILE"] = ""
 
-    from contracts.dataset_spec import load_spec
+    from contracts.dataset_spec import load_spec, training_settings
     from contracts.settings import get_settings
     from training import experiment as ex
-
-    from contracts.dataset_spec import training_settings
 
     s = training_settings(get_settings(), args.dataset)  # the spec's [training] table, as training applies it
     spec = load_spec(args.dataset)

@@ -146,11 +146,9 @@ def fold_refusals(data, idx: dict[str, np.ndarray], z, probes: dict[str, np.ndar
 def folds_report(args) -> int:
     """--folds K: the detector on each fold model `benchmarks/accuracy.py --folds K --ood-other` saved."""
     from benchmarks.levers import CACHE
-    from contracts.dataset_spec import load_spec
+    from contracts.dataset_spec import load_spec, training_settings
     from contracts.settings import get_settings
     from training import experiment as ex
-
-    from contracts.dataset_spec import training_settings
 
     s = training_settings(get_settings(), args.dataset)  # the spec's [training] table, as training applies it
     spec = load_spec(args.dataset)

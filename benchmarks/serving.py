@@ -153,13 +153,14 @@ def main() -> int:
                 for out in [bundle] + ([Path(args.save_bundle)] if args.save_bundle else []):
                     (out / rel).parent.mkdir(parents=True, exist_ok=True)
                     (out / rel).write_bytes(blob)
-        size = int(json.loads((bundle / "bundle.json").read_text())["image_size"])
+        meta = json.loads((bundle / "bundle.json").read_text())
+        size = int(meta["image_size"])
         model_name = s.model_name(args.dataset)
         # Today's app served today's (float32) model: the baselines get the champion's float32 twin.
         float_bundle = bundle
         if not args.bundle and s.bundle_signing_key.get_secret_value():
             float_bundle = float32_twin(bundle, work / "bundle-float32", s)
-        elif quantization_of(json.loads((bundle / "bundle.json").read_text())) != QUANTIZATION_NONE:
+        elif quantization_of(meta) != QUANTIZATION_NONE:
             print("no BUNDLE_SIGNING_KEY here: the baselines serve the shipped quantized model too", flush=True)
 
         serving_py = REPO / ".venv-serving" / "bin" / "python"

@@ -105,7 +105,6 @@ class ModelInfo(BaseModel):
     out_of_scope_detector: dict[str, Any] | None = Field(
         None, description="The bundle's out-of-scope detector: method, thresholds, validation figures (null: none)")
     quantization: dict[str, Any] = Field(
-        default_factory=lambda: {"method": "none"},
         description="How model.tflite stores its weights and how it agreed with the float model on validation")
     clinical: dict[str, ClinicalContext]
 

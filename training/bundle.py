@@ -2,9 +2,9 @@
 
 `export_bundle` builds it from a trained Keras model and refuses to write a bundle whose
 float32 TFLite outputs differ from Keras (max abs diff > CANARY_TOLERANCE). A quantized model
-(`quantization="dynamic_int8"`) is shipped only when it agrees with Keras on the validation
-images (`quantization_agreement`); otherwise the bundle falls back to float32 and says why in
-bundle.json `quantization`. `sign_bundle` and
+(`shipped_model(..., "dynamic_int8", ...)`) is shipped only when it agrees with Keras on the
+validation images (`quantization_agreement`); otherwise the bundle falls back to float32 and says
+why in bundle.json `quantization`. `sign_bundle` and
 `sign_registered_bundle` sign its SHA256SUMS with BUNDLE_SIGNING_KEY (contracts.signing).
 """
 
@@ -86,18 +86,11 @@ def quantization_agreement(model: Any, runner: TFLiteRunner, images: np.ndarray,
     """How closely a converted model follows Keras on `images`: the largest probability and
     (relative) pooled-feature differences, and the share of identical decisions at the threshold."""
     from training.evaluate import predict_labels
-    from training.model import pooled_feature_model
+    from training.ood import pooled_features
 
-    features_of = pooled_feature_model(model)
-    lite_p, lite_f, keras_p, keras_f = [], [], [], []
-    for i in range(0, len(images), 64):
-        batch = np.asarray(images[i:i + 64], dtype=np.float32)
-        out = runner(batch)
-        lite_p.append(out[OUTPUT_PROBABILITIES])
-        lite_f.append(out[OUTPUT_FEATURES])
-        keras_p.append(np.asarray(model(batch, training=False)))
-        keras_f.append(np.asarray(features_of(batch, training=False)))
-    lp, kp, lf, kf = (np.concatenate(a) for a in (lite_p, keras_p, lite_f, keras_f))
+    lp = runner.predict_proba(images.astype(np.float32))
+    kp = model.predict(images.astype(np.float32), batch_size=64, verbose=0)
+    lf, kf = pooled_features(runner, images), pooled_features(model, images)
     same = predict_labels(lp, labels, positive_label, threshold) == predict_labels(kp, labels, positive_label, threshold)
     scale = np.maximum(1.0, np.abs(kf).max(axis=1))
     return {"images": int(len(lp)), "max_abs_prob_diff": float(np.max(np.abs(lp - kp))),
@@ -224,8 +217,6 @@ def export_bundle(
     crop: str = "center_crop",
     calibration: dict[str, Any] | None = None,
     ood: tuple[Any, dict[str, Any]] | None = None,
-    quantization: str = QUANTIZATION_NONE,
-    agreement_images: np.ndarray | None = None,
     served_model: tuple[bytes, dict[str, Any]] | None = None,
 ) -> Bundle:
     """Convert `model` to TFLite and write a complete, verified bundle into `out_dir`.
@@ -237,9 +228,8 @@ def export_bundle(
     `calibration` (training.calibration.calibrate) is recorded as `calibration`; its temperature
     is already applied inside model.tflite, so serving's probabilities are the calibrated ones.
     `ood` = (contracts.ood.OodDetector, its validation figures) adds ood.npz and bundle.json `ood`.
-    `quantization` (contracts.bundle QUANTIZATION_*) is checked against Keras on `agreement_images`
-    (the validation images; default the canaries) by `shipped_model`, unless `served_model` (its
-    result, when training already chose the served model to fit the detector on) is given.
+    `served_model` is `shipped_model`'s (model.tflite bytes, bundle.json `quantization`); default:
+    the float32 conversion.
     """
     from PIL import Image
 
@@ -255,9 +245,8 @@ def export_bundle(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        tflite, quantized = served_model or shipped_model(
-            model, image_size, quantization, canary_images if agreement_images is None else agreement_images,
-            labels, positive_label, threshold)
+        tflite, quantized = served_model or shipped_model(model, image_size, QUANTIZATION_NONE, canary_images,
+                                                          labels, positive_label, threshold)
         (staging / MODEL_FILE).write_bytes(tflite)
         runner = TFLiteRunner(staging / MODEL_FILE)
         lite = runner(canary_images.astype(np.float32))[OUTPUT_PROBABILITIES]

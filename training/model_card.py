@@ -120,7 +120,9 @@ def _served_html(q: dict[str, Any] | None) -> str:
                f"{agreement['max_abs_prob_diff']:.3f}). The test figures below are the float model's; the "
                "promotion gate evaluates the served model itself."
                if agreement else "")
-    if q.get("method") == "dynamic_int8":
+    from contracts.bundle import QUANTIZATION_DYNAMIC_INT8
+
+    if q.get("method") == QUANTIZATION_DYNAMIC_INT8:
         return f"<p>Served model: int8 weights (dynamic-range quantization).{html.escape(figures)}</p>"
     reason = f" (int8 was refused: {q['fallback_reason']})" if q.get("fallback_reason") else ""
     return f"<p>Served model: float32 weights{html.escape(reason)}.</p>"

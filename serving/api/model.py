@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
+from contracts.bundle import QUANTIZATION_NONE
 from serving import schemas
 from serving.clinical import context_for
 from serving.deps import ManagerDep, current_model
@@ -37,7 +38,7 @@ async def model_info(manager: ManagerDep):
         git_commit=meta.get("git_commit"),
         signed_by=model.identity.signed_by,
         out_of_scope_detector=meta.get("ood"),
-        quantization=meta.get("quantization") or {"method": "none"},
+        quantization=meta.get("quantization") or {"method": QUANTIZATION_NONE},
         clinical={lab: schemas.ClinicalContext(**context_for(lab)) for lab in model.labels},
     )
 

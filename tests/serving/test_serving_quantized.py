@@ -21,15 +21,16 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def quantized_bundle_dir(tiny_keras_model, tmp_path_factory):
-    from training.bundle import export_bundle
+    from training.bundle import export_bundle, shipped_model
 
     model, images, labels = tiny_keras_model
+    served = shipped_model(model, TINY_SIZE, QUANTIZATION_DYNAMIC_INT8, images, TINY_LABELS, "abnormal", 0.5)
     out = tmp_path_factory.mktemp("quantized-bundle") / "serving_bundle"
     bundle = export_bundle(model, out, dataset="tiny", dataset_version="tiny-q", labels=TINY_LABELS,
                            classes=TINY_CLASSES, image_size=TINY_SIZE, canary_images=images[:2],
                            canary_labels=[TINY_LABELS[k] for k in labels[:2]], positive_label="abnormal",
                            threshold=0.5, run_id="local-q", model_name="hemaflow-tiny", git_commit="test",
-                           signing_key=SIGNING_KEY, quantization=QUANTIZATION_DYNAMIC_INT8, agreement_images=images)
+                           signing_key=SIGNING_KEY, served_model=served)
     assert bundle.meta["quantization"]["method"] == QUANTIZATION_DYNAMIC_INT8
     return out
 

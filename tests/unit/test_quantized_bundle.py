@@ -27,12 +27,18 @@ def _export(model, images, labels, out, **kwargs):
         model, out, dataset="tiny", dataset_version="tiny-q", labels=TINY_LABELS, classes=TINY_CLASSES,
         image_size=TINY_SIZE, canary_images=images[:2], canary_labels=[TINY_LABELS[k] for k in labels[:2]],
         positive_label="abnormal", threshold=0.5, run_id="local-q", model_name="hemaflow-tiny",
-        git_commit="test", signing_key=SIGNING_KEY, agreement_images=images, **kwargs)
+        git_commit="test", signing_key=SIGNING_KEY, **kwargs)
+
+
+def _int8(model, images):
+    """shipped_model's choice for dynamic_int8, checked against Keras on `images`."""
+    return training_bundle.shipped_model(model, TINY_SIZE, QUANTIZATION_DYNAMIC_INT8, images, TINY_LABELS,
+                                         "abnormal", 0.5)
 
 
 def test_quantized_bundle_is_smaller_follows_keras_and_passes_its_canaries(tiny_keras_model, tmp_path):
     model, images, labels = tiny_keras_model
-    quantized = _export(model, images, labels, tmp_path / "q", quantization=QUANTIZATION_DYNAMIC_INT8)
+    quantized = _export(model, images, labels, tmp_path / "q", served_model=_int8(model, images))
     plain = _export(model, images, labels, tmp_path / "f")
     record = quantized.meta["quantization"]
     assert record["method"] == QUANTIZATION_DYNAMIC_INT8, record
@@ -54,7 +60,7 @@ def test_quantized_bundle_is_smaller_follows_keras_and_passes_its_canaries(tiny_
 def test_quantized_model_that_disagrees_falls_back_to_float32(tiny_keras_model, tmp_path, monkeypatch):
     model, images, labels = tiny_keras_model
     monkeypatch.setattr(training_bundle, "QUANTIZED_MAX_PROB_DIFF", 0.0)  # any difference is too much
-    bundle = _export(model, images, labels, tmp_path / "b", quantization=QUANTIZATION_DYNAMIC_INT8)
+    bundle = _export(model, images, labels, tmp_path / "b", served_model=_int8(model, images))
     record = bundle.meta["quantization"]
     assert record["method"] == QUANTIZATION_NONE and record["requested"] == QUANTIZATION_DYNAMIC_INT8
     assert "probabilities differ from Keras" in record["fallback_reason"]
@@ -87,8 +93,7 @@ def test_detector_fitted_on_the_served_model_uses_its_features(tiny_keras_model)
     from training.ood import fit_detector, pooled_features
 
     model, images, labels = tiny_keras_model
-    tflite, record = training_bundle.shipped_model(model, TINY_SIZE, QUANTIZATION_DYNAMIC_INT8, images,
-                                                   TINY_LABELS, "abnormal", 0.5)
+    tflite, record = _int8(model, images)
     assert record["method"] == QUANTIZATION_DYNAMIC_INT8
     runner = TFLiteRunner(tflite)
     val = synthetic_images([0, 1] * 20, TINY_SIZE, seed=5)
