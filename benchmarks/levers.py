@@ -33,6 +33,11 @@ LEVERS = {
     "crop_fit": {"crop": "fit"},
     "crop_center": {"crop": "center_crop"},
     "lr1e-3": {"learning_rate": 1e-3},
+    "plateau": {"lr_schedule": "plateau"},
+    "input128_plateau": {"input_size": 128, "lr_schedule": "plateau"},
+    "epochs20": {"epochs": 20},
+    "bn99": {"bn_momentum": 0.99},
+    "bn50": {"bn_momentum": 0.5},
 }
 COLUMNS = ("lever", "epochs_run", "stop_reason", "fit_s", "val_loss", "val_accuracy", "val_macro_f1",
            "val_roc_auc", "val_sens_at_spec97", "val_ece", "temperature")
@@ -69,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         data = ex.load_folder(args.data / args.dataset, spec, s.image_size, crop, CACHE)
         idx = ex.pipeline_splits(data, s)
         epochs = 2 if args.determinism else (args.epochs or s.epochs)
-        lever = ex.lever_from_settings(s, name=name, epochs=epochs, **changes)
+        lever = ex.lever_from_settings(s, name=name, **{"epochs": epochs, **changes})
         saved = None if args.determinism else CACHE / f"logits-{ex.lever_key(args.dataset, crop, lever)}.npz"
         row = {"dataset": args.dataset, **ex.fit_and_score(data, idx, lever, s.train_time_budget_s,
                                                            save_logits=saved)}
-        row["epoch_cap"] = epochs
+        row["epoch_cap"] = lever.epochs
         rows.append(row)
         print(json.dumps(row), flush=True)
         if not args.determinism:

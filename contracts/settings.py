@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     epochs: int = Field(14, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(2e-3, gt=0)
+    lr_schedule: Literal["cosine", "plateau"] = Field(
+        "cosine", description="Learning-rate schedule (training.schedule): warm-up + cosine decay over EPOCHS, "
+        "or constant and halved on val_loss plateaus")
     model_width: int = Field(16, ge=4, description="Filters of the first conv block")
     model_depth: int = Field(5, ge=2, le=8, description="Conv blocks, each halving resolution")
     train_input_size: int = Field(96, ge=16, le=1024, description="Network input side")

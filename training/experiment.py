@@ -17,11 +17,14 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from training.model import BN_MOMENTUM
+from training.schedule import COSINE
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 VAL_FRACTION_OF_REST = 0.15 / 0.85
@@ -49,16 +52,18 @@ class Lever:
     epochs: int = 20
     batch_size: int = 32
     learning_rate: float = 2e-3
+    lr_schedule: str = COSINE  # training.schedule.LR_SCHEDULES
     patience: int = 6
     start_epoch: int = 6  # early stopping's warm-up (EARLY_STOPPING_START_EPOCH)
     colour_strength: float = 1.0
+    bn_momentum: float = BN_MOMENTUM
     seed: int = 1337
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def lever_from_settings(s, **changes: Any) -> Lever:
     base = Lever(input_size=s.train_input_size, width=s.model_width, depth=s.model_depth, epochs=s.epochs,
-                 batch_size=s.batch_size, learning_rate=s.learning_rate, patience=s.early_stopping_patience,
+                 batch_size=s.batch_size, learning_rate=s.learning_rate, lr_schedule=s.lr_schedule,
+                 patience=s.early_stopping_patience,
                  start_epoch=s.early_stopping_start_epoch,
                  colour_strength=s.train_colour_strength, seed=s.seed)
     for key, value in changes.items():
@@ -153,6 +158,7 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
 
     from training.data import configure_threads
     from training.model import build_model, served_twin
+    from training.schedule import make_optimizer, reduces_on_plateau, steps_per_epoch
     from training.stopping import enable_determinism, reproducible_callbacks, stop_reason
 
     configure_threads()
@@ -161,11 +167,14 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
     tr, va = idx["train"], idx["val"]
     counts = np.bincount(data.y[tr], minlength=n_classes)
     weights = {i: (len(tr) / (n_classes * c) if c else 1.0) for i, c in enumerate(counts)}
-    net = build_model(n_classes, lever.input_size, lever.input_size, lever.width, lever.depth, seed=lever.seed)
-    net.compile(optimizer=keras.optimizers.Adam(lever.learning_rate),
+    net = build_model(n_classes, lever.input_size, lever.input_size, lever.width, lever.depth, seed=lever.seed,
+                      bn_momentum=lever.bn_momentum)
+    steps = steps_per_epoch(len(tr), lever.batch_size)
+    net.compile(optimizer=make_optimizer(lever.learning_rate, lever.lr_schedule, lever.epochs, steps),
                 loss=keras.losses.SparseCategoricalCrossentropy(),
                 metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-    callbacks, stops = reproducible_callbacks(lever.patience, time_budget_s, lever.start_epoch)
+    callbacks, stops = reproducible_callbacks(lever.patience, time_budget_s, lever.start_epoch,
+                                              reduces_on_plateau(lever.lr_schedule))
     history = net.fit(_dataset(data.images[tr], data.y[tr], lever, True),
                       validation_data=_dataset(data.images[va], data.y[va], lever, False),
                       epochs=lever.epochs, class_weight=weights, callbacks=callbacks, verbose=verbose).history
@@ -232,7 +241,8 @@ def fit_and_score(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, ti
     out = {"lever": lever.name, "epochs_run": len(history["loss"]), "stop_reason": reason,
            "fit_s": round(fit_s, 1), "val_loss": float(min(history["val_loss"])),
            "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "val_roc_auc": val["roc_auc"],
-           "val_ece": val["ece"], "temperature": fit_temperature(val_logits, data.y[idx["val"]])}
+           "val_ece": val["ece"], "temperature": fit_temperature(val_logits, data.y[idx["val"]]),
+           "val_accuracy_by_epoch": [round(float(v), 4) for v in history["val_accuracy"]]}
     if data.positive_label is not None:
         pos = data.labels.index(data.positive_label)
         from training.calibration import softmax

@@ -64,6 +64,7 @@ def _callbacks(s: Settings, on_epoch: Callable[[int, dict], None] | None):
     """Early stopping / epochs end the run; the wall-clock budget is a safety stop (training.stopping)."""
     import keras
 
+    from training.schedule import reduces_on_plateau
     from training.stopping import reproducible_callbacks
 
     class EpochHook(keras.callbacks.Callback):
@@ -72,7 +73,7 @@ def _callbacks(s: Settings, on_epoch: Callable[[int, dict], None] | None):
                 on_epoch(epoch, dict(logs or {}))
 
     callbacks, stops = reproducible_callbacks(s.early_stopping_patience, s.train_time_budget_s,
-                                             s.early_stopping_start_epoch)
+                                             s.early_stopping_start_epoch, reduces_on_plateau(s.lr_schedule))
     return [*callbacks, EpochHook()], stops
 
 
@@ -100,6 +101,7 @@ def _fit(req: FitRequest):
 
     from training.data import class_weights, configure_threads, make_dataset
     from training.model import build_model, served_twin
+    from training.schedule import make_optimizer, steps_per_epoch
     from training.stopping import enable_determinism, stop_reason
 
     s, meta, folder = req.settings, req.meta, req.folder
@@ -113,7 +115,8 @@ def _fit(req: FitRequest):
     if req.initial_weights is not None:
         net.set_weights(req.initial_weights)
     net.compile(
-        optimizer=keras.optimizers.Adam(s.learning_rate),
+        optimizer=make_optimizer(s.learning_rate, s.lr_schedule, s.epochs,
+                                 steps_per_epoch(sum(meta.counts.get("train", {}).values()), s.batch_size)),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )

@@ -52,6 +52,7 @@ def build_model(
     depth: int,
     seed: int = 1337,
     dropout: float = DROPOUT,
+    bn_momentum: float = BN_MOMENTUM,
 ) -> Any:
     """Build the (uncompiled) Keras classifier; its output is the softmax probabilities."""
     import keras
@@ -71,7 +72,7 @@ def build_model(
         n_convs = 1 if i == 0 else 2
         for j in range(n_convs):
             x = layers.Conv2D(f, 3, padding="same", use_bias=False, kernel_regularizer=reg, name=f"b{i}_conv{j}")(x)
-            x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"b{i}_bn{j}")(x)
+            x = layers.BatchNormalization(momentum=bn_momentum, name=f"b{i}_bn{j}")(x)
             x = layers.ReLU(name=FEATURES_LAYER if (last and j == n_convs - 1) else f"b{i}_relu{j}")(x)
         if not last:
             x = layers.MaxPooling2D(2, name=f"b{i}_pool")(x)

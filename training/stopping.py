@@ -76,9 +76,11 @@ def time_budget_callback(budget_s: float):
     return TimeBudget()
 
 
-def reproducible_callbacks(patience: int, time_budget_s: float, start_epoch: int = 0) -> tuple[list[Any], Stops]:
+def reproducible_callbacks(patience: int, time_budget_s: float, start_epoch: int = 0,
+                           reduce_on_plateau: bool = True) -> tuple[list[Any], Stops]:
     """NaN guard, early stopping on val_loss (best weights restored even when the last epoch
-    or the budget ends the run), LR halving on plateaus, and the wall-clock safety stop.
+    or the budget ends the run), LR halving on plateaus (a constant-rate fit only: see
+    training.schedule), and the wall-clock safety stop.
 
     `start_epoch` (0-based) is the warm-up: before it early stopping neither counts patience nor
     keeps weights, so a run lasts at least start_epoch + patience + 1 epochs (or all of them) and
@@ -88,11 +90,9 @@ def reproducible_callbacks(patience: int, time_budget_s: float, start_epoch: int
     early = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True,
                                           start_from_epoch=start_epoch, verbose=0)
     budget = time_budget_callback(time_budget_s)
-    callbacks = [
-        keras.callbacks.TerminateOnNaN(),
-        early,
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, patience // 3),
-                                          min_lr=1e-5),
-        budget,
-    ]
+    callbacks = [keras.callbacks.TerminateOnNaN(), early]
+    if reduce_on_plateau:
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
+                                                           patience=max(1, patience // 3), min_lr=1e-5))
+    callbacks.append(budget)
     return callbacks, Stops(early=early, budget=budget)

@@ -1,0 +1,51 @@
+"""The learning-rate schedule every fit uses (training.schedule)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.schedule import (
+    COSINE,
+    LR_FLOOR_FRACTION,
+    PLATEAU,
+    learning_rate_schedule,
+    make_optimizer,
+    reduces_on_plateau,
+    steps_per_epoch,
+)
+from training.stopping import reproducible_callbacks
+
+
+def test_cosine_warms_up_for_one_epoch_then_decays_to_the_floor():
+    schedule = learning_rate_schedule(2e-3, COSINE, epochs=10, steps=50)
+    rates = np.array([float(schedule(step)) for step in range(0, 501, 10)])
+    peak = int(np.argmax(rates)) * 10
+    assert rates[0] == pytest.approx(2e-3 * LR_FLOOR_FRACTION)
+    assert peak == 50 and rates.max() == pytest.approx(2e-3, rel=1e-5)
+    assert np.all(np.diff(rates[:6]) > 0) and np.all(np.diff(rates[5:]) <= 1e-12)
+    assert rates[-1] == pytest.approx(2e-3 * LR_FLOOR_FRACTION, rel=1e-3)
+
+
+def test_one_epoch_cosine_has_no_warm_up():
+    schedule = learning_rate_schedule(1e-3, COSINE, epochs=1, steps=20)
+    assert float(schedule(0)) == pytest.approx(1e-3, rel=1e-5)
+    assert float(schedule(20)) == pytest.approx(1e-3 * LR_FLOOR_FRACTION, rel=1e-3)
+
+
+def test_plateau_is_a_constant_rate_with_the_plateau_callback():
+    opt = make_optimizer(2e-3, PLATEAU, epochs=10, steps=50)
+    assert float(opt.learning_rate) == pytest.approx(2e-3)
+    names = lambda s: [type(c).__name__ for c in reproducible_callbacks(3, 60.0, 0, reduces_on_plateau(s))[0]]
+    assert "ReduceLROnPlateau" in names(PLATEAU)
+    assert "ReduceLROnPlateau" not in names(COSINE)
+
+
+def test_unknown_schedule_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'"):
+        make_optimizer(1e-3, "linear", epochs=3, steps=5)
+
+
+def test_steps_per_epoch_rounds_up_and_is_never_zero():
+    assert steps_per_epoch(65, 32) == 3
+    assert steps_per_epoch(0, 32) == 1
