@@ -17,8 +17,8 @@ unless --home is given), uploads ../shared/data/<dataset>, runs the pipeline sta
 trains with the SHIPPED DEFAULTS (settings.py / environment), then prints the test-split
 figures, wall times, peak RSS, and behavioural checks of the served (TFLite) model:
 prediction stability under flips and 90-degree rotations of the test images.
-Targets: leukemia sensitivity >= 0.98 at specificity >= 0.95, training <= 15 min on 2
-cores; pbc8 accuracy >= 0.95. The threshold is chosen on validation, never on test.
+Targets (issue 10, TARGETS): leukemia sensitivity >= 0.99 at specificity >= 0.97, pbc8 macro
+F1 >= 0.97, training <= 15 min on 2 cores. The threshold is chosen on validation, never on test.
 """
 
 from __future__ import annotations
