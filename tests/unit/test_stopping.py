@@ -66,13 +66,19 @@ def test_early_stopping_cannot_stop_in_the_warm_up():
 
 
 def test_restored_weights_come_from_after_the_warm_up():
-    # A learning rate so high that validation loss is best at epoch 1 and worse after it: without a
-    # warm-up early stopping restores epoch 1's weights; with one, the best epoch's from start_epoch on.
-    _, history0, _, _, stops0 = _fit(epochs=6, patience=50, budget_s=1e9, learning_rate=0.05)
-    assert stops0.early.best_epoch < 3 and history0["val_loss"][stops0.early.best_epoch] == min(history0["val_loss"])
+    # Without a warm-up early stopping restores the weights of the epoch with the lowest validation
+    # loss; with a warm-up that starts just after that epoch, it restores the best epoch's weights
+    # from start_epoch on, never the (better) one inside the warm-up.
+    _, history0, _, _, stops0 = _fit(epochs=8, patience=50, budget_s=1e9, learning_rate=0.05)
+    best0 = stops0.early.best_epoch
+    assert history0["val_loss"][best0] == min(history0["val_loss"])
+    assert best0 < 7, "the fixture needs its best epoch before the last one"
+    start = best0 + 1
     seen: list = []
-    model, history, _, _, stops = _fit(epochs=6, patience=50, budget_s=1e9, learning_rate=0.05, start_epoch=3,
+    model, history, _, _, stops = _fit(epochs=8, patience=50, budget_s=1e9, learning_rate=0.05, start_epoch=start,
                                        weights_per_epoch=seen)
+    assert history["val_loss"] == history0["val_loss"]  # the same fit: only what is restored differs
     best = stops.early.best_epoch
-    assert best >= 3 and history["val_loss"][best] == min(history["val_loss"][3:])
+    assert best >= start and history["val_loss"][best] == min(history["val_loss"][start:])
+    assert history["val_loss"][best] > history["val_loss"][best0]
     assert all(np.array_equal(w, b) for w, b in zip(model.get_weights(), seen[best]))
