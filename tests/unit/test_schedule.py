@@ -49,3 +49,14 @@ def test_unknown_schedule_is_a_clear_error():
 def test_steps_per_epoch_rounds_up_and_is_never_zero():
     assert steps_per_epoch(65, 32) == 3
     assert steps_per_epoch(0, 32) == 1
+
+
+def test_settings_accept_exactly_the_schedules_training_knows():
+    from typing import get_args
+
+    from contracts.settings import Settings
+    from training.schedule import LR_SCHEDULES
+
+    field = Settings.model_fields["lr_schedule"]
+    assert set(get_args(field.annotation)) == set(LR_SCHEDULES)
+    assert field.default == COSINE
