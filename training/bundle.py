@@ -82,14 +82,19 @@ def convert_to_tflite(model: Any, image_size: int, quantization: str = QUANTIZAT
 
 
 def quantization_agreement(model: Any, runner: TFLiteRunner, images: np.ndarray, labels: list[str],
-                           positive_label: str | None, threshold: float | None) -> dict[str, float]:
+                           positive_label: str | None, threshold: float | None,
+                           keras_probabilities: np.ndarray | None = None) -> dict[str, float]:
     """How closely a converted model follows Keras on `images`: the largest probability and
-    (relative) pooled-feature differences, and the share of identical decisions at the threshold."""
+    (relative) pooled-feature differences, and the share of identical decisions at the threshold.
+
+    `keras_probabilities`: `model`'s probabilities on `images` when the caller already has them
+    (training's evaluation predicts the validation split); default: predicted here."""
     from training.evaluate import predict_labels
     from training.ood import pooled_features
 
     lp = runner.predict_proba(images.astype(np.float32))
-    kp = model.predict(images.astype(np.float32), batch_size=64, verbose=0)
+    kp = (model.predict(images.astype(np.float32), batch_size=64, verbose=0)
+          if keras_probabilities is None else keras_probabilities)
     lf, kf = pooled_features(runner, images), pooled_features(model, images)
     same = predict_labels(lp, labels, positive_label, threshold) == predict_labels(kp, labels, positive_label, threshold)
     scale = np.maximum(1.0, np.abs(kf).max(axis=1))
@@ -111,14 +116,16 @@ def quantization_refusal(agreement: dict[str, float]) -> str | None:
 
 
 def shipped_model(model: Any, image_size: int, quantization: str, agreement_images: np.ndarray,
-                  labels: list[str], positive_label: str | None, threshold: float | None) -> tuple[bytes, dict]:
+                  labels: list[str], positive_label: str | None, threshold: float | None,
+                  keras_probabilities: np.ndarray | None = None) -> tuple[bytes, dict]:
     """(model.tflite bytes, bundle.json `quantization`): the quantized model when it agrees with
-    Keras on `agreement_images` (validation), else float32 with the reason recorded."""
+    Keras on `agreement_images` (validation), else float32 with the reason recorded.
+    `keras_probabilities`: see `quantization_agreement`."""
     if quantization == QUANTIZATION_NONE:
         return convert_to_tflite(model, image_size), {"method": QUANTIZATION_NONE}
     quantized = convert_to_tflite(model, image_size, quantization)
     agreement = quantization_agreement(model, TFLiteRunner(quantized), agreement_images, labels,
-                                       positive_label, threshold)
+                                       positive_label, threshold, keras_probabilities)
     refusal = quantization_refusal(agreement)
     if refusal is None:
         return quantized, {"method": quantization, "validation": agreement}

@@ -48,6 +48,7 @@ class FitResult:
     test_metrics: dict[str, Any]
     val_x: np.ndarray
     val_y: np.ndarray
+    val_p: np.ndarray  # the (calibrated) model's probabilities on val_x
     test_y: np.ndarray
     test_p: np.ndarray
 
@@ -159,5 +160,5 @@ def fit_and_evaluate(req: FitRequest) -> FitResult:
         positive_label=positive, threshold=threshold,
         val_metrics=ev.compute_metrics(val_y, val_p, labels, positive, threshold),
         test_metrics=ev.compute_metrics(test_y, test_p, labels, positive, threshold),
-        val_x=val_x, val_y=val_y, test_y=test_y, test_p=test_p,
+        val_x=val_x, val_y=val_y, val_p=val_p, test_y=test_y, test_p=test_p,
     )

@@ -17,6 +17,8 @@ import json
 import logging
 from typing import Any
 
+from contracts.bundle import QUANTIZATION_DYNAMIC_INT8
+
 CARD_DIR = "model_card"  # run artifact folder: card.json (the data) and MODEL_CARD_FILE
 CARD_JSON = "card.json"
 CARD_TAG = "model_card"  # model-version tag: the card's artifact URI
@@ -120,8 +122,6 @@ def _served_html(q: dict[str, Any] | None) -> str:
                f"{agreement['max_abs_prob_diff']:.3f}). The test figures below are the float model's; the "
                "promotion gate evaluates the served model itself."
                if agreement else "")
-    from contracts.bundle import QUANTIZATION_DYNAMIC_INT8
-
     if q.get("method") == QUANTIZATION_DYNAMIC_INT8:
         return f"<p>Served model: int8 weights (dynamic-range quantization).{html.escape(figures)}</p>"
     reason = f" (int8 was refused: {q['fallback_reason']})" if q.get("fallback_reason") else ""

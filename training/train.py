@@ -172,7 +172,7 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     # The served model (int8 when it follows Keras on validation) is chosen first: the out-of-scope
     # detector (thresholds on val) and the drift profile are fitted on the features IT computes.
     served = shipped_model(fitted.model, meta.image_size, s.model_quantization, fitted.val_x, fitted.labels,
-                           fitted.positive_label, fitted.threshold)
+                           fitted.positive_label, fitted.threshold, keras_probabilities=fitted.val_p)
     runner = TFLiteRunner(served[0])
     ood = fit_for_run(runner, folder, meta, fitted.val_x)
     mlflow.log_metrics({f"ood_{k}": v for k, v in ood[1].items()})

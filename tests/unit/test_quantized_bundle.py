@@ -103,3 +103,14 @@ def test_detector_fitted_on_the_served_model_uses_its_features(tiny_keras_model)
     detector, figures = fit_detector(runner, images, np.array(labels), val)
     distances = detector.features.distance(served_features)
     assert np.mean(distances <= detector.feature_threshold) == figures["val_pass_features"]
+
+
+def test_agreement_uses_the_keras_probabilities_the_caller_already_has(tiny_keras_model):
+    model, images, _ = tiny_keras_model
+    runner = TFLiteRunner(training_bundle.convert_to_tflite(model, TINY_SIZE, QUANTIZATION_DYNAMIC_INT8))
+    args = (model, runner, images, TINY_LABELS, "abnormal", 0.5)
+    computed = training_bundle.quantization_agreement(*args)
+    keras_p = model.predict(images.astype(np.float32), batch_size=64, verbose=0)
+    assert training_bundle.quantization_agreement(*args, keras_probabilities=keras_p) == computed
+    shifted = np.clip(keras_p + np.array([0.2, -0.2], np.float32), 0, 1)
+    assert training_bundle.quantization_agreement(*args, keras_probabilities=shifted)["max_abs_prob_diff"] > 0.15
