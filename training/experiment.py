@@ -57,6 +57,8 @@ class Lever:
     start_epoch: int = 6  # early stopping's warm-up (EARLY_STOPPING_START_EPOCH)
     colour_strength: float = 1.0
     bn_momentum: float = BN_MOMENTUM
+    precise_bn: bool = False  # training.batchnorm: recompute BatchNorm statistics after the fit
+    precise_bn_each_epoch: bool = False  # ... and before every validation (2-3x the fit time)
     seed: int = 1337
 
 
@@ -156,6 +158,7 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
     """Fit one model as training.train does; returns (served-size model, history, stop reason)."""
     import keras
 
+    from training.batchnorm import refresh_batchnorm_statistics, refresh_before_validation, statistics_stride
     from training.data import configure_threads
     from training.model import build_model, served_twin
     from training.schedule import make_optimizer, reduces_on_plateau, steps_per_epoch
@@ -175,9 +178,16 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
                 metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
     callbacks, stops = reproducible_callbacks(lever.patience, time_budget_s, lever.start_epoch,
                                               reduces_on_plateau(lever.lr_schedule))
+    if lever.precise_bn or lever.precise_bn_each_epoch:
+        sample = tr[:: statistics_stride(len(tr))]
+        statistics = _dataset(data.images[sample], data.y[sample], lever, False)
+    if lever.precise_bn_each_epoch:
+        callbacks = [refresh_before_validation(statistics), *callbacks]
     history = net.fit(_dataset(data.images[tr], data.y[tr], lever, True),
                       validation_data=_dataset(data.images[va], data.y[va], lever, False),
                       epochs=lever.epochs, class_weight=weights, callbacks=callbacks, verbose=verbose).history
+    if lever.precise_bn:
+        refresh_batchnorm_statistics(net, statistics)
     model = served_twin(net, n_classes, data.images.shape[1], lever.input_size, lever.width, lever.depth)
     return model, history, stop_reason(stops, len(history["loss"]), lever.epochs)
 
