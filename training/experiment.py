@@ -58,7 +58,7 @@ class Lever:
     colour_strength: float = 1.0
     bn_momentum: float = BN_MOMENTUM
     precise_bn: bool = False  # training.batchnorm: recompute BatchNorm statistics after the fit
-    precise_bn_each_epoch: bool = False  # ... and before every validation (2-3x the fit time)
+    precise_bn_each_epoch: bool = False  # with precise_bn: also before every validation (2-3x the fit time)
     seed: int = 1337
 
 
@@ -178,15 +178,16 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
                 metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
     callbacks, stops = reproducible_callbacks(lever.patience, time_budget_s, lever.start_epoch,
                                               reduces_on_plateau(lever.lr_schedule))
-    if lever.precise_bn or lever.precise_bn_each_epoch:
+    statistics = None  # un-augmented training images for precise BatchNorm
+    if lever.precise_bn:
         sample = tr[:: statistics_stride(len(tr))]
         statistics = _dataset(data.images[sample], data.y[sample], lever, False)
-    if lever.precise_bn_each_epoch:
-        callbacks = [refresh_before_validation(statistics), *callbacks]
+        if lever.precise_bn_each_epoch:
+            callbacks = [refresh_before_validation(statistics), *callbacks]
     history = net.fit(_dataset(data.images[tr], data.y[tr], lever, True),
                       validation_data=_dataset(data.images[va], data.y[va], lever, False),
                       epochs=lever.epochs, class_weight=weights, callbacks=callbacks, verbose=verbose).history
-    if lever.precise_bn:
+    if statistics is not None:
         refresh_batchnorm_statistics(net, statistics)
     model = served_twin(net, n_classes, data.images.shape[1], lever.input_size, lever.width, lever.depth)
     return model, history, stop_reason(stops, len(history["loss"]), lever.epochs)

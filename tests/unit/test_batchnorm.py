@@ -70,3 +70,21 @@ def test_the_callback_refreshes_the_statistics_before_each_validation():
     first = batchnorm_layers(net)[0]
     inputs = np.asarray(keras.Model(net.input, first.input)(images, training=False), np.float64)
     np.testing.assert_allclose(seen[-1], inputs.reshape(-1, inputs.shape[-1]).mean(axis=0), rtol=1e-4, atol=1e-5)
+
+
+def test_the_precise_bn_lever_leaves_the_served_model_with_the_training_images_statistics():
+    import keras
+
+    from training import experiment as ex
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(48, 32, 32, 3), dtype=np.uint8)
+    data = ex.FolderData(images=images, y=np.arange(48) % 2, sha256=[str(i) for i in range(48)],
+                         labels=["a", "b"], positive_label=None)
+    idx = {"train": np.arange(32), "val": np.arange(32, 48)}
+    lever = ex.Lever(input_size=32, width=4, depth=2, epochs=1, batch_size=16, precise_bn=True)
+    model, _, _ = ex.fit(data, idx, lever)
+    first = batchnorm_layers(model)[0]
+    inputs = np.asarray(keras.Model(model.input, first.input)(images[:32].astype(np.float32), training=False))
+    np.testing.assert_allclose(first.moving_mean.numpy(), inputs.reshape(-1, inputs.shape[-1]).mean(axis=0),
+                               rtol=1e-4, atol=1e-5)
