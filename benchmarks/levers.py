@@ -38,8 +38,8 @@ LEVERS = {
     "epochs20": {"epochs": 20},
     "bn99": {"bn_momentum": 0.99},
     "bn50": {"bn_momentum": 0.5},
-    "precise_bn": {"precise_bn": True},
-    "precise_bn_each_epoch": {"precise_bn": True, "precise_bn_each_epoch": True},
+    "precise_bn": {"precise_bn": "after_fit"},
+    "precise_bn_each_epoch": {"precise_bn": "each_epoch"},
 }
 COLUMNS = ("lever", "epochs_run", "stop_reason", "fit_s", "val_loss", "val_accuracy", "val_macro_f1",
            "val_roc_auc", "val_sens_at_spec97", "val_ece", "temperature")

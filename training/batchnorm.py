@@ -6,7 +6,7 @@ the weights were still moving. This module recomputes each BatchNorm layer's mea
 in network order, over un-augmented training images, with every layer above it already in
 inference mode: exactly the statistics inference will see ("precise BN", Wu & Johnson, 2021).
 
-A lever of `training.experiment` (`benchmarks/levers.py precise_bn`), **not** the pipeline's
+A lever of `training.experiment` (`Lever.precise_bn`, one of PRECISE_BN_MODES), **not** the pipeline's
 recipe: on 3-fold cross-validation it changed little (pbc8 pooled macro F1 0.9583 -> 0.9607;
 leukemia per-fold ROC AUC within 0.001, pooled specificity at the validation threshold 0.951 ->
 0.917), and refreshing before every validation tripled the fit time.
@@ -22,6 +22,12 @@ import numpy as np
 
 # At most this many training images (every k-th one) are used for the statistics.
 PRECISE_BN_IMAGES = 4096
+# When the statistics are refreshed: never, once after the fit, or before every validation (the
+# last validation follows the last weight update, so that also leaves the final model refreshed).
+PRECISE_BN_OFF = "off"
+PRECISE_BN_AFTER_FIT = "after_fit"
+PRECISE_BN_EACH_EPOCH = "each_epoch"
+PRECISE_BN_MODES = (PRECISE_BN_OFF, PRECISE_BN_AFTER_FIT, PRECISE_BN_EACH_EPOCH)
 
 
 def batchnorm_layers(net: Any) -> list[Any]:

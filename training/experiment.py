@@ -23,6 +23,15 @@ from typing import Any
 
 import numpy as np
 
+from training.batchnorm import (
+    PRECISE_BN_AFTER_FIT,
+    PRECISE_BN_EACH_EPOCH,
+    PRECISE_BN_MODES,
+    PRECISE_BN_OFF,
+    refresh_batchnorm_statistics,
+    refresh_before_validation,
+    statistics_stride,
+)
 from training.model import BN_MOMENTUM
 from training.schedule import COSINE
 
@@ -57,8 +66,7 @@ class Lever:
     start_epoch: int = 6  # early stopping's warm-up (EARLY_STOPPING_START_EPOCH)
     colour_strength: float = 1.0
     bn_momentum: float = BN_MOMENTUM
-    precise_bn: bool = False  # training.batchnorm: recompute BatchNorm statistics after the fit
-    precise_bn_each_epoch: bool = False  # with precise_bn: also before every validation (2-3x the fit time)
+    precise_bn: str = PRECISE_BN_OFF  # training.batchnorm.PRECISE_BN_MODES (each_epoch: 2-3x the fit time)
     seed: int = 1337
 
 
@@ -158,12 +166,13 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
     """Fit one model as training.train does; returns (served-size model, history, stop reason)."""
     import keras
 
-    from training.batchnorm import refresh_batchnorm_statistics, refresh_before_validation, statistics_stride
     from training.data import configure_threads
     from training.model import build_model, served_twin
     from training.schedule import make_optimizer, reduces_on_plateau, steps_per_epoch
     from training.stopping import enable_determinism, reproducible_callbacks, stop_reason
 
+    if lever.precise_bn not in PRECISE_BN_MODES:
+        raise ValueError(f"precise_bn must be one of {PRECISE_BN_MODES}, not {lever.precise_bn!r}")
     configure_threads()
     enable_determinism(lever.seed)
     n_classes = len(data.labels)
@@ -179,15 +188,15 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
     callbacks, stops = reproducible_callbacks(lever.patience, time_budget_s, lever.start_epoch,
                                               reduces_on_plateau(lever.lr_schedule))
     statistics = None  # un-augmented training images for precise BatchNorm
-    if lever.precise_bn:
+    if lever.precise_bn != PRECISE_BN_OFF:
         sample = tr[:: statistics_stride(len(tr))]
         statistics = _dataset(data.images[sample], data.y[sample], lever, False)
-        if lever.precise_bn_each_epoch:
-            callbacks = [refresh_before_validation(statistics), *callbacks]
+    if lever.precise_bn == PRECISE_BN_EACH_EPOCH:
+        callbacks = [refresh_before_validation(statistics), *callbacks]
     history = net.fit(_dataset(data.images[tr], data.y[tr], lever, True),
                       validation_data=_dataset(data.images[va], data.y[va], lever, False),
                       epochs=lever.epochs, class_weight=weights, callbacks=callbacks, verbose=verbose).history
-    if statistics is not None:
+    if lever.precise_bn == PRECISE_BN_AFTER_FIT:
         refresh_batchnorm_statistics(net, statistics)
     model = served_twin(net, n_classes, data.images.shape[1], lever.input_size, lever.width, lever.depth)
     return model, history, stop_reason(stops, len(history["loss"]), lever.epochs)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.batchnorm import batchnorm_layers, refresh_batchnorm_statistics, refresh_before_validation, statistics_stride
+from training.batchnorm import (
+    PRECISE_BN_AFTER_FIT,
+    batchnorm_layers,
+    refresh_batchnorm_statistics,
+    refresh_before_validation,
+    statistics_stride,
+)
 
 def _model_and_batches():
     import keras
@@ -82,9 +88,18 @@ def test_the_precise_bn_lever_leaves_the_served_model_with_the_training_images_s
     data = ex.FolderData(images=images, y=np.arange(48) % 2, sha256=[str(i) for i in range(48)],
                          labels=["a", "b"], positive_label=None)
     idx = {"train": np.arange(32), "val": np.arange(32, 48)}
-    lever = ex.Lever(input_size=32, width=4, depth=2, epochs=1, batch_size=16, precise_bn=True)
+    lever = ex.Lever(input_size=32, width=4, depth=2, epochs=1, batch_size=16, precise_bn=PRECISE_BN_AFTER_FIT)
     model, _, _ = ex.fit(data, idx, lever)
     first = batchnorm_layers(model)[0]
     inputs = np.asarray(keras.Model(model.input, first.input)(images[:32].astype(np.float32), training=False))
     np.testing.assert_allclose(first.moving_mean.numpy(), inputs.reshape(-1, inputs.shape[-1]).mean(axis=0),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_an_unknown_precise_bn_mode_is_a_clear_error():
+    from training import experiment as ex
+
+    data = ex.FolderData(images=np.zeros((4, 8, 8, 3), np.uint8), y=np.array([0, 1, 0, 1]), sha256=list("abcd"),
+                         labels=["a", "b"], positive_label=None)
+    with pytest.raises(ValueError, match="precise_bn must be one of"):
+        ex.fit(data, {"train": np.arange(2), "val": np.arange(2, 4)}, ex.Lever(input_size=8, precise_bn="yes"))
