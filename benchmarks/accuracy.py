@@ -143,7 +143,7 @@ def direct(args) -> int:
     """No stack: the shipped defaults on the pipeline's splits (or K content-hash folds)."""
     import numpy as np
 
-    from benchmarks.levers import CACHE
+    from benchmarks.levers import CACHE, LEVERS
     from contracts.dataset_spec import load_spec, training_settings
     from contracts.settings import get_settings
     from training import experiment as ex
@@ -151,13 +151,15 @@ def direct(args) -> int:
 
     s = training_settings(get_settings(), args.dataset)  # the spec's [training] table, as training applies it
     spec = load_spec(args.dataset)
-    data = ex.load_folder(args.data / args.dataset, spec, s.image_size, spec.crop, CACHE)
-    lever = ex.lever_from_settings(s)
-    print(f"{args.dataset}: {len(data.y)} unique images, labels {data.labels}, crop {spec.crop}, "
-          f"shipped defaults {vars(lever)}")
+    changes = dict(LEVERS[args.lever])
+    crop = changes.pop("crop", spec.crop)  # a crop lever changes the decoded images, not the Lever
+    data = ex.load_folder(args.data / args.dataset, spec, s.image_size, crop, CACHE)
+    lever = ex.lever_from_settings(s, name=args.lever, **changes)
+    print(f"{args.dataset}: {len(data.y)} unique images, labels {data.labels}, crop {crop}, "
+          f"configuration {vars(lever)}")
     if not args.folds:
         idx = ex.pipeline_splits(data, s)
-        saved = CACHE / f"logits-{ex.lever_key(args.dataset, spec.crop, lever)}.npz"
+        saved = CACHE / f"logits-{ex.lever_key(args.dataset, crop, lever)}.npz"
         if not saved.is_file():
             print(ex.fit_and_score(data, idx, lever, s.train_time_budget_s, save_logits=saved))
         z = np.load(saved)
@@ -166,37 +168,71 @@ def direct(args) -> int:
         print_evaluation(f"{args.dataset} test split (pipeline content-hash split; {int(z['epochs_run'])} epochs, "
                          f"stop {z['stop_reason']}, fit {float(z['fit_s']):.0f}s)", args.dataset, ev)
         return 0
-    pooled_y, pooled_p, rows = [], [], []
+    pooled: dict[str, tuple[list, list]] = {}
+    rows = []
     for fold in range(args.folds):
         idx = ex.fold_splits(data, args.folds, fold, s.split_salt)
-        saved = CACHE / f"logits-{ex.lever_key(args.dataset, spec.crop, lever, f'fold{fold}of{args.folds}')}.npz"
+        saved = CACHE / f"logits-{ex.lever_key(args.dataset, crop, lever, f'fold{fold}of{args.folds}')}.npz"
         if not saved.is_file():
-            extra = None
-            if args.ood_other:  # also keep pooled features for benchmarks/out_of_scope.py --folds
-                from benchmarks.out_of_scope import fold_feature_arrays, probe_images
-
-                probes = probe_images(args.data, args.ood_other, s.image_size, 500, 50)
-                extra = fold_feature_arrays(data, idx, probes)
-            ex.fit_and_score(data, idx, lever, s.train_time_budget_s, save_logits=saved, extra_arrays=extra)
+            ex.fit_and_score(data, idx, lever, s.train_time_budget_s, save_logits=saved,
+                             extra_arrays=_fold_extras(args, data, idx, s.image_size))
         z = np.load(saved)
-        ev = evaluate_split(data, z["val_idx"], z["val_logits"], z["test_idx"], z["test_logits"],
-                            s.target_sensitivity)
-        print_evaluation(f"fold {fold + 1}/{args.folds} ({int(z['epochs_run'])} epochs, {float(z['fit_s']):.0f}s)",
-                         args.dataset, ev)
-        pooled_y.append(ev["y_test"])
-        pooled_p.append(_centred_on_threshold(ev["p_test"], data, ev["threshold"]))
-        rows.append({k: ev["intervals"][k]["value"] for k in ev["intervals"]})
-    y, p = np.concatenate(pooled_y), np.concatenate(pooled_p)
+        title = f"fold {fold + 1}/{args.folds} ({int(z['epochs_run'])} epochs, {float(z['fit_s']):.0f}s)"
+        for variant, (val_logits, test_logits) in _variants(z).items():
+            ev = evaluate_split(data, z["val_idx"], val_logits, z["test_idx"], test_logits, s.target_sensitivity)
+            if variant == PLAIN:
+                print_evaluation(title, args.dataset, ev)
+                rows.append({k: ev["intervals"][k]["value"] for k in ev["intervals"]})
+            else:
+                print(f"  {variant}: " + "  ".join(f"{k}={ev['intervals'][k]['value']:.4f}"
+                                                  for k in shown(args.dataset, ev["threshold"] is not None)
+                                                  if k in ev["intervals"]))
+            ys, ps = pooled.setdefault(variant, ([], []))
+            ys.append(ev["y_test"])
+            ps.append(_centred_on_threshold(ev["p_test"], data, ev["threshold"]))
     from training.intervals import format_intervals
 
     keys = list(rows[0])
-    print(f"== {args.dataset} {args.folds}-fold (content-hash folds, every image tested once) ==")
+    binary = data.positive_label is not None
+    print(f"== {args.dataset} {args.folds}-fold (content-hash folds, every image tested once; {lever.name}) ==")
     print("per fold: " + "  ".join(f"{k}={np.mean([r[k] for r in rows]):.4f}±{np.std([r[k] for r in rows]):.4f}"
                                    for k in keys))
-    pooled = bootstrap_intervals(y, p, data.labels, data.positive_label, 0.5 if data.positive_label else None)
-    print(f"pooled out-of-fold (n={len(y)}): " + format_intervals(pooled, shown(args.dataset, data.positive_label
-                                                                                   is not None)))
+    for variant, (ys, ps) in pooled.items():
+        y, p = np.concatenate(ys), np.concatenate(ps)
+        intervals = bootstrap_intervals(y, p, data.labels, data.positive_label, 0.5 if binary else None)
+        print(f"pooled out-of-fold, {variant} (n={len(y)}): " + format_intervals(intervals, shown(args.dataset, binary)))
     return 0
+
+
+PLAIN = "plain"
+
+
+def _fold_extras(args, data, idx, image_size: int):
+    """Arrays saved beside a new fold model's logits: robustness read-outs, and with --ood-other
+    the pooled features benchmarks/out_of_scope.py --folds needs."""
+    from benchmarks.stain_shift import robustness_arrays
+
+    robustness = robustness_arrays(data, idx)
+    if not args.ood_other:
+        return robustness
+    from benchmarks.out_of_scope import fold_feature_arrays, probe_images
+
+    features = fold_feature_arrays(data, idx, probe_images(args.data, args.ood_other, image_size, 500, 50))
+    return lambda model: {**robustness(model), **features(model)}
+
+
+def _variants(z) -> dict[str, tuple]:
+    """(validation logits, test logits) per read-out saved for a fold: plain, TTA, each stain shift
+    (a shift's temperature and threshold come from the un-stained validation split)."""
+    from benchmarks.stain_shift import SHIFTS
+
+    out = {PLAIN: (z["val_logits"], z["test_logits"])}
+    if "tta_val_logits" in z:
+        out["tta (8 views)"] = (z["tta_val_logits"], z["tta_test_logits"])
+    for name in SHIFTS:
+        if f"shift_{name}_test_logits" in z:
+            out[f"restained {name}"] = (z["val_logits"], z[f"shift_{name}_test_logits"])
+    return out
 
 
 def _centred_on_threshold(p, data, threshold):
@@ -222,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=0, help="k-fold estimate over content-hash folds (no stack)")
     parser.add_argument("--ood-other", default="", help="with --folds: also save each new fold model's pooled "
                         "features and those of this other dataset's images (out_of_scope.py --folds)")
+    from benchmarks.levers import LEVERS
+
+    parser.add_argument("--lever", default="baseline", choices=sorted(LEVERS), help="with --direct/--folds: one of benchmarks/levers.py's "
+                        "LEVERS on top of the shipped defaults")
     args = parser.parse_args(argv)
     source = args.data / args.dataset
     if not source.is_dir():

@@ -32,7 +32,7 @@ from training.batchnorm import (
     refresh_before_validation,
     statistics_stride,
 )
-from training.model import BN_MOMENTUM
+from training.model import BN_MOMENTUM, STAIN_NONE
 from training.schedule import COSINE
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -67,6 +67,7 @@ class Lever:
     colour_strength: float = 1.0
     bn_momentum: float = BN_MOMENTUM
     precise_bn: str = PRECISE_BN_OFF  # training.batchnorm.PRECISE_BN_MODES (each_epoch: 2-3x the fit time)
+    stain_normalisation: str = STAIN_NONE  # training.model.STAIN_NORMALISATIONS
     seed: int = 1337
 
 
@@ -180,7 +181,7 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
     counts = np.bincount(data.y[tr], minlength=n_classes)
     weights = {i: (len(tr) / (n_classes * c) if c else 1.0) for i, c in enumerate(counts)}
     net = build_model(n_classes, lever.input_size, lever.input_size, lever.width, lever.depth, seed=lever.seed,
-                      bn_momentum=lever.bn_momentum)
+                      bn_momentum=lever.bn_momentum, stain_normalisation=lever.stain_normalisation)
     steps = steps_per_epoch(len(tr), lever.batch_size)
     net.compile(optimizer=make_optimizer(lever.learning_rate, lever.lr_schedule, lever.epochs, steps),
                 loss=keras.losses.SparseCategoricalCrossentropy(),
@@ -198,7 +199,8 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
                       epochs=lever.epochs, class_weight=weights, callbacks=callbacks, verbose=verbose).history
     if lever.precise_bn == PRECISE_BN_AFTER_FIT:
         refresh_batchnorm_statistics(net, statistics)
-    model = served_twin(net, n_classes, data.images.shape[1], lever.input_size, lever.width, lever.depth)
+    model = served_twin(net, n_classes, data.images.shape[1], lever.input_size, lever.width, lever.depth,
+                        lever.stain_normalisation)
     return model, history, stop_reason(stops, len(history["loss"]), lever.epochs)
 
 

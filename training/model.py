@@ -41,6 +41,17 @@ WEIGHT_DECAY = 1e-4
 # schedule: momentum 0.99 / 0.9 / 0.5 -> val loss 0.244 / 0.120 / 0.116, accuracy 0.930 / 0.988 /
 # 0.993, and the worst epoch's val accuracy 0.10 / 0.11 / 0.50 (benchmarks/levers.py bn99, bn50).
 BN_MOMENTUM = 0.5
+# Stain normalisation inside the network, so training and serving (TFLite) apply the same one:
+# "per_image" standardises each channel of each image to mean 0, std 1 over its pixels (a
+# Reinhard-style colour transfer to a fixed reference, in RGB; the first conv absorbs the
+# reference). It removes a lab's global stain intensity and colour cast, not local colour.
+# Epsilon 1e-4 (0..1 units): the blue channel's per-image std is ~0.05 on both built-in sets
+# (variance 0.0025), so Keras' 1e-3 would leave it only part-normalised.
+STAIN_EPSILON = 1e-4
+STAIN_NONE = "none"
+STAIN_PER_IMAGE = "per_image"
+STAIN_NORMALISATIONS = (STAIN_NONE, STAIN_PER_IMAGE)
+STAIN_LAYER = "stain_norm"
 
 
 def block_filters(width: int, depth: int) -> list[int]:
@@ -57,10 +68,14 @@ def build_model(
     seed: int = 1337,
     dropout: float = DROPOUT,
     bn_momentum: float = BN_MOMENTUM,
+    stain_normalisation: str = STAIN_NONE,
 ) -> Any:
     """Build the (uncompiled) Keras classifier; its output is the softmax probabilities."""
     import keras
     from keras import layers
+
+    if stain_normalisation not in STAIN_NORMALISATIONS:
+        raise ValueError(f"stain_normalisation must be one of {STAIN_NORMALISATIONS}, not {stain_normalisation!r}")
 
     keras.utils.set_random_seed(seed)
     reg = keras.regularizers.L2(WEIGHT_DECAY)
@@ -68,6 +83,9 @@ def build_model(
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     if input_size != image_size:
         x = layers.Resizing(input_size, input_size, interpolation="bilinear", name="resize")(x)
+    if stain_normalisation == STAIN_PER_IMAGE:  # statistics over height and width, per image and channel
+        x = layers.LayerNormalization(axis=[1, 2], center=False, scale=False,
+                                      epsilon=STAIN_EPSILON, name=STAIN_LAYER)(x)
     filters = block_filters(width, depth)
     for i, f in enumerate(filters):
         last = i == len(filters) - 1
@@ -88,7 +106,8 @@ def build_model(
     return keras.Model(inputs, outputs, name="hemaflow_cnn")
 
 
-def served_twin(trained: Any, num_classes: int, image_size: int, input_size: int, width: int, depth: int) -> Any:
+def served_twin(trained: Any, num_classes: int, image_size: int, input_size: int, width: int, depth: int,
+                stain_normalisation: str = STAIN_NONE) -> Any:
     """The served model (input [image_size], Resizing inside) with the weights of `trained`.
 
     Training runs on a model whose input is already `input_size` (images resized once in
@@ -96,7 +115,8 @@ def served_twin(trained: Any, num_classes: int, image_size: int, input_size: int
     augmentation and decoding cheap on a small CPU. Resizing and Rescaling have no weights,
     so both models have the same weight list.
     """
-    served = build_model(num_classes, image_size, input_size, width, depth)
+    served = build_model(num_classes, image_size, input_size, width, depth,
+                         stain_normalisation=stain_normalisation)
     served.set_weights(trained.get_weights())
     return served
 

@@ -1,0 +1,94 @@
+"""Stain handling: the in-model per-image normalisation (training.model) and the re-staining
+read-outs that benchmarks/accuracy.py --folds uses as an other-lab proxy (benchmarks.stain_shift)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.stain_shift import (
+    OTHER_CLASS,
+    class_stain_targets,
+    from_stains,
+    restain,
+    scale_stains,
+    shifted,
+    stain_statistics,
+    to_stains,
+)
+
+
+def _smears(n: int = 4, size: int = 32, seed: int = 0) -> np.ndarray:
+    """Pale background with darker purple blobs: something with real stain structure."""
+    rng = np.random.default_rng(seed)
+    images = np.full((n, size, size, 3), (235, 225, 240), np.float64)
+    yy, xx = np.mgrid[:size, :size]
+    for image in images:
+        for _ in range(3):
+            cy, cx, r = rng.integers(4, size - 4, 2).tolist() + [int(rng.integers(3, 7))]
+            image[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform((90, 40, 140), (140, 80, 200))
+    return np.clip(images + rng.normal(0, 4, images.shape), 0, 255).astype(np.uint8)
+
+
+def test_stain_space_round_trips_exactly():
+    images = _smears()
+    assert np.array_equal(from_stains(to_stains(images)), images)
+    assert np.array_equal(scale_stains(images, 1.0, 1.0), images)
+
+
+def test_scaling_haematoxylin_darkens_the_nuclei_not_the_background():
+    images = _smears()
+    darker = scale_stains(images, 1.3, 1.0)
+    background = (images.mean(axis=-1) > 200)
+    assert darker[~background].mean() < images[~background].mean() - 5
+    assert abs(float(darker[background].mean()) - float(images[background].mean())) < 5
+
+
+def test_restain_moves_each_image_to_the_target_statistics():
+    images = _smears()
+    target_mean, target_std = np.array([0.3, 0.05, -0.02]), np.array([0.2, 0.06, 0.03])
+    mean, std = stain_statistics(restain(images, target_mean, target_std))
+    assert np.allclose(mean, target_mean, atol=0.02)
+    assert np.allclose(std, target_std, atol=0.02)
+
+
+def test_other_class_stain_uses_the_next_class_statistics():
+    pale, dark = _smears(6, seed=1), scale_stains(_smears(6, seed=2), 1.6, 1.6)
+    images, y = np.concatenate([pale, dark]), np.array([0] * 6 + [1] * 6)
+    targets = class_stain_targets(images, y, 2)
+    out_mean, _ = stain_statistics(shifted(OTHER_CLASS, images, y, targets))
+    for c in (0, 1):  # each class now carries the other class's average stain, not its own
+        assert np.allclose(out_mean[y == c], targets[1 - c][0], atol=0.02)
+        assert not np.allclose(out_mean[y == c], targets[c][0], atol=0.02)
+
+
+def test_per_image_stain_normalisation_ignores_a_global_stain_change():
+    import keras
+
+    from training.model import STAIN_LAYER, build_model
+
+    images = _smears(3, size=48).astype(np.float32)
+    relit = np.clip(images * np.array([0.8, 0.9, 0.7], np.float32) + 10, 0, 255)
+    plain = build_model(2, 48, 24, width=4, depth=2, seed=3)
+    normalised = build_model(2, 48, 24, width=4, depth=2, seed=3, stain_normalisation="per_image")
+    assert len(plain.get_weights()) == len(normalised.get_weights())  # no weights: twins stay twins
+    seen = keras.Model(normalised.inputs, normalised.get_layer(STAIN_LAYER).output)
+    a, b = seen.predict(images, verbose=0), seen.predict(relit, verbose=0)
+    assert np.allclose(a.mean(axis=(1, 2)), 0, atol=1e-4) and np.allclose(a.std(axis=(1, 2)), 1, atol=0.05)
+    # What the first convolution sees barely moves (epsilon only); the raw pixels moved a lot.
+    assert np.abs(a - b).mean() < 0.02 < np.abs(images - relit).mean() / 255
+
+
+def test_served_twin_keeps_the_stain_normalisation():
+    from training.model import STAIN_LAYER, build_model, served_twin
+
+    net = build_model(2, 24, 24, width=4, depth=2, seed=3, stain_normalisation="per_image")
+    served = served_twin(net, 2, 48, 24, width=4, depth=2, stain_normalisation="per_image")
+    assert served.get_layer(STAIN_LAYER) is not None
+
+
+def test_unknown_stain_normalisation_is_a_clear_error():
+    from training.model import build_model
+
+    with pytest.raises(ValueError, match="stain_normalisation"):
+        build_model(2, 24, 24, width=4, depth=2, stain_normalisation="macenko")
