@@ -94,8 +94,7 @@ def _chunked(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.n
 def tta_logits(model: Any, images: np.ndarray) -> np.ndarray:
     """log of the probabilities averaged over the 8 views serving averages (serving.tta)."""
     from serving.tta import VIEWS, views
-    from training.calibration import softmax
-    from training.experiment import logits_of
+    from training.calibration import logits_of, softmax
 
     def one_chunk(chunk: np.ndarray) -> np.ndarray:
         p = softmax(logits_of(model, views(chunk)))
@@ -107,7 +106,7 @@ def tta_logits(model: Any, images: np.ndarray) -> np.ndarray:
 def robustness_arrays(data, idx: dict[str, np.ndarray]) -> Callable[[Any], dict[str, np.ndarray]]:
     """For `experiment.fit_and_score(extra_arrays=...)`: TTA logits of val and test, and test
     logits under every stain shift."""
-    from training.experiment import logits_of
+    from training.calibration import logits_of
 
     def arrays(model: Any) -> dict[str, np.ndarray]:
         tr, te = idx["train"], idx["test"]

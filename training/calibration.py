@@ -47,18 +47,21 @@ def logits_from_probabilities(probs: np.ndarray) -> np.ndarray:
     return np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0))
 
 
+def logits_of(model, images: np.ndarray) -> np.ndarray:
+    """Pre-softmax logits of `images` (float64)."""
+    from training.model import logits_model
+
+    return np.asarray(logits_model(model).predict(images.astype(np.float32), batch_size=64, verbose=0), np.float64)
+
+
 def calibrate(model, val_x: np.ndarray, val_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray):
     """Fit T on validation logits; returns (the model with T applied, the bundle's `calibration` record).
 
     ECE before/after is reported on validation (where T was fitted) and on test (measured only)."""
-    import keras
-
     from training.evaluate import expected_calibration_error
-    from training.model import LOGITS_LAYER, with_temperature
+    from training.model import with_temperature
 
-    logits_model = keras.Model(model.inputs, model.get_layer(LOGITS_LAYER).output)
-    val_z = np.asarray(logits_model.predict(val_x.astype(np.float32), batch_size=64, verbose=0), np.float64)
-    test_z = np.asarray(logits_model.predict(test_x.astype(np.float32), batch_size=64, verbose=0), np.float64)
+    val_z, test_z = logits_of(model, val_x), logits_of(model, test_x)
     t = fit_temperature(val_z, val_y)
     record = {"method": "temperature", "temperature": t, "fitted_on": "validation", "applied_in_model": True}
     for split, z, y in (("val", val_z, val_y), ("test", test_z, test_y)):

@@ -32,6 +32,7 @@ from training.batchnorm import (
     refresh_before_validation,
     statistics_stride,
 )
+from training.calibration import logits_of
 from training.model import BN_MOMENTUM, STAIN_NONE
 from training.schedule import COSINE
 
@@ -202,16 +203,6 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
     model = served_twin(net, n_classes, data.images.shape[1], lever.input_size, lever.width, lever.depth,
                         lever.stain_normalisation)
     return model, history, stop_reason(stops, len(history["loss"]), lever.epochs)
-
-
-def logits_of(model, images: np.ndarray) -> np.ndarray:
-    """Pre-softmax logits (what temperature scaling works on)."""
-    import keras
-
-    from training.model import LOGITS_LAYER
-
-    sub = keras.Model(model.inputs, model.get_layer(LOGITS_LAYER).output)
-    return np.asarray(sub.predict(images.astype(np.float32), batch_size=64, verbose=0), np.float64)
 
 
 def score(data: FolderData, idx: np.ndarray, logits: np.ndarray, threshold: float | None = None) -> dict[str, Any]:

@@ -140,6 +140,13 @@ def temperature_of(model: Any) -> float:
         return 1.0
 
 
+def logits_model(model: Any) -> Any:
+    """Sub-model: image -> pre-softmax logits [N, C] (what temperature scaling works on)."""
+    import keras
+
+    return keras.Model(model.inputs, model.get_layer(LOGITS_LAYER).output, name="hemaflow_logits")
+
+
 def pooled_feature_model(model: Any) -> Any:
     """Sub-model: image -> pooled features [N, K] (the embedding for an OOD detector)."""
     import keras
