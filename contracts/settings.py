@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     model_width: int = Field(16, ge=4, description="Filters of the first conv block")
     model_depth: int = Field(5, ge=2, le=8, description="Conv blocks, each halving resolution")
     train_input_size: int = Field(96, ge=16, le=1024, description="Network input side")
+    model_stain_normalisation: Literal["none", "per_image"] = Field(
+        "none", description="Stain normalisation inside the network (training.model.STAIN_NORMALISATIONS): "
+        "per_image standardises each channel of each image, so serving applies it too")
     early_stopping_patience: int = Field(6, ge=1)
     early_stopping_start_epoch: int = Field(6, ge=0, description="0-based epoch from which early stopping "
                                             "watches val_loss (warm-up before it; training.stopping)")

@@ -77,7 +77,8 @@ def lever_from_settings(s, **changes: Any) -> Lever:
                  batch_size=s.batch_size, learning_rate=s.learning_rate, lr_schedule=s.lr_schedule,
                  patience=s.early_stopping_patience,
                  start_epoch=s.early_stopping_start_epoch,
-                 colour_strength=s.train_colour_strength, seed=s.seed)
+                 colour_strength=s.train_colour_strength, seed=s.seed,
+                 stain_normalisation=s.model_stain_normalisation)
     for key, value in changes.items():
         setattr(base, key, value)
     return base

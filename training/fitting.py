@@ -112,7 +112,8 @@ def _fit(req: FitRequest):
     train_ds = make_dataset(folder, meta, "train", s.batch_size, training=True, seed=s.seed, resize_to=size,
                             colour_strength=s.train_colour_strength)
     val_ds = make_dataset(folder, meta, "val", s.batch_size, resize_to=size)
-    net = build_model(len(labels), size, size, s.model_width, s.model_depth, seed=s.seed)
+    net = build_model(len(labels), size, size, s.model_width, s.model_depth, seed=s.seed,
+                      stain_normalisation=s.model_stain_normalisation)
     if req.initial_weights is not None:
         net.set_weights(req.initial_weights)
     net.compile(
@@ -130,7 +131,8 @@ def _fit(req: FitRequest):
         raise Diverged(f"training of {meta.dataset} {meta.dataset_version} diverged (NaN/inf loss); "
                        "the run is marked FAILED and nothing was registered", net.count_params())
     # The served twin (input IMAGE_SIZE, Resizing inside) gets the trained weights.
-    model = served_twin(net, len(labels), meta.image_size, size, s.model_width, s.model_depth)
+    model = served_twin(net, len(labels), meta.image_size, size, s.model_width, s.model_depth,
+                        s.model_stain_normalisation)
     reason = stop_reason(stops, len(history["loss"]), s.epochs)
     return model, history, net.count_params(), reason, stops.budget.stopped_for_budget
 

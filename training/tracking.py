@@ -35,6 +35,7 @@ TRAIN_SETTING_KEYS = (
     "model_width",
     "model_depth",
     "train_input_size",
+    "model_stain_normalisation",
     "early_stopping_patience",
     "early_stopping_start_epoch",
     "train_colour_strength",

@@ -19,7 +19,8 @@ from contracts.settings import Settings
 
 TAG_WARM_START = "warm_start"  # run tag: why the candidate did or did not start warm
 PARAM_WARM_STARTED_FROM = "warm_started_from"  # run param: champion version, or "none"
-ARCHITECTURE_PARAMS = ("model_width", "model_depth")
+# The stain normalisation has no weights, but weights learnt on un-normalised input do not fit it.
+ARCHITECTURE_PARAMS = ("model_width", "model_depth", "model_stain_normalisation")
 # A warm start fine-tunes: a fresh Adam at the full LEARNING_RATE moves every weight by about the
 # learning rate in its first steps and throws the champion's solution away (benchmarks/incremental.py).
 WARM_START_LR_FACTOR = 0.1

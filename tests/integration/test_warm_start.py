@@ -60,8 +60,12 @@ def test_other_labels_never_warm_start(tiny_registered_model):
     s = tiny_registered_model["settings"]
     meta = DatasetMeta(dataset="d", dataset_version="v", image_size=32, labels=["normal", "abnormal"], classes={},
                        positive_label=None, counts={}, shards={}, preprocessing={})
-    params = {"labels": "abnormal,normal", "model_width": str(s.model_width), "model_depth": str(s.model_depth)}
+    params = {"labels": "abnormal,normal", "model_width": str(s.model_width), "model_depth": str(s.model_depth),
+              "model_stain_normalisation": s.model_stain_normalisation}
     assert mismatch(params, s, meta).startswith("labels differ")
     meta.labels = ["abnormal", "normal"]
     assert mismatch(params, s, meta) is None
     assert mismatch({**params, "model_depth": "9"}, s, meta).startswith("architecture differs (model_depth")
+    other_stain = "per_image" if s.model_stain_normalisation == "none" else "none"
+    assert mismatch({**params, "model_stain_normalisation": other_stain}, s, meta).startswith(
+        "architecture differs (model_stain_normalisation")
