@@ -40,6 +40,7 @@ LEVERS = {
     "bn50": {"bn_momentum": 0.5},
     "precise_bn": {"precise_bn": "after_fit"},
     "precise_bn_each_epoch": {"precise_bn": "each_epoch"},
+    "stain_none": {"stain_normalisation": "none"},
     "stain_per_image": {"stain_normalisation": "per_image"},
 }
 COLUMNS = ("lever", "epochs_run", "stop_reason", "fit_s", "val_loss", "val_accuracy", "val_macro_f1",

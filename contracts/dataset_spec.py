@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from typing import Literal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class SpecTraining(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     train_input_size: int | None = Field(None, ge=16, le=1024)
     epochs: int | None = Field(None, ge=1)
+    model_stain_normalisation: Literal["none", "per_image"] | None = None
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class DatasetSpec:
     # How a non-square image becomes the square model input (contracts.imaging.CROP_POLICIES).
     crop: str = "center_crop"
     # [training] overrides of the global settings for this dataset (SpecTraining), unset ones omitted.
-    training: dict[str, int] = field(default_factory=dict)
+    training: dict[str, int | str] = field(default_factory=dict)
 
     @property
     def class_folders(self) -> list[str]:

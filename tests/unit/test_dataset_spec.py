@@ -77,13 +77,23 @@ def test_training_table_overrides_the_global_settings_for_its_dataset_only(tmp_p
     big = training_settings(settings, "big")
     assert (big.train_input_size, big.epochs) == (128, 20)
     assert training_settings(settings, "plain") is settings and training_settings(settings, "gone") is settings
-    assert load_spec("leukemia").training == {} and load_spec("pbc8").training == {}
+    stained = {"model_stain_normalisation": "per_image"}  # chosen on 3-fold for both built-in sets
+    assert load_spec("leukemia").training == stained and load_spec("pbc8").training == stained
+    shipped = Settings(_env_file=None)
+    assert shipped.model_stain_normalisation == "none"  # the global default is unchanged
+    assert training_settings(shipped, "leukemia").model_stain_normalisation == "per_image"
+
+
+def test_template_copies_get_the_stain_normalisation():
+    spec = parse_spec((PROJECT_ROOT / "pipeline/specs/_template.toml").read_text())
+    assert spec.training == {"model_stain_normalisation": "per_image"}
 
 
 @pytest.mark.parametrize(("table", "match"), [
     ("train_input_size = 8", "train_input_size"),
     ("learning_rate = 0.1", "learning_rate"),
     ("epochs = 'many'", "epochs"),
+    ("model_stain_normalisation = 'macenko'", "model_stain_normalisation"),
 ])
 def test_bad_training_table_is_rejected_clearly(table, match):
     with pytest.raises(SpecError, match=rf"bad \[training\] table \({match}"):
