@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                                    if test.get(k) is not None))
         print("95% bootstrap intervals (served model): " + format_intervals(intervals, tuple(intervals)))
         print(f"calibration: {json.dumps(bundle.meta.get('calibration'))}  stop_reason: {trained.get('stop_reason')}")
+        print(f"served model: {json.dumps(bundle.meta.get('quantization'))}")
         for k, target in TARGETS.get(args.dataset, {}).items():
             print(f"target {k} >= {target}: {'MET' if test[k] >= target else 'NOT MET'} ({test[k]:.4f})")
         print("confusion matrix (rows true, cols predicted; labels "
