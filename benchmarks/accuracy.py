@@ -8,7 +8,10 @@ Every mode prints 95 % bootstrap intervals (training.intervals). `--direct` trai
 defaults in-process (training.experiment) on the pipeline's content-hash splits, reusing the
 logits a `benchmarks/levers.py baseline` run saved for the same configuration; `--folds K`
 trains K models, fold f held out, and reports the pooled out-of-fold figures with intervals
-plus each fold's. Temperature and threshold always come from that model's validation split.
+plus each fold's, and for every fold model it trains the robustness read-outs of
+benchmarks/stain_shift.py (8-view TTA, re-stained test images: an other-lab proxy).
+`--lever NAME` (with --direct/--folds) measures a benchmarks/levers.py lever the same way.
+Temperature and threshold always come from that model's validation split.
 A new dataset is measured the same way: add pipeline/specs/<name>.toml and point --data at
 the folder that holds <name>/<class folder>/*.jpg.
 
@@ -260,9 +263,11 @@ def main(argv: list[str] | None = None) -> int:
                         "features and those of this other dataset's images (out_of_scope.py --folds)")
     from benchmarks.levers import LEVERS
 
-    parser.add_argument("--lever", default="baseline", choices=sorted(LEVERS), help="with --direct/--folds: one of benchmarks/levers.py's "
-                        "LEVERS on top of the shipped defaults")
+    parser.add_argument("--lever", default="baseline", choices=sorted(LEVERS),
+                        help="with --direct/--folds: a benchmarks/levers.py lever on top of the shipped defaults")
     args = parser.parse_args(argv)
+    if args.lever != "baseline" and not (args.direct or args.folds):
+        parser.error("--lever needs --direct or --folds (the full stack always trains the shipped defaults)")
     source = args.data / args.dataset
     if not source.is_dir():
         print(f"no data at {source}", file=sys.stderr)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 import tomllib
-from typing import Literal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 

@@ -61,12 +61,3 @@ def test_settings_accept_exactly_the_schedules_training_knows():
     assert set(get_args(field.annotation)) == set(LR_SCHEDULES)
     assert field.default == COSINE
 
-
-def test_settings_accept_exactly_the_stain_normalisations_the_model_knows():
-    from typing import get_args
-
-    from contracts.settings import Settings
-    from training.model import STAIN_NORMALISATIONS
-
-    field = Settings.model_fields["model_stain_normalisation"]
-    assert set(get_args(field.annotation)) == set(STAIN_NORMALISATIONS)

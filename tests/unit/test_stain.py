@@ -92,3 +92,16 @@ def test_unknown_stain_normalisation_is_a_clear_error():
 
     with pytest.raises(ValueError, match="stain_normalisation"):
         build_model(2, 24, 24, width=4, depth=2, stain_normalisation="macenko")
+
+
+def test_settings_and_specs_accept_exactly_the_stain_normalisations_the_model_knows():
+    from typing import get_args
+
+    from contracts.dataset_spec import SpecTraining
+    from contracts.settings import Settings
+    from training.model import STAIN_NORMALISATIONS
+
+    field = Settings.model_fields["model_stain_normalisation"]
+    assert set(get_args(field.annotation)) == set(STAIN_NORMALISATIONS)
+    in_spec = SpecTraining.model_fields["model_stain_normalisation"].annotation  # Literal[...] | None
+    assert {a for arg in get_args(in_spec) for a in get_args(arg)} == set(STAIN_NORMALISATIONS)
