@@ -201,8 +201,7 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
                       epochs=lever.epochs, class_weight=weights, callbacks=callbacks, verbose=verbose).history
     if lever.precise_bn == PRECISE_BN_AFTER_FIT:
         refresh_batchnorm_statistics(net, statistics)
-    model = served_twin(net, n_classes, data.images.shape[1], lever.input_size, lever.width, lever.depth,
-                        lever.stain_normalisation)
+    model = served_twin(net, n_classes, data.images.shape[1], lever.input_size, lever.width, lever.depth)
     return model, history, stop_reason(stops, len(history["loss"]), lever.epochs)
 
 

@@ -131,8 +131,7 @@ def _fit(req: FitRequest):
         raise Diverged(f"training of {meta.dataset} {meta.dataset_version} diverged (NaN/inf loss); "
                        "the run is marked FAILED and nothing was registered", net.count_params())
     # The served twin (input IMAGE_SIZE, Resizing inside) gets the trained weights.
-    model = served_twin(net, len(labels), meta.image_size, size, s.model_width, s.model_depth,
-                        s.model_stain_normalisation)
+    model = served_twin(net, len(labels), meta.image_size, size, s.model_width, s.model_depth)
     reason = stop_reason(stops, len(history["loss"]), s.epochs)
     return model, history, net.count_params(), reason, stops.budget.stopped_for_budget
 

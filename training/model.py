@@ -4,6 +4,7 @@ Architecture (no pretrained weights can be downloaded here):
 
     image [S, S, 3] float 0..255  (exactly what `contracts.imaging.prepare_image` returns)
       -> Rescaling(1/255) -> Resizing(TRAIN_INPUT_SIZE)       normalisation lives IN the model
+      -> optional per-image stain normalisation "stain_norm" (MODEL_STAIN_NORMALISATION)
       -> MODEL_DEPTH conv blocks (3x3 conv, BatchNorm, ReLU; width doubles per block, capped),
          every block but the last halves the resolution with max-pooling
       -> "features" A [h, w, K]  -> GlobalAveragePooling "pooled_features" [K] -> Dropout
@@ -106,17 +107,17 @@ def build_model(
     return keras.Model(inputs, outputs, name="hemaflow_cnn")
 
 
-def served_twin(trained: Any, num_classes: int, image_size: int, input_size: int, width: int, depth: int,
-                stain_normalisation: str = STAIN_NONE) -> Any:
+def served_twin(trained: Any, num_classes: int, image_size: int, input_size: int, width: int, depth: int) -> Any:
     """The served model (input [image_size], Resizing inside) with the weights of `trained`.
 
     Training runs on a model whose input is already `input_size` (images resized once in
     tf.data, before the cache, with the same bilinear op as the Resizing layer), which keeps
-    augmentation and decoding cheap on a small CPU. Resizing and Rescaling have no weights,
-    so both models have the same weight list.
+    augmentation and decoding cheap on a small CPU. Resizing, Rescaling and the stain
+    normalisation have no weights, so both models have the same weight list; the stain
+    normalisation is read from `trained`, so a twin cannot silently drop it.
     """
-    served = build_model(num_classes, image_size, input_size, width, depth,
-                         stain_normalisation=stain_normalisation)
+    stain = STAIN_PER_IMAGE if any(layer.name == STAIN_LAYER for layer in trained.layers) else STAIN_NONE
+    served = build_model(num_classes, image_size, input_size, width, depth, stain_normalisation=stain)
     served.set_weights(trained.get_weights())
     return served
 

@@ -83,8 +83,10 @@ def test_served_twin_keeps_the_stain_normalisation():
     from training.model import STAIN_LAYER, build_model, served_twin
 
     net = build_model(2, 24, 24, width=4, depth=2, seed=3, stain_normalisation="per_image")
-    served = served_twin(net, 2, 48, 24, width=4, depth=2, stain_normalisation="per_image")
+    served = served_twin(net, 2, 48, 24, width=4, depth=2)  # read from the trained network, not passed
     assert served.get_layer(STAIN_LAYER) is not None
+    plain = served_twin(build_model(2, 24, 24, width=4, depth=2, seed=3), 2, 48, 24, width=4, depth=2)
+    assert STAIN_LAYER not in [layer.name for layer in plain.layers]
 
 
 def test_unknown_stain_normalisation_is_a_clear_error():
