@@ -50,16 +50,21 @@ def scale_stains(images: np.ndarray, h: float, e: float) -> np.ndarray:
     return from_stains(stains)
 
 
+def _moments(stains: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image of stains [N, H, W, 3]: mean and standard deviation of each channel ([N, 3] each)."""
+    flat = stains.reshape(len(stains), -1, 3)
+    return flat.mean(axis=1), flat.std(axis=1) + 1e-6
+
+
 def stain_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per image: mean and standard deviation of each stain channel ([N, 3] each)."""
-    stains = to_stains(images).reshape(len(images), -1, 3)
-    return stains.mean(axis=1), stains.std(axis=1) + 1e-6
+    return _moments(to_stains(images))
 
 
 def restain(images: np.ndarray, target_mean: np.ndarray, target_std: np.ndarray) -> np.ndarray:
     """Reinhard transfer in stain space: each image's per-channel statistics -> the target's."""
-    mean, std = stain_statistics(images)
     stains = to_stains(images)
+    mean, std = _moments(stains)
     out = (stains - mean[:, None, None, :]) / std[:, None, None, :] * target_std + target_mean
     return from_stains(out)
 
@@ -94,11 +99,11 @@ def _chunked(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.n
 def tta_logits(model: Any, images: np.ndarray) -> np.ndarray:
     """log of the probabilities averaged over the 8 views serving averages (serving.tta)."""
     from serving.tta import VIEWS, views
-    from training.calibration import logits_of, softmax
+    from training.calibration import logits_from_probabilities, logits_of, softmax
 
     def one_chunk(chunk: np.ndarray) -> np.ndarray:
         p = softmax(logits_of(model, views(chunk)))
-        return np.log(p.reshape(len(chunk), VIEWS, -1).mean(axis=1) + 1e-12)
+        return logits_from_probabilities(p.reshape(len(chunk), VIEWS, -1).mean(axis=1))
 
     return _chunked(one_chunk, images)
 
@@ -113,10 +118,8 @@ def robustness_arrays(data, idx: dict[str, np.ndarray]) -> Callable[[Any], dict[
         targets = class_stain_targets(data.images[tr], data.y[tr], len(data.labels))
         out = {"tta_val_logits": tta_logits(model, data.images[idx["val"]]),
                "tta_test_logits": tta_logits(model, data.images[te])}
-        images, y = data.images[te], data.y[te]
-        for name in SHIFTS:
-            restained = np.concatenate([shifted(name, images[i:i + CHUNK], y[i:i + CHUNK], targets)
-                                        for i in range(0, len(te), CHUNK)])
+        for name in SHIFTS:  # re-stained CHUNK test images at a time (float64 stain arrays are large)
+            restained = _chunked(lambda rows: shifted(name, data.images[rows], data.y[rows], targets), te)
             out[f"shift_{name}_test_logits"] = logits_of(model, restained)
         return out
 

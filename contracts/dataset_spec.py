@@ -10,12 +10,11 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from contracts.imaging import CROP_POLICIES
-from contracts.settings import Settings, get_settings
+from contracts.settings import Settings, StainNormalisation, get_settings
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _FOLDER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,127}$")
@@ -32,7 +31,7 @@ class SpecTraining(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     train_input_size: int | None = Field(None, ge=16, le=1024)
     epochs: int | None = Field(None, ge=1)
-    model_stain_normalisation: Literal["none", "per_image"] | None = None
+    model_stain_normalisation: StainNormalisation | None = None
 
 
 @dataclass(frozen=True)

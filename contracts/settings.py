@@ -25,6 +25,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+# Stain normalisation modes (training.model.STAIN_NORMALISATIONS); Settings and spec [training] tables share it.
+StainNormalisation = Literal["none", "per_image"]
+
+
 class Settings(BaseSettings):
     """HemaFlow configuration; field names map to upper-case environment variables."""
 
@@ -90,7 +94,7 @@ class Settings(BaseSettings):
     model_width: int = Field(16, ge=4, description="Filters of the first conv block")
     model_depth: int = Field(5, ge=2, le=8, description="Conv blocks, each halving resolution")
     train_input_size: int = Field(96, ge=16, le=1024, description="Network input side")
-    model_stain_normalisation: Literal["none", "per_image"] = Field(
+    model_stain_normalisation: StainNormalisation = Field(
         "none", description="Stain normalisation inside the network (training.model.STAIN_NORMALISATIONS): "
         "per_image standardises each channel of each image, so serving applies it too")
     early_stopping_patience: int = Field(6, ge=1)
