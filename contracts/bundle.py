@@ -227,6 +227,12 @@ def quantization_of(meta: dict[str, Any]) -> str:
     return (meta.get("quantization") or {}).get("method", QUANTIZATION_NONE)
 
 
+def crop_policy(meta: dict[str, Any]) -> str:
+    """The crop policy the model was trained with, the one every consumer must prepare images with
+    (bundle.json preprocessing.crop; older bundles: center_crop)."""
+    return str((meta.get("preprocessing") or {}).get("crop") or "center_crop")
+
+
 def canary_tolerance(meta: dict[str, Any]) -> float:
     return CANARY_TOLERANCE if quantization_of(meta) == QUANTIZATION_NONE else CANARY_TOLERANCE_QUANTIZED
 

@@ -49,6 +49,13 @@ class ScoringModel:
         return self.meta.get("positive_label") if self.meta.get("task") == "binary" else None
 
     @property
+    def crop(self) -> str:
+        """The crop policy the model was trained with (serving prepares uploads with the same one)."""
+        from contracts.bundle import crop_policy
+
+        return crop_policy(self.meta)
+
+    @property
     def threshold(self) -> float | None:
         value = self.meta.get("threshold")
         return float(value) if value is not None else None

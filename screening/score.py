@@ -105,7 +105,7 @@ def score_key(client, key: str, model: ScoringModel, results: str, s: Settings) 
     try:
         data = _read_image(client, key, s)
         row["sha256"] = sha256_hex(data)
-        image = prepare_image(data, model.image_size, max_pixels=s.max_image_pixels)
+        image = prepare_image(data, model.image_size, max_pixels=s.max_image_pixels, crop=model.crop)
     except ImageRejected as exc:
         return {**row, "error": exc.reason, "detail": exc.detail[:300]}
     scored = score_prepared(model, image)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from contracts import gradcam
+from contracts.bundle import crop_policy as bundle_crop_policy
 from contracts.imaging import ImageRejected, prepare_image, read_header
 from contracts.ood import REASON_TEXT
 from contracts.settings import Settings
@@ -42,8 +43,8 @@ UNSUPPORTED_REASONS = {"not_an_image", "unsupported_format"}
 
 
 def crop_policy(model: LoadedModel) -> str:
-    """The crop policy the model was trained with (bundle.json preprocessing.crop; older bundles: center_crop)."""
-    return str((model.meta.get("preprocessing") or {}).get("crop") or "center_crop")
+    """The crop policy the model was trained with (`contracts.bundle.crop_policy`)."""
+    return bundle_crop_policy(model.meta)
 
 
 def prepare(data: bytes, size: int, s: Settings, crop: str = "center_crop") -> np.ndarray:

@@ -1,0 +1,80 @@
+"""The API and batch screening give the same answer for the same image and bundle: same crop
+policy (the bundle's), same probabilities, same label. Real uvicorn server, real SeaweedFS for the
+batch side's image reads and previews; the bundle is the tiny trained model with its detector,
+exported with the `fit` crop policy, and the image a 320x240 field whose cell sits at its left
+edge (center_crop would cut it off)."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.fixtures.keys import PUBLIC_KEY, SIGNING_KEY
+from tests.fixtures.training import TINY_CLASSES, TINY_LABELS, TINY_SIZE
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def fit_bundle(tiny_ood, tiny_keras_model, tmp_path_factory):
+    from training.bundle import export_bundle
+
+    model, detector, figures = tiny_ood
+    _, images, labels = tiny_keras_model
+    out = tmp_path_factory.mktemp("fit-bundle") / "serving_bundle"
+    export_bundle(model, out, dataset="tiny", dataset_version="tiny-fit", labels=TINY_LABELS, classes=TINY_CLASSES,
+                  image_size=TINY_SIZE, canary_images=images[:2], canary_labels=[TINY_LABELS[k] for k in labels[:2]],
+                  positive_label="abnormal", threshold=0.5, run_id="local-fit", model_name="hemaflow-tiny",
+                  git_commit="test", signing_key=SIGNING_KEY, ood=(detector, figures), crop="fit")
+    return out
+
+
+def _off_centre_field(tiny_keras_model) -> bytes:
+    """A 320x240 PNG: a training image of the tiny model scaled into the left quarter of a field."""
+    _, images, _ = tiny_keras_model
+    field = np.full((240, 320, 3), int(np.median(images[0])), dtype=np.uint8)
+    cell = np.asarray(Image.fromarray(images[0]).resize((80, 80)))
+    field[80:160, 0:80] = cell
+    buf = io.BytesIO()
+    Image.fromarray(field).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _screened(bundle_dir, data: bytes, s3, settings) -> dict:
+    """The batch side: screening's own row for the image, read from S3 like a batch image."""
+    from contracts.bundle import read_bundle, verify_signature
+    from contracts.ood import bundle_detector
+    from contracts.signing import parse_public_keys
+    from pipeline.storage import put_bytes
+    from screening.champion import ChampionRef, ScoringModel
+    from screening.score import score_key
+
+    bundle = read_bundle(bundle_dir)
+    runner = bundle.runner(num_threads=1)
+    model = ScoringModel(ChampionRef("hemaflow-tiny", "1", "local-fit"), bundle.meta, runner,
+                         verify_signature(bundle.files, parse_public_keys(PUBLIC_KEY)),
+                         bundle_detector(bundle.files, bundle.meta, runner))
+    key = "inbox/tiny/agreement/field.png"
+    put_bytes(s3, settings.s3_bucket, key, data, "image/png")
+    return score_key(s3, key, model, "results/tiny/agreement/1/", settings)
+
+
+def test_screening_and_the_api_prepare_and_answer_alike(fit_bundle, tiny_keras_model, serving_server,
+                                                        local_stack, s3):
+    from contracts.imaging import prepare_image
+
+    data = _off_centre_field(tiny_keras_model)
+    assert not np.array_equal(prepare_image(data, TINY_SIZE, crop="fit"),
+                              prepare_image(data, TINY_SIZE, crop="center_crop"))  # the policy matters here
+    # Labelled even when flagged out of scope (a padded field is mostly background), as batch rows are.
+    server = serving_server({"SERVING_BUNDLE_PATH": str(fit_bundle), "SERVING_REFUSE_OUT_OF_SCOPE": "false"})
+    api = httpx.post(f"{server.url}/v1/predict", files={"file": ("field.png", data, "image/png")}).json()
+    row = _screened(fit_bundle, data, s3, local_stack)
+    assert row["error"] is None and row["in_scope"] == api["in_scope"]
+    assert row["label"] == api["label"]
+    assert np.allclose([row[f"p_{lab}"] for lab in TINY_LABELS], [api["probabilities"][lab] for lab in TINY_LABELS],
+                       atol=1e-5), (row, api)
