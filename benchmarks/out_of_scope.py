@@ -9,7 +9,7 @@ Private stack as benchmarks/accuracy.py (upload ../shared/data/<dataset>, pipeli
 Prints: share of refused images of the dataset's TEST split (in scope, never used to fit or set
 thresholds), of the other dataset's images (`--other`, up to `--other-limit`, a different
 modality), and of generated non-smears (flat, noise, text, photo); the detector's validation
-figures; validation accuracy with and without SERVING_TTA; and in-process latency p50 of one
+figures; validation accuracy with and without INFERENCE_TTA; and in-process latency p50 of one
 image through serving's own path (decode + prepare + interpreter + detector) with and without
 TTA. Targets (issue 10): >= 95 % of other-dataset and synthetic images refused, <= 1 % of
 in-scope refused.
@@ -56,35 +56,33 @@ def other_dataset_images(folder: Path, size: int, limit: int, seed: int = 0) -> 
 
 
 def tta_accuracy(model, images: np.ndarray, y: np.ndarray, tta: bool) -> float:
-    """Balanced accuracy of the bundle's decision rule on (validation) images, with or without TTA."""
-    from serving.tta import VIEWS, views
+    """Balanced accuracy of the bundle's decision rule on (validation) images, with or without TTA
+    (with it, the bundle's TTA threshold, as serving and screening apply it)."""
+    from contracts.tta import average, decision_threshold, views
     from training.evaluate import compute_metrics
 
     probs = []
     for i in range(0, len(images), 16):
         chunk = images[i:i + 16]
-        if tta:
-            p, _, _ = model.predict_outputs(views(chunk))
-            probs.append(p.reshape(len(chunk), VIEWS, -1).mean(axis=1))
-        else:
-            probs.append(model.predict_outputs(chunk)[0])
-    metrics = compute_metrics(y, np.concatenate(probs), model.labels, model.positive_label, model.threshold)
+        probs.append(average(model.predict_outputs(views(chunk))[0]) if tta else model.predict_outputs(chunk)[0])
+    threshold = decision_threshold(model.meta, tta) if model.task == "binary" else None
+    metrics = compute_metrics(y, np.concatenate(probs), model.labels, model.positive_label, threshold)
     return float(metrics["balanced_accuracy"])
 
 
 def latency_p50_ms(model, jpegs: list[bytes], tta: bool, settings, rounds: int = 200) -> float:
     """p50 of one image through serving's path: header checks + decode + prepare + interpreter + detector."""
-    from serving import tta as tta_mod
+    from contracts.tta import average, views
     from serving.inference import prepare
 
     times = []
     for i in range(rounds):
         start = time.perf_counter()
         image = prepare(jpegs[i % len(jpegs)], model.image_size, settings)
-        batch = tta_mod.views(image[None]) if tta else image[None]
+        batch = views(image[None]) if tta else image[None]
         probs, _, feats = model.predict_outputs(batch)
         if tta:
-            probs = probs.mean(axis=0, keepdims=True)
+            probs = average(probs)
         model.detector.check(feats[:1], image[None])
         model.decide(probs[0])
         times.append((time.perf_counter() - start) * 1000)

@@ -97,13 +97,12 @@ def _chunked(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.n
 
 
 def tta_logits(model: Any, images: np.ndarray) -> np.ndarray:
-    """log of the probabilities averaged over the 8 views serving averages (serving.tta)."""
-    from serving.tta import VIEWS, views
+    """log of the probabilities averaged over the 8 views serving and screening average (contracts.tta)."""
+    from contracts.tta import average, views
     from training.calibration import logits_from_probabilities, logits_of, softmax
 
     def one_chunk(chunk: np.ndarray) -> np.ndarray:
-        p = softmax(logits_of(model, views(chunk)))
-        return logits_from_probabilities(p.reshape(len(chunk), VIEWS, -1).mean(axis=1))
+        return logits_from_probabilities(average(softmax(logits_of(model, views(chunk)))))
 
     return _chunked(one_chunk, images)
 

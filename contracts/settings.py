@@ -19,7 +19,7 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from dotenv import dotenv_values, load_dotenv
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +146,10 @@ class Settings(BaseSettings):
     serving_workers: int = Field(1, ge=1, le=32, description="uvicorn worker processes")
     serving_refuse_out_of_scope: bool = Field(True, description="Answer in_scope=false and no label when the "
                                               "bundle's detector fires (false: label it and flag it)")
-    serving_tta: bool = Field(False, description="Average probabilities over flips and 90-degree rotations")
+    # Test-time augmentation in the API AND batch screening (contracts.tta); SERVING_TTA, its name
+    # before batch screening followed it, is still read.
+    inference_tta: bool = Field(False, validation_alias=AliasChoices("inference_tta", "serving_tta"),
+                                description="Average probabilities over flips and 90-degree rotations")
 
     # --- signed bundles and secrets policy -----------------------------------------------
     bundle_signing_key: SecretStr = Field(SecretStr(""), description="Ed25519 private key (base64) training signs with")

@@ -35,6 +35,7 @@ class ScoringModel:
     runner: Any
     signed_by: str
     detector: Any = None  # contracts.ood.OodDetector; None: the bundle has no out-of-scope detector
+    tta: bool = False  # probabilities averaged over the 8 views (INFERENCE_TTA, pinned in the plan)
 
     @property
     def labels(self) -> list[str]:
@@ -57,8 +58,10 @@ class ScoringModel:
 
     @property
     def threshold(self) -> float | None:
-        value = self.meta.get("threshold")
-        return float(value) if value is not None else None
+        """The threshold for the probabilities it scores with (the TTA one with `tta`), as serving's."""
+        from contracts.tta import decision_threshold
+
+        return decision_threshold(self.meta, self.tta)
 
 
 def resolve_champion(dataset: str, s: Settings) -> ChampionRef:
@@ -82,7 +85,7 @@ def champion_bundle(run_id: str, s: Settings):
     return cached_bundle(run_id, s) or download_bundle(mlflow_client(s), run_id, s)
 
 
-def load_scoring_model(ref: ChampionRef, s: Settings) -> ScoringModel:
+def load_scoring_model(ref: ChampionRef, s: Settings, tta: bool = False) -> ScoringModel:
     """Download (cached) and verify the version's bundle; BundleError names what was refused."""
     from contracts.bundle import BundleError, check_canaries, verify_signature
     from contracts.ood import bundle_detector
@@ -96,4 +99,4 @@ def load_scoring_model(ref: ChampionRef, s: Settings) -> ScoringModel:
             raise BundleError(reason, f"bundle.json says {field} {bundle.meta.get(field)!r}, the registry {wanted!r}")
     runner = bundle.runner(num_threads=1)
     check_canaries(bundle, runner.predict)
-    return ScoringModel(ref, bundle.meta, runner, signed_by, bundle_detector(bundle.files, bundle.meta, runner))
+    return ScoringModel(ref, bundle.meta, runner, signed_by, bundle_detector(bundle.files, bundle.meta, runner), tta)

@@ -60,9 +60,11 @@ def predictions_csv(rows: list[dict], labels: list[str]) -> bytes:
 
 
 def summarise(rows: list[dict], meta: dict, *, dataset: str, batch_id: str, model_version: str, run_id: str,
-              prefix: str, serving_url: str) -> dict:
-    """summary.json: what was scored by which model, counts per label, the lists apart, the links."""
+              prefix: str, serving_url: str, tta: bool = False) -> dict:
+    """summary.json: what was scored by which model (and whether with TTA, whose threshold then
+    applies), counts per label, the lists apart, the links."""
     from contracts.common import utc_now
+    from contracts.tta import decision_threshold
 
     ranked = [r for r in rows if r["rank"] is not None]
     refused = [r for r in rows if r["rank"] is None and not r.get("error")]
@@ -78,7 +80,8 @@ def summarise(rows: list[dict], meta: dict, *, dataset: str, batch_id: str, mode
         "task": meta.get("task"),
         "labels": list(meta["labels"]),
         "positive_label": meta.get("positive_label"),
-        "threshold": meta.get("threshold"),
+        "threshold": decision_threshold(meta, tta),
+        "tta": tta,
         "ranking": _ranking(meta)[0],
         "has_detector": bool(meta.get("ood")),
         "n_images": len(rows),

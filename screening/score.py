@@ -52,13 +52,18 @@ def score_prepared(model: ScoringModel, image) -> PreparedScore:
     """Score one prepared (S,S,3) image: the one place a batch image meets the model.
 
     The label follows serving's rule (binary: P(positive) >= the bundle's threshold; else argmax).
-    `in_scope` is the bundle's out-of-scope detector's verdict on the same outputs (serving's rule);
-    None when the bundle has no detector (no `ood` in bundle.json)."""
+    With `model.tta` the probabilities are the mean over the 8 views (`contracts.tta`, one call), the
+    Grad-CAM map and features the original's, as in serving. `in_scope` is the bundle's
+    out-of-scope detector's verdict on the same outputs (serving's rule); None when the bundle has
+    no detector (no `ood` in bundle.json)."""
     from contracts.bundle import OUTPUT_CLASS_MAPS, OUTPUT_FEATURES, OUTPUT_PROBABILITIES
+    from contracts.tta import average, views
     from training.evaluate import predict_labels
 
-    outputs = model.runner(image[None])  # every named output of the signature
+    outputs = model.runner(views(image[None]) if model.tta else image[None])  # every named output
     probs, class_maps = outputs[OUTPUT_PROBABILITIES], outputs[OUTPUT_CLASS_MAPS]
+    if model.tta:
+        probs = average(probs)
     idx = int(predict_labels(probs, model.labels, model.positive_label, model.threshold)[0])
     features = outputs.get(OUTPUT_FEATURES)
     in_scope = None
@@ -101,7 +106,7 @@ def score_key(client, key: str, model: ScoringModel, results: str, s: Settings) 
     from screening.batch_drift import drift_inputs
 
     row: dict[str, Any] = {"key": key, "sha256": None, "label": None, "confidence": None, "in_scope": None,
-                           "error": None, "detail": None}
+                           "error": None, "detail": None, "tta": model.tta}
     try:
         data = _read_image(client, key, s)
         row["sha256"] = sha256_hex(data)
@@ -126,8 +131,9 @@ def plan_batches(dataset: str, batch_ids: list[str] | None = None, settings: Set
     """Which batches to score with the current @champion, cut into chunks of SCORE_CHUNK_SIZE keys.
 
     `batch_ids` None: every inbox batch without a complete result for the champion.
-    Returns {model_version, run_id, chunks: [{dataset, batch_id, model_version, run_id, first, keys}],
-    complete: [ids already scored], empty: [ids with no object]}.
+    Returns {model_version, run_id, tta, chunks: [{dataset, batch_id, model_version, run_id, tta, first,
+    keys}], complete: [ids already scored], empty: [ids with no object]}. `tta` (INFERENCE_TTA) is
+    pinned here like the version, so every chunk of a run scores the same way.
     """
     from pipeline.storage import object_exists, s3_client
     from screening.batches import batch_keys, list_batches, summary_key
@@ -137,8 +143,8 @@ def plan_batches(dataset: str, batch_ids: list[str] | None = None, settings: Set
     client = s3_client(s)
     ref = resolve_champion(dataset, s)
     wanted = list_batches(client, dataset, s) if batch_ids is None else sorted(set(batch_ids))
-    plan: dict[str, Any] = {"model_version": ref.version, "run_id": ref.run_id, "chunks": [], "complete": [],
-                            "empty": []}
+    plan: dict[str, Any] = {"model_version": ref.version, "run_id": ref.run_id, "tta": s.inference_tta,
+                            "chunks": [], "complete": [], "empty": []}
     for batch_id in wanted:
         if object_exists(client, s.s3_bucket, summary_key(dataset, batch_id, ref.version)):
             plan["complete"].append(batch_id)
@@ -149,7 +155,7 @@ def plan_batches(dataset: str, batch_ids: list[str] | None = None, settings: Set
             continue
         size = s.score_chunk_size
         plan["chunks"] += [{"dataset": dataset, "batch_id": batch_id, "model_version": ref.version,
-                            "run_id": ref.run_id, "first": i, "keys": keys[i:i + size]}
+                            "run_id": ref.run_id, "tta": plan["tta"], "first": i, "keys": keys[i:i + size]}
                            for i in range(0, len(keys), size)]
         log.info("batch %s: %d images in %d chunks of <= %d for %s v%s", batch_id, len(keys),
                  math.ceil(len(keys) / size), size, ref.model_name, ref.version)
@@ -162,9 +168,9 @@ def plan_batches(dataset: str, batch_ids: list[str] | None = None, settings: Set
 
 def score_chunk(chunk: dict, settings: Settings | None = None, model: ScoringModel | None = None) -> dict:
     """Score one planned chunk; its rows go to `_chunks/<first>.jsonl` (reused when it exists for
-    the same keys: an Airflow retry, or a run after one that stopped half-way).
+    the same keys and TTA mode: an Airflow retry, or a run after one that stopped half-way).
 
-    Returns {dataset, batch_id, model_version, run_id, chunk_key, scored, bad}."""
+    Returns {dataset, batch_id, model_version, run_id, tta, chunk_key, scored, bad}."""
     from pipeline.storage import get_jsonl, object_exists, put_jsonl, s3_client
     from screening.batch_drift import has_drift_inputs
     from screening.champion import load_scoring_model
@@ -172,16 +178,20 @@ def score_chunk(chunk: dict, settings: Settings | None = None, model: ScoringMod
     s = settings or get_settings()
     client = s3_client(s)
     key = chunk_key(chunk["dataset"], chunk["batch_id"], chunk["model_version"], chunk["first"])
+    tta = bool(chunk.get("tta", False))  # chunks planned before TTA existed scored without it
     rows = get_jsonl(client, s.s3_bucket, key) if object_exists(client, s.s3_bucket, key) else None
-    if rows is not None and [r["key"] for r in rows] == list(chunk["keys"]) and has_drift_inputs(rows):
+    if (rows is not None and [r["key"] for r in rows] == list(chunk["keys"]) and has_drift_inputs(rows)
+            and all(bool(r.get("tta", False)) == tta for r in rows)):
         log.info("chunk %s already scored (%d rows): reused", key, len(rows))
     else:
         ref = ChampionRef(s.model_name(chunk["dataset"]), str(chunk["model_version"]), chunk["run_id"])
-        rows = _score_keys(client, chunk, model or load_scoring_model(ref, s), s)
+        if model is None or model.tta != tta:
+            model = load_scoring_model(ref, s, tta)
+        rows = _score_keys(client, chunk, model, s)
         put_jsonl(client, s.s3_bucket, key, rows)
     bad = sum(1 for r in rows if r["error"])
     return {k: chunk[k] for k in ("dataset", "batch_id", "model_version", "run_id")} | {
-        "chunk_key": key, "scored": len(rows) - bad, "bad": bad}
+        "tta": tta, "chunk_key": key, "scored": len(rows) - bad, "bad": bad}
 
 
 def _score_keys(client, chunk: dict, model: ScoringModel, s: Settings) -> list[dict]:
@@ -201,14 +211,15 @@ def finish_batches(chunk_results: list[dict], settings: Settings | None = None) 
     groups: dict[tuple, list[dict]] = {}
     for done in chunk_results:
         groups.setdefault((done["dataset"], done["batch_id"], str(done["model_version"]), done["run_id"]), []).append(done)
-    return [finish_batch(*group, sorted(c["chunk_key"] for c in chunks), settings=settings)
+    return [finish_batch(*group, sorted(c["chunk_key"] for c in chunks), settings=settings,
+                         tta=any(c.get("tta", False) for c in chunks))
             for group, chunks in sorted(groups.items())]
 
 
 def finish_batch(dataset: str, batch_id: str, model_version: str, run_id: str, chunk_keys: list[str],
-                 settings: Settings | None = None) -> dict:
+                 settings: Settings | None = None, tta: bool = False) -> dict:
     """Drift, predictions.csv, report.html, then summary.json last (the completion marker); an
-    existing summary wins."""
+    existing summary wins. `tta`: the chunks were scored with test-time augmentation."""
     from contracts.screening import PREDICTIONS_FILE, REPORT_FILE
     from pipeline.storage import get_json_or_none, get_jsonl, put_bytes, put_json, s3_client
     from screening.batch_drift import batch_drift
@@ -229,7 +240,7 @@ def finish_batch(dataset: str, batch_id: str, model_version: str, run_id: str, c
     rows = rank_rows([row for key in chunk_keys for row in get_jsonl(client, s.s3_bucket, key)], meta)
     prefix = results_prefix(dataset, batch_id, model_version)
     summary = summarise(rows, meta, dataset=dataset, batch_id=batch_id, model_version=model_version,
-                        run_id=run_id, prefix=prefix, serving_url=s.serving_url)
+                        run_id=run_id, prefix=prefix, serving_url=s.serving_url, tta=tta)
     drift = batch_drift(bundle, rows, f"batch {batch_id}", s)
     summary["drift"] = drift.to_dict()
     log.info("batch %s: %s", batch_id, drift_verdict(summary["drift"]))
@@ -254,7 +265,8 @@ def score_batch(dataset: str, batch_id: str | None = None, settings: Settings | 
     if plan["chunks"]:
         from screening.champion import load_scoring_model
 
-        model = load_scoring_model(ChampionRef(s.model_name(dataset), plan["model_version"], plan["run_id"]), s)
+        model = load_scoring_model(ChampionRef(s.model_name(dataset), plan["model_version"], plan["run_id"]), s,
+                                   plan["tta"])
     done = finish_batches([score_chunk(chunk, s, model) for chunk in plan["chunks"]], s)
     client = s3_client(s)
     reused = [{**get_json(client, s.s3_bucket, summary_key(dataset, b, plan["model_version"])), "reused": True}

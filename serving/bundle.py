@@ -30,6 +30,7 @@ from contracts.bundle import (
 )
 from contracts.common import sha256_hex
 from contracts.ood import OodDetector, bundle_detector
+from contracts.tta import decision_threshold
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,11 @@ class LoadedModel:
     image_size: int
     task: str
     positive_label: str | None
-    threshold: float | None
+    threshold: float | None  # for the probabilities it answers with: the TTA one when `tta` (contracts.tta)
     _runner: Any = field(repr=False)  # a serving.runners.RunnerPool of contracts.bundle.TFLiteRunner
     card_html: bytes | None = field(default=None, repr=False)  # the bundle's signed model card, if any
     detector: OodDetector | None = field(default=None, repr=False)
+    tta: bool = False  # answers average the 8 views' probabilities (INFERENCE_TTA)
 
     @property
     def scope_note(self) -> str | None:
@@ -116,6 +118,7 @@ def load_bundle(
     expect: dict[str, str] | None = None,
     interpreters: int = 1,
     solo_threads: int = 0,
+    tta: bool = False,
 ) -> LoadedModel:
     """Verify signature and checksums, build the interpreter, run the canaries; raises BundleError.
 
@@ -123,6 +126,8 @@ def load_bundle(
     `expect` ({"run_id": ..., "model_name": ...}) is what the registry says the bundle must be.
     `interpreters` (each with `num_threads`) can run at once, one per inference thread; with
     `solo_threads`, one more interpreter with that many threads serves a request that runs alone.
+    With `tta` the model answers with view-averaged probabilities (serving.tta), so its threshold
+    is the bundle's TTA threshold (`contracts.tta.decision_threshold`).
     """
     from serving.runners import RunnerPool
 
@@ -141,7 +146,7 @@ def load_bundle(
         promoted_at=promoted_at,
         signed_by=signed_by,
     )
-    threshold = meta.get("threshold")
+    threshold = decision_threshold(meta, tta)
     model = LoadedModel(
         identity=identity,
         meta=meta,
@@ -149,10 +154,11 @@ def load_bundle(
         image_size=int(meta["image_size"]),
         task=str(meta["task"]),
         positive_label=meta.get("positive_label"),
-        threshold=float(threshold) if threshold is not None else None,
+        threshold=threshold,
         _runner=RunnerPool(runners, solo),
         card_html=files.get(MODEL_CARD_FILE),
         detector=bundle_detector(files, meta, runners[0]),
+        tta=tta,
     )
     try:
         check_canaries(Bundle(files, meta), model.predict)

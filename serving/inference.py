@@ -68,7 +68,6 @@ class Inference:
         self.metrics = metrics
         self.threads = default_threads(settings.serving_inference_threads, settings.serving_workers)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="inference")
-        self.tta = settings.serving_tta
         self.refuse_out_of_scope = settings.serving_refuse_out_of_scope
         self.batcher = MicroBatcher(settings.serving_micro_batch, on_batch=lambda n: metrics.batch_size.observe(n))
         self.decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
@@ -99,15 +98,16 @@ class Inference:
         return await self._in_pool(self._prepare, upload.data, size, settings, crop)
 
     async def predict(self, model: LoadedModel, images: np.ndarray) -> list[Result]:
-        """(probabilities, class map, features) per image; averaged over flips/rotations with SERVING_TTA."""
-        if not self.tta:
+        """(probabilities, class map, features) per image; averaged over flips/rotations when the model
+        was loaded with TTA (INFERENCE_TTA)."""
+        if not model.tta:
             return await self.batcher.predict(model, images)
         return tta.merge(await self.batcher.predict(model, tta.views(images)), len(images))
 
     def _outputs(self, model: LoadedModel, images: np.ndarray) -> list[Result]:
         """(probabilities, class map, features) per image on this thread; averaged over flips/rotations
-        with SERVING_TTA."""
-        if not self.tta:
+        when the model was loaded with TTA (INFERENCE_TTA)."""
+        if not model.tta:
             return split_outputs(model.predict_outputs(images))
         return tta.merge(split_outputs(model.predict_outputs(tta.views(images))), len(images))
 

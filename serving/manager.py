@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 from datetime import UTC, datetime
 
 from contracts.bundle import BundleError, read_local_bundle, verify_signature
@@ -87,15 +88,16 @@ class ModelManager:
             expect={"run_id": ref.run_id, "model_name": ref.name},
         )
 
-    def _interpreters(self) -> dict[str, int]:
+    def _interpreters(self) -> dict[str, Any]:
         """load_bundle's interpreters (one per inference thread) and the threads of each: the cores
         left to it, at most 4 (1 by default: one single-threaded interpreter per core), plus a
-        multi-threaded one for a request that runs alone (lowest latency when the server is idle)."""
+        multi-threaded one for a request that runs alone (lowest latency when the server is idle);
+        and whether answers average the TTA views (the threshold follows)."""
         s = self.settings
         n = default_threads(s.serving_inference_threads, s.serving_workers)
         share = max(1, cpu_cores() // s.serving_workers)  # this worker's cores
         return {"interpreters": n, "num_threads": max(1, min(4, share // n)),
-                "solo_threads": min(4, share) if n > 1 and share > 1 else 0}
+                "solo_threads": min(4, share) if n > 1 and share > 1 else 0, "tta": s.inference_tta}
 
     # --- reload ----------------------------------------------------------------------------
     def reload(self, *, force: bool = False, trigger: str = "admin") -> ReloadResult:

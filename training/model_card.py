@@ -44,10 +44,11 @@ log = logging.getLogger("training")
 def card_data(*, meta: Any, fitted: Any, model_name: str, run_id: str, git_commit: str,
               description: str = "", credits: str = "", calibration_png: bytes = b"",
               intervals: dict[str, Any] | None = None, ood: dict[str, Any] | None = None,
-              quantization: dict[str, Any] | None = None) -> dict[str, Any]:
+              quantization: dict[str, Any] | None = None, tta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the card shows, as JSON-able values (`fitted` is a training.fitting.FitResult;
     `ood` the out-of-scope detector's validation figures, training.ood.fit_detector; `quantization`
-    the served model's bundle.json `quantization`, training.bundle.shipped_model)."""
+    the served model's bundle.json `quantization`, training.bundle.shipped_model; `tta` its
+    test-time-augmentation record, training.tta.tta_record)."""
     from training.intervals import bootstrap_intervals
 
     if intervals is None:
@@ -64,7 +65,7 @@ def card_data(*, meta: Any, fitted: Any, model_name: str, run_id: str, git_commi
         "intervals": intervals, "test_n": int(test.get("n", len(fitted.test_y))),
         "confusion_matrix": test.get("confusion_matrix"),
         "calibration_png": base64.b64encode(calibration_png).decode() if calibration_png else "",
-        "gate": None, "ood": ood, "quantization": quantization,
+        "gate": None, "ood": ood, "quantization": quantization, "tta": tta,
     }
 
 
@@ -128,6 +129,20 @@ def _served_html(q: dict[str, Any] | None) -> str:
     return f"<p>Served model: float32 weights{html.escape(reason)}.</p>"
 
 
+def _tta_html(tta: dict[str, Any] | None) -> str:
+    """The served model's figures with test-time augmentation (INFERENCE_TTA); cards before it: nothing."""
+    if not tta:
+        return ""
+    names = {"sensitivity": "sensitivity", "specificity": "specificity", "macro_f1": "macro F1",
+             "balanced_accuracy": "balanced accuracy"}
+    shown = ", ".join(f"{label} {tta['test'][k]:.4f}" for k, label in names.items() if k in tta.get("test", {}))
+    rule = ("" if tta.get("threshold") is None else
+            f" With it, P(positive) is compared with {tta['threshold']:.4f}, chosen the same way on the "
+            "view-averaged validation probabilities.")
+    return (f"<p>With test-time augmentation (INFERENCE_TTA: the mean over {tta['views']} flips and "
+            f"rotations), on the test split: {html.escape(shown)}.{html.escape(rule)}</p>")
+
+
 def render_card(d: dict[str, Any]) -> str:
     """The card as one HTML page (inline CSS, the calibration plot inline as a data URI)."""
     e = html.escape
@@ -153,7 +168,7 @@ table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padd
 <h2>Data</h2><p>Dataset <b>{e(d['dataset'])}</b> ({e(d.get('description') or '')}), version
 <code>{e(d['dataset_version'])}</code>.</p>{_table(['split', 'images', 'per label'], split_rows)}
 <h2>Performance</h2><p>On the held-out test split ({d['test_n']} images), intervals by percentile bootstrap
-over images.</p>{_metrics_html(d)}
+over images.</p>{_metrics_html(d)}{_tta_html(d.get('tta'))}
 <h3>Confusion matrix (test)</h3>{_confusion_html(d)}
 <h3>Calibration (test)</h3>{plot}
 <h2>Out-of-scope images</h2>{_ood_html(d.get('ood'))}
@@ -166,9 +181,10 @@ over images.</p>{_metrics_html(d)}
 
 
 def training_card(s: Any, meta: Any, fitted: Any, run_id: str, model_name: str, commit: str,
-                  ood: dict[str, Any] | None = None, quantization: dict[str, Any] | None = None) -> dict[str, Any]:
+                  ood: dict[str, Any] | None = None, quantization: dict[str, Any] | None = None,
+                  tta: dict[str, Any] | None = None) -> dict[str, Any]:
     """card_data for a just-fitted model: spec description and credits, the calibration plot, the
-    detector, the served model's quantization."""
+    detector, the served model's quantization and TTA figures."""
     import tempfile
     from pathlib import Path
 
@@ -184,7 +200,7 @@ def training_card(s: Any, meta: Any, fitted: Any, run_id: str, model_name: str, 
         png = ev.plot_calibration(fitted.test_y, fitted.test_p, Path(tmp) / "calibration.png").read_bytes()
     return card_data(meta=meta, fitted=fitted, model_name=model_name, run_id=run_id, git_commit=commit,
                      description=description, credits=credits, calibration_png=png, ood=ood,
-                     quantization=quantization)
+                     quantization=quantization, tta=tta)
 
 
 def log_card(client: Any, run_id: str, data: dict[str, Any]) -> str:

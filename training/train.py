@@ -148,11 +148,14 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
 
     from contracts.bundle import BUNDLE_DIR, TFLiteRunner
     from contracts.imaging import crop_of
+    from contracts.tta import BUNDLE_KEY as TTA_BUNDLE_KEY
     from training.bundle import export_bundle, shipped_model, signing_key_of
     from training.stopping import TAG_STOP_REASON
     from training.errors import Diverged
     from training.fitting import FitRequest, fit_and_evaluate, pick_canaries
+    from training.data import load_split_arrays
     from training.ood import fit_for_run
+    from training.tta import tta_metrics, tta_record
     from training.registration import version_tags
     from training.tracking import epoch_logger, log_evaluation, log_fit, log_model, log_quantization
     from training.warm_start import fit_settings, log_warm_start
@@ -176,7 +179,9 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     runner = TFLiteRunner(served[0])
     ood = fit_for_run(runner, folder, meta, fitted.val_x)
     mlflow.log_metrics({f"ood_{k}": v for k, v in ood[1].items()})
-    extra_files, drift = profile_and_card(c, folder, fitted, ood[1], runner, served[1])
+    tta = tta_record(runner, fitted, load_split_arrays(folder, meta, "test")[0], s.target_sensitivity)
+    mlflow.log_metrics(tta_metrics(tta))
+    extra_files, drift = profile_and_card(c, folder, fitted, ood[1], runner, served[1], tta)
     canary_x, canary_labels = pick_canaries(fitted.val_x, fitted.val_y, fitted.labels, s.canary_count)
     with tempfile.TemporaryDirectory(prefix="hemaflow-bundle-") as tmp:
         bundle = export_bundle(
@@ -186,7 +191,7 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
             metrics={k: v for k, v in fitted.test_metrics.items() if k != "per_class"},
             run_id=c.run_id, model_name=c.model_name, git_commit=c.commit, signing_key=signing_key,
             extra_files=extra_files, crop=crop_of(meta.preprocessing), calibration=fitted.calibration,
-            extra={TAG_STOP_REASON: fitted.stop_reason}, ood=ood,
+            extra={TAG_STOP_REASON: fitted.stop_reason, TTA_BUNDLE_KEY: tta}, ood=ood,
             served_model=served,
         )
         mlflow.log_artifacts(str(bundle.folder), BUNDLE_DIR)
@@ -204,7 +209,8 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
 
 
 def profile_and_card(c: CandidateRun, folder: Path, fitted, ood: dict[str, Any], served: Any,
-                     quantization: dict[str, Any]) -> tuple[dict[str, bytes], dict[str, Any] | None]:
+                     quantization: dict[str, Any], tta: dict[str, Any] | None = None
+                     ) -> tuple[dict[str, bytes], dict[str, Any] | None]:
     """The training-data profile (features by `served`, the bundle's TFLite runner) and the model
     card, logged to the run and returned as bundle files, and the data's drift against the
     champion's profile ({level, reference, detail}; None: no champion)."""
@@ -218,7 +224,7 @@ def profile_and_card(c: CandidateRun, folder: Path, fitted, ood: dict[str, Any],
     profile = training_profile(served, folder, c.meta, c.settings.seed)
     mlflow.log_dict(profile, f"profile/{DATA_PROFILE_FILE}")
     drift = drift_vs_champion(mlflow_client(c.settings), c.settings, c.model_name, profile)
-    card = training_card(c.settings, c.meta, fitted, c.run_id, c.model_name, c.commit, ood, quantization)
+    card = training_card(c.settings, c.meta, fitted, c.run_id, c.model_name, c.commit, ood, quantization, tta)
     mlflow.log_metrics({f"test_{k}_ci_{end}": v[end] for k, v in card["intervals"].items()
                         for end in ("low", "high") if np.isfinite(v[end])})
     log_card(mlflow_client(c.settings), c.run_id, card)

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
 from contracts.bundle import QUANTIZATION_NONE
+from contracts.tta import BUNDLE_KEY
 from serving import schemas
 from serving.clinical import context_for
 from serving.deps import ManagerDep, current_model
@@ -29,6 +30,8 @@ async def model_info(manager: ManagerDep):
         task=model.task,
         positive_label=model.positive_label,
         threshold=model.threshold,
+        tta=model.tta,
+        test_time_augmentation=meta.get(BUNDLE_KEY),
         image_size=model.image_size,
         metrics=dict(meta.get("metrics") or {}),
         dataset=meta.get("dataset"),

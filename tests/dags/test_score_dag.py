@@ -178,3 +178,27 @@ def test_submit_and_score_clis(scoring, s3, capsys, tmp_path):
     assert screening_main(["score", "--dataset", dataset, "--batch", "cli-batch"]) == 0
     assert "already scored (result kept)" in capsys.readouterr().out
     assert screening_main(["score", "--dataset", dataset, "--batch", "../etc"]) == 1  # clear error, no traceback
+
+
+def test_score_cli_with_tta_scores_like_the_api_and_records_it(scoring, s3, capsys, tmp_path, monkeypatch):
+    """INFERENCE_TTA=true: the plan pins it, every row says so, and summary.json records it with the
+    champion bundle's TTA threshold (the one serving answers with when it is on)."""
+    import json
+
+    from contracts.tta import decision_threshold
+    from pipeline.__main__ import main as pipeline_main
+    from screening.batches import summary_key
+    from screening.champion import champion_bundle, resolve_champion
+    from screening.__main__ import main as screening_main
+
+    s, dataset = scoring["settings"], scoring["dataset"]
+    folder = make_image_tree(tmp_path / "tta", {"x": 2}, seed=6)
+    assert pipeline_main(["submit", str(folder), "--dataset", dataset, "--batch", "tta-batch"]) == 0
+    monkeypatch.setenv("INFERENCE_TTA", "true")
+    assert screening_main(["score", "--dataset", dataset, "--batch", "tta-batch"]) == 0
+    assert "2 scored, 0 unreadable" in capsys.readouterr().out
+    ref = resolve_champion(dataset, s)
+    summary = json.loads(_get(s3, s.s3_bucket, summary_key(dataset, "tta-batch", ref.version)))
+    meta = champion_bundle(ref.run_id, s).meta
+    assert meta["tta"]["threshold"] is not None
+    assert summary["tta"] is True and summary["threshold"] == decision_threshold(meta, tta=True)

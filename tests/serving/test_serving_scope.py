@@ -111,9 +111,9 @@ def test_refusal_off_labels_but_still_flags(serving_server, tiny_ood_bundle_dir)
 
 
 def test_tta_averages_the_eight_flips_and_rotations(serving_server, tiny_ood_bundle_dir):
-    from serving.tta import views
+    from contracts.tta import views
 
-    server = serving_server({"SERVING_BUNDLE_PATH": str(tiny_ood_bundle_dir), "SERVING_TTA": "true"})
+    server = serving_server({"SERVING_BUNDLE_PATH": str(tiny_ood_bundle_dir), "INFERENCE_TTA": "true"})
     image = synthetic_images([1], TINY_SIZE, seed=8)[0]
     body = httpx.post(f"{server.url}/v1/predict?explain=true",
                       files={"file": ("s.png", _png(image), "image/png")}).json()

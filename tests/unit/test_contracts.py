@@ -24,3 +24,24 @@ def test_every_contracts_module_imports_without_heavy_libraries_or_other_package
     loaded = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split())
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
     assert not loaded & set(OTHER_PACKAGES), sorted(loaded & set(OTHER_PACKAGES))
+
+
+def test_tta_views_average_and_the_threshold_a_bundle_answers_with():
+    """contracts.tta: 8 distinct views, view 0 the original; the mean per image; the TTA threshold
+    only with TTA and only when the bundle has one (older bundles keep theirs; multiclass: None)."""
+    import numpy as np
+
+    from contracts.tta import VIEWS, average, decision_threshold, views
+
+    images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    out = views(images)
+    assert out.shape == (2 * VIEWS, 4, 4, 3) and np.array_equal(out[0], images[0]) and np.array_equal(out[VIEWS], images[1])
+    assert len({v.tobytes() for v in out[:VIEWS]}) == VIEWS
+    probs = np.repeat(np.array([[0.2, 0.8], [0.6, 0.4]]), VIEWS, axis=0)
+    probs[0], probs[1] = [0.0, 1.0], [0.4, 0.6]
+    assert np.allclose(average(probs), [[0.2, 0.8], [0.6, 0.4]])
+    meta = {"threshold": 0.7, "tta": {"threshold": 0.6}}
+    assert decision_threshold(meta, tta=False) == 0.7 and decision_threshold(meta, tta=True) == 0.6
+    assert decision_threshold({"threshold": 0.7}, tta=True) == 0.7
+    assert decision_threshold({"threshold": 0.7, "tta": "broken"}, tta=True) == 0.7
+    assert decision_threshold({"threshold": None, "tta": {"threshold": None}}, tta=True) is None

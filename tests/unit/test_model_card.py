@@ -62,3 +62,14 @@ def test_card_says_how_the_served_model_is_quantized():
                                                "validation": {**agreement, "max_abs_prob_diff": 0.2}}))
     assert "float32 weights (int8 was refused: probabilities differ from Keras by 0.2 (&gt; 0.05))" in fallback
     assert "Served model" not in render_card(_card())  # cards from before quantization
+
+
+def test_card_states_the_tta_figures_and_threshold():
+    tta = {"views": 8, "threshold": 0.8123, "validation": {"sensitivity": 0.98},
+           "test": {"sensitivity": 0.9756, "specificity": 0.9927, "balanced_accuracy": 0.9841}}
+    page = render_card(_card(tta=tta))
+    assert "mean over 8 flips" in page and "sensitivity 0.9756" in page and "specificity 0.9927" in page
+    assert "compared with 0.8123" in page
+    multiclass = render_card(_card(tta={**tta, "threshold": None, "test": {"macro_f1": 0.9723}}))
+    assert "macro F1 0.9723" in multiclass and "compared with" not in multiclass
+    assert "test-time augmentation" not in render_card(_card())

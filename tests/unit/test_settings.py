@@ -84,3 +84,16 @@ def test_invalid_value_is_a_clear_error(monkeypatch):
 def test_secret_is_not_in_repr():
     s = Settings(aws_secret_access_key="super-secret-value")
     assert "super-secret-value" not in repr(s) and "super-secret-value" not in str(s.model_dump())
+
+
+def test_inference_tta_reads_its_former_name_too(monkeypatch, restored_environ):
+    """INFERENCE_TTA (API and batch screening) was SERVING_TTA: an old .env keeps working; the new name wins."""
+    from contracts.settings import Settings
+
+    monkeypatch.delenv("INFERENCE_TTA", raising=False)
+    monkeypatch.setenv("SERVING_TTA", "true")
+    assert Settings().inference_tta is True
+    monkeypatch.setenv("INFERENCE_TTA", "false")
+    assert Settings().inference_tta is False
+    monkeypatch.delenv("SERVING_TTA")
+    assert Settings().inference_tta is False and Settings(inference_tta=True).inference_tta is True

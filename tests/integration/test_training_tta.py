@@ -1,0 +1,34 @@
+"""A real training run (train_candidate on the test stack's SeaweedFS + MLflow) records its served
+model's test-time-augmentation figures: the TTA threshold chosen on view-averaged validation
+probabilities by the plain threshold's rule, in the signed bundle.json and as MLflow metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def test_training_chooses_and_ships_the_tta_threshold(tiny_registered_model):
+    from contracts.bundle import TFLiteRunner
+    from contracts.tta import BUNDLE_KEY, VIEWS, decision_threshold
+    from pipeline.storage import fetch_processed, load_meta
+    from training.data import load_split_arrays
+    from training.evaluate import choose_threshold
+    from training.gate import download_bundle
+    from training.tracking import mlflow_client
+    from training.tta import averaged_probabilities
+
+    info, s = tiny_registered_model, tiny_registered_model["settings"]
+    client = mlflow_client(s)
+    bundle = download_bundle(client, info["run_id"], s)
+    record = bundle.meta[BUNDLE_KEY]
+    assert record["views"] == VIEWS and set(record["validation"]) >= {"balanced_accuracy", "sensitivity"}
+    metrics = client.get_run(info["run_id"]).data.metrics
+    assert metrics["tta_threshold"] == record["threshold"] == decision_threshold(bundle.meta, tta=True)
+    assert metrics["tta_test_balanced_accuracy"] == record["test"]["balanced_accuracy"]
+    # Re-derived from the shipped model and the run's validation split: the same rule, the same value.
+    meta = load_meta(info["dataset"], info["dataset_version"], s)
+    folder = fetch_processed(info["dataset"], info["dataset_version"], s)
+    val_x, val_y = load_split_arrays(folder, meta, "val")
+    probs = averaged_probabilities(TFLiteRunner(bundle.files["model.tflite"]), val_x)
+    pos = bundle.meta["labels"].index(bundle.meta["positive_label"])
+    assert np.isclose(record["threshold"], choose_threshold(val_y == pos, probs[:, pos], s.target_sensitivity))
