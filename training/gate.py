@@ -2,7 +2,8 @@
 
 Gate (as TFX's Evaluator): the candidate must clear absolute floors and beat the current
 @champion by GATE_MARGIN on the PRIMARY metric, both evaluated the same way — their
-serving bundles (TFLite, with their own stored thresholds) on the candidate's test split.
+serving bundles (TFLite, with their own stored thresholds; with INFERENCE_TTA, averaged over the
+8 views with their TTA thresholds, as serving and screening answer) on the candidate's test split.
 Primary metric: balanced accuracy for binary tasks (robust to class imbalance, and what a
 screening threshold trades off), macro F1 for multiclass (every cell type counts equally).
 A tie does not promote (the candidate must be strictly better); with no champion the floors
@@ -71,10 +72,16 @@ def download_bundle(client, run_id: str, s: Settings):
     return read_bundle(target)
 
 
-def evaluate_bundle(bundle, images, y) -> dict[str, Any]:
-    probs = bundle.runner().predict_proba(images.astype("float32"))
+def evaluate_bundle(bundle, images, y, tta: bool = False) -> dict[str, Any]:
+    """The bundle's figures as it answers when served: with `tta` (INFERENCE_TTA) the view-averaged
+    probabilities and the bundle's TTA threshold (`contracts.tta.decision_threshold`)."""
+    from contracts.tta import decision_threshold
+    from training.tta import averaged_probabilities
+
+    runner = bundle.runner()
+    probs = averaged_probabilities(runner, images) if tta else runner.predict_proba(images.astype("float32"))
     meta = bundle.meta
-    return compute_metrics(y, probs, meta["labels"], meta.get("positive_label"), meta.get("threshold"))
+    return compute_metrics(y, probs, meta["labels"], meta.get("positive_label"), decision_threshold(meta, tta))
 
 
 def reviewed_examples(folder: Path, meta):
@@ -106,9 +113,11 @@ def log_reviewed_metrics(client, run_id: str, reviewed: dict) -> None:
 
 
 def evaluate_against_champion(dataset: str, model_version: str, settings: Settings | None = None) -> dict:
-    """Candidate and @champion, both evaluated via their bundles on the candidate's test split
-    (and on the version's reviewed images: `reviewed`, recorded, not gated on)."""
+    """Candidate and @champion, both evaluated via their bundles on the candidate's test split as
+    they would answer when served (INFERENCE_TTA: `tta`), and on the version's reviewed images
+    (`reviewed`, recorded, not gated on)."""
     s = settings or get_settings()
+    tta = s.inference_tta
     client = mlflow_client(s)
     name = s.model_name(dataset)
     candidate = client.get_model_version(name, str(model_version))
@@ -128,15 +137,16 @@ def evaluate_against_champion(dataset: str, model_version: str, settings: Settin
         "test_images": int(len(y)),
         "task": task,
         "primary_metric": primary_metric(task),
+        "tta": tta,
         "candidate": {"version": str(candidate.version), "run_id": candidate.run_id,
-                      "metrics": evaluate_bundle(cand_bundle, images, y),
+                      "metrics": evaluate_bundle(cand_bundle, images, y, tta),
                       # the out-of-scope detector's validation figures (recorded, not gated on)
                       "ood": (cand_bundle.meta.get("ood") or {}).get("validation")},
         "champion": None,
         "reviewed": {"n": 0 if reviewed is None else int(len(reviewed[1]))},
     }
     if reviewed is not None:
-        result["reviewed"].update(candidate=evaluate_bundle(cand_bundle, *reviewed), champion=None)
+        result["reviewed"].update(candidate=evaluate_bundle(cand_bundle, *reviewed, tta=tta), champion=None)
     champ = alias_version(client, name, CHAMPION)
     if champ is not None:
         result["champion"], champ_bundle = _champion_entry(client, s, champ, candidate, cand_bundle, meta)
@@ -146,9 +156,9 @@ def evaluate_against_champion(dataset: str, model_version: str, settings: Settin
             if reviewed is not None:
                 result["reviewed"]["champion"] = result["reviewed"]["candidate"]
         elif champ_bundle is not None:
-            entry["metrics"] = evaluate_bundle(champ_bundle, images, y)
+            entry["metrics"] = evaluate_bundle(champ_bundle, images, y, tta)
             if reviewed is not None:
-                result["reviewed"]["champion"] = evaluate_bundle(champ_bundle, *reviewed)
+                result["reviewed"]["champion"] = evaluate_bundle(champ_bundle, *reviewed, tta=tta)
     log_reviewed_metrics(client, candidate.run_id, result["reviewed"])
     return result
 
@@ -209,6 +219,7 @@ def decide_gate(comparison: dict, settings: Settings | None = None, overrides: d
            # What apply_gate checks @champion against (compare-and-set).
            "compared_champion": champ["version"] if champ else None,
            "ood": comparison["candidate"].get("ood"),
+           "tta": bool(comparison.get("tta", False)),  # figures of view-averaged answers (INFERENCE_TTA)
            # figures on reviewed images (recorded, not gated on)
            "reviewed": comparison.get("reviewed", {"n": 0})}
     if failed:

@@ -32,3 +32,21 @@ def test_training_chooses_and_ships_the_tta_threshold(tiny_registered_model):
     probs = averaged_probabilities(TFLiteRunner(bundle.files["model.tflite"]), val_x)
     pos = bundle.meta["labels"].index(bundle.meta["positive_label"])
     assert np.isclose(record["threshold"], choose_threshold(val_y == pos, probs[:, pos], s.target_sensitivity))
+
+
+def test_gate_evaluates_bundles_as_they_answer_with_tta(tiny_registered_model):
+    """INFERENCE_TTA on: the gate scores candidate and champion on view-averaged probabilities with
+    their TTA thresholds (as serving and screening answer), and says so in the comparison."""
+    from training.gate import decide_gate, download_bundle, evaluate_against_champion
+    from training.tracking import mlflow_client
+
+    info = tiny_registered_model
+    plain = evaluate_against_champion(info["dataset"], info["model_version"], info["settings"])
+    s = info["settings"].model_copy(update={"inference_tta": True})
+    with_tta = evaluate_against_champion(info["dataset"], info["model_version"], s)
+    assert plain["tta"] is False and with_tta["tta"] is True
+    meta = download_bundle(mlflow_client(s), info["run_id"], s).meta
+    assert plain["candidate"]["metrics"]["threshold"] == meta["threshold"]
+    assert with_tta["candidate"]["metrics"]["threshold"] == meta["tta"]["threshold"]
+    assert with_tta["candidate"]["metrics"]["balanced_accuracy"] == meta["tta"]["test"]["balanced_accuracy"]
+    assert decide_gate(with_tta, s)["tta"] is True
