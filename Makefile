@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: install browser services test test-fast demo demo-down stack-up stack-down secrets env bench lint
+.PHONY: install browser services test test-fast demo demo-down stack-up stack-down secrets env bench
 
 install: $(STAMP)
 

@@ -250,6 +250,22 @@ def _centred_on_threshold(p, data, threshold):
     return out
 
 
+def served_figures(bundle, images, y, tta: bool) -> tuple[dict, dict]:
+    """(metrics, 95 % bootstrap intervals) of the served bundle on (test) images, plain or with TTA
+    and the bundle's TTA threshold, exactly as the gate, serving and screening compute them."""
+    from contracts.tta import decision_threshold
+    from training.evaluate import compute_metrics
+    from training.intervals import bootstrap_intervals
+    from training.tta import averaged_probabilities
+
+    runner = bundle.runner()
+    probs = averaged_probabilities(runner, images) if tta else runner.predict_proba(images.astype("float32"))
+    meta = bundle.meta
+    threshold = decision_threshold(meta, tta)
+    return (compute_metrics(y, probs, meta["labels"], meta.get("positive_label"), threshold),
+            bootstrap_intervals(y, probs, meta["labels"], meta.get("positive_label"), threshold))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="a dataset spec name (pipeline/specs/<name>.toml)")
@@ -323,27 +339,31 @@ def main(argv: list[str] | None = None) -> int:
         images, test_y = load_split_arrays(folder, read_local_meta(folder), "test")
         bundle = download_bundle(mlflow_client(settings), trained["run_id"], settings)
         behaviour = behaviour_checks(bundle, images)
-        from training.intervals import bootstrap_intervals, format_intervals
+        from training.intervals import format_intervals
 
-        served_p = bundle.runner().predict_proba(images.astype("float32"))
-        intervals = bootstrap_intervals(test_y, served_p, bundle.meta["labels"], bundle.meta.get("positive_label"),
-                                        bundle.meta.get("threshold"))
-        test = gate["comparison"]["candidate"]["metrics"]
+        figures = {tta: served_figures(bundle, images, test_y, tta) for tta in (False, True)}
+        served = settings.inference_tta
+        test = figures[served][0]
         total_s = time.perf_counter() - started
 
         print()
         print(f"== {args.dataset} accuracy benchmark (shipped defaults, test split, served TFLite model) ==")
         print(f"images: uploaded {uploaded.get('uploaded')} skipped {uploaded.get('skipped')}; "
               f"test images {test['n']}")
-        print("test: " + "  ".join(f"{k}={test[k]:.4f}" for k in shown(args.dataset, bool(test.get("threshold")))
-                                   if test.get(k) is not None))
-        print("95% bootstrap intervals (served model): " + format_intervals(intervals, tuple(intervals)))
+        for tta, (metrics, ci) in figures.items():
+            name = "8-view TTA, its threshold" if tta else "plain"
+            print(f"test, {name}{' (as served: INFERENCE_TTA)' if tta == served else ''}: "
+                  + "  ".join(f"{k}={metrics[k]:.4f}" for k in shown(args.dataset, bool(metrics.get("threshold")))
+                              if metrics.get(k) is not None))
+            print(f"  95% bootstrap intervals: {format_intervals(ci, tuple(ci))}; "
+                  f"threshold {metrics.get('threshold')}; confusion {metrics['confusion_matrix']}")
+        gate_test = gate["comparison"]["candidate"]["metrics"]
+        assert gate_test["confusion_matrix"] == test["confusion_matrix"], "the gate evaluated another way"
         print(f"calibration: {json.dumps(bundle.meta.get('calibration'))}  stop_reason: {trained.get('stop_reason')}")
         print(f"served model: {json.dumps(bundle.meta.get('quantization'))}")
         for k, target in TARGETS.get(args.dataset, {}).items():
             print(f"target {k} >= {target}: {'MET' if test[k] >= target else 'NOT MET'} ({test[k]:.4f})")
-        print("confusion matrix (rows true, cols predicted; labels "
-              f"{bundle.meta['labels']}): {test['confusion_matrix']}")
+        print(f"confusion matrices: rows true, cols predicted; labels {bundle.meta['labels']}")
         print(f"training: {trained['epochs_run']} epochs, {train_s:.0f}s "
               f"({'<=' if train_s <= 900 else '>'} 15 min)  gate: {gate['decision']['reason']}")
         print("behaviour: " + "  ".join(f"{k}={v:.4f}" for k, v in behaviour.items()))

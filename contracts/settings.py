@@ -148,7 +148,7 @@ class Settings(BaseSettings):
                                               "bundle's detector fires (false: label it and flag it)")
     # Test-time augmentation in the API AND batch screening (contracts.tta); SERVING_TTA, its name
     # before batch screening followed it, is still read.
-    inference_tta: bool = Field(False, validation_alias=AliasChoices("inference_tta", "serving_tta"),
+    inference_tta: bool = Field(True, validation_alias=AliasChoices("inference_tta", "serving_tta"),
                                 description="Average probabilities over flips and 90-degree rotations")
 
     # --- signed bundles and secrets policy -----------------------------------------------

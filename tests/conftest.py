@@ -19,6 +19,9 @@ pytest_plugins = ["tests.fixtures.data", "tests.fixtures.training"]
 # Tests never read a developer's .env or generated per-install secrets.
 os.environ["HEMAFLOW_ENV_FILE"] = ""
 os.environ["HEMAFLOW_SECRETS_FILE"] = ""
+# Served probabilities are compared with the bundles' canaries (un-augmented); the tests of test-time
+# augmentation turn it on, and the Airflow tests take the user's .env (tests/airflow/conftest.py).
+os.environ["INFERENCE_TTA"] = "false"
 
 
 @pytest.fixture(scope="session")

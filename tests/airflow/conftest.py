@@ -18,7 +18,8 @@ def hemaflow_env(local_stack, tmp_path_factory: pytest.TempPathFactory) -> dict[
     folder = tmp_path_factory.mktemp("hemaflow-user")
     specs = folder / "specs"
     specs.mkdir()
-    return {**os.environ, "HEMAFLOW_ENV_FILE": str(copy_env_example(folder)), "DATASET_SPECS_DIR": str(specs),
+    inherited = {k: v for k, v in os.environ.items() if k != "INFERENCE_TTA"}  # .env.example decides, as for a user
+    return {**inherited, "HEMAFLOW_ENV_FILE": str(copy_env_example(folder)), "DATASET_SPECS_DIR": str(specs),
             **FAST_TRAINING_ENV}
 
 

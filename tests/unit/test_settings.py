@@ -97,3 +97,5 @@ def test_inference_tta_reads_its_former_name_too(monkeypatch, restored_environ):
     assert Settings().inference_tta is False
     monkeypatch.delenv("SERVING_TTA")
     assert Settings().inference_tta is False and Settings(inference_tta=True).inference_tta is True
+    monkeypatch.delenv("INFERENCE_TTA")
+    assert Settings().inference_tta is True  # the shipped default
