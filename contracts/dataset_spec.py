@@ -32,6 +32,8 @@ class SpecTraining(BaseModel):
     train_input_size: int | None = Field(None, ge=16, le=1024)
     epochs: int | None = Field(None, ge=1)
     model_stain_normalisation: StainNormalisation | None = None
+    # The sensitivity the decision threshold is chosen for on validation (binary datasets).
+    target_sensitivity: float | None = Field(None, gt=0, le=1)
 
 
 @dataclass(frozen=True)

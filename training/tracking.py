@@ -56,7 +56,9 @@ CODE_FILES = (
     "training/stopping.py",
     "training/schedule.py",
     "training/ood.py",
+    "training/tta.py",
     "contracts/ood.py",
+    "contracts/tta.py",
     "contracts/bundle.py",
     "contracts/processed.py",
 )
