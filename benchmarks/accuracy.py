@@ -256,10 +256,9 @@ def served_figures(bundle, images, y, tta: bool) -> tuple[dict, dict]:
     from contracts.tta import decision_threshold
     from training.evaluate import compute_metrics
     from training.intervals import bootstrap_intervals
-    from training.tta import averaged_probabilities
+    from training.tta import served_probabilities
 
-    runner = bundle.runner()
-    probs = averaged_probabilities(runner, images) if tta else runner.predict_proba(images.astype("float32"))
+    probs = served_probabilities(bundle.runner(), images, tta)
     meta = bundle.meta
     threshold = decision_threshold(meta, tta)
     return (compute_metrics(y, probs, meta["labels"], meta.get("positive_label"), threshold),

@@ -76,10 +76,9 @@ def evaluate_bundle(bundle, images, y, tta: bool = False) -> dict[str, Any]:
     """The bundle's figures as it answers when served: with `tta` (INFERENCE_TTA) the view-averaged
     probabilities and the bundle's TTA threshold (`contracts.tta.decision_threshold`)."""
     from contracts.tta import decision_threshold
-    from training.tta import averaged_probabilities
+    from training.tta import served_probabilities
 
-    runner = bundle.runner()
-    probs = averaged_probabilities(runner, images) if tta else runner.predict_proba(images.astype("float32"))
+    probs = served_probabilities(bundle.runner(), images, tta)
     meta = bundle.meta
     return compute_metrics(y, probs, meta["labels"], meta.get("positive_label"), decision_threshold(meta, tta))
 

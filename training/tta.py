@@ -26,6 +26,11 @@ def averaged_probabilities(runner: Any, images: np.ndarray, batch: int = VIEW_BA
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
+def served_probabilities(runner: Any, images: np.ndarray, tta: bool) -> np.ndarray:
+    """[N, C] probabilities as serving and screening answer: view-averaged with `tta`, else one view."""
+    return averaged_probabilities(runner, images) if tta else runner.predict_proba(images.astype("float32"))
+
+
 def tta_record(runner: Any, fitted: Any, test_x: np.ndarray, target_sensitivity: float) -> dict[str, Any]:
     """bundle.json `tta`: {views, threshold (binary; None otherwise), validation {...}, test {...}}
     of the served model `runner`; `fitted` is the run's `training.fitting.FitResult`."""
