@@ -6,7 +6,7 @@ LocalExecutor, loopback only), uploads a folder-per-class dataset with `upload`,
 event starts the retraining DAG through the scheduler: the run the terminal follows is the
 run the Airflow UI shows. Then it starts the serving container on the promoted @champion, submits
 the DEMO_HOLD_BACK images it kept out of raw/ as one batch (`hemaflow_score_<dataset>` scores it,
-followed the same way) and prints the URLs, the Airflow login, the champion's test metrics and
+followed the same way) and prints the URLs, the Airflow login, the champion's test figures as served and
 where the batch report and review page are.
 Idempotent: a second `up` reuses what runs and uploads nothing already there; with nothing
 new it starts no run (a manual run only when no @champion exists yet). `python -m scripts.demo
@@ -32,6 +32,16 @@ SERVING_START_TIMEOUT_S = 180.0
 DEMO_BATCH_ID = "demo-holdout"  # fixed: a second `make demo` finds the batch (and its result) again
 HEADLINE_METRICS = ("test_balanced_accuracy", "test_sensitivity", "test_specificity", "test_accuracy",
                     "test_roc_auc", "test_macro_f1", "test_n")
+
+
+def served_headline(metrics: dict[str, float], tta: bool) -> tuple[str, dict[str, float]]:
+    """The champion's test figures as the served model answers, and what they are: with INFERENCE_TTA
+    on, its view-averaged `tta_test_*` figures (at the TTA threshold); a champion trained before
+    those were logged has only its un-augmented figures, and the label says so."""
+    shown = [k for k in HEADLINE_METRICS if k in metrics] or sorted(k for k in metrics if k.startswith("test"))
+    if tta and any(f"tta_{k}" in metrics for k in shown):
+        return "as served, 8-view TTA", {k: metrics.get(f"tta_{k}", metrics[k]) for k in shown}
+    return "as served, no TTA" if not tta else "without TTA (none logged)", {k: metrics[k] for k in shown}
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -92,7 +102,7 @@ def demo_admin_key(settings: Settings) -> str:
 # --- results ------------------------------------------------------------------------------------
 
 
-def champion_report(settings: Settings, dataset: str) -> tuple[str | None, dict[str, float]]:
+def champion_report(settings: Settings, dataset: str) -> tuple[str | None, tuple[str, dict[str, float]]]:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -100,10 +110,8 @@ def champion_report(settings: Settings, dataset: str) -> tuple[str | None, dict[
     try:
         version = client.get_model_version_by_alias(settings.model_name(dataset), "champion")
     except MlflowException:
-        return None, {}
-    metrics = client.get_run(version.run_id).data.metrics
-    shown = [k for k in HEADLINE_METRICS if k in metrics] or sorted(k for k in metrics if k.startswith("test"))
-    return str(version.version), {k: metrics[k] for k in shown}
+        return None, ("", {})
+    return str(version.version), served_headline(client.get_run(version.run_id).data.metrics, settings.inference_tta)
 
 
 def score_holdout(settings: Settings, site, dataset: str, batch_dir: Path) -> dict | None:
@@ -210,7 +218,8 @@ def up() -> int:
         print(f"               login {settings.serving_mlflow_username} (read-only) / SERVING_MLFLOW_PASSWORD "
               f"in {secrets_file_path()}")
     print(f"  Serving      http://127.0.0.1:{settings.serving_port}/   (API docs: /docs)")
-    print(f"  Champion     version {version}: {format_metrics(metrics)}")
+    figures_are, figures = metrics
+    print(f"  Champion     version {version}, test split {figures_are}: {format_metrics(figures)}")
     print(f"  New images   AIRFLOW_API_URL={site.api_url} AIRFLOW_API_PASSWORD=<the password above> "
           f".venv/bin/python -m pipeline upload DIR --dataset {dataset}")
     print(f"               retrains at once (Airflow asset event); without AIRFLOW_API_URL the watcher DAG finds "

@@ -81,6 +81,20 @@ def test_demo_champion_metrics_show_rates_to_4_decimals_and_the_test_count_as_an
         "test_balanced_accuracy=0.9784, test_n=401")
 
 
+def test_demo_champion_headline_is_the_figures_as_served_tta_when_it_is_on():
+    from scripts.demo import served_headline
+
+    metrics = {"test_sensitivity": 0.9881, "test_specificity": 1.0, "test_n": 401.0,
+               "tta_test_sensitivity": 0.9911, "tta_test_specificity": 0.9844, "tta_threshold": 0.545}
+    assert served_headline(metrics, tta=True) == (
+        "as served, 8-view TTA", {"test_sensitivity": 0.9911, "test_specificity": 0.9844, "test_n": 401.0})
+    assert served_headline(metrics, tta=False) == (
+        "as served, no TTA", {"test_sensitivity": 0.9881, "test_specificity": 1.0, "test_n": 401.0})
+    # a champion trained before TTA figures were logged: its plain figures, and the label says so
+    assert served_headline({"test_sensitivity": 0.97, "test_n": 10.0}, tta=True) == (
+        "without TTA (none logged)", {"test_sensitivity": 0.97, "test_n": 10.0})
+
+
 def test_demo_progress_echoes_each_training_epoch_from_the_task_log_once(tmp_path):
     from scripts.demo_airflow import RunProgress
 
