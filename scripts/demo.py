@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from contracts.settings import PROJECT_ROOT, Settings, get_settings, secrets_file_path
+from contracts.tta import VIEWS
 from scripts.demo_airflow import (DemoError, airflow_site, api_settings, follow_run, start_airflow,
                                   stop_legacy_airflow, wait_for_dag)
 from scripts.demo_data import hold_back, no_data_help, resolve_data_dir
@@ -40,7 +41,7 @@ def served_headline(metrics: dict[str, float], tta: bool) -> tuple[str, dict[str
     those were logged has only its un-augmented figures, and the label says so."""
     shown = [k for k in HEADLINE_METRICS if k in metrics] or sorted(k for k in metrics if k.startswith("test"))
     if tta and any(f"tta_{k}" in metrics for k in shown):
-        return "as served, 8-view TTA", {k: metrics.get(f"tta_{k}", metrics[k]) for k in shown}
+        return f"as served, {VIEWS}-view TTA", {k: metrics.get(f"tta_{k}", metrics[k]) for k in shown}
     return "as served, no TTA" if not tta else "without TTA (none logged)", {k: metrics[k] for k in shown}
 
 
@@ -198,7 +199,7 @@ def up() -> int:
     train_dir, batch_dir = hold_back(settings, data_dir, dataset)
     run = retrain(settings, site, dataset, train_dir)
 
-    version, metrics = champion_report(settings, dataset)
+    version, (figures_are, figures) = champion_report(settings, dataset)
     if version is None:
         raise DemoError(f"no @champion for {settings.model_name(dataset)}: the gate rejected every candidate "
                         "(see the run's report task and the MLflow 'pipeline-runs' experiment)")
@@ -218,7 +219,6 @@ def up() -> int:
         print(f"               login {settings.serving_mlflow_username} (read-only) / SERVING_MLFLOW_PASSWORD "
               f"in {secrets_file_path()}")
     print(f"  Serving      http://127.0.0.1:{settings.serving_port}/   (API docs: /docs)")
-    figures_are, figures = metrics
     print(f"  Champion     version {version}, test split {figures_are}: {format_metrics(figures)}")
     print(f"  New images   AIRFLOW_API_URL={site.api_url} AIRFLOW_API_PASSWORD=<the password above> "
           f".venv/bin/python -m pipeline upload DIR --dataset {dataset}")
