@@ -28,6 +28,8 @@ LEVERS = {
     "input160": {"input_size": 160},
     "width24": {"width": 24},
     "depth6": {"depth": 6},
+    "separable": {"conv": "separable"},
+    "separable_w32": {"conv": "separable", "width": 32},  # ~ the multiply-adds of width 16 with full convs
     "colour2x": {"colour_strength": 2.0},
     "colour0": {"colour_strength": 0.0},
     "crop_fit": {"crop": "fit"},

@@ -33,7 +33,7 @@ from training.batchnorm import (
     statistics_stride,
 )
 from training.calibration import logits_of
-from training.model import BN_MOMENTUM, STAIN_NONE
+from training.model import BN_MOMENTUM, CONV_STANDARD, STAIN_NONE
 from training.schedule import COSINE
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -69,6 +69,7 @@ class Lever:
     bn_momentum: float = BN_MOMENTUM
     precise_bn: str = PRECISE_BN_OFF  # training.batchnorm.PRECISE_BN_MODES (each_epoch: 2-3x the fit time)
     stain_normalisation: str = STAIN_NONE  # training.model.STAIN_NORMALISATIONS
+    conv: str = CONV_STANDARD  # training.model.CONV_TYPES
     seed: int = 1337
 
 
@@ -183,7 +184,8 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
     counts = np.bincount(data.y[tr], minlength=n_classes)
     weights = {i: (len(tr) / (n_classes * c) if c else 1.0) for i, c in enumerate(counts)}
     net = build_model(n_classes, lever.input_size, lever.input_size, lever.width, lever.depth, seed=lever.seed,
-                      bn_momentum=lever.bn_momentum, stain_normalisation=lever.stain_normalisation)
+                      bn_momentum=lever.bn_momentum, stain_normalisation=lever.stain_normalisation,
+                      conv=lever.conv)
     steps = steps_per_epoch(len(tr), lever.batch_size)
     net.compile(optimizer=make_optimizer(lever.learning_rate, lever.lr_schedule, lever.epochs, steps),
                 loss=keras.losses.SparseCategoricalCrossentropy(),

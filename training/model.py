@@ -5,7 +5,8 @@ Architecture (no pretrained weights can be downloaded here):
     image [S, S, 3] float 0..255  (exactly what `contracts.imaging.prepare_image` returns)
       -> Rescaling(1/255) -> Resizing(TRAIN_INPUT_SIZE)       normalisation lives IN the model
       -> optional per-image stain normalisation "stain_norm" (MODEL_STAIN_NORMALISATION)
-      -> MODEL_DEPTH conv blocks (3x3 conv, BatchNorm, ReLU; width doubles per block, capped),
+      -> MODEL_DEPTH conv blocks (3x3 conv, BatchNorm, ReLU; width doubles per block, capped;
+         optionally depthwise-separable after the stem),
          every block but the last halves the resolution with max-pooling
       -> "features" A [h, w, K]  -> GlobalAveragePooling "pooled_features" [K] -> Dropout
       -> Dense(C) "logits" -> softmax "probabilities"
@@ -53,6 +54,12 @@ STAIN_NONE = "none"
 STAIN_PER_IMAGE = "per_image"
 STAIN_NORMALISATIONS = (STAIN_NONE, STAIN_PER_IMAGE)
 STAIN_LAYER = "stain_norm"
+# Convolutions of the blocks after the stem: "separable" is a depthwise 3x3 then a pointwise 1x1
+# (MobileNet's), ~1/8 of the multiply-adds of a full 3x3 at the same width, so a wider network
+# fits the same CPU budget. The stem stays a full conv (a depthwise conv of 3 channels sees no colour mix).
+CONV_STANDARD = "standard"
+CONV_SEPARABLE = "separable"
+CONV_TYPES = (CONV_STANDARD, CONV_SEPARABLE)
 
 
 def block_filters(width: int, depth: int) -> list[int]:
@@ -70,6 +77,7 @@ def build_model(
     dropout: float = DROPOUT,
     bn_momentum: float = BN_MOMENTUM,
     stain_normalisation: str = STAIN_NONE,
+    conv: str = CONV_STANDARD,
 ) -> Any:
     """Build the (uncompiled) Keras classifier; its output is the softmax probabilities."""
     import keras
@@ -77,6 +85,8 @@ def build_model(
 
     if stain_normalisation not in STAIN_NORMALISATIONS:
         raise ValueError(f"stain_normalisation must be one of {STAIN_NORMALISATIONS}, not {stain_normalisation!r}")
+    if conv not in CONV_TYPES:
+        raise ValueError(f"conv must be one of {CONV_TYPES}, not {conv!r}")
 
     keras.utils.set_random_seed(seed)
     reg = keras.regularizers.L2(WEIGHT_DECAY)
@@ -94,7 +104,11 @@ def build_model(
         # stack two convs, where the resolution is small enough to afford them on a CPU.
         n_convs = 1 if i == 0 else 2
         for j in range(n_convs):
-            x = layers.Conv2D(f, 3, padding="same", use_bias=False, kernel_regularizer=reg, name=f"b{i}_conv{j}")(x)
+            if conv == CONV_SEPARABLE and i > 0:
+                x = layers.SeparableConv2D(f, 3, padding="same", use_bias=False, depthwise_regularizer=reg,
+                                           pointwise_regularizer=reg, name=f"b{i}_conv{j}")(x)
+            else:
+                x = layers.Conv2D(f, 3, padding="same", use_bias=False, kernel_regularizer=reg, name=f"b{i}_conv{j}")(x)
             x = layers.BatchNormalization(momentum=bn_momentum, name=f"b{i}_bn{j}")(x)
             x = layers.ReLU(name=FEATURES_LAYER if (last and j == n_convs - 1) else f"b{i}_relu{j}")(x)
         if not last:
@@ -114,10 +128,14 @@ def served_twin(trained: Any, num_classes: int, image_size: int, input_size: int
     tf.data, before the cache, with the same bilinear op as the Resizing layer), which keeps
     augmentation and decoding cheap on a small CPU. Resizing, Rescaling and the stain
     normalisation have no weights, so both models have the same weight list; the stain
-    normalisation is read from `trained`, so a twin cannot silently drop it.
+    normalisation and the conv type are read from `trained`, so a twin cannot silently drop them.
     """
+    from keras import layers
+
     stain = STAIN_PER_IMAGE if any(layer.name == STAIN_LAYER for layer in trained.layers) else STAIN_NONE
-    served = build_model(num_classes, image_size, input_size, width, depth, stain_normalisation=stain)
+    separable = any(isinstance(layer, layers.SeparableConv2D) for layer in trained.layers)
+    served = build_model(num_classes, image_size, input_size, width, depth, stain_normalisation=stain,
+                         conv=CONV_SEPARABLE if separable else CONV_STANDARD)
     served.set_weights(trained.get_weights())
     return served
 
