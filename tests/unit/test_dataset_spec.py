@@ -71,11 +71,12 @@ def test_training_table_overrides_the_global_settings_for_its_dataset_only(tmp_p
     from contracts.settings import Settings
 
     base = 'name = "{name}"\n{training}[classes]\na = "a"\nb = "b"\n'
-    (tmp_path / "big.toml").write_text(base.format(name="big", training="[training]\ntrain_input_size = 128\nepochs = 20\n"))
+    (tmp_path / "big.toml").write_text(
+        base.format(name="big", training="[training]\ntrain_input_size = 128\nmodel_width = 24\nepochs = 20\n"))
     (tmp_path / "plain.toml").write_text(base.format(name="plain", training=""))
     settings = Settings(_env_file=None, dataset_specs_dir=tmp_path, train_input_size=96, epochs=14)
     big = training_settings(settings, "big")
-    assert (big.train_input_size, big.epochs) == (128, 20)
+    assert (big.train_input_size, big.model_width, big.epochs) == (128, 24, 20)
     assert training_settings(settings, "plain") is settings and training_settings(settings, "gone") is settings
     stained = {"model_stain_normalisation": "per_image"}  # chosen on 3-fold for both built-in sets
     assert load_spec("pbc8").training == stained
@@ -94,6 +95,7 @@ def test_template_copies_get_the_stain_normalisation():
 
 @pytest.mark.parametrize(("table", "match"), [
     ("train_input_size = 8", "train_input_size"),
+    ("model_width = 2", "model_width"),
     ("learning_rate = 0.1", "learning_rate"),
     ("epochs = 'many'", "epochs"),
     ("model_stain_normalisation = 'macenko'", "model_stain_normalisation"),
