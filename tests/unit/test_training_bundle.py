@@ -91,14 +91,18 @@ def test_wrong_expected_canary_output_is_rejected(tiny_bundle_dir, tmp_path):
         check_canaries(bundle)
 
 
-def test_served_twin_equals_the_network_trained_on_resized_images():
-    """Training at the network size + Resizing inside the served model = the same function."""
+@pytest.mark.parametrize("conv", ["standard", "separable"])
+def test_served_twin_equals_the_network_trained_on_resized_images(conv):
+    """Training at the network size + Resizing inside the served model = the same function
+    (the conv type is read from the trained network, not passed)."""
     import tensorflow as tf
 
     from training.model import build_model, served_twin
 
-    net = build_model(3, 16, 16, width=4, depth=2, seed=3)
+    net = build_model(3, 16, 16, width=4, depth=2, seed=3, conv=conv)
     served = served_twin(net, 3, 40, 16, width=4, depth=2)
+    assert [type(layer) for layer in served.layers if layer.name.startswith("b")] == [
+        type(layer) for layer in net.layers if layer.name.startswith("b")]
     images = synthetic_images([0, 1, 2, 0], 40, seed=2).astype(np.float32)
     resized = tf.image.resize(images, [16, 16], method="bilinear").numpy()
     assert np.max(np.abs(served.predict(images, verbose=0) - net.predict(resized, verbose=0))) <= 1e-5
