@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from contracts.settings import PROJECT_ROOT
-from tests.fixtures.data import make_image_tree
+from tests.fixtures.data import bad_images, encode, make_image, make_image_tree
 
 NEW_SPEC = "wbc4"  # what `cp pipeline/specs/_template.toml pipeline/specs/wbc4.toml` creates
 TEMPLATE_SPEC = PROJECT_ROOT / "pipeline" / "specs" / "_template.toml"
@@ -73,6 +73,54 @@ def image_tree(root: Path, shared_pbc8: Path | None, part: int = 0) -> tuple[Pat
         return root, "pbc8 360x363 JPEGs"
     make_image_tree(root, {c: IMAGES_PER_CLASS for c in classes}, size=(320, 240), seed=part, fmt="JPEG")
     return root, "generated 320x240 JPEGs"
+
+
+# Sizes beside the class images' own (all need resizing): non-square both ways, the smallest sides
+# validation accepts (MIN_IMAGE_SIDE 32), and large photographs (one of 35 Mpx, under MAX_IMAGE_PIXELS).
+ACCEPTED_SIZES = {"portrait.jpg": (240, 400), "wide.jpg": (960, 240), "smallest.png": (40, 32),
+                  "large.jpg": (4000, 3000)}
+HUGE = ("huge.jpg", (7000, 5000))
+
+
+def every_accepted_shape(tree: Path) -> list[str]:
+    """Beside each class folder's images, its first image again in every mode, format and size the
+    validation accepts (16-bit and 8-bit grey, CMYK, RGBA, palette with transparency, TIFF, BMP,
+    non-square, smallest, large); returns the added paths relative to `tree`."""
+    import numpy as np
+    from PIL import Image
+
+    added: list[str] = []
+    for index, folder in enumerate(sorted(p for p in tree.iterdir() if p.is_dir())):
+        with Image.open(sorted(folder.iterdir())[0]) as first:
+            rgb = first.convert("RGB")
+        alpha = Image.linear_gradient("L").resize(rgb.size).point(lambda v: 128 + v // 2)
+        variants = {
+            "grey16.png": encode(Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257), "PNG"),
+            "grey8.jpg": encode(rgb.convert("L"), "JPEG", quality=90),
+            "cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG", quality=90),
+            "rgba.png": encode(Image.merge("RGBA", (*rgb.split(), alpha)), "PNG"),
+            "palette_alpha.png": encode(rgb.quantize(64), "PNG", transparency=0),
+            "rgb.tif": encode(rgb, "TIFF"),
+            "rgb.bmp": encode(rgb, "BMP"),
+            **{name: encode(rgb.resize(size), "JPEG" if name.endswith(".jpg") else "PNG")
+               for name, size in ACCEPTED_SIZES.items()},
+        }
+        if index == 0:
+            variants[HUGE[0]] = encode(rgb.resize(HUGE[1]), "JPEG", quality=85)
+        for name, data in variants.items():
+            (folder / f"shape_{name}").write_bytes(data)
+            added.append(f"{folder.name}/shape_{name}")
+    return added
+
+
+def add_bad_files(folder: Path) -> dict[str, str]:
+    """Files validation must quarantine (empty, truncated, not an image, decompression bombs, a side
+    under MIN_IMAGE_SIDE) in `folder`; returns file name -> expected quarantine reason."""
+    bad = {name: reason for name, (_, reason) in bad_images().items()}
+    for name, (data, _) in bad_images().items():
+        (folder / f"bad_{name}").write_bytes(data)
+    (folder / "bad_tiny.png").write_bytes(encode(make_image(3, (180, 90, 120), (16, 16)), "PNG"))
+    return {f"bad_{name}": reason for name, reason in {**bad, "tiny.png": "bad_dimensions"}.items()}
 
 
 def upload_cli(tree: Path, dataset: str, env: dict[str, str]) -> str:

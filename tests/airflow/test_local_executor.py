@@ -6,10 +6,12 @@ task runner (never `dag.test()`). The user's path, in order:
 1. a new spec is added by copying `_template.toml` (`wbc4`): its DAG appears, active;
 2. its first scheduled (timetable) run finds an empty prefix and ends green, "nothing to do";
 3. a running serving instance has no model yet; `python -m pipeline upload` sends images that
-   need resizing and emits the Asset event; the asset-triggered run trains, promotes and
-   serving picks up @champion;
-4. `python -m pipeline submit` sends a batch (with a corrupt file) to the inbox and emits its Asset
-   event; the asset-triggered `hemaflow_score_<spec>` run scores it in mapped chunks;
+   need resizing, in every mode, format and size validation accepts, and files it must quarantine,
+   and emits the Asset event; the asset-triggered run quarantines exactly the bad files, trains on
+   every other one, promotes, and serving picks up @champion;
+4. `python -m pipeline submit` sends a batch (every accepted shape again, and a corrupt file) to the
+   inbox and emits its Asset event; the asset-triggered `hemaflow_score_<spec>` run scores it in
+   mapped chunks;
 5. a reviewer confirms or corrects labels of that batch through serving's review API;
    `hemaflow_feedback` (unpaused and triggered through the REST API) copies the reviewed images
    into raw/<spec>/<class>/ with their provenance; its Asset event starts a retraining run whose
@@ -29,8 +31,9 @@ import httpx
 import pytest
 
 from contracts.settings import PROJECT_ROOT
-from tests.airflow.site import (NEW_SPEC, TEMPLATE_SPEC, cron_at, image_tree, next_minute_after,
-                                run_wall_s, serving_model_version, task_table, upload_cli, wait_for)
+from tests.airflow.site import (FAST_TRAINING_ENV, NEW_SPEC, TEMPLATE_SPEC, add_bad_files, cron_at,
+                                every_accepted_shape, image_tree, next_minute_after, run_wall_s,
+                                serving_model_version, task_table, upload_cli, wait_for)
 from tests.helpers import SHARED_DATA
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -39,7 +42,7 @@ DAG_ID = f"hemaflow_retrain_{NEW_SPEC}"
 SCHEDULE_LEAD_S = 150  # the spec is added and parsed well before the scheduled run is due
 RUN_TIMEOUT_S = 900
 ADMIN_KEY = "airflow-test-admin-key"
-SCORE_CHUNK = 64  # 281 images -> 5 mapped tasks (each task costs seconds of scheduling and start-up)
+SCORE_CHUNK = 64  # 281 + 45 images -> 6 mapped tasks (each task costs seconds of scheduling and start-up)
 SCORED_BATCH = "sched-batch-1"
 FEEDBACK_DAG_ID = "hemaflow_feedback"
 REVIEWER = "alice"
@@ -146,7 +149,8 @@ def test_first_scheduled_run_on_an_empty_prefix_ends_green_with_nothing_to_do(si
     assert _summary(local_stack, run["dag_run_id"])["outcome"].startswith("nothing to do: no images")
 
 
-def test_upload_event_retrains_through_the_scheduler_and_serving_follows(site, api, serving, local_stack, tmp_path):
+def test_upload_event_retrains_through_the_scheduler_and_serving_follows(site, api, serving, local_stack, s3,
+                                                                       tmp_path):
     from mlflow.tracking import MlflowClient
 
     from pipeline.airflow_api import task_instances, wait_for_run
@@ -155,6 +159,8 @@ def test_upload_event_retrains_through_the_scheduler_and_serving_follows(site, a
     assert httpx.get(f"{serving}/readyz").status_code == 503  # no champion yet: not ready, not crashed
 
     tree, kind = image_tree(tmp_path / "upload", SHARED_DATA / "pbc8")
+    shapes = every_accepted_shape(tree)
+    bad = {f"eosinophil/{name}": reason for name, reason in add_bad_files(tree / "eosinophil").items()}
     before = {r["dag_run_id"] for r in _runs(api)}
     output = upload_cli(tree, NEW_SPEC, cli_env)
     assert "asset event" in output and "emitted" in output, output[-1000:]
@@ -162,12 +168,15 @@ def test_upload_event_retrains_through_the_scheduler_and_serving_follows(site, a
                                                        "asset_triggered" and r["dag_run_id"] not in before),
                                                       None), timeout_s=RUN_TIMEOUT_S)
     tis = task_instances(api, DAG_ID, run["dag_run_id"])
-    print(f"\nasset-triggered run on {kind}: {run['state']} in {run_wall_s(run):.0f}s\n{task_table(tis)}")
+    print(f"\nasset-triggered run on {kind}, {len(shapes)} in other accepted shapes and {len(bad)} bad files: "
+          f"{run['state']} in {run_wall_s(run):.0f}s\n{task_table(tis)}")
     assert run["state"] == "success"
     states = {t["task_id"]: t["state"] for t in tis}
     assert all(states[t] == "success" for t in ("ingest", "validate", "preprocess", "train", "evaluate",
                                                 "gate", "promote", "notify_serving", "report")), states
     assert states["keep_champion"] == "skipped"
+    _assert_every_shape_trained_and_only_bad_files_quarantined(local_stack, s3, _summary(local_stack, run["dag_run_id"]),
+                                                               tree, shapes, bad, Path(cli_env["DATASET_SPECS_DIR"]))
 
     champion = MlflowClient(tracking_uri=local_stack.mlflow_tracking_uri).get_model_version_by_alias(
         local_stack.model_name(NEW_SPEC), "champion")
@@ -186,6 +195,7 @@ def test_submitted_batch_is_scored_through_the_scheduler_in_mapped_chunks(site, 
     dag_id, batch = f"hemaflow_score_{NEW_SPEC}", SCORED_BATCH
     # Nested class folders (fine for a batch) of images the model was not trained on.
     tree, _ = image_tree(tmp_path / "batch", SHARED_DATA / "pbc8", part=1)
+    every_accepted_shape(tree)
     (tree / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated " * 8)
     n_images = sum(1 for p in tree.rglob("*") if p.is_file())
     champion = _champion_version(local_stack)
@@ -268,6 +278,33 @@ def test_reviewed_images_join_raw_and_retrain_through_the_scheduler(site, api, s
     assert gate["n"] == N_REVIEWED and gate["candidate"] and gate["champion"], gate
     report = _summary_text(local_stack, run["dag_run_id"])
     assert f"reviewed images joined: {N_REVIEWED}" in report and f"Reviewed images at the gate ({N_REVIEWED}" in report
+
+
+def _assert_every_shape_trained_and_only_bad_files_quarantined(local_stack, s3, summary: dict, tree: Path,
+                                                               shapes: list[str], bad: dict[str, str],
+                                                               specs_dir: Path) -> None:
+    """Validation quarantined exactly the bad files, for the expected reasons, and the dataset version
+    trained on holds every other uploaded file (less same-label duplicates), each accepted shape
+    among them, at IMAGE_SIZE."""
+    from contracts.dataset_spec import load_spec
+    from contracts.processed import MANIFEST_FILE, META_FILE, DatasetMeta, version_prefix
+    from pipeline.storage import get_json_or_none, get_jsonl
+
+    spec, bucket = load_spec(NEW_SPEC, specs_dir), local_stack.s3_bucket
+
+    def key(rel: str) -> str:
+        return spec.key_for(*rel.split("/", 1))
+
+    uploaded = {key(p.relative_to(tree).as_posix()) for p in tree.rglob("*") if p.is_file()}
+    validation = get_json_or_none(s3, bucket, summary["validation_summary_key"])
+    assert {i["key"]: i["reason"] for i in validation["quarantined_items"]} == {key(r): why for r, why in bad.items()}
+    meta_key = version_prefix(NEW_SPEC, summary["dataset_version"]) + META_FILE
+    meta = DatasetMeta.from_json(s3.get_object(Bucket=bucket, Key=meta_key)["Body"].read().decode())
+    trained = {row["key"] for row in get_jsonl(s3, bucket, meta.object_key(MANIFEST_FILE))}
+    assert len(trained) == validation["kept"] == len(uploaded) - len(bad) - validation["duplicates_dropped"]
+    assert trained <= uploaded - {key(r) for r in bad} and {key(r) for r in shapes} <= trained
+    assert meta.image_size == int(FAST_TRAINING_ENV["IMAGE_SIZE"])
+    assert sum(sum(per_label.values()) for per_label in meta.counts.values()) == len(trained)
 
 
 def _all_finished(runs: list[dict]) -> list[dict] | None:
