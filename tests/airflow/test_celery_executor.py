@@ -4,10 +4,11 @@ Postgres (metadata database and Celery results) and Redis (broker) run as proces
 api-server, scheduler, dag-processor and triggerer as in the LocalExecutor test; and **two**
 Celery workers, each with its own local state folder (HEMAFLOW_HOME, as each worker container
 has its own disk), serving the default queue and the training queue (TRAIN_QUEUE=training).
-An upload's Asset event starts the run; the worker running `train` is SIGKILLed with all its
+The spec is the template with `crop = "fit"` (320x240 fields keep their whole width); an
+upload's Asset event starts the run; the worker running `train` is SIGKILLed with all its
 processes (a lost machine); the scheduler notices the missing heartbeats, the task is retried
 on the other worker, and the run still ends with one registered version, @champion set, tasks
-seen on both workers and every cache entry intact.
+seen on both workers, every cache entry intact and the dataset version preprocessed with `fit`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from contracts.imaging import CROP_POLICY_NAMES, FIT
 from tests.airflow.site import TEMPLATE_SPEC, run_wall_s, task_table, upload_cli, wait_for
 from tests.fixtures.data import make_image_tree
 
@@ -28,6 +30,7 @@ WORKERS = ("worker-a", "worker-b")
 TRAIN_QUEUE = "training"
 HEARTBEAT_TIMEOUT_S = 20  # how soon the scheduler gives up on a task whose worker vanished
 RUN_TIMEOUT_S = 900
+FIT_LINE = '# crop = "fit"'
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +95,18 @@ def kill_worker_tree(settings, worker: str) -> int:
 
 
 def test_two_workers_share_the_run_and_a_killed_worker_task_is_retried_on_the_other(
-        celery_site, api, local_stack, tmp_path):
+        celery_site, api, local_stack, s3, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from pipeline.airflow_api import dag_runs, get_dag, task_instances, wait_for_run
 
     _, cli_env, homes = celery_site
+    # The template with its crop line uncommented, as a user does for 320x240 fields off-centre.
+    template = TEMPLATE_SPEC.read_text()
+    assert FIT_LINE in template.splitlines()
     Path(cli_env["DATASET_SPECS_DIR"], f"{DATASET}.toml").write_text(
-        TEMPLATE_SPEC.read_text().replace('"wbc4"', f'"{DATASET}"').replace("raw/wbc4/", f"raw/{DATASET}/"))
+        template.replace('"wbc4"', f'"{DATASET}"').replace("raw/wbc4/", f"raw/{DATASET}/")
+        .replace(FIT_LINE, FIT_LINE.removeprefix("# ")))
     wait_for(lambda: get_dag(api, DAG_ID), f"{DAG_ID} to be parsed", timeout_s=120)
     tree = make_image_tree(tmp_path / "upload", {c: 24 for c in ("eosinophil", "lymphocyte", "monocyte",
                                                                   "neutrophil")}, size=(320, 240), fmt="JPEG")
@@ -133,6 +140,16 @@ def test_two_workers_share_the_run_and_a_killed_worker_task_is_retried_on_the_ot
     assert client.get_model_version_by_alias(name, "champion").version == "1"
     for worker, home in homes.items():
         assert_cache_intact(Path(home))
+    assert dataset_version_policies(s3, local_stack.s3_bucket) == {CROP_POLICY_NAMES[FIT]}
+
+
+def dataset_version_policies(s3, bucket: str) -> set[str]:
+    """The crop policy every processed version of the dataset records (the spec's, on the workers)."""
+    from contracts.processed import META_FILE
+    from pipeline.storage import get_json, iter_objects
+
+    return {get_json(s3, bucket, o["Key"])["preprocessing"]["policy"]
+            for o in iter_objects(s3, bucket, f"processed/{DATASET}/") if o["Key"].endswith(f"/{META_FILE}")}
 
 
 def assert_cache_intact(home: Path) -> None:
