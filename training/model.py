@@ -54,6 +54,11 @@ STAIN_NONE = "none"
 STAIN_PER_IMAGE = "per_image"
 STAIN_NORMALISATIONS = (STAIN_NONE, STAIN_PER_IMAGE)
 STAIN_LAYER = "stain_norm"
+# Macenko's two-stain normalisation (training.stain): a lever build_model accepts, not a setting,
+# because TFLite cannot export it yet.
+STAIN_MACENKO = "macenko"
+LEVER_STAIN_NORMALISATIONS = (*STAIN_NORMALISATIONS, STAIN_MACENKO)
+MACENKO_LAYER = "stain_macenko"
 # Convolutions of the blocks after the stem: "separable" is a depthwise 3x3 then a pointwise 1x1
 # (MobileNet's), ~1/8 of the multiply-adds of a full 3x3 at the same width, so a wider network
 # fits the same CPU budget. The stem stays a full conv (a depthwise conv of 3 channels sees no colour mix).
@@ -83,8 +88,9 @@ def build_model(
     import keras
     from keras import layers
 
-    if stain_normalisation not in STAIN_NORMALISATIONS:
-        raise ValueError(f"stain_normalisation must be one of {STAIN_NORMALISATIONS}, not {stain_normalisation!r}")
+    if stain_normalisation not in LEVER_STAIN_NORMALISATIONS:
+        raise ValueError(f"stain_normalisation must be one of {LEVER_STAIN_NORMALISATIONS}, "
+                         f"not {stain_normalisation!r}")
     if conv not in CONV_TYPES:
         raise ValueError(f"conv must be one of {CONV_TYPES}, not {conv!r}")
 
@@ -97,6 +103,10 @@ def build_model(
     if stain_normalisation == STAIN_PER_IMAGE:  # statistics over height and width, per image and channel
         x = layers.LayerNormalization(axis=[1, 2], center=False, scale=False,
                                       epsilon=STAIN_EPSILON, name=STAIN_LAYER)(x)
+    elif stain_normalisation == STAIN_MACENKO:
+        from training.stain import macenko_layer
+
+        x = macenko_layer(MACENKO_LAYER)(x)
     filters = block_filters(width, depth)
     for i, f in enumerate(filters):
         last = i == len(filters) - 1
@@ -132,7 +142,8 @@ def served_twin(trained: Any, num_classes: int, image_size: int, input_size: int
     """
     from keras import layers
 
-    stain = STAIN_PER_IMAGE if any(layer.name == STAIN_LAYER for layer in trained.layers) else STAIN_NONE
+    names = {layer.name for layer in trained.layers}
+    stain = STAIN_PER_IMAGE if STAIN_LAYER in names else STAIN_MACENKO if MACENKO_LAYER in names else STAIN_NONE
     separable = any(isinstance(layer, layers.SeparableConv2D) for layer in trained.layers)
     served = build_model(num_classes, image_size, input_size, width, depth, stain_normalisation=stain,
                          conv=CONV_SEPARABLE if separable else CONV_STANDARD)

@@ -1,4 +1,5 @@
-"""Stain handling: the in-model per-image normalisation (training.model) and the re-staining
+"""Stain handling: the in-model per-image normalisation (training.model), the Macenko lever
+(training.stain) and the re-staining
 read-outs that benchmarks/accuracy.py --folds uses as an other-lab proxy (benchmarks.stain_shift)."""
 
 from __future__ import annotations
@@ -79,21 +80,55 @@ def test_per_image_stain_normalisation_ignores_a_global_stain_change():
     assert np.abs(a - b).mean() < 0.02 < np.abs(images - relit).mean() / 255
 
 
-def test_served_twin_keeps_the_stain_normalisation():
+@pytest.mark.parametrize("stain, layer", [("per_image", "stain_norm"), ("macenko", "stain_macenko")])
+def test_served_twin_keeps_the_stain_normalisation(stain, layer):
     from training.model import STAIN_LAYER, build_model, served_twin
 
-    net = build_model(2, 24, 24, width=4, depth=2, seed=3, stain_normalisation="per_image")
+    net = build_model(2, 24, 24, width=4, depth=2, seed=3, stain_normalisation=stain)
     served = served_twin(net, 2, 48, 24, width=4, depth=2)  # read from the trained network, not passed
-    assert served.get_layer(STAIN_LAYER) is not None
+    assert served.get_layer(layer) is not None
     plain = served_twin(build_model(2, 24, 24, width=4, depth=2, seed=3), 2, 48, 24, width=4, depth=2)
     assert STAIN_LAYER not in [layer.name for layer in plain.layers]
+
+
+def _two_stain_smears(n: int = 4, size: int = 64, seed: int = 0) -> np.ndarray:
+    """Built in stain space: eosin discs (red cells) and haematoxylin discs (nuclei) on a blank field."""
+    rng = np.random.default_rng(seed)
+    stains = np.zeros((n, size, size, 3))
+    yy, xx = np.mgrid[:size, :size]
+    for image in stains:
+        for channel, count, radius, density in ((1, 6, (4, 9), (0.25, 0.45)), (0, 2, (5, 9), (0.5, 0.9))):
+            for _ in range(count):
+                cy, cx = rng.integers(8, size - 8, 2)
+                image[(yy - cy) ** 2 + (xx - cx) ** 2 < rng.integers(*radius) ** 2, channel] = rng.uniform(*density)
+    return from_stains(stains + rng.normal(0, 0.01, stains.shape))
+
+
+@pytest.mark.parametrize("h, e", [(1.3, 0.75), (0.75, 1.3)])
+def test_macenko_maps_a_two_stain_shift_mostly_back(h, e):
+    from training.stain import macenko
+
+    images = _two_stain_smears()
+    moved = scale_stains(images, h, e)
+    normalised = macenko(images.astype(np.float32) / 255).numpy()
+    assert np.isfinite(normalised).all() and normalised.min() >= 0 and normalised.max() <= 1
+    before = np.abs(images / 255 - moved / 255).mean()
+    after = np.abs(normalised - macenko(moved.astype(np.float32) / 255).numpy()).mean()
+    assert after < before / 2  # per-channel standardisation cannot separate the two stains
+
+
+def test_macenko_leaves_a_blank_field_unchanged():
+    from training.stain import macenko
+
+    blank = np.full((2, 32, 32, 3), 0.9, np.float32)  # no stained pixel: nothing to estimate stains from
+    assert np.array_equal(macenko(blank).numpy(), blank)
 
 
 def test_unknown_stain_normalisation_is_a_clear_error():
     from training.model import build_model
 
     with pytest.raises(ValueError, match="stain_normalisation"):
-        build_model(2, 24, 24, width=4, depth=2, stain_normalisation="macenko")
+        build_model(2, 24, 24, width=4, depth=2, stain_normalisation="vahadane")
 
 
 def test_settings_and_specs_accept_exactly_the_stain_normalisations_the_model_knows():
