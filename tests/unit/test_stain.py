@@ -142,3 +142,20 @@ def test_settings_and_specs_accept_exactly_the_stain_normalisations_the_model_kn
     assert set(get_args(field.annotation)) == set(STAIN_NORMALISATIONS)
     in_spec = SpecTraining.model_fields["model_stain_normalisation"].annotation  # Literal[...] | None
     assert {a for arg in get_args(in_spec) for a in get_args(arg)} == set(STAIN_NORMALISATIONS)
+
+
+def test_stain_invariance_benchmark_reads_a_folder_and_measures_each_normalisation(tmp_path, capsys):
+    from PIL import Image
+
+    from benchmarks.stain_invariance import main
+
+    folder = tmp_path / "generated" / "cells"
+    folder.mkdir(parents=True)
+    for i, image in enumerate(_two_stain_smears(4)):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    assert main(["--dataset", "generated", "--data", str(tmp_path), "--images", "4", "--size", "64"]) == 0
+    table = capsys.readouterr().out.splitlines()[2:]
+    movement = {row.split(" | ")[0]: [float(v) for v in row.split(" | ")[1:]] for row in table}
+    assert set(movement) == {"none", "per_image", "macenko"}
+    for shift in range(2):  # on true two-stain images Macenko hides most of a shift of one stain
+        assert movement["macenko"][shift] < movement["none"][shift] / 4  # against the other: per_image cannot
