@@ -68,7 +68,7 @@ class Lever:
     colour_strength: float = 1.0
     bn_momentum: float = BN_MOMENTUM
     precise_bn: str = PRECISE_BN_OFF  # training.batchnorm.PRECISE_BN_MODES (each_epoch: 2-3x the fit time)
-    stain_normalisation: str = STAIN_NONE  # training.model.STAIN_NORMALISATIONS
+    stain_normalisation: str = STAIN_NONE  # training.model.LEVER_STAIN_NORMALISATIONS (macenko: lever only)
     conv: str = CONV_STANDARD  # training.model.CONV_TYPES
     seed: int = 1337
 
