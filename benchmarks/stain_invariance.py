@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/stain_invariance.py --dataset leukemia --images 64
 
-Reads every STRIDE-th image of ../shared/data/<dataset> (decoded with `prepare_image` at the
-network input size), re-stains each with the shifts of benchmarks/stain_shift.py (one stain 30 %
+Reads --images images evenly spaced through ../shared/data/<dataset> (decoded with `prepare_image`
+at the network input size), re-stains each with the shifts of benchmarks/stain_shift.py (one stain 30 %
 stronger, the other 25 % weaker) and prints, per normalisation (none, per_image, macenko), the
 mean absolute change of the normalised pixels relative to their own spread (mean absolute
 deviation from each image's mean): 0 = the shift is invisible to the network. No training.
@@ -21,22 +21,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-NORMALISATIONS = ("none", "per_image", "macenko")
-
-
 def normalised(images: np.ndarray, how: str) -> np.ndarray:
     """uint8/float RGB 0..255 [N, S, S, 3] -> what the first conv of a `how` model sees."""
+    from training.model import stain_normalisation_layer
+
     x = images.astype(np.float32) / 255.0
-    if how == "per_image":  # training.model STAIN_PER_IMAGE: each channel to mean 0, std 1 per image
-        from training.model import STAIN_EPSILON
-
-        mean, var = x.mean(axis=(1, 2), keepdims=True), x.var(axis=(1, 2), keepdims=True)
-        return (x - mean) / np.sqrt(var + STAIN_EPSILON)
-    if how == "macenko":
-        from training.stain import macenko
-
-        return macenko(x).numpy()
-    return x
+    layer = stain_normalisation_layer(how)
+    return x if layer is None else np.asarray(layer(x))
 
 
 def relative_movement(before: np.ndarray, after: np.ndarray) -> float:
@@ -56,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.stain_shift import STAIN_SCALES, scale_stains
     from contracts.imaging import prepare_image
     from training.experiment import IMAGE_SUFFIXES
+    from training.model import LEVER_STAIN_NORMALISATIONS
 
     paths = sorted(p for p in (args.data / args.dataset).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
@@ -65,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     images = np.stack([prepare_image(p.read_bytes(), args.size) for p in paths])
     print(f"{args.dataset}: {len(images)} images at {args.size} px; relative movement of the normalised pixels")
     print("normalisation | " + " | ".join(STAIN_SCALES))
-    for how in NORMALISATIONS:
+    for how in LEVER_STAIN_NORMALISATIONS:
         base = normalised(images, how)
         moved = [relative_movement(base, normalised(scale_stains(images, h, e), how))
                  for h, e in STAIN_SCALES.values()]

@@ -72,6 +72,21 @@ def block_filters(width: int, depth: int) -> list[int]:
     return [min(width * 2**i, MAX_FILTERS) for i in range(depth)]
 
 
+def stain_normalisation_layer(stain_normalisation: str) -> Any | None:
+    """The weightless layer that normalises stain on 0..1 pixels (None for STAIN_NONE); also what
+    benchmarks/stain_invariance.py applies, so it measures the network's own normalisation."""
+    from keras import layers
+
+    if stain_normalisation == STAIN_PER_IMAGE:  # statistics over height and width, per image and channel
+        return layers.LayerNormalization(axis=[1, 2], center=False, scale=False, epsilon=STAIN_EPSILON,
+                                         name=STAIN_LAYER)
+    if stain_normalisation == STAIN_MACENKO:
+        from training.stain import macenko_layer
+
+        return macenko_layer(MACENKO_LAYER)
+    return None
+
+
 def build_model(
     num_classes: int,
     image_size: int,
@@ -100,13 +115,9 @@ def build_model(
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     if input_size != image_size:
         x = layers.Resizing(input_size, input_size, interpolation="bilinear", name="resize")(x)
-    if stain_normalisation == STAIN_PER_IMAGE:  # statistics over height and width, per image and channel
-        x = layers.LayerNormalization(axis=[1, 2], center=False, scale=False,
-                                      epsilon=STAIN_EPSILON, name=STAIN_LAYER)(x)
-    elif stain_normalisation == STAIN_MACENKO:
-        from training.stain import macenko_layer
-
-        x = macenko_layer(MACENKO_LAYER)(x)
+    stain = stain_normalisation_layer(stain_normalisation)
+    if stain is not None:
+        x = stain(x)
     filters = block_filters(width, depth)
     for i, f in enumerate(filters):
         last = i == len(filters) - 1

@@ -116,11 +116,10 @@ def every_accepted_shape(tree: Path) -> list[str]:
 def add_bad_files(folder: Path) -> dict[str, str]:
     """Files validation must quarantine (empty, truncated, not an image, decompression bombs, a side
     under MIN_IMAGE_SIDE) in `folder`; returns file name -> expected quarantine reason."""
-    bad = {name: reason for name, (_, reason) in bad_images().items()}
-    for name, (data, _) in bad_images().items():
+    bad = {**bad_images(), "tiny.png": (encode(make_image(3, (180, 90, 120), (16, 16)), "PNG"), "bad_dimensions")}
+    for name, (data, _) in bad.items():
         (folder / f"bad_{name}").write_bytes(data)
-    (folder / "bad_tiny.png").write_bytes(encode(make_image(3, (180, 90, 120), (16, 16)), "PNG"))
-    return {f"bad_{name}": reason for name, reason in {**bad, "tiny.png": "bad_dimensions"}.items()}
+    return {f"bad_{name}": reason for name, (_, reason) in bad.items()}
 
 
 def upload_cli(tree: Path, dataset: str, env: dict[str, str]) -> str:

@@ -287,8 +287,8 @@ def _assert_every_shape_trained_and_only_bad_files_quarantined(local_stack, s3, 
     trained on holds every other uploaded file (less same-label duplicates), each accepted shape
     among them, at IMAGE_SIZE."""
     from contracts.dataset_spec import load_spec
-    from contracts.processed import MANIFEST_FILE, META_FILE, DatasetMeta, version_prefix
-    from pipeline.storage import get_json_or_none, get_jsonl
+    from contracts.processed import MANIFEST_FILE
+    from pipeline.storage import get_json_or_none, get_jsonl, load_meta
 
     spec, bucket = load_spec(NEW_SPEC, specs_dir), local_stack.s3_bucket
 
@@ -298,8 +298,7 @@ def _assert_every_shape_trained_and_only_bad_files_quarantined(local_stack, s3, 
     uploaded = {key(p.relative_to(tree).as_posix()) for p in tree.rglob("*") if p.is_file()}
     validation = get_json_or_none(s3, bucket, summary["validation_summary_key"])
     assert {i["key"]: i["reason"] for i in validation["quarantined_items"]} == {key(r): why for r, why in bad.items()}
-    meta_key = version_prefix(NEW_SPEC, summary["dataset_version"]) + META_FILE
-    meta = DatasetMeta.from_json(s3.get_object(Bucket=bucket, Key=meta_key)["Body"].read().decode())
+    meta = load_meta(NEW_SPEC, summary["dataset_version"], local_stack, client=s3)
     trained = {row["key"] for row in get_jsonl(s3, bucket, meta.object_key(MANIFEST_FILE))}
     assert len(trained) == validation["kept"] == len(uploaded) - len(bad) - validation["duplicates_dropped"]
     assert trained <= uploaded - {key(r) for r in bad} and {key(r) for r in shapes} <= trained
