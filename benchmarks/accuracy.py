@@ -98,7 +98,8 @@ def shown(dataset: str, binary: bool) -> tuple[str, ...]:
     return SHOWN.get(dataset, BINARY_FIGURES if binary else MULTICLASS_FIGURES)
 
 
-def evaluate_split(data, val_idx, val_logits, test_idx, test_logits, target_sensitivity: float) -> dict[str, Any]:
+def evaluate_split(data, val_idx, val_logits, test_idx, test_logits, target_sensitivity: float,
+                   threshold_rule: str) -> dict[str, Any]:
     """Temperature and threshold from validation; test figures, intervals and ECE before/after."""
     from training.calibration import fit_temperature, softmax
     from training.evaluate import choose_threshold, compute_metrics, expected_calibration_error
@@ -111,7 +112,7 @@ def evaluate_split(data, val_idx, val_logits, test_idx, test_logits, target_sens
     positive, threshold = data.positive_label, None
     if positive is not None:
         pos = data.labels.index(positive)
-        threshold = choose_threshold(y_val == pos, val_p[:, pos], target_sensitivity)
+        threshold = choose_threshold(y_val == pos, val_p[:, pos], target_sensitivity, threshold_rule)
     out = {"temperature": t, "threshold": threshold,
            "metrics": compute_metrics(y_test, test_p, data.labels, positive, threshold),
            "intervals": bootstrap_intervals(y_test, test_p, data.labels, positive, threshold),
@@ -167,7 +168,7 @@ def direct(args) -> int:
             print(ex.fit_and_score(data, idx, lever, s.train_time_budget_s, save_logits=saved))
         z = np.load(saved)
         ev = evaluate_split(data, z["val_idx"], z["val_logits"], z["test_idx"], z["test_logits"],
-                            s.target_sensitivity)
+                            s.target_sensitivity, s.threshold_rule)
         print_evaluation(f"{args.dataset} test split (pipeline content-hash split; {int(z['epochs_run'])} epochs, "
                          f"stop {z['stop_reason']}, fit {float(z['fit_s']):.0f}s)", args.dataset, ev)
         return 0
@@ -182,7 +183,8 @@ def direct(args) -> int:
         z = np.load(saved)
         title = f"fold {fold + 1}/{args.folds} ({int(z['epochs_run'])} epochs, {float(z['fit_s']):.0f}s)"
         for variant, (val_logits, test_logits) in _variants(z).items():
-            ev = evaluate_split(data, z["val_idx"], val_logits, z["test_idx"], test_logits, s.target_sensitivity)
+            ev = evaluate_split(data, z["val_idx"], val_logits, z["test_idx"], test_logits, s.target_sensitivity,
+                                s.threshold_rule)
             if variant == PLAIN:
                 print_evaluation(title, args.dataset, ev)
                 rows.append({k: ev["intervals"][k]["value"] for k in ev["intervals"]})

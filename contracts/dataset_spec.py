@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from contracts.imaging import CROP_POLICIES
-from contracts.settings import Settings, StainNormalisation, get_settings
+from contracts.settings import Settings, StainNormalisation, ThresholdRule, get_settings
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _FOLDER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,127}$")
@@ -35,6 +35,7 @@ class SpecTraining(BaseModel):
     model_stain_normalisation: StainNormalisation | None = None
     # The sensitivity the decision threshold is chosen for on validation (binary datasets).
     target_sensitivity: float | None = Field(None, gt=0, le=1)
+    threshold_rule: ThresholdRule | None = None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # Stain normalisation modes (training.model.STAIN_NORMALISATIONS); Settings and spec [training] tables share it.
 StainNormalisation = Literal["none", "per_image"]
+# How the binary decision threshold is read off validation (training.evaluate.choose_threshold).
+ThresholdRule = Literal["validation", "conformal"]
 
 
 class Settings(BaseSettings):
@@ -103,6 +105,10 @@ class Settings(BaseSettings):
     train_colour_strength: float = Field(1.0, ge=0, le=3, description="Scale of the colour/stain jitter")
     train_time_budget_s: float = Field(840.0, gt=0, description="Wall-clock budget for fit()")
     target_sensitivity: float = Field(0.98, gt=0, le=1)
+    threshold_rule: ThresholdRule = Field(
+        "validation", description="validation: the highest threshold reaching TARGET_SENSITIVITY on validation "
+        "(on unseen images a little below it on average); conformal: split-conformal, so an unseen positive "
+        "is missed with probability <= 1 - TARGET_SENSITIVITY (training.evaluate.choose_threshold)")
     canary_count: int = Field(4, ge=1)
     model_quantization: Literal["dynamic_int8", "none"] = Field(
         "dynamic_int8", description="How model.tflite stores its weights (contracts.bundle QUANTIZATION_*); "

@@ -1,8 +1,7 @@
 """Honest evaluation: metrics on a held-out split, threshold choice on validation, plots.
 
 Binary tasks decide "positive" when P(positive) >= threshold; the threshold is chosen on
-the VALIDATION split as the highest one that reaches TARGET_SENSITIVITY there, and the
-test split only measures it. Multiclass tasks use argmax. AUCs are one-vs-rest macro
+the VALIDATION split by THRESHOLD_RULE (`choose_threshold`), and the test split only measures it. Multiclass tasks use argmax. AUCs are one-vs-rest macro
 averages for multiclass. Calibration: Brier score (mean squared error of the probability
 vector) and ECE (15 equal-width bins of the top probability).
 """
@@ -16,15 +15,31 @@ from typing import Any
 import numpy as np
 
 ECE_BINS = 15
+THRESHOLD_VALIDATION = "validation"
+THRESHOLD_CONFORMAL = "conformal"
+THRESHOLD_RULES = (THRESHOLD_VALIDATION, THRESHOLD_CONFORMAL)  # contracts.settings.ThresholdRule
 
 
-def choose_threshold(is_positive: np.ndarray, p_positive: np.ndarray, target_sensitivity: float) -> float:
-    """Highest threshold t with sensitivity(P >= t) >= target on the given (validation) data."""
-    scores = np.sort(np.asarray(p_positive, dtype=np.float64)[np.asarray(is_positive, bool)])[::-1]
+def choose_threshold(is_positive: np.ndarray, p_positive: np.ndarray, target_sensitivity: float,
+                     rule: str = THRESHOLD_VALIDATION) -> float:
+    """The threshold on P(positive) for the target sensitivity, from the given (validation) data.
+
+    validation: the highest t whose sensitivity on these data reaches the target. It lets
+    floor((1 - target) n) of the n positives fall below t, so an unseen positive falls below it
+    with probability (that + 1) / (n + 1): above 1 - target (0.99 with n = 250 gives ~0.988).
+    conformal: the j-th lowest positive score with j = floor((1 - target)(n + 1)), so an unseen
+    exchangeable positive falls below it with probability j / (n + 1) <= 1 - target (split-conformal,
+    as training.ood). When n is too small for that (j = 0) it is the lowest positive score."""
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule must be one of {THRESHOLD_RULES}, not {rule!r}")
+    scores = np.sort(np.asarray(p_positive, dtype=np.float64)[np.asarray(is_positive, bool)])
     if scores.size == 0:
         return 0.5
-    k = max(1, math.ceil(target_sensitivity * scores.size - 1e-9))
-    return float(scores[k - 1])
+    if rule == THRESHOLD_CONFORMAL:
+        below = math.floor((1.0 - target_sensitivity) * (scores.size + 1) + 1e-9)
+        return float(scores[max(below, 1) - 1])
+    k = max(1, math.ceil(target_sensitivity * scores.size - 1e-9))  # positives kept at or above t
+    return float(scores[scores.size - k])
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:

@@ -44,6 +44,8 @@ class FitResult:
     labels: list[str]
     positive_label: str | None  # binary tasks only
     threshold: float | None  # chosen on validation for the target sensitivity (binary tasks)
+    threshold_rule: str | None  # how (training.evaluate.THRESHOLD_RULES); None for multiclass
+    target_sensitivity: float | None  # what for; None for multiclass
     val_metrics: dict[str, Any]
     test_metrics: dict[str, Any]
     val_x: np.ndarray
@@ -154,11 +156,12 @@ def fit_and_evaluate(req: FitRequest) -> FitResult:
     threshold = None
     if positive is not None:
         pos = labels.index(positive)
-        threshold = ev.choose_threshold(val_y == pos, val_p[:, pos], s.target_sensitivity)
+        threshold = ev.choose_threshold(val_y == pos, val_p[:, pos], s.target_sensitivity, s.threshold_rule)
     return FitResult(
         model=model, history=history, model_params=params, stopped_for_time_budget=stopped, stop_reason=reason,
         calibration=calibration, labels=labels,
-        positive_label=positive, threshold=threshold,
+        positive_label=positive, threshold=threshold, threshold_rule=s.threshold_rule if positive else None,
+        target_sensitivity=s.target_sensitivity if positive else None,
         val_metrics=ev.compute_metrics(val_y, val_p, labels, positive, threshold),
         test_metrics=ev.compute_metrics(test_y, test_p, labels, positive, threshold),
         val_x=val_x, val_y=val_y, val_p=val_p, test_y=test_y, test_p=test_p,

@@ -41,6 +41,18 @@ OTHER = ("pr_auc", "ece", "brier")
 log = logging.getLogger("training")
 
 
+def _rule_text(d: dict[str, Any]) -> str:
+    """How the threshold was read off validation, for the card (older cards lack the fields)."""
+    if d.get("threshold_rule") is None or d.get("target_sensitivity") is None:
+        return ""
+    target = d["target_sensitivity"]
+    if d["threshold_rule"] == "conformal":
+        return (f" {target:.3f} by the split-conformal rule: an unseen abnormal image falls below it with "
+                f"probability at most {1 - target:.3f}")
+    return (f" {target:.3f} on the validation images themselves (unseen images average a little below it; "
+            "THRESHOLD_RULE=conformal guarantees it)")
+
+
 def card_data(*, meta: Any, fitted: Any, model_name: str, run_id: str, git_commit: str,
               description: str = "", credits: str = "", calibration_png: bytes = b"",
               intervals: dict[str, Any] | None = None, ood: dict[str, Any] | None = None,
@@ -59,7 +71,8 @@ def card_data(*, meta: Any, fitted: Any, model_name: str, run_id: str, git_commi
         "model_name": model_name, "version": None, "run_id": run_id, "git_commit": git_commit,
         "dataset": meta.dataset, "dataset_version": meta.dataset_version, "description": description,
         "credits": credits, "labels": list(fitted.labels), "classes": dict(meta.classes),
-        "positive_label": fitted.positive_label, "threshold": fitted.threshold, "image_size": meta.image_size,
+        "positive_label": fitted.positive_label, "threshold": fitted.threshold,
+        "threshold_rule": fitted.threshold_rule, "target_sensitivity": fitted.target_sensitivity, "image_size": meta.image_size,
         "split_sizes": {split: dict(counts) for split, counts in meta.counts.items()},
         "metrics": {k: test[k] for k in HEADLINE + OTHER if isinstance(test.get(k), (int, float))},
         "intervals": intervals, "test_n": int(test.get("n", len(fitted.test_y))),
@@ -152,7 +165,7 @@ def render_card(d: dict[str, Any]) -> str:
                   for s, c in splits.items()]
     threshold = "" if d.get("threshold") is None else (
         f"<p>Decision threshold on P({e(str(d['positive_label']))}): {d['threshold']:.4f}, chosen on the "
-        "validation split for the target sensitivity.</p>")
+        f"validation split for the target sensitivity{_rule_text(d)}.</p>")
     plot = (f'<img alt="calibration plot" src="data:image/png;base64,{d["calibration_png"]}">'
             if d.get("calibration_png") else "<p>not available</p>")
     classes = ", ".join(f"{e(k)} → {e(v)}" for k, v in sorted(d["classes"].items()))

@@ -41,6 +41,7 @@ TRAIN_SETTING_KEYS = (
     "train_colour_strength",
     "train_time_budget_s",
     "target_sensitivity",
+    "threshold_rule",
     "canary_count",
     "model_quantization",
 )

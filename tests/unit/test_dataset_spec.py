@@ -72,11 +72,13 @@ def test_training_table_overrides_the_global_settings_for_its_dataset_only(tmp_p
 
     base = 'name = "{name}"\n{training}[classes]\na = "a"\nb = "b"\n'
     (tmp_path / "big.toml").write_text(
-        base.format(name="big", training="[training]\ntrain_input_size = 128\nmodel_width = 24\nepochs = 20\n"))
+        base.format(name="big", training="[training]\ntrain_input_size = 128\nmodel_width = 24\nepochs = 20\n"
+                                              "threshold_rule = \"conformal\"\n"))
     (tmp_path / "plain.toml").write_text(base.format(name="plain", training=""))
     settings = Settings(_env_file=None, dataset_specs_dir=tmp_path, train_input_size=96, epochs=14)
     big = training_settings(settings, "big")
-    assert (big.train_input_size, big.model_width, big.epochs) == (128, 24, 20)
+    assert (big.train_input_size, big.model_width, big.epochs, big.threshold_rule) == (128, 24, 20, "conformal")
+    assert settings.threshold_rule == "validation"
     assert training_settings(settings, "plain") is settings and training_settings(settings, "gone") is settings
     stained = {"model_stain_normalisation": "per_image"}  # chosen on 3-fold for both built-in sets
     assert load_spec("pbc8").training == stained
@@ -99,6 +101,7 @@ def test_template_copies_get_the_stain_normalisation():
     ("learning_rate = 0.1", "learning_rate"),
     ("epochs = 'many'", "epochs"),
     ("model_stain_normalisation = 'macenko'", "model_stain_normalisation"),
+    ("threshold_rule = 'median'", "threshold_rule"),
 ])
 def test_bad_training_table_is_rejected_clearly(table, match):
     with pytest.raises(SpecError, match=rf"bad \[training\] table \({match}"):

@@ -17,6 +17,7 @@ def _fitted(n: int = 80):
     probs = np.column_stack([p_abnormal, 1 - p_abnormal])
     labels = ["abnormal", "normal"]
     return SimpleNamespace(test_y=y, test_p=probs, labels=labels, positive_label="abnormal", threshold=0.5,
+                           threshold_rule="conformal", target_sensitivity=0.99,
                            test_metrics=compute_metrics(y, probs, labels, "abnormal", 0.5))
 
 
@@ -73,3 +74,10 @@ def test_card_states_the_tta_figures_and_threshold():
     multiclass = render_card(_card(tta={**tta, "threshold": None, "test": {"macro_f1": 0.9723}}))
     assert "macro F1 0.9723" in multiclass and "compared with" not in multiclass
     assert "test-time augmentation" not in render_card(_card())
+
+
+def test_card_says_how_the_threshold_was_chosen():
+    assert "by the split-conformal rule: an unseen abnormal image falls below it with probability at most 0.010" \
+        in render_card(_card())
+    page = render_card(_card(threshold_rule="validation"))
+    assert "0.990 on the validation images themselves" in page and "conformal" in page

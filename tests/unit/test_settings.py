@@ -60,8 +60,9 @@ def test_empty_environment_value_means_default(monkeypatch):
 def test_environment_overrides_defaults(monkeypatch):
     monkeypatch.setenv("IMAGE_SIZE", "96")
     monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9999")
+    monkeypatch.setenv("THRESHOLD_RULE", "conformal")
     s = get_settings()
-    assert s.image_size == 96 and s.s3_port == 9999
+    assert s.image_size == 96 and s.s3_port == 9999 and s.threshold_rule == "conformal"
 
 
 def test_dotenv_file_is_read_but_environment_wins(tmp_path, monkeypatch):
@@ -78,6 +79,10 @@ def test_dotenv_file_is_read_but_environment_wins(tmp_path, monkeypatch):
 def test_invalid_value_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("IMAGE_SIZE", "-3")
     with pytest.raises(ValueError, match="image_size"):
+        get_settings()
+    monkeypatch.setenv("IMAGE_SIZE", "224")
+    monkeypatch.setenv("THRESHOLD_RULE", "median")
+    with pytest.raises(ValueError, match="threshold_rule"):
         get_settings()
 
 

@@ -29,6 +29,33 @@ def test_threshold_reaches_target_sensitivity_on_the_data_it_was_chosen_on():
         assert np.mean(scores[is_pos] >= t + 1e-9) < target
 
 
+def test_conformal_threshold_keeps_the_target_on_unseen_positives_where_the_validation_rule_falls_short():
+    # 250 positive validation scores and one unseen positive from the same distribution, 100 000 times:
+    # the validation rule lets 2 of 250 fall below it, so an unseen one falls below with probability
+    # 3/251 = 0.0120 > 0.01; the conformal rule picks the 2nd lowest, 2/251 = 0.0080 <= 0.01.
+    rng = np.random.default_rng(0)
+    trials, n, target = 100_000, 250, 0.99
+    val = np.sort(rng.random((trials, n)), axis=1)
+    unseen = rng.random(trials)
+    is_pos = np.ones(n, bool)
+    assert choose_threshold(is_pos, val[0], target) == val[0, 2]
+    assert choose_threshold(is_pos, val[0], target, "conformal") == val[0, 1]
+    missed_validation = np.mean(unseen < val[:, 2])
+    missed_conformal = np.mean(unseen < val[:, 1])
+    assert 0.0110 < missed_validation < 0.0130  # 3/251, +- 3 standard errors
+    assert 0.0070 < missed_conformal < 0.0090 < 1 - target
+
+
+def test_conformal_threshold_on_too_few_positives_is_the_lowest_positive_and_rules_are_checked():
+    is_pos = np.r_[np.ones(50, bool), np.zeros(10, bool)]
+    scores = np.r_[np.linspace(0.3, 1.0, 50), np.linspace(0.0, 0.5, 10)]
+    assert choose_threshold(is_pos, scores, 0.99, "conformal") == pytest.approx(0.3)  # floor(0.01 * 51) = 0
+    assert choose_threshold(is_pos, scores, 0.9, "conformal") == pytest.approx(scores[4])  # floor(0.1 * 51) = 5
+    assert choose_threshold(is_pos, scores, 0.9) == pytest.approx(scores[5])  # 45 of 50 at or above
+    with pytest.raises(ValueError, match="threshold rule must be one of"):
+        choose_threshold(is_pos, scores, 0.9, "median")
+
+
 def test_binary_metrics_on_a_hand_checked_example():
     # 4 abnormal (label 0), 4 normal (label 1); threshold 0.5 on P(abnormal).
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
