@@ -1,9 +1,10 @@
 """Honest evaluation: metrics on a held-out split, threshold choice on validation, plots.
 
 Binary tasks decide "positive" when P(positive) >= threshold; the threshold is chosen on
-the VALIDATION split by THRESHOLD_RULE (`choose_threshold`), and the test split only measures it. Multiclass tasks use argmax. AUCs are one-vs-rest macro
-averages for multiclass. Calibration: Brier score (mean squared error of the probability
-vector) and ECE (15 equal-width bins of the top probability).
+the VALIDATION split by THRESHOLD_RULE (`choose_threshold`), and the test split only
+measures it. Multiclass tasks use argmax. AUCs are one-vs-rest macro averages for
+multiclass. Calibration: Brier score (mean squared error of the probability vector) and ECE
+(15 equal-width bins of the top probability).
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def choose_threshold(is_positive: np.ndarray, p_positive: np.ndarray, target_sen
         return float(scores[max(below, 1) - 1])
     k = max(1, math.ceil(target_sensitivity * scores.size - 1e-9))  # positives kept at or above t
     return float(scores[scores.size - k])
+
+
+def conformal_guarantee_holds(positives: int, target_sensitivity: float) -> bool:
+    """Whether `positives` validation positives are enough for the conformal rule's promise
+    (at least 1 / (1 - target) - 1 of them: 99 for 0.99)."""
+    return math.floor((1.0 - target_sensitivity) * (positives + 1) + 1e-9) >= 1
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:

@@ -6,6 +6,7 @@ No MLflow here: the caller (training/train.py) logs what `fit_and_evaluate` retu
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import numpy as np
 from contracts.processed import DatasetMeta
 from contracts.settings import Settings
 from training.errors import Diverged
+
+log = logging.getLogger("training")
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,12 @@ def fit_and_evaluate(req: FitRequest) -> FitResult:
     if positive is not None:
         pos = labels.index(positive)
         threshold = ev.choose_threshold(val_y == pos, val_p[:, pos], s.target_sensitivity, s.threshold_rule)
+        positives = int((val_y == pos).sum())
+        conformal = s.threshold_rule == ev.THRESHOLD_CONFORMAL
+        if conformal and not ev.conformal_guarantee_holds(positives, s.target_sensitivity):
+            log.warning("only %d %s images in validation: too few for the conformal threshold to keep sensitivity "
+                        "%.3f on unseen images; the threshold is the lowest of their scores", positives, positive,
+                        s.target_sensitivity)
     return FitResult(
         model=model, history=history, model_params=params, stopped_for_time_budget=stopped, stop_reason=reason,
         calibration=calibration, labels=labels,

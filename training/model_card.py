@@ -45,9 +45,11 @@ def _rule_text(d: dict[str, Any]) -> str:
     """How the threshold was read off validation, for the card (older cards lack the fields)."""
     if d.get("threshold_rule") is None or d.get("target_sensitivity") is None:
         return ""
-    target = d["target_sensitivity"]
-    if d["threshold_rule"] == "conformal":
-        return (f" {target:.3f} by the split-conformal rule: an unseen abnormal image falls below it with "
+    from training.evaluate import THRESHOLD_CONFORMAL
+
+    target, positive = d["target_sensitivity"], html.escape(str(d.get("positive_label")))
+    if d["threshold_rule"] == THRESHOLD_CONFORMAL:
+        return (f" {target:.3f} by the split-conformal rule: an unseen {positive} image falls below it with "
                 f"probability at most {1 - target:.3f}")
     return (f" {target:.3f} on the validation images themselves (unseen images average a little below it; "
             "THRESHOLD_RULE=conformal guarantees it)")
@@ -72,7 +74,8 @@ def card_data(*, meta: Any, fitted: Any, model_name: str, run_id: str, git_commi
         "dataset": meta.dataset, "dataset_version": meta.dataset_version, "description": description,
         "credits": credits, "labels": list(fitted.labels), "classes": dict(meta.classes),
         "positive_label": fitted.positive_label, "threshold": fitted.threshold,
-        "threshold_rule": fitted.threshold_rule, "target_sensitivity": fitted.target_sensitivity, "image_size": meta.image_size,
+        "threshold_rule": fitted.threshold_rule, "target_sensitivity": fitted.target_sensitivity,
+        "image_size": meta.image_size,
         "split_sizes": {split: dict(counts) for split, counts in meta.counts.items()},
         "metrics": {k: test[k] for k in HEADLINE + OTHER if isinstance(test.get(k), (int, float))},
         "intervals": intervals, "test_n": int(test.get("n", len(fitted.test_y))),

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from contracts.settings import get_settings
-from training.evaluate import choose_threshold, classification_report, compute_metrics, expected_calibration_error
+from training.evaluate import (
+    choose_threshold,
+    classification_report,
+    compute_metrics,
+    conformal_guarantee_holds,
+    expected_calibration_error,
+)
 from training.gate import decide_gate
 
 LABELS = ["abnormal", "normal"]
@@ -54,6 +60,8 @@ def test_conformal_threshold_on_too_few_positives_is_the_lowest_positive_and_rul
     assert choose_threshold(is_pos, scores, 0.9) == pytest.approx(scores[5])  # 45 of 50 at or above
     with pytest.raises(ValueError, match="threshold rule must be one of"):
         choose_threshold(is_pos, scores, 0.9, "median")
+    assert not conformal_guarantee_holds(50, 0.99) and not conformal_guarantee_holds(98, 0.99)
+    assert conformal_guarantee_holds(99, 0.99) and conformal_guarantee_holds(9, 0.9)
 
 
 def test_binary_metrics_on_a_hand_checked_example():
