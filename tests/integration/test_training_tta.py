@@ -4,7 +4,11 @@ probabilities by the plain threshold's rule, in the signed bundle.json and as ML
 
 from __future__ import annotations
 
+import secrets
+
 import numpy as np
+
+from tests.fixtures.training import TINY_CLASSES, TINY_COUNTS, write_processed_version
 
 
 def test_training_chooses_and_ships_the_tta_threshold(tiny_registered_model):
@@ -50,3 +54,39 @@ def test_gate_evaluates_bundles_as_they_answer_with_tta(tiny_registered_model):
     assert with_tta["candidate"]["metrics"]["threshold"] == meta["tta"]["threshold"]
     assert with_tta["candidate"]["metrics"]["balanced_accuracy"] == meta["tta"]["test"]["balanced_accuracy"]
     assert decide_gate(with_tta, s)["tta"] is True
+
+
+def test_a_run_with_the_conformal_rule_ships_its_threshold_and_says_so(tiny_registered_model):
+    """THRESHOLD_RULE=conformal through a real run: the shipped TTA threshold is the conformal one
+    on the run's validation split (the lowest of 12 positives for 0.9, where the validation rule
+    takes the 2nd lowest), the MLflow params and the model card name the rule."""
+    from contracts.bundle import MODEL_CARD_FILE, TFLiteRunner
+    from contracts.tta import BUNDLE_KEY
+    from pipeline.storage import fetch_processed, load_meta
+    from training.data import load_split_arrays
+    from training.evaluate import choose_threshold
+    from training.gate import download_bundle
+    from training.tracking import mlflow_client
+    from training.train import train_candidate
+    from training.tta import averaged_probabilities
+
+    s = tiny_registered_model["settings"]
+    dataset = f"tinyconf{secrets.token_hex(3)}"
+    version = write_processed_version(s, dataset, TINY_CLASSES, TINY_COUNTS, positive_label="abnormal")
+    trained = train_candidate(dataset, version, s, epochs=2, threshold_rule="conformal", target_sensitivity=0.9)
+    client = mlflow_client(s)
+    params = client.get_run(trained["run_id"]).data.params
+    assert (params["threshold_rule"], params["target_sensitivity"]) == ("conformal", "0.9")
+    bundle = download_bundle(client, trained["run_id"], s)
+    meta = load_meta(dataset, version, s)
+    val_x, val_y = load_split_arrays(fetch_processed(dataset, version, s), meta, "val")
+    probs = averaged_probabilities(TFLiteRunner(bundle.files["model.tflite"]), val_x)
+    pos = bundle.meta["labels"].index("abnormal")
+    positives = np.sort(probs[val_y == pos, pos])
+    shipped = bundle.meta[BUNDLE_KEY]["threshold"]
+    assert np.isclose(shipped, choose_threshold(val_y == pos, probs[:, pos], 0.9, "conformal"))
+    assert np.isclose(shipped, positives[0]) and np.isclose(choose_threshold(val_y == pos, probs[:, pos], 0.9),
+                                                            positives[1])
+    card = bundle.files[MODEL_CARD_FILE].decode()
+    assert "0.900 by the split-conformal rule: an unseen abnormal image falls below it with probability at most " \
+        "0.100" in card
