@@ -179,8 +179,7 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     runner = TFLiteRunner(served[0])
     ood = fit_for_run(runner, folder, meta, fitted.val_x)
     mlflow.log_metrics({f"ood_{k}": v for k, v in ood[1].items()})
-    tta = tta_record(runner, fitted, load_split_arrays(folder, meta, "test")[0], s.target_sensitivity,
-                     s.threshold_rule)
+    tta = tta_record(runner, fitted, load_split_arrays(folder, meta, "test")[0])
     mlflow.log_metrics(tta_metrics(tta))
     extra_files, drift = profile_and_card(c, folder, fitted, ood[1], runner, served[1], tta)
     canary_x, canary_labels = pick_canaries(fitted.val_x, fitted.val_y, fitted.labels, s.canary_count)

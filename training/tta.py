@@ -31,8 +31,7 @@ def served_probabilities(runner: Any, images: np.ndarray, tta: bool) -> np.ndarr
     return averaged_probabilities(runner, images) if tta else runner.predict_proba(images.astype("float32"))
 
 
-def tta_record(runner: Any, fitted: Any, test_x: np.ndarray, target_sensitivity: float,
-               threshold_rule: str) -> dict[str, Any]:
+def tta_record(runner: Any, fitted: Any, test_x: np.ndarray) -> dict[str, Any]:
     """bundle.json `tta`: {views, threshold (binary; None otherwise), validation {...}, test {...}}
     of the served model `runner`; `fitted` is the run's `training.fitting.FitResult`."""
     from contracts.tta import VIEWS
@@ -43,7 +42,8 @@ def tta_record(runner: Any, fitted: Any, test_x: np.ndarray, target_sensitivity:
     threshold = None
     if fitted.positive_label is not None:
         pos = fitted.labels.index(fitted.positive_label)
-        threshold = choose_threshold(fitted.val_y == pos, val_p[:, pos], target_sensitivity, threshold_rule)
+        threshold = choose_threshold(fitted.val_y == pos, val_p[:, pos], fitted.target_sensitivity,
+                                     fitted.threshold_rule)
 
     def figures(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
         metrics = compute_metrics(y, p, fitted.labels, fitted.positive_label, threshold)
