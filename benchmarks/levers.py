@@ -28,6 +28,9 @@ LEVERS = {
     "input160": {"input_size": 160},
     "width20": {"width": 20},  # between the shipped 16 and 24 (1.84x the fit time)
     "width24": {"width": 24},
+    "width12": {"width": 12},  # ~0.56x the multiply-adds of width 16: two of them for an ensemble
+    "width12_seed2": {"width": 12, "seed": 1338},
+    "seed2": {"seed": 1338},  # the shipped network, another initialisation and augmentation stream
     "depth6": {"depth": 6},
     "separable": {"conv": "separable"},
     "separable_w32": {"conv": "separable", "width": 32},  # ~ the multiply-adds of width 16 with full convs

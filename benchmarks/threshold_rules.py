@@ -31,21 +31,62 @@ def saved_folds(dataset: str, crop: str, lever, folds: int, cache: Path) -> list
     return paths if all(p.is_file() for p in paths) else None
 
 
-def read_out(data, paths: list[Path], variant: str, target: float, rule: str) -> dict:
-    """Pooled decisions of every fold at its own validation threshold: intervals, misses, false alarms."""
+def binary_task(dataset: str, data_dir: Path):
+    """(training settings, spec, images of every fold) of a two-label dataset; ValueError otherwise."""
+    from benchmarks.levers import CACHE
+    from contracts.dataset_spec import load_spec, training_settings
+    from contracts.settings import get_settings
+    from training import experiment as ex
+
+    s = training_settings(get_settings(), dataset)
+    spec = load_spec(dataset)
+    if spec.positive_label is None:
+        raise ValueError(f"{dataset} is not a two-label task: it has no decision threshold")
+    return s, spec, ex.load_folder(data_dir / dataset, spec, s.image_size, spec.crop, CACHE)
+
+
+def lever_folds(name: str, s, spec, folds: int) -> list[Path] | None:
+    """The saved per-fold logits files of a benchmarks/levers.py lever, or None if a fold is missing."""
+    from benchmarks.levers import CACHE, LEVERS
+    from training import experiment as ex
+
+    changes = dict(LEVERS[name])
+    crop = changes.pop("crop", spec.crop)
+    return saved_folds(spec.name, crop, ex.lever_from_settings(s, name=name, **changes), folds, CACHE)
+
+
+def member_logits(member_paths: list[list[Path]], fold: int, variant: str):
+    """(val_idx, test_idx, val logits, test logits) of one fold: the mean of its members' logits,
+    which is what an ensemble's head computes (training.model.assemble_ensemble) for the plain
+    read-out; for TTA it averages each member's log view-averaged probabilities, a close stand-in."""
     import numpy as np
 
-    from benchmarks.accuracy import _centred_on_threshold, _variants, evaluate_split
+    from benchmarks.accuracy import _variants
+
+    zs = [np.load(paths[fold]) for paths in member_paths]
+    for z in zs[1:]:
+        if not (np.array_equal(z["val_idx"], zs[0]["val_idx"]) and np.array_equal(z["test_idx"], zs[0]["test_idx"])):
+            raise ValueError(f"fold {fold}: the members were not trained on the same split")
+    val_logits = np.mean([_variants(z)[variant][0] for z in zs], axis=0)
+    test_logits = np.mean([_variants(z)[variant][1] for z in zs], axis=0)
+    return zs[0]["val_idx"], zs[0]["test_idx"], val_logits, test_logits
+
+
+def read_out(data, member_paths: list[list[Path]], variant: str, target: float, rule: str) -> dict:
+    """Pooled decisions of every fold at its own validation threshold: intervals, misses, false alarms.
+    `member_paths`: one list of per-fold logits files per model (several: their ensemble)."""
+    import numpy as np
+
+    from benchmarks.accuracy import _centred_on_threshold, evaluate_split
     from training.intervals import bootstrap_intervals
 
     ys, ps, missed = [], [], set()
     pos = data.labels.index(data.positive_label)
-    for path in paths:
-        z = np.load(path)
-        val_logits, test_logits = _variants(z)[variant]
-        ev = evaluate_split(data, z["val_idx"], val_logits, z["test_idx"], test_logits, target, rule)
+    for fold in range(len(member_paths[0])):
+        val_idx, test_idx, val_logits, test_logits = member_logits(member_paths, fold, variant)
+        ev = evaluate_split(data, val_idx, val_logits, test_idx, test_logits, target, rule)
         p = _centred_on_threshold(ev["p_test"], data, ev["threshold"])
-        missed |= {data.sha256[i] for i, yi, pi in zip(z["test_idx"], ev["y_test"], p[:, pos])
+        missed |= {data.sha256[i] for i, yi, pi in zip(test_idx, ev["y_test"], p[:, pos])
                    if yi == pos and pi < 0.5}
         ys.append(ev["y_test"])
         ps.append(p)
@@ -55,8 +96,15 @@ def read_out(data, paths: list[Path], variant: str, target: float, rule: str) ->
             "missed": missed, "false_alarms": int((decided & (y != pos)).sum()), "positives": int((y == pos).sum())}
 
 
+def format_read_out(r: dict) -> str:
+    sens, specificity = r["intervals"]["sensitivity"], r["intervals"]["specificity"]
+    return (f"sensitivity {sens['value']:.4f} [{sens['low']:.4f}, {sens['high']:.4f}] | specificity "
+            f"{specificity['value']:.4f} [{specificity['low']:.4f}, {specificity['high']:.4f}] | "
+            f"missed {len(r['missed'])} of {r['positives']} | false alarms {r['false_alarms']}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.levers import CACHE, LEVERS
+    from benchmarks.levers import LEVERS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True)
@@ -65,33 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lever", nargs="+", default=["baseline"], choices=sorted(LEVERS))
     args = parser.parse_args(argv)
 
-    from contracts.dataset_spec import load_spec, training_settings
-    from contracts.settings import get_settings
-    from training import experiment as ex
     from training.evaluate import THRESHOLD_RULES
 
-    s = training_settings(get_settings(), args.dataset)
-    spec = load_spec(args.dataset)
-    if spec.positive_label is None:
-        parser.error(f"{args.dataset} is not a two-label task: it has no decision threshold")
-    data = ex.load_folder(args.data / args.dataset, spec, s.image_size, spec.crop, CACHE)
+    try:
+        s, spec, data = binary_task(args.dataset, args.data)
+    except ValueError as e:
+        parser.error(str(e))
     missed_as_served: dict[str, set[str]] = {}
     for name in args.lever:
-        changes = dict(LEVERS[name])
-        crop = changes.pop("crop", spec.crop)
-        paths = saved_folds(args.dataset, crop, ex.lever_from_settings(s, name=name, **changes), args.folds, CACHE)
+        paths = lever_folds(name, s, spec, args.folds)
         if paths is None:
             print(f"{name}: no saved {args.folds}-fold logits (run benchmarks/accuracy.py --folds {args.folds} "
                   f"--lever {name} first)")
             continue
         for rule in THRESHOLD_RULES:
             for variant in ("plain", SERVED):
-                r = read_out(data, paths, variant, s.target_sensitivity, rule)
-                sens, specificity = r["intervals"]["sensitivity"], r["intervals"]["specificity"]
-                print(f"{name} | {rule} | {variant} | sensitivity {sens['value']:.4f} [{sens['low']:.4f}, "
-                      f"{sens['high']:.4f}] | specificity {specificity['value']:.4f} "
-                      f"[{specificity['low']:.4f}, {specificity['high']:.4f}] | "
-                      f"missed {len(r['missed'])} of {r['positives']} | false alarms {r['false_alarms']}")
+                r = read_out(data, [paths], variant, s.target_sensitivity, rule)
+                print(f"{name} | {rule} | {variant} | {format_read_out(r)}")
                 if variant == SERVED and rule == s.threshold_rule:
                     missed_as_served[name] = r["missed"]
     if len(missed_as_served) > 1:

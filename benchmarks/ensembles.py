@@ -1,0 +1,72 @@
+"""Ensembles of saved k-fold models against their members: what averaging two or more networks'
+logits gives on unseen folds, and what it costs to train (no training: reads the logits that
+`benchmarks/accuracy.py --folds K --lever NAME` saved for each member).
+
+    .venv/bin/python benchmarks/ensembles.py --dataset leukemia --folds 3 --ensemble width12+width12_seed2
+
+Each fold's temperature and threshold come from the ensemble's own validation band, as the pipeline
+chooses them for MODEL_ENSEMBLE_SIZE > 1 (whose head averages its members' logits); the test folds
+are pooled: sensitivity and specificity with 95 % bootstrap intervals, missed positives and false
+alarms, per threshold rule, plain and as served (8-view TTA; for an ensemble the mean of each
+member's log view-averaged probabilities, close to but not exactly what the served graph averages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.levers import LEVERS
+    from benchmarks.threshold_rules import SERVED, binary_task, format_read_out, lever_folds, read_out
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--ensemble", nargs="+", required=True, metavar="LEVER+LEVER[+...]",
+                        help="members joined by '+', each a benchmarks/levers.py lever with saved k-fold logits")
+    args = parser.parse_args(argv)
+
+    import numpy as np
+
+    from training.evaluate import THRESHOLD_RULES
+
+    try:
+        s, spec, data = binary_task(args.dataset, args.data)
+    except ValueError as e:
+        parser.error(str(e))
+
+    def folds_of(name: str) -> list[Path]:
+        if name not in LEVERS:
+            parser.error(f"unknown lever {name!r} (benchmarks/levers.py LEVERS)")
+        paths = lever_folds(name, s, spec, args.folds)
+        if paths is None:
+            parser.error(f"{name}: no saved {args.folds}-fold logits (run benchmarks/accuracy.py --folds "
+                         f"{args.folds} --lever {name} first)")
+        return paths
+
+    for group in args.ensemble:
+        names = group.split("+")
+        members = {name: folds_of(name) for name in names}
+        fit_s = [sum(float(np.load(p)["fit_s"]) for p in members[name]) for name in names]
+        print(f"== {group}: fit {sum(fit_s):.0f} s over {args.folds} folds "
+              f"({' + '.join(f'{f:.0f}' for f in fit_s)}) ==")
+        rows = [(name, [paths]) for name, paths in members.items()]
+        if len(names) > 1:
+            rows.append((f"ensemble of {len(names)}", list(members.values())))
+        for label, member_paths in rows:
+            for rule in THRESHOLD_RULES:
+                for variant in ("plain", SERVED):
+                    r = read_out(data, member_paths, variant, s.target_sensitivity, rule)
+                    print(f"{label} | {rule} | {variant} | {format_read_out(r)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
