@@ -31,6 +31,7 @@ class SpecTraining(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     train_input_size: int | None = Field(None, ge=16, le=1024)
     model_width: int | None = Field(None, ge=4, le=256)
+    model_ensemble_size: int | None = Field(None, ge=1, le=4)
     epochs: int | None = Field(None, ge=1)
     model_stain_normalisation: StainNormalisation | None = None
     # The sensitivity the decision threshold is chosen for on validation (binary datasets).

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
         "or constant and halved on val_loss plateaus")
     model_width: int = Field(16, ge=4, description="Filters of the first conv block")
     model_depth: int = Field(5, ge=2, le=8, description="Conv blocks, each halving resolution")
+    model_ensemble_size: int = Field(
+        1, ge=1, le=4, description="Networks trained one after another (seeds SEED, SEED+1, ...) and served as "
+        "one model whose logits are their mean (training.model.assemble_ensemble); each costs a full fit")
     train_input_size: int = Field(96, ge=16, le=1024, description="Network input side")
     model_stain_normalisation: StainNormalisation = Field(
         "none", description="Stain normalisation inside the network (training.model.STAIN_NORMALISATIONS): "

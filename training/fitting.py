@@ -66,7 +66,7 @@ class FitResult:
         return len(self.history["loss"])
 
 
-def _callbacks(s: Settings, on_epoch: Callable[[int, dict], None] | None):
+def _callbacks(s: Settings, budget_s: float, on_epoch: Callable[[int, dict], None] | None):
     """Early stopping / epochs end the run; the wall-clock budget is a safety stop (training.stopping)."""
     import keras
 
@@ -78,7 +78,7 @@ def _callbacks(s: Settings, on_epoch: Callable[[int, dict], None] | None):
             if on_epoch is not None:
                 on_epoch(epoch, dict(logs or {}))
 
-    callbacks, stops = reproducible_callbacks(s.early_stopping_patience, s.train_time_budget_s,
+    callbacks, stops = reproducible_callbacks(s.early_stopping_patience, budget_s,
                                              s.early_stopping_start_epoch, reduces_on_plateau(s.lr_schedule))
     return [*callbacks, EpochHook()], stops
 
@@ -101,23 +101,32 @@ def pick_canaries(images: np.ndarray, y: np.ndarray, labels: list[str], count: i
     return images[order], [labels[int(y[i])] for i in order]
 
 
-def _fit(req: FitRequest):
-    """Train at the network's input size; returns (served twin, history, params, stop reason, stopped for budget)."""
+@dataclass
+class _Member:
+    """One trained network of the (possibly one-member) ensemble."""
+
+    net: Any
+    history: dict[str, list[float]]
+    stop_reason: str
+    stopped_for_budget: bool
+
+
+def _fit_member(req: FitRequest, seed: int, budget_s: float, first_epoch: int) -> _Member:
+    """Train one network at the network's input size with `seed` (init, shuffling, augmentation)."""
     import keras
 
-    from training.data import class_weights, configure_threads, make_dataset
-    from training.model import build_model, served_twin
+    from training.data import class_weights, make_dataset
+    from training.model import build_model
     from training.schedule import make_optimizer, steps_per_epoch
     from training.stopping import enable_determinism, stop_reason
 
     s, meta, folder = req.settings, req.meta, req.folder
-    configure_threads()
-    enable_determinism(s.seed)
-    labels, size = list(meta.labels), s.train_input_size
-    train_ds = make_dataset(folder, meta, "train", s.batch_size, training=True, seed=s.seed, resize_to=size,
+    enable_determinism(seed)
+    size = s.train_input_size
+    train_ds = make_dataset(folder, meta, "train", s.batch_size, training=True, seed=seed, resize_to=size,
                             colour_strength=s.train_colour_strength)
     val_ds = make_dataset(folder, meta, "val", s.batch_size, resize_to=size)
-    net = build_model(len(labels), size, size, s.model_width, s.model_depth, seed=s.seed,
+    net = build_model(len(meta.labels), size, size, s.model_width, s.model_depth, seed=seed,
                       stain_normalisation=s.model_stain_normalisation)
     if req.initial_weights is not None:
         net.set_weights(req.initial_weights)
@@ -127,7 +136,9 @@ def _fit(req: FitRequest):
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
-    callbacks, stops = _callbacks(s, req.on_epoch)
+    on_epoch = req.on_epoch
+    hook = None if on_epoch is None else (lambda epoch, logs: on_epoch(first_epoch + epoch, logs))
+    callbacks, stops = _callbacks(s, budget_s, hook)
     history = net.fit(
         train_ds, validation_data=val_ds, epochs=s.epochs, class_weight=class_weights(meta),
         callbacks=callbacks, verbose=req.verbose,
@@ -135,10 +146,51 @@ def _fit(req: FitRequest):
     if not _finite(history, net):
         raise Diverged(f"training of {meta.dataset} {meta.dataset_version} diverged (NaN/inf loss); "
                        "the run is marked FAILED and nothing was registered", net.count_params())
-    # The served twin (input IMAGE_SIZE, Resizing inside) gets the trained weights.
-    model = served_twin(net, len(labels), meta.image_size, size, s.model_width, s.model_depth)
     reason = stop_reason(stops, len(history["loss"]), s.epochs)
-    return model, history, net.count_params(), reason, stops.budget.stopped_for_budget
+    return _Member(net, history, reason, stops.budget.stopped_for_budget)
+
+
+def ensemble_stop_reason(reasons: list[str], members_wanted: int) -> str:
+    """The run's stop reason from its members' (`reasons`, of the members that began): the clock if it
+    cut any member or left one untrained, else early stopping if any member stopped early, else epochs."""
+    from training.stopping import EARLY_STOPPING, EPOCHS, TIME_BUDGET
+
+    if TIME_BUDGET in reasons or len(reasons) < members_wanted:
+        return TIME_BUDGET
+    return EARLY_STOPPING if EARLY_STOPPING in reasons else EPOCHS
+
+
+def _fit(req: FitRequest):
+    """Train MODEL_ENSEMBLE_SIZE networks (seeds SEED, SEED+1, ...) within one wall-clock budget;
+    returns (served model, history of every member's epochs in turn, params, stop reason, stopped for budget)."""
+    import time
+
+    from training.data import configure_threads
+    from training.model import assemble_ensemble
+    from training.stopping import TIME_BUDGET
+
+    s, meta = req.settings, req.meta
+    configure_threads()
+    started, members, reasons = time.monotonic(), [], []
+    for i in range(s.model_ensemble_size):
+        elapsed = time.monotonic() - started
+        if members and s.train_time_budget_s - elapsed < elapsed / len(members):
+            log.warning("ensemble member %d of %d not trained: the %.0f s training budget leaves less than a "
+                        "member's fit", i + 1, s.model_ensemble_size, s.train_time_budget_s)
+            break
+        first_epoch = sum(len(m.history["loss"]) for m in members)
+        member = _fit_member(req, s.seed + i, s.train_time_budget_s - elapsed, first_epoch)
+        reasons.append(member.stop_reason)
+        if members and member.stopped_for_budget:  # a later member the clock cut is under-trained
+            log.warning("ensemble member %d of %d dropped: the training budget cut it", i + 1, s.model_ensemble_size)
+            break
+        members.append(member)
+    history = {k: [v for m in members for v in m.history.get(k, [])] for k in members[0].history}
+    # The served model (input IMAGE_SIZE, Resizing inside) gets the trained weights.
+    model = assemble_ensemble([m.net for m in members], len(meta.labels), meta.image_size, s.train_input_size,
+                              s.model_width, s.model_depth)
+    reason = ensemble_stop_reason(reasons, s.model_ensemble_size)
+    return model, history, model.count_params(), reason, reason == TIME_BUDGET
 
 
 def fit_and_evaluate(req: FitRequest) -> FitResult:

@@ -20,6 +20,10 @@ served probabilities all use the calibrated probabilities.
 Because the head is GAP -> Dense, the Grad-CAM weights of class c are the dense kernel's
 column W[:, c] (divided by h*w), so `class_maps = einsum(A, W)` is Grad-CAM up to that constant.
 The export graph returns it next to the probabilities, and serving needs no TensorFlow.
+
+An ensemble (MODEL_ENSEMBLE_SIZE > 1, `assemble_ensemble`) keeps that head: its members' conv
+towers run side by side, "features" is their concatenation and the Dense kernel stacks theirs / M,
+so the served logits, Grad-CAM maps and pooled features are one graph's, as for one network.
 """
 
 from __future__ import annotations
@@ -101,7 +105,6 @@ def build_model(
 ) -> Any:
     """Build the (uncompiled) Keras classifier; its output is the softmax probabilities."""
     import keras
-    from keras import layers
 
     if stain_normalisation not in LEVER_STAIN_NORMALISATIONS:
         raise ValueError(f"stain_normalisation must be one of {LEVER_STAIN_NORMALISATIONS}, "
@@ -111,13 +114,28 @@ def build_model(
 
     keras.utils.set_random_seed(seed)
     reg = keras.regularizers.L2(WEIGHT_DECAY)
+    inputs, x = _input_and_stain(image_size, input_size, stain_normalisation)
+    x = _conv_tower(x, width, depth, conv, bn_momentum, reg)
+    return keras.Model(inputs, _head(x, num_classes, reg, dropout, seed), name="hemaflow_cnn")
+
+
+def _input_and_stain(image_size: int, input_size: int, stain_normalisation: str):
+    """(input, tensor): 0..255 pixels rescaled to 0..1, resized to the network's side, stain-normalised."""
+    import keras
+    from keras import layers
+
     inputs = keras.Input(shape=(image_size, image_size, 3), dtype="float32", name=INPUT_NAME)
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     if input_size != image_size:
         x = layers.Resizing(input_size, input_size, interpolation="bilinear", name="resize")(x)
     stain = stain_normalisation_layer(stain_normalisation)
-    if stain is not None:
-        x = stain(x)
+    return inputs, (stain(x) if stain is not None else x)
+
+
+def _conv_tower(x, width: int, depth: int, conv: str, bn_momentum: float, reg, prefix: str = ""):
+    """The conv blocks; the last ReLU is `prefix + FEATURES_LAYER`; every layer name starts with `prefix`."""
+    from keras import layers
+
     filters = block_filters(width, depth)
     for i, f in enumerate(filters):
         last = i == len(filters) - 1
@@ -125,21 +143,29 @@ def build_model(
         # stack two convs, where the resolution is small enough to afford them on a CPU.
         n_convs = 1 if i == 0 else 2
         for j in range(n_convs):
+            name = f"{prefix}b{i}_conv{j}"
             if conv == CONV_SEPARABLE and i > 0:
                 x = layers.SeparableConv2D(f, 3, padding="same", use_bias=False, depthwise_regularizer=reg,
-                                           pointwise_regularizer=reg, name=f"b{i}_conv{j}")(x)
+                                           pointwise_regularizer=reg, name=name)(x)
             else:
-                x = layers.Conv2D(f, 3, padding="same", use_bias=False, kernel_regularizer=reg, name=f"b{i}_conv{j}")(x)
-            x = layers.BatchNormalization(momentum=bn_momentum, name=f"b{i}_bn{j}")(x)
-            x = layers.ReLU(name=FEATURES_LAYER if (last and j == n_convs - 1) else f"b{i}_relu{j}")(x)
+                x = layers.Conv2D(f, 3, padding="same", use_bias=False, kernel_regularizer=reg, name=name)(x)
+            x = layers.BatchNormalization(momentum=bn_momentum, name=f"{prefix}b{i}_bn{j}")(x)
+            relu = FEATURES_LAYER if (last and j == n_convs - 1) else f"b{i}_relu{j}"
+            x = layers.ReLU(name=prefix + relu)(x)
         if not last:
-            x = layers.MaxPooling2D(2, name=f"b{i}_pool")(x)
-    x = layers.GlobalAveragePooling2D(name=POOLED_FEATURES_LAYER)(x)
+            x = layers.MaxPooling2D(2, name=f"{prefix}b{i}_pool")(x)
+    return x
+
+
+def _head(features, num_classes: int, reg, dropout: float, seed: int):
+    """GAP "pooled_features" -> Dropout -> Dense "logits" -> softmax "probabilities"."""
+    from keras import layers
+
+    x = layers.GlobalAveragePooling2D(name=POOLED_FEATURES_LAYER)(features)
     if dropout > 0:
         x = layers.Dropout(dropout, seed=seed, name="dropout")(x)
     logits = layers.Dense(num_classes, kernel_regularizer=reg, name=LOGITS_LAYER)(x)
-    outputs = layers.Activation("softmax", dtype="float32", name=PROBABILITIES_LAYER)(logits)
-    return keras.Model(inputs, outputs, name="hemaflow_cnn")
+    return layers.Activation("softmax", dtype="float32", name=PROBABILITIES_LAYER)(logits)
 
 
 def served_twin(trained: Any, num_classes: int, image_size: int, input_size: int, width: int, depth: int) -> Any:
@@ -151,14 +177,56 @@ def served_twin(trained: Any, num_classes: int, image_size: int, input_size: int
     normalisation have no weights, so both models have the same weight list; the stain
     normalisation and the conv type are read from `trained`, so a twin cannot silently drop them.
     """
+    stain, conv = _stain_and_conv(trained)
+    served = build_model(num_classes, image_size, input_size, width, depth, stain_normalisation=stain, conv=conv)
+    served.set_weights(trained.get_weights())
+    return served
+
+
+def _stain_and_conv(trained: Any) -> tuple[str, str]:
+    """The stain normalisation and conv type a trained network was built with (read from its layers)."""
     from keras import layers
 
     names = {layer.name for layer in trained.layers}
     stain = STAIN_PER_IMAGE if STAIN_LAYER in names else STAIN_MACENKO if MACENKO_LAYER in names else STAIN_NONE
     separable = any(isinstance(layer, layers.SeparableConv2D) for layer in trained.layers)
-    served = build_model(num_classes, image_size, input_size, width, depth, stain_normalisation=stain,
-                         conv=CONV_SEPARABLE if separable else CONV_STANDARD)
-    served.set_weights(trained.get_weights())
+    return stain, CONV_SEPARABLE if separable else CONV_STANDARD
+
+
+def member_prefix(index: int) -> str:
+    """Name prefix of ensemble member `index`'s layers in an assembled model."""
+    return f"m{index}_"
+
+
+def assemble_ensemble(members: list[Any], num_classes: int, image_size: int, input_size: int, width: int,
+                      depth: int) -> Any:
+    """One served model (input [image_size]) whose logits are the mean of the trained `members`' logits.
+
+    The members' conv towers run side by side on the shared input and stain normalisation; their
+    last features are concatenated into "features" [h, w, M*K], and the head is one Dense over the
+    concatenated pooled features with kernel [W_1; ...; W_M] / M and bias mean(b_m). So the model
+    keeps the single network's interface (pooled features for the out-of-scope detector, GAP ->
+    Dense for Grad-CAM, one exported graph) and its Grad-CAM is the mean of the members'. One
+    member: exactly `served_twin`.
+    """
+    import keras
+    import numpy as np
+    from keras import layers
+
+    if len(members) == 1:
+        return served_twin(members[0], num_classes, image_size, input_size, width, depth)
+    stain, conv = _stain_and_conv(members[0])
+    reg = keras.regularizers.L2(WEIGHT_DECAY)
+    inputs, x = _input_and_stain(image_size, input_size, stain)
+    towers = [_conv_tower(x, width, depth, conv, BN_MOMENTUM, reg, member_prefix(i)) for i in range(len(members))]
+    features = layers.Concatenate(name=FEATURES_LAYER)(towers)
+    served = keras.Model(inputs, _head(features, num_classes, reg, DROPOUT, 0), name="hemaflow_ensemble")
+    for i, member in enumerate(members):
+        for layer in member.layers:
+            if layer.weights and layer.name != LOGITS_LAYER:
+                served.get_layer(member_prefix(i) + layer.name).set_weights(layer.get_weights())
+    kernels, biases = zip(*(head_weights(member) for member in members))
+    served.get_layer(LOGITS_LAYER).set_weights([np.concatenate(kernels) / len(members), np.mean(biases, axis=0)])
     return served
 
 

@@ -34,6 +34,7 @@ TRAIN_SETTING_KEYS = (
     "lr_schedule",
     "model_width",
     "model_depth",
+    "model_ensemble_size",
     "train_input_size",
     "model_stain_normalisation",
     "early_stopping_patience",

@@ -165,7 +165,7 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     warm = log_warm_start(s, meta)
     try:
         fitted = fit_and_evaluate(FitRequest(fit_settings(s, warm), meta, folder, c.verbose,
-                                             epoch_logger(s.epochs, c.on_epoch), initial_weights=warm.weights))
+                                             epoch_logger(s.epochs * s.model_ensemble_size, c.on_epoch), initial_weights=warm.weights))
     except Diverged as exc:
         mlflow.log_param("model_params", exc.model_params)
         mlflow.set_tag("failure", "non-finite loss")

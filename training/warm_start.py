@@ -1,7 +1,9 @@
 """Warm start (WARM_START / DAG param `warm_start`): a candidate starts from the champion's weights.
 
 Only when the champion was trained for the same labels (same order) and the same architecture
-(model width and depth in its run params, and then the same weight shapes as the new network);
+(model width, depth, stain normalisation and ensemble size in its run params, and then the same
+weight shapes as the new network), and never for an ensemble (MODEL_ENSEMBLE_SIZE > 1), whose
+members differ by their seeds;
 otherwise the candidate trains from scratch and the reason is recorded. The weights come from
 the Keras model each training run registers (`training.tracking.log_model`: an MLflow
 `tensorflow` flavour model of the served twin, whose weight list equals the training network's,
@@ -20,7 +22,9 @@ from contracts.settings import Settings
 TAG_WARM_START = "warm_start"  # run tag: why the candidate did or did not start warm
 PARAM_WARM_STARTED_FROM = "warm_started_from"  # run param: champion version, or "none"
 # The stain normalisation has no weights, but weights learnt on un-normalised input do not fit it.
-ARCHITECTURE_PARAMS = ("model_width", "model_depth", "model_stain_normalisation")
+ARCHITECTURE_PARAMS = ("model_width", "model_depth", "model_stain_normalisation", "model_ensemble_size")
+# The value a champion logged before a parameter existed: its model was built that way.
+ARCHITECTURE_PARAM_DEFAULTS = {"model_ensemble_size": "1"}
 # A warm start fine-tunes: a fresh Adam at the full LEARNING_RATE moves every weight by about the
 # learning rate in its first steps and throws the champion's solution away (benchmarks/incremental.py).
 WARM_START_LR_FACTOR = 0.1
@@ -42,8 +46,9 @@ def mismatch(champion_params: dict[str, str], s: Settings, meta: DatasetMeta) ->
     if champion_params.get("labels") != ",".join(meta.labels):
         return f"labels differ (champion {champion_params.get('labels')!r}, candidate {','.join(meta.labels)!r})"
     for key in ARCHITECTURE_PARAMS:
-        if champion_params.get(key) != str(getattr(s, key)):
-            return f"architecture differs ({key}: champion {champion_params.get(key)}, candidate {getattr(s, key)})"
+        champion = champion_params.get(key, ARCHITECTURE_PARAM_DEFAULTS.get(key))
+        if champion != str(getattr(s, key)):
+            return f"architecture differs ({key}: champion {champion}, candidate {getattr(s, key)})"
     return None
 
 
@@ -60,6 +65,9 @@ def champion_weights(s: Settings, meta: DatasetMeta, shapes: list[tuple[int, ...
     """The champion's weights if WARM_START is on and they fit a network with these weight `shapes`."""
     if not s.warm_start:
         return _cold("warm start off")
+    if s.model_ensemble_size > 1:
+        return _cold(f"MODEL_ENSEMBLE_SIZE={s.model_ensemble_size}: an ensemble's members train from scratch "
+                     "(each from its own seed)")
     import mlflow
 
     from training.registry import CHAMPION, alias_version

@@ -1,0 +1,51 @@
+"""MODEL_ENSEMBLE_SIZE through a real training run (train_candidate on the test stack's SeaweedFS +
+MLflow): the members train from their own seeds, one after another, and ship as ONE model whose
+exported graph serves the mean of their logits, with Grad-CAM maps and pooled features as before."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.fixtures.training import TINY_CLASSES, TINY_COUNTS, write_processed_version
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def test_an_ensemble_run_ships_one_model_of_its_members(tiny_registered_model):
+    import mlflow
+
+    from contracts.bundle import OUTPUT_CLASS_MAPS, OUTPUT_FEATURES, OUTPUT_PROBABILITIES, TFLiteRunner
+    from pipeline.storage import fetch_processed, load_meta
+    from training.data import load_split_arrays
+    from training.gate import download_bundle
+    from training.model import FEATURES_LAYER, block_filters, member_prefix
+    from training.tracking import mlflow_client
+    from training.train import train_candidate
+
+    info, s = tiny_registered_model, tiny_registered_model["settings"]
+    dataset = info["dataset"]  # it has a champion: a warm start is asked for and must be refused
+    version = write_processed_version(s, dataset, TINY_CLASSES, TINY_COUNTS, positive_label="abnormal", seed=13)
+    trained = train_candidate(dataset, version, s, warm_start=True, model_ensemble_size=2, epochs=2)
+
+    client = mlflow_client(s)
+    run = client.get_run(trained["run_id"])
+    assert run.data.params["model_ensemble_size"] == "2"
+    assert run.data.params["warm_started_from"] == "none"
+    assert run.data.tags["warm_start"].startswith("MODEL_ENSEMBLE_SIZE=2: an ensemble's members train from scratch")
+    assert run.data.metrics["epochs_run"] == 4 and run.data.tags["stop_reason"] == "epochs"  # 2 members x 2
+
+    model = mlflow.tensorflow.load_model(f"models:/{info['model_name']}/{trained['model_version']}")
+    first, second = (model.get_layer(member_prefix(i) + "b0_conv0").get_weights()[0] for i in range(2))
+    assert np.abs(first - second).max() > 0.01  # two seeds, two different networks
+
+    meta = load_meta(dataset, version, s)
+    test_x, _ = load_split_arrays(fetch_processed(dataset, version, s), meta, "test")
+    bundle = download_bundle(client, trained["run_id"], s)
+    served = TFLiteRunner(bundle.files["model.tflite"])(test_x.astype(np.float32))
+    features = 2 * block_filters(s.model_width, s.model_depth)[-1]
+    assert served[OUTPUT_FEATURES].shape == (len(test_x), features)
+    assert served[OUTPUT_CLASS_MAPS].shape[0] == len(test_x) and served[OUTPUT_CLASS_MAPS].shape[-1] == 2
+    assert model.get_layer(FEATURES_LAYER).output.shape[-1] == features
+    keras_p = model.predict(test_x.astype(np.float32), verbose=0)
+    assert np.abs(served[OUTPUT_PROBABILITIES] - keras_p).max() < 0.05  # int8 or float32, the same model
