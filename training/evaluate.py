@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from training.conformal import lower_conformal_rank
+
 ECE_BINS = 15
 THRESHOLD_VALIDATION = "validation"
 THRESHOLD_CONFORMAL = "conformal"
@@ -37,7 +39,7 @@ def choose_threshold(is_positive: np.ndarray, p_positive: np.ndarray, target_sen
     if scores.size == 0:
         return 0.5
     if rule == THRESHOLD_CONFORMAL:
-        below = math.floor((1.0 - target_sensitivity) * (scores.size + 1) + 1e-9)
+        below = lower_conformal_rank(scores.size, 1.0 - target_sensitivity)
         return float(scores[max(below, 1) - 1])
     k = max(1, math.ceil(target_sensitivity * scores.size - 1e-9))  # positives kept at or above t
     return float(scores[scores.size - k])
@@ -46,7 +48,7 @@ def choose_threshold(is_positive: np.ndarray, p_positive: np.ndarray, target_sen
 def conformal_guarantee_holds(positives: int, target_sensitivity: float) -> bool:
     """Whether `positives` validation positives are enough for the conformal rule's promise
     (at least 1 / (1 - target) - 1 of them: 99 for 0.99)."""
-    return math.floor((1.0 - target_sensitivity) * (positives + 1) + 1e-9) >= 1
+    return lower_conformal_rank(positives, 1.0 - target_sensitivity) >= 1
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:

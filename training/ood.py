@@ -15,13 +15,13 @@ refused) go to MLflow, bundle.json `ood.validation`, the gate decision and the m
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from contracts.ood import Gaussian, OodDetector
+from training.conformal import conformal_rank
 
 ALPHA = 0.005  # allowed share of in-scope images refused, in expectation (both checks together)
 FEATURE_BATCH = 128
@@ -46,12 +46,6 @@ def pooled_features(model: Any, images: np.ndarray, batch_size: int = FEATURE_BA
             return np.asarray(sub(batch, training=False))
     parts = [extract(images[i:i + batch_size].astype(np.float32)) for i in range(0, len(images), batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-
-
-def conformal_rank(n: int, alpha: float) -> int:
-    """Rank k (1-based) of the split-conformal threshold among n calibration scores: a new
-    exchangeable score is <= the k-th smallest with probability >= k / (n + 1) >= 1 - alpha."""
-    return math.ceil((n + 1) * (1 - alpha))
 
 
 def conformal_threshold(scores: np.ndarray, alpha: float) -> tuple[float, int, bool]:

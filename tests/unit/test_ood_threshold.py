@@ -16,6 +16,19 @@ def test_rank_has_the_finite_sample_correction():
     assert conformal_rank(99, 0.05) == 95
 
 
+def test_exact_ranks_do_not_jump_for_floating_point_and_both_tails_agree():
+    from training.conformal import lower_conformal_rank
+
+    # 400 x (1 - 0.0025) is 399 exactly: 399 validation images are enough at alpha / 2, as documented.
+    assert conformal_rank(399, ALPHA / 2) == 399 and conformal_rank(398, ALPHA / 2) == 399
+    # The lower tail (the conformal decision threshold): the j-th lowest of n positives, j / (n + 1) <= alpha.
+    assert [lower_conformal_rank(n, 0.01) for n in (98, 99, 251, 273)] == [0, 1, 2, 2]
+    for n in range(1, 600):
+        for alpha in (0.001, 0.005, 0.01, 0.02, 0.05, 0.1):
+            j = lower_conformal_rank(n, alpha)
+            assert j / (n + 1) <= alpha < (j + 1) / (n + 1) + 1e-12
+
+
 def test_threshold_is_the_ranked_score_and_falls_back_to_the_maximum():
     scores = np.random.default_rng(0).permutation(np.arange(100.0))
     assert conformal_threshold(scores, 0.05) == (95.0, 96, True)  # ceil(101 * 0.95) = 96th smallest
