@@ -49,3 +49,25 @@ def test_an_ensemble_run_ships_one_model_of_its_members(tiny_registered_model):
     assert model.get_layer(FEATURES_LAYER).output.shape[-1] == features
     keras_p = model.predict(test_x.astype(np.float32), verbose=0)
     assert np.abs(served[OUTPUT_PROBABILITIES] - keras_p).max() < 0.05  # int8 or float32, the same model
+
+
+def test_the_budget_leaves_out_members_it_cannot_finish_and_the_run_says_so(tiny_registered_model):
+    """A 1 s TRAIN_TIME_BUDGET_S for 3 members: the first is cut after one epoch by the safety stop,
+    the others are not started, and the run ships that one network with stop_reason time_budget."""
+    import mlflow
+
+    from training.model import member_prefix
+    from training.tracking import mlflow_client
+    from training.train import train_candidate
+
+    info, s = tiny_registered_model, tiny_registered_model["settings"]
+    version = write_processed_version(s, info["dataset"], TINY_CLASSES, TINY_COUNTS, positive_label="abnormal",
+                                      seed=17)
+    trained = train_candidate(info["dataset"], version, s, model_ensemble_size=3, epochs=3, train_time_budget_s=1)
+    client = mlflow_client(s)
+    run = client.get_run(trained["run_id"])
+    assert run.data.tags["stop_reason"] == "time_budget" and run.data.metrics["epochs_run"] == 1
+    assert len(client.get_metric_history(trained["run_id"], "loss")) == 1  # members 2 and 3 never started
+    model = mlflow.tensorflow.load_model(f"models:/{info['model_name']}/{trained['model_version']}")
+    names = {layer.name for layer in model.layers}
+    assert "b0_conv0" in names and not any(name.startswith(member_prefix(0)) for name in names)  # one network
