@@ -107,8 +107,7 @@ class _Member:
 
     net: Any
     history: dict[str, list[float]]
-    stop_reason: str
-    stopped_for_budget: bool
+    stop_reason: str  # training.stopping.STOP_REASONS
 
 
 def _fit_member(req: FitRequest, seed: int, budget_s: float, first_epoch: int) -> _Member:
@@ -146,8 +145,7 @@ def _fit_member(req: FitRequest, seed: int, budget_s: float, first_epoch: int) -
     if not _finite(history, net):
         raise Diverged(f"training of {meta.dataset} {meta.dataset_version} diverged (NaN/inf loss); "
                        "the run is marked FAILED and nothing was registered", net.count_params())
-    reason = stop_reason(stops, len(history["loss"]), s.epochs)
-    return _Member(net, history, reason, stops.budget.stopped_for_budget)
+    return _Member(net, history, stop_reason(stops, len(history["loss"]), s.epochs))
 
 
 def ensemble_stop_reason(reasons: list[str], members_wanted: int) -> str:
@@ -181,7 +179,7 @@ def _fit(req: FitRequest):
         first_epoch = sum(len(m.history["loss"]) for m in members)
         member = _fit_member(req, s.seed + i, s.train_time_budget_s - elapsed, first_epoch)
         reasons.append(member.stop_reason)
-        if members and member.stopped_for_budget:  # a later member the clock cut is under-trained
+        if members and member.stop_reason == TIME_BUDGET:  # a later member the clock cut is under-trained
             log.warning("ensemble member %d of %d dropped: the training budget cut it", i + 1, s.model_ensemble_size)
             break
         members.append(member)
