@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.levers import LEVERS
     from benchmarks.stain_shift import SHIFTS
-    from benchmarks.threshold_rules import SERVED, binary_task, format_read_out, lever_folds, read_out
+    from benchmarks.threshold_rules import (SERVED, binary_task, format_read_out, lever_folds, no_saved_logits,
+                                           read_out)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True)
@@ -49,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown lever {name!r} (benchmarks/levers.py LEVERS)")
         paths = lever_folds(name, s, spec, args.folds)
         if paths is None:
-            parser.error(f"{name}: no saved {args.folds}-fold logits (run benchmarks/accuracy.py --folds "
-                         f"{args.folds} --lever {name} first)")
+            parser.error(no_saved_logits(name, args.folds))
         return paths
 
     for group in args.ensemble:

@@ -55,6 +55,11 @@ def lever_folds(name: str, s, spec, folds: int) -> list[Path] | None:
     return saved_folds(spec.name, crop, ex.lever_from_settings(s, name=name, **changes), folds, CACHE)
 
 
+def no_saved_logits(name: str, folds: int) -> str:
+    return (f"{name}: no saved {folds}-fold logits (run benchmarks/accuracy.py --folds {folds} "
+            f"--lever {name} first)")
+
+
 def member_logits(member_paths: list[list[Path]], fold: int, variant: str):
     """(val_idx, test_idx, val logits, test logits) of one fold: the mean of its members' logits,
     which is what an ensemble's head computes (training.model.assemble_ensemble) for the plain
@@ -67,8 +72,8 @@ def member_logits(member_paths: list[list[Path]], fold: int, variant: str):
     for z in zs[1:]:
         if not (np.array_equal(z["val_idx"], zs[0]["val_idx"]) and np.array_equal(z["test_idx"], zs[0]["test_idx"])):
             raise ValueError(f"fold {fold}: the members were not trained on the same split")
-    val_logits = np.mean([_variants(z)[variant][0] for z in zs], axis=0)
-    test_logits = np.mean([_variants(z)[variant][1] for z in zs], axis=0)
+    pairs = [_variants(z)[variant] for z in zs]  # (val, test) logits of each member
+    val_logits, test_logits = (np.mean([pair[k] for pair in pairs], axis=0) for k in (0, 1))
     return zs[0]["val_idx"], zs[0]["test_idx"], val_logits, test_logits
 
 
@@ -123,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.lever:
         paths = lever_folds(name, s, spec, args.folds)
         if paths is None:
-            print(f"{name}: no saved {args.folds}-fold logits (run benchmarks/accuracy.py --folds {args.folds} "
-                  f"--lever {name} first)")
+            print(no_saved_logits(name, args.folds))
             continue
         for rule in THRESHOLD_RULES:
             for variant in ("plain", SERVED):
