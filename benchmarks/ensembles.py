@@ -7,9 +7,9 @@ logits gives on unseen folds, and what it costs to train (no training: reads the
 Each fold's temperature and threshold come from the ensemble's own validation band, as the pipeline
 chooses them for MODEL_ENSEMBLE_SIZE > 1 (whose head averages its members' logits); the test folds
 are pooled: sensitivity and specificity with 95 % bootstrap intervals, missed positives and false
-alarms, per threshold rule, plain and as served (8-view TTA; for an ensemble the mean of each
-member's log view-averaged probabilities, close to but not exactly what the served graph averages),
-and under each re-staining of `benchmarks/stain_shift.py` (the other-lab proxy) at the shipped rule.
+alarms, per threshold rule, plain and as served (8-view TTA: the members' logits averaged per view,
+then the views' probabilities, as the served graph does; members saved before per-view logits were
+kept give a close stand-in, marked approximate), and under each re-staining of `benchmarks/stain_shift.py` (the other-lab proxy) at the shipped rule.
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ LEVERS = {
     "width12": {"width": 12},  # ~0.56x the multiply-adds of width 16: two of them for an ensemble
     "width12_seed2": {"width": 12, "seed": 1338},
     "seed2": {"seed": 1338},  # the shipped network, another initialisation and augmentation stream
+    "epochs10": {"epochs": 10},  # two of these fit the budget where two 14-epoch networks do not
+    "epochs10_seed2": {"epochs": 10, "seed": 1338},
     "depth6": {"depth": 6},
     "separable": {"conv": "separable"},
     "separable_w32": {"conv": "separable", "width": 32},  # ~ the multiply-adds of width 16 with full convs

@@ -96,27 +96,36 @@ def _chunked(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.n
     return np.concatenate([fn(images[i:i + CHUNK]) for i in range(0, len(images), CHUNK)])
 
 
-def tta_logits(model: Any, images: np.ndarray) -> np.ndarray:
-    """log of the probabilities averaged over the 8 views serving and screening average (contracts.tta)."""
-    from contracts.tta import average, views
-    from training.calibration import logits_from_probabilities, logits_of, softmax
+def view_logits(model: Any, images: np.ndarray) -> np.ndarray:
+    """[N, VIEWS, C] logits of each image's 8 views (contracts.tta): an ensemble's exact TTA read-out
+    averages its members' logits per view before the views' probabilities are averaged."""
+    from contracts.tta import VIEWS, views
+    from training.calibration import logits_of
 
-    def one_chunk(chunk: np.ndarray) -> np.ndarray:
-        return logits_from_probabilities(average(softmax(logits_of(model, views(chunk)))))
+    return _chunked(lambda chunk: logits_of(model, views(chunk)).reshape(len(chunk), VIEWS, -1), images)
 
-    return _chunked(one_chunk, images)
+
+def tta_logits(per_view_logits: np.ndarray) -> np.ndarray:
+    """[N, C] log of the probabilities averaged over the views, as serving and screening average them."""
+    from training.calibration import logits_from_probabilities, softmax
+
+    n, n_views, n_classes = per_view_logits.shape
+    probs = softmax(per_view_logits.reshape(n * n_views, n_classes)).reshape(n, n_views, n_classes)
+    return logits_from_probabilities(probs.mean(axis=1))
 
 
 def robustness_arrays(data, idx: dict[str, np.ndarray]) -> Callable[[Any], dict[str, np.ndarray]]:
-    """For `experiment.fit_and_score(extra_arrays=...)`: TTA logits of val and test, and test
-    logits under every stain shift."""
+    """For `experiment.fit_and_score(extra_arrays=...)`: TTA logits of val and test (and each view's),
+    and test logits under every stain shift."""
     from training.calibration import logits_of
 
     def arrays(model: Any) -> dict[str, np.ndarray]:
         tr, te = idx["train"], idx["test"]
         targets = class_stain_targets(data.images[tr], data.y[tr], len(data.labels))
-        out = {"tta_val_logits": tta_logits(model, data.images[idx["val"]]),
-               "tta_test_logits": tta_logits(model, data.images[te])}
+        out = {}
+        for split, rows in (("val", idx["val"]), ("test", te)):
+            out[f"tta_views_{split}_logits"] = view_logits(model, data.images[rows])
+            out[f"tta_{split}_logits"] = tta_logits(out[f"tta_views_{split}_logits"])
         for name in SHIFTS:  # re-stained CHUNK test images at a time (float64 stain arrays are large)
             restained = _chunked(lambda rows: shifted(name, data.images[rows], data.y[rows], targets), te)
             out[f"shift_{name}_test_logits"] = logits_of(model, restained)

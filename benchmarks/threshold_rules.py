@@ -61,20 +61,28 @@ def no_saved_logits(name: str, folds: int) -> str:
 
 
 def member_logits(member_paths: list[list[Path]], fold: int, variant: str):
-    """(val_idx, test_idx, val logits, test logits) of one fold: the mean of its members' logits,
-    which is what an ensemble's head computes (training.model.assemble_ensemble) for the plain
-    read-out; for TTA it averages each member's log view-averaged probabilities, a close stand-in."""
+    """(val_idx, test_idx, val logits, test logits, exact) of one fold: the mean of its members' logits,
+    which is what an ensemble's head computes (training.model.assemble_ensemble). For TTA the members'
+    logits are averaged per view, then the views' probabilities, as the served graph does; members
+    saved before per-view logits were kept fall back to the mean of their view-averaged log
+    probabilities, a close stand-in (exact False)."""
     import numpy as np
 
     from benchmarks.accuracy import _variants
+    from benchmarks.stain_shift import tta_logits
 
     zs = [np.load(paths[fold]) for paths in member_paths]
     for z in zs[1:]:
         if not (np.array_equal(z["val_idx"], zs[0]["val_idx"]) and np.array_equal(z["test_idx"], zs[0]["test_idx"])):
             raise ValueError(f"fold {fold}: the members were not trained on the same split")
+    splits = ("val", "test")
+    if variant == SERVED and len(zs) > 1 and all(f"tta_views_{k}_logits" in z for z in zs for k in splits):
+        val_logits, test_logits = (tta_logits(np.mean([z[f"tta_views_{k}_logits"] for z in zs], axis=0))
+                                   for k in splits)
+        return zs[0]["val_idx"], zs[0]["test_idx"], val_logits, test_logits, True
     pairs = [_variants(z)[variant] for z in zs]  # (val, test) logits of each member
     val_logits, test_logits = (np.mean([pair[k] for pair in pairs], axis=0) for k in (0, 1))
-    return zs[0]["val_idx"], zs[0]["test_idx"], val_logits, test_logits
+    return zs[0]["val_idx"], zs[0]["test_idx"], val_logits, test_logits, variant != SERVED or len(zs) == 1
 
 
 def read_out(data, member_paths: list[list[Path]], variant: str, target: float, rule: str) -> dict:
@@ -85,10 +93,11 @@ def read_out(data, member_paths: list[list[Path]], variant: str, target: float, 
     from benchmarks.accuracy import _centred_on_threshold, evaluate_split
     from training.intervals import bootstrap_intervals
 
-    ys, ps, missed = [], [], set()
+    ys, ps, missed, exact = [], [], set(), True
     pos = data.labels.index(data.positive_label)
     for fold in range(len(member_paths[0])):
-        val_idx, test_idx, val_logits, test_logits = member_logits(member_paths, fold, variant)
+        val_idx, test_idx, val_logits, test_logits, fold_exact = member_logits(member_paths, fold, variant)
+        exact &= fold_exact
         ev = evaluate_split(data, val_idx, val_logits, test_idx, test_logits, target, rule)
         p = _centred_on_threshold(ev["p_test"], data, ev["threshold"])
         missed |= {data.sha256[i] for i, yi, pi in zip(test_idx, ev["y_test"], p[:, pos])
@@ -98,14 +107,16 @@ def read_out(data, member_paths: list[list[Path]], variant: str, target: float, 
     y, p = np.concatenate(ys), np.concatenate(ps)
     decided = p[:, pos] >= 0.5
     return {"intervals": bootstrap_intervals(y, p, data.labels, data.positive_label, 0.5),
-            "missed": missed, "false_alarms": int((decided & (y != pos)).sum()), "positives": int((y == pos).sum())}
+            "missed": missed, "false_alarms": int((decided & (y != pos)).sum()), "positives": int((y == pos).sum()),
+            "exact": exact}
 
 
 def format_read_out(r: dict) -> str:
     sens, specificity = r["intervals"]["sensitivity"], r["intervals"]["specificity"]
     return (f"sensitivity {sens['value']:.4f} [{sens['low']:.4f}, {sens['high']:.4f}] | specificity "
             f"{specificity['value']:.4f} [{specificity['low']:.4f}, {specificity['high']:.4f}] | "
-            f"missed {len(r['missed'])} of {r['positives']} | false alarms {r['false_alarms']}")
+            f"missed {len(r['missed'])} of {r['positives']} | false alarms {r['false_alarms']}"
+            + ("" if r.get("exact", True) else " | approximate (members saved without per-view logits)"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,3 +103,31 @@ def test_a_champion_from_before_ensembles_counts_as_one_network():
     assert mismatch(older, s, meta) is None
     why = mismatch(older, s.model_copy(update={"model_ensemble_size": 2}), meta)
     assert why == "architecture differs (model_ensemble_size: champion 1, candidate 2)"
+
+
+def test_the_benchmarks_ensemble_tta_read_out_is_what_the_assembled_model_serves(members, images, tmp_path):
+    """benchmarks/ensembles.py reads an ensemble's 8-view TTA out of its members' saved per-view logits:
+    it must equal the TTA of the one assembled graph (logits averaged per view, then probabilities)."""
+    from benchmarks.stain_shift import tta_logits, view_logits
+    from benchmarks.threshold_rules import SERVED, member_logits
+    from training.model import assemble_ensemble
+
+    ensemble = assemble_ensemble(members[:2], 2, IMAGE, INPUT, WIDTH, DEPTH)
+    idx = np.arange(len(images))
+    paths = []
+    for i, net in enumerate(_served(members[:2])):
+        views = view_logits(net, images)
+        paths.append([tmp_path / f"member{i}.npz"])
+        np.savez(paths[-1][0], val_idx=idx, test_idx=idx, val_logits=views[:, 0], test_logits=views[:, 0],
+                 tta_views_val_logits=views, tta_views_test_logits=views,
+                 tta_val_logits=tta_logits(views), tta_test_logits=tta_logits(views))
+    *_, test, exact = member_logits(paths, 0, SERVED)
+    assert exact
+    np.testing.assert_allclose(test, tta_logits(view_logits(ensemble, images)), atol=1e-4)
+
+    for member in paths:  # saved before per-view logits were kept: the stand-in, and it says so
+        z = dict(np.load(member[0]))
+        np.savez(member[0], **{k: v for k, v in z.items() if not k.startswith("tta_views_")})
+    *_, stand_in, exact = member_logits(paths, 0, SERVED)
+    assert not exact
+    assert not np.allclose(stand_in, test, atol=1e-4)
