@@ -9,7 +9,8 @@ chooses them for MODEL_ENSEMBLE_SIZE > 1 (whose head averages its members' logit
 are pooled: sensitivity and specificity with 95 % bootstrap intervals, missed positives and false
 alarms, per threshold rule, plain and as served (8-view TTA: the members' logits averaged per view,
 then the views' probabilities, as the served graph does; members saved before per-view logits were
-kept give a close stand-in, marked approximate), and under each re-staining of `benchmarks/stain_shift.py` (the other-lab proxy) at the shipped rule.
+kept give a close stand-in, marked approximate), and under each re-staining of
+`benchmarks/stain_shift.py` (the other-lab proxy) at the shipped rule.
 """
 
 from __future__ import annotations

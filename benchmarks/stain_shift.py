@@ -107,11 +107,10 @@ def view_logits(model: Any, images: np.ndarray) -> np.ndarray:
 
 def tta_logits(per_view_logits: np.ndarray) -> np.ndarray:
     """[N, C] log of the probabilities averaged over the views, as serving and screening average them."""
+    from contracts.tta import average
     from training.calibration import logits_from_probabilities, softmax
 
-    n, n_views, n_classes = per_view_logits.shape
-    probs = softmax(per_view_logits.reshape(n * n_views, n_classes)).reshape(n, n_views, n_classes)
-    return logits_from_probabilities(probs.mean(axis=1))
+    return logits_from_probabilities(average(softmax(per_view_logits.reshape(-1, per_view_logits.shape[-1]))))
 
 
 def robustness_arrays(data, idx: dict[str, np.ndarray]) -> Callable[[Any], dict[str, np.ndarray]]:
