@@ -20,6 +20,9 @@ from contracts.settings import Settings
 from training.errors import Diverged
 
 log = logging.getLogger("training")
+# bundle.json key and MLflow metric: how many networks the served model averages (the param
+# model_ensemble_size says how many were asked for; the time budget may leave some out).
+ENSEMBLE_MEMBERS_KEY = "ensemble_members"
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,8 @@ class FitResult:
     model: Any
     history: dict[str, list[float]]
     model_params: int
-    stopped_for_time_budget: bool
     stop_reason: str  # epochs | early_stopping | time_budget (training.stopping)
+    ensemble_members: int  # networks in the served model (ENSEMBLE_MEMBERS_KEY)
     calibration: dict[str, Any]  # bundle.json `calibration` (training.calibration.calibrate)
     labels: list[str]
     positive_label: str | None  # binary tasks only
@@ -60,6 +63,12 @@ class FitResult:
     @property
     def binary(self) -> bool:
         return len(self.labels) == 2
+
+    @property
+    def stopped_for_time_budget(self) -> bool:
+        from training.stopping import TIME_BUDGET
+
+        return self.stop_reason == TIME_BUDGET
 
     @property
     def epochs_run(self) -> int:
@@ -158,9 +167,19 @@ def ensemble_stop_reason(reasons: list[str], members_wanted: int) -> str:
     return EARLY_STOPPING if EARLY_STOPPING in reasons else EPOCHS
 
 
-def _fit(req: FitRequest):
-    """Train MODEL_ENSEMBLE_SIZE networks (seeds SEED, SEED+1, ...) within one wall-clock budget;
-    returns (served model, history of every member's epochs in turn, params, stop reason, stopped for budget)."""
+@dataclass(frozen=True)
+class _Fitted:
+    """The served model of `_fit` and how its training went."""
+
+    model: Any
+    history: dict[str, list[float]]  # every member's epochs in turn
+    stop_reason: str
+    members: int
+
+
+def _fit(req: FitRequest) -> _Fitted:
+    """Train MODEL_ENSEMBLE_SIZE networks (seeds SEED, SEED+1, ...) within one wall-clock budget and
+    assemble the ones that finished into the served model."""
     import time
 
     from training.data import configure_threads
@@ -187,8 +206,7 @@ def _fit(req: FitRequest):
     # The served model (input IMAGE_SIZE, Resizing inside) gets the trained weights.
     model = assemble_ensemble([m.net for m in members], len(meta.labels), meta.image_size, s.train_input_size,
                               s.model_width, s.model_depth)
-    reason = ensemble_stop_reason(reasons, s.model_ensemble_size)
-    return model, history, model.count_params(), reason, reason == TIME_BUDGET
+    return _Fitted(model, history, ensemble_stop_reason(reasons, s.model_ensemble_size), len(members))
 
 
 def fit_and_evaluate(req: FitRequest) -> FitResult:
@@ -198,11 +216,11 @@ def fit_and_evaluate(req: FitRequest) -> FitResult:
     from training.data import load_split_arrays
 
     s, meta = req.settings, req.meta
-    model, history, params, reason, stopped = _fit(req)
+    fitted = _fit(req)
     labels = list(meta.labels)
     val_x, val_y = load_split_arrays(req.folder, meta, "val")
     test_x, test_y = load_split_arrays(req.folder, meta, "test")
-    model, calibration = calibrate(model, val_x, val_y, test_x, test_y)
+    model, calibration = calibrate(fitted.model, val_x, val_y, test_x, test_y)
     val_p = model.predict(val_x.astype(np.float32), batch_size=64, verbose=0)
     test_p = model.predict(test_x.astype(np.float32), batch_size=64, verbose=0)
     positive = meta.positive_label if len(labels) == 2 else None
@@ -217,8 +235,8 @@ def fit_and_evaluate(req: FitRequest) -> FitResult:
                         "%.3f on unseen images; the threshold is the lowest of their scores", positives, positive,
                         s.target_sensitivity)
     return FitResult(
-        model=model, history=history, model_params=params, stopped_for_time_budget=stopped, stop_reason=reason,
-        calibration=calibration, labels=labels,
+        model=model, history=fitted.history, model_params=fitted.model.count_params(),
+        stop_reason=fitted.stop_reason, ensemble_members=fitted.members, calibration=calibration, labels=labels,
         positive_label=positive, threshold=threshold, threshold_rule=s.threshold_rule if positive else None,
         target_sensitivity=s.target_sensitivity if positive else None,
         val_metrics=ev.compute_metrics(val_y, val_p, labels, positive, threshold),

@@ -233,7 +233,7 @@ def log_fit(fitted) -> None:
     import mlflow
 
     from training import evaluate as ev
-
+    from training.fitting import ENSEMBLE_MEMBERS_KEY
     from training.stopping import TAG_STOP_REASON
 
     mlflow.log_param("model_params", fitted.model_params)
@@ -241,7 +241,8 @@ def log_fit(fitted) -> None:
     mlflow.log_param(TAG_STOP_REASON, fitted.stop_reason)
     mlflow.log_metrics({f"calibration_{k}": v for k, v in fitted.calibration.items() if isinstance(v, float)})
     mlflow.log_metrics({"epochs_run": fitted.epochs_run,
-                        "stopped_for_time_budget": float(fitted.stopped_for_time_budget)})
+                        "stopped_for_time_budget": float(fitted.stopped_for_time_budget),
+                        ENSEMBLE_MEMBERS_KEY: fitted.ensemble_members})
     mlflow.log_metrics(ev.scalar_metrics(fitted.val_metrics, "validation_"))
     mlflow.log_metrics(ev.scalar_metrics(fitted.test_metrics, "test_"))
 

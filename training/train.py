@@ -152,7 +152,7 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     from training.bundle import export_bundle, shipped_model, signing_key_of
     from training.stopping import TAG_STOP_REASON
     from training.errors import Diverged
-    from training.fitting import FitRequest, fit_and_evaluate, pick_canaries
+    from training.fitting import ENSEMBLE_MEMBERS_KEY, FitRequest, fit_and_evaluate, pick_canaries
     from training.data import load_split_arrays
     from training.ood import fit_for_run
     from training.tta import tta_metrics, tta_record
@@ -191,7 +191,8 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
             metrics={k: v for k, v in fitted.test_metrics.items() if k != "per_class"},
             run_id=c.run_id, model_name=c.model_name, git_commit=c.commit, signing_key=signing_key,
             extra_files=extra_files, crop=crop_of(meta.preprocessing), calibration=fitted.calibration,
-            extra={TAG_STOP_REASON: fitted.stop_reason, TTA_BUNDLE_KEY: tta}, ood=ood,
+            extra={TAG_STOP_REASON: fitted.stop_reason, ENSEMBLE_MEMBERS_KEY: fitted.ensemble_members,
+                   TTA_BUNDLE_KEY: tta}, ood=ood,
             served_model=served,
         )
         mlflow.log_artifacts(str(bundle.folder), BUNDLE_DIR)

@@ -34,6 +34,7 @@ def test_an_ensemble_run_ships_one_model_of_its_members(tiny_registered_model):
     assert run.data.params["warm_started_from"] == "none"
     assert run.data.tags["warm_start"].startswith("MODEL_ENSEMBLE_SIZE=2: an ensemble's members train from scratch")
     assert run.data.metrics["epochs_run"] == 4 and run.data.tags["stop_reason"] == "epochs"  # 2 members x 2
+    assert run.data.metrics["ensemble_members"] == 2
 
     model = mlflow.tensorflow.load_model(f"models:/{info['model_name']}/{trained['model_version']}")
     first, second = (model.get_layer(member_prefix(i) + "b0_conv0").get_weights()[0] for i in range(2))
@@ -42,6 +43,7 @@ def test_an_ensemble_run_ships_one_model_of_its_members(tiny_registered_model):
     meta = load_meta(dataset, version, s)
     test_x, _ = load_split_arrays(fetch_processed(dataset, version, s), meta, "test")
     bundle = download_bundle(client, trained["run_id"], s)
+    assert bundle.meta["ensemble_members"] == 2
     served = TFLiteRunner(bundle.files["model.tflite"])(test_x.astype(np.float32))
     features = 2 * block_filters(s.model_width, s.model_depth)[-1]
     assert served[OUTPUT_FEATURES].shape == (len(test_x), features)
@@ -53,7 +55,8 @@ def test_an_ensemble_run_ships_one_model_of_its_members(tiny_registered_model):
 
 def test_the_budget_leaves_out_members_it_cannot_finish_and_the_run_says_so(tiny_registered_model):
     """A 1 s TRAIN_TIME_BUDGET_S for 3 members: the first is cut after one epoch by the safety stop,
-    the others are not started, and the run ships that one network with stop_reason time_budget."""
+    the others are not started, and the run ships that one network with stop_reason time_budget and
+    says so beside the 3 it asked for (metric ensemble_members)."""
     import mlflow
 
     from training.model import member_prefix
@@ -68,6 +71,7 @@ def test_the_budget_leaves_out_members_it_cannot_finish_and_the_run_says_so(tiny
     run = client.get_run(trained["run_id"])
     assert run.data.tags["stop_reason"] == "time_budget" and run.data.metrics["epochs_run"] == 1
     assert len(client.get_metric_history(trained["run_id"], "loss")) == 1  # members 2 and 3 never started
+    assert run.data.params["model_ensemble_size"] == "3" and run.data.metrics["ensemble_members"] == 1
     model = mlflow.tensorflow.load_model(f"models:/{info['model_name']}/{trained['model_version']}")
     names = {layer.name for layer in model.layers}
     assert "b0_conv0" in names and not any(name.startswith(member_prefix(0)) for name in names)  # one network
