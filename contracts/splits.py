@@ -7,6 +7,11 @@ are `val`, the rest `train`. An image therefore keeps its split across dataset v
 duplicates can never straddle splits. Because the score is independent of the label, every
 label is split in the same proportions (stratified in expectation).
 
+Near-duplicates (SPLITS_VERSION 2): given fingerprints (contracts.near_duplicates), every image
+of a near-duplicate group takes the group's lowest score, so the group lands in one split
+whatever the labels of its members. An image moves only when a near-copy of it with a lower
+score arrives later; then the whole group moves together.
+
 Small-label guarantee: a label with >= 3 images always gets at least one image in each of
 test, val and train. When the hash leaves a split empty, the label's image whose score is
 nearest that split's band is moved into it (deterministic; only tiny labels are affected).
@@ -16,9 +21,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-SPLITS_VERSION = 1
+SPLITS_VERSION = 2  # 2: near-duplicate groups share a split
 MIN_IMAGES_FOR_ALL_SPLITS = 3
 
 
@@ -41,13 +46,34 @@ def _band_center(split: str, val_fraction: float, test_fraction: float) -> float
             "train": (1 + test_fraction + val_fraction) / 2}[split]
 
 
+def grouped_scores(shas: Iterable[str], salt: str, fingerprints: Mapping[str, str | None] | None = None
+                   ) -> dict[str, float]:
+    """sha256 -> split score; with fingerprints, the lowest score of the image's near-duplicate group."""
+    from contracts.near_duplicates import near_duplicate_groups
+
+    scores = {sha: split_score(sha, salt) for sha in shas}
+    if not fingerprints:
+        return scores
+    groups = near_duplicate_groups({sha: fingerprints.get(sha) for sha in scores})
+    lowest: dict[str, float] = {}
+    for sha, group in groups.items():
+        lowest[group] = min(lowest.get(group, 1.0), scores[sha])
+    return {sha: lowest[groups[sha]] for sha in scores}
+
+
 def assign_splits(
-    items: Iterable[tuple[str, str]], val_fraction: float, test_fraction: float, salt: str
+    items: Iterable[tuple[str, str]], val_fraction: float, test_fraction: float, salt: str,
+    fingerprints: Mapping[str, str | None] | None = None,
 ) -> dict[str, str]:
-    """Map sha256 -> split for (sha256, label) pairs, with the small-label guarantee."""
+    """Map sha256 -> split for (sha256, label) pairs, with the small-label guarantee.
+
+    `fingerprints` (sha256 -> fingerprint) keeps near-duplicate groups in one split; the small-label
+    guarantee may still move one image of a group of a label with fewer than a handful of images."""
+    pairs = list(items)
+    scores = grouped_scores((sha for sha, _ in pairs), salt, fingerprints)
     by_label: dict[str, dict[str, float]] = defaultdict(dict)
-    for sha, label in items:
-        by_label[label][sha] = split_score(sha, salt)
+    for sha, label in pairs:
+        by_label[label][sha] = scores[sha]
     out: dict[str, str] = {}
     for label in sorted(by_label):
         scores = by_label[label]

@@ -59,6 +59,7 @@ class IngestResult(StageResult):
     unassigned: int = 0  # objects outside the spec's class folders
     errors: int = 0  # objects recorded as undecodable or too large
     relabeled: int = 0
+    fingerprinted: int = 0  # rows of an older manifest given their near-duplicate fingerprint
     reviewed: int = 0  # new or changed objects that are reviewed images joined by screening feedback
     deleted_keys: list[str] = field(default_factory=list)  # the first REPORT_LIMIT
     unassigned_keys: list[str] = field(default_factory=list)

@@ -9,7 +9,9 @@ SIGKILL never leaves a partial file under a content name; temporaries whose writ
 so an unchanged re-run downloads nothing and writes no new manifest.
 
 Manifest rows (JSONL at `manifests/<dataset>/<ingest_id>.jsonl`): key, etag, sha256, bytes,
-format, width, height, mode, class, label, decoded, error, error_detail. Each new object is
+format, width, height, mode, class, label, decoded, error, error_detail, fingerprint (the
+near-duplicate fingerprint, contracts.near_duplicates; rows of an older manifest without one get it
+on the next run, from the cached bytes, and a new manifest is written). Each new object is
 decoded completely once, here, while other downloads are in flight (`decoded` = true), and that
 decode also fills the prepared-pixel cache (pipeline/incremental.py), so preprocess does not
 decode the image again; unreadable files are kept with `error` set: the validate stage decides
@@ -29,14 +31,15 @@ from contracts.imaging import ImageRejected, open_image, read_header, to_rgb
 from contracts.screening import is_reviewed_key
 from contracts.settings import Settings, get_settings
 from contracts.stages import IngestResult
-from pipeline.cache import ObjectTooLarge, clean_stale_temporaries, stream_to_cache
+from contracts.near_duplicates import image_fingerprint
+from pipeline.cache import ObjectTooLarge, clean_stale_temporaries, ensure_cached, stream_to_cache
 from pipeline.incremental import image_preparer, is_prepared, preprocessing_params, store_prepared
 from pipeline.manifests import diff_listing, latest_key, load_previous, manifest_prefix
 from pipeline.storage import ensure_bucket, iter_objects, put_json, put_jsonl, s3_call, s3_client
 
 MANIFEST_FIELDS = (
     "key", "etag", "sha256", "bytes", "format", "width", "height", "mode", "class", "label", "decoded", "error",
-    "error_detail",
+    "error_detail", "fingerprint",
 )
 REPORT_LIMIT = 200  # most keys listed in latest.json per category (counts are always complete)
 
@@ -73,6 +76,22 @@ def describe_and_prepare(data: bytes, max_pixels: int, prepare) -> tuple[dict[st
         return describe_bytes(data, max_pixels), None
     return {"format": info.format, "width": info.width, "height": info.height, "mode": info.mode,
             "decoded": True, "error": None, "error_detail": None}, pixels
+
+
+def fingerprint_of(data: bytes, facts: dict[str, Any], max_pixels: int) -> str | None:
+    """The near-duplicate fingerprint of a decodable image (None for one validation will quarantine)."""
+    if not facts.get("decoded"):
+        return None
+    try:
+        return image_fingerprint(data, max_pixels)
+    except ImageRejected:
+        return None
+
+
+def _backfill_fingerprint(row: dict[str, Any], s: Settings, client) -> dict[str, Any]:
+    """A row of an older manifest, with the fingerprint it did not have (from the cached bytes)."""
+    data = ensure_cached(row, s, client).read_bytes()
+    return {**row, "fingerprint": fingerprint_of(data, row, s.max_image_pixels)}
 
 
 def _undecoded(error: str, detail: str) -> dict[str, Any]:
@@ -128,13 +147,19 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
         row.update({"sha256": digest, "bytes": size})
         data = path.read_bytes()
         if is_prepared(s, prep, digest):
-            row.update(describe_bytes(data, s.max_image_pixels))
-            return row
-        facts, pixels = describe_and_prepare(data, s.max_image_pixels, prepare)
-        if pixels is not None:
-            store_prepared(s, prep, digest, pixels.tobytes())
-        return {**row, **facts}
+            facts = describe_bytes(data, s.max_image_pixels)
+        else:
+            facts, pixels = describe_and_prepare(data, s.max_image_pixels, prepare)
+            if pixels is not None:
+                store_prepared(s, prep, digest, pixels.tobytes())
+        return {**row, **facts, "fingerprint": fingerprint_of(data, facts, s.max_image_pixels)}
 
+    stale = [r for r in unchanged if "fingerprint" not in r and r.get("decoded") and r.get("sha256")]
+    if stale:  # rows of a manifest written before fingerprints: one decode each, once
+        with ThreadPoolExecutor(max_workers=s.transfer_workers) as pool:
+            filled = {r["key"]: r for r in progress(pool.map(lambda r: _backfill_fingerprint(r, s, client), stale),
+                                                    len(stale), f"fingerprint {dataset}", show_progress)}
+        unchanged = [filled.get(r["key"], r) for r in unchanged]
     fetched: list[dict] = []
     if to_fetch:
         if before_download is not None:
@@ -144,8 +169,8 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
     rows = sorted(unchanged + fetched, key=lambda r: r["key"])
     counts = {"new": len(new), "changed": len(changed), "deleted": len(deleted), "unchanged": len(unchanged),
               "total": len(rows), "unassigned": len(unassigned), "errors": sum(1 for r in rows if r.get("error")),
-              "relabeled": len(relabeled), "reviewed": sum(1 for o in to_fetch if is_reviewed_key(o["Key"]))}
-    reused = pointer is not None and not (new or changed or deleted or relabeled) and \
+              "relabeled": len(relabeled), "fingerprinted": len(stale), "reviewed": sum(1 for o in to_fetch if is_reviewed_key(o["Key"]))}
+    reused = pointer is not None and not (new or changed or deleted or relabeled or stale) and \
         sorted(pointer.get("unassigned", [])) == sorted(unassigned[:REPORT_LIMIT])
     if reused:
         manifest_key = pointer["manifest_key"]

@@ -56,10 +56,12 @@ def encode_cached_file(path: str, size: int, max_pixels: int, label: int, sha256
 
 
 def split_params(settings: Settings) -> dict[str, Any]:
+    from contracts.near_duplicates import NEAR_DUPLICATE_MAX_BITS
     from contracts.splits import SPLITS_VERSION
 
     return {"val_fraction": settings.val_fraction, "test_fraction": settings.test_fraction,
-            "salt": settings.split_salt, "splits_version": SPLITS_VERSION}
+            "salt": settings.split_salt, "splits_version": SPLITS_VERSION,
+            "near_duplicate_max_bits": NEAR_DUPLICATE_MAX_BITS}
 
 
 def dataset_version(pairs: list[tuple[str, str]], labels: list[str], preprocessing: dict, splits: dict) -> str:
@@ -101,7 +103,7 @@ def preprocess(validated_key: str, dataset: str, settings: Settings | None = Non
                                 message=f"dataset version {version} already exists: nothing to do")
 
     splits = assign_splits(((r["sha256"], r["label"]) for r in rows), s.val_fraction, s.test_fraction,
-                           s.split_salt)
+                           s.split_salt, fingerprints={r["sha256"]: r.get("fingerprint") for r in rows})
     # Order within a split by split score: deterministic and label-mixed within every shard.
     ordered = {sp: sorted((r for r in rows if splits[r["sha256"]] == sp),
                           key=lambda r: (split_score(r["sha256"], s.split_salt), r["sha256"])) for sp in SPLITS}

@@ -21,6 +21,11 @@ MIN_DATASET_ROWS rows. The stage raises ValidationFailed when more than MAX_BAD_
 the images is quarantined, or when a dataset check of severity "error" fails (training on
 such a dataset would be meaningless); everything is saved first, so the reason is inspectable.
 
+Near-duplicates (contracts.near_duplicates): the summary counts groups of distinct files that are
+the same image, which preprocess keeps in one split, and warns about groups whose members carry
+different labels (probably one field labelled twice; not quarantined, as a fingerprint match is not
+proof: a person should look).
+
 Outputs under validation/<dataset>/<run_id>/: gx_result.json, summary.json, summary.md,
 validated.jsonl. The run id is a hash of the manifest key, the spec and the check settings,
 so validating the same manifest twice reuses the saved result (fast unchanged re-runs).
@@ -43,8 +48,9 @@ from pipeline.cache import ensure_cached
 from pipeline.storage import (ensure_bucket, get_json_or_none, get_jsonl, put_bytes, put_json, put_jsonl, s3_call,
                               s3_client)
 
-CHECKS_VERSION = 2  # bump when the checks change: old validation results are then not reused
+CHECKS_VERSION = 3  # bump when the checks change: old validation results are then not reused (3: fingerprints)
 SUMMARY_FILE = "summary.json"
+REPORT_GROUPS = 100  # most mixed-label near-duplicate groups listed in the summary (the count is complete)
 
 
 class ValidationFailed(RuntimeError):
@@ -176,6 +182,23 @@ def resolve_duplicates(rows: list[dict[str, Any]]) -> tuple[list[dict], list[dic
     return sorted(kept, key=lambda r: r["key"]), dropped, conflicting
 
 
+def near_duplicate_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Groups of distinct files that are near-copies (kept rows), and those that mix labels."""
+    from contracts.near_duplicates import near_duplicate_groups
+
+    by_sha = {r["sha256"]: r for r in rows}
+    members: dict[str, list[str]] = defaultdict(list)
+    for sha, group in near_duplicate_groups({sha: r.get("fingerprint") for sha, r in by_sha.items()}).items():
+        members[group].append(sha)
+    groups = [sorted(m) for m in members.values() if len(m) > 1]
+    mixed = [sorted(f"{by_sha[h]['label']}: {by_sha[h]['key']}" for h in g) for g in groups
+             if len({by_sha[h]["label"] for h in g}) > 1]
+    warnings = [f"{len(mixed)} near-duplicate group(s) carry different labels (the same field labelled twice?): "
+                "see near_duplicates_across_labels"] if mixed else []
+    return {"groups": len(groups), "images": sum(len(g) for g in groups), "across_labels": sorted(mixed),
+            "warnings": warnings}
+
+
 def _summary_md(summary: dict[str, Any]) -> str:
     lines = [f"# Validation of `{summary['dataset']}` ({summary['run_id']})", "",
              f"- manifest: `{summary['manifest_key']}`",
@@ -192,6 +215,9 @@ def _summary_md(summary: dict[str, Any]) -> str:
     if summary["duplicate_groups"]:
         lines += ["", "## Duplicates (same content)", ""]
         lines += [f"- {', '.join(g)}" for g in summary["duplicate_groups"][:50]]
+    lines += ["", "## Near-duplicates (same image, different files; kept in one split)", "",
+              f"- {summary['near_duplicate_groups']} group(s), {summary['near_duplicate_images']} images"]
+    lines += [f"- different labels: {', '.join(g)}" for g in summary["near_duplicates_across_labels"][:50]]
     return "\n".join(lines) + "\n"
 
 
@@ -262,6 +288,7 @@ def validate(manifest_key: str, dataset: str, settings: Settings | None = None, 
     groups = defaultdict(list)
     for r in passed:
         groups[r["sha256"]].append(r["key"])
+    near = near_duplicate_report(kept)
     summary = {
         "dataset": dataset, "run_id": run_id, "manifest_key": manifest_key, "created_at": utc_now(),
         "status": "failed" if failure else "passed", "failure": failure,
@@ -273,9 +300,12 @@ def validate(manifest_key: str, dataset: str, settings: Settings | None = None, 
         "duplicate_groups": sorted(sorted(g) for g in groups.values() if len(g) > 1),
         "expectations": [(r["expectation_config"]["type"], (r["expectation_config"].get("meta") or {}).get(
             "severity", "error"), bool(r["success"])) for r in gx_result.get("results", [])],
-        "warnings": failed_expectations(gx_result, "warning"),
+        "near_duplicate_groups": near["groups"], "near_duplicate_images": near["images"],
+        "near_duplicates_across_labels": near["across_labels"][:REPORT_GROUPS],
+        "warnings": failed_expectations(gx_result, "warning") + near["warnings"],
     }
-    fields = ("key", "etag", "sha256", "bytes", "format", "width", "height", "mode", "class", "label")
+    fields = ("key", "etag", "sha256", "bytes", "format", "width", "height", "mode", "class", "label",
+              "fingerprint")
     put_jsonl(client, s.s3_bucket, keys["validated.jsonl"], [{f: r.get(f) for f in fields} for r in kept])
     put_json(client, s.s3_bucket, keys["gx_result.json"], gx_result)
     put_bytes(client, s.s3_bucket, keys["summary.md"], _summary_md(summary).encode(), "text/markdown")

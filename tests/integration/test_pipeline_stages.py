@@ -95,6 +95,34 @@ def test_upload_skips_identical_and_ingest_diffs(tiny_dataset_factory, s3, tmp_p
     assert {r["label"] for r in rows if "/neg/" in r["key"]} == {"abnormal"}
 
 
+def test_rows_of_an_older_manifest_get_their_fingerprints_once(tiny_dataset_factory, s3, tmp_path):
+    """A manifest written before near-duplicate fingerprints: the next ingest fills them in from the
+    bytes (on a worker whose cache is empty: downloaded again) and writes a new manifest, once."""
+    from contracts.near_duplicates import image_fingerprint
+    from pipeline.ingest import ingest
+    from pipeline.upload import upload_tree
+
+    settings, dataset, root = tiny_dataset_factory({"neg": 4, "pos": 4})
+    upload_tree(root, dataset, settings)
+    first = ingest(dataset, settings)
+    bucket = settings.s3_bucket
+
+    def rows_of(key: str) -> list[dict]:
+        return [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=key)["Body"].read().splitlines()]
+
+    rows = rows_of(first.manifest_key)
+    expected = {r["key"]: image_fingerprint((root / r["key"].split("/", 2)[2]).read_bytes()) for r in rows}
+    assert {r["key"]: r["fingerprint"] for r in rows} == expected
+    old = b"".join(json.dumps({k: v for k, v in r.items() if k != "fingerprint"}).encode() + b"\n" for r in rows)
+    s3.put_object(Bucket=bucket, Key=first.manifest_key, Body=old)  # as an older HemaFlow wrote it
+    other = settings.model_copy(update={"hemaflow_home": tmp_path / "other-worker"})
+    filled = ingest(dataset, other)
+    assert (filled.reused, filled.fingerprinted, filled.new, filled.unchanged) == (False, 8, 0, 8)
+    assert {r["key"]: r["fingerprint"] for r in rows_of(filled.manifest_key)} == expected
+    again = ingest(dataset, other)
+    assert (again.reused, again.fingerprinted) == (True, 0)
+
+
 def test_cache_miss_redownloads_and_detects_changed_objects(tiny_dataset_factory, s3, tmp_path):
     from pipeline.cache import CacheMismatch, cache_path, ensure_cached
     from pipeline.ingest import ingest
