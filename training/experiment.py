@@ -10,6 +10,8 @@ choose anything.
 
 Content-hash folds: fold f of k holds the images whose split score lies in [f/k, (f+1)/k);
 the band just after it (VAL_FRACTION_OF_REST of the rest) is that fold's validation split.
+Scores are the pipeline's: a near-duplicate group takes its lowest member's (contracts.splits), so
+near-copies of one field never straddle folds.
 """
 
 from __future__ import annotations
@@ -42,13 +44,19 @@ VAL_FRACTION_OF_REST = 0.15 / 0.85
 
 @dataclass
 class FolderData:
-    """Decoded images (uint8 [N,S,S,3]), label indices, content hashes and label names."""
+    """Decoded images (uint8 [N,S,S,3]), label indices, content hashes, fingerprints and label names."""
 
     images: np.ndarray
     y: np.ndarray
     sha256: list[str]
     labels: list[str]
     positive_label: str | None
+    fingerprints: list[str] | None = None  # contracts.near_duplicates; "" where the image has none
+
+    def fingerprint_map(self) -> dict[str, str | None] | None:
+        if self.fingerprints is None:
+            return None
+        return {h: (f or None) for h, f in zip(self.sha256, self.fingerprints)}
 
 
 @dataclass
@@ -95,10 +103,14 @@ def load_folder(root: Path, spec, image_size: int, crop: str, cache_dir: Path | 
         cache = cache_dir / f"{spec.name}-{image_size}-{crop}.npz"
         if cache.is_file():
             z = np.load(cache, allow_pickle=False)
-            return FolderData(z["images"], z["y"], [str(h) for h in z["sha256"]], spec.labels, spec.positive_label)
+            if "fingerprints" in z.files:  # a cache from before fingerprints is rebuilt
+                return FolderData(z["images"], z["y"], [str(h) for h in z["sha256"]], spec.labels,
+                                  spec.positive_label, [str(f) for f in z["fingerprints"]])
+    from contracts.near_duplicates import image_fingerprint
+
     index = spec.label_index
     seen: set[str] = set()
-    images, ys, hashes = [], [], []
+    images, ys, hashes, prints = [], [], [], []
     for folder in spec.class_folders:
         for path in sorted((root / folder).glob("*")):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -111,13 +123,14 @@ def load_folder(root: Path, spec, image_size: int, crop: str, cache_dir: Path | 
                 images.append(prepare_image(data, image_size, crop=crop))
             except ImageRejected:
                 continue
+            prints.append(image_fingerprint(data))
             seen.add(sha)
             ys.append(index[spec.label_of(folder)])
             hashes.append(sha)
-    out = FolderData(np.stack(images), np.asarray(ys, np.int64), hashes, spec.labels, spec.positive_label)
+    out = FolderData(np.stack(images), np.asarray(ys, np.int64), hashes, spec.labels, spec.positive_label, prints)
     if cache is not None:
         tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, images=out.images, y=out.y, sha256=np.asarray(hashes))
+        np.savez(tmp, images=out.images, y=out.y, sha256=np.asarray(hashes), fingerprints=np.asarray(prints))
         tmp.replace(cache)
     return out
 
@@ -127,16 +140,17 @@ def pipeline_splits(data: FolderData, s) -> dict[str, np.ndarray]:
     from contracts.splits import assign_splits
 
     assigned = assign_splits(((h, data.labels[int(y)]) for h, y in zip(data.sha256, data.y)),
-                             s.val_fraction, s.test_fraction, s.split_salt)
+                             s.val_fraction, s.test_fraction, s.split_salt, data.fingerprint_map())
     names = np.asarray([assigned[h] for h in data.sha256])
     return {split: np.flatnonzero(names == split) for split in ("train", "val", "test")}
 
 
 def fold_splits(data: FolderData, k: int, fold: int, salt: str) -> dict[str, np.ndarray]:
     """Content-hash fold `fold` of `k` as test; a hash band of the rest as validation."""
-    from contracts.splits import split_score
+    from contracts.splits import grouped_scores
 
-    scores = np.asarray([split_score(h, salt) for h in data.sha256])
+    by_sha = grouped_scores(data.sha256, salt, data.fingerprint_map())
+    scores = np.asarray([by_sha[h] for h in data.sha256])
     lo, hi = fold / k, (fold + 1) / k
     test = (scores >= lo) & (scores < hi)
     # Rotate the remaining scores so the validation band starts right after the test fold.
@@ -226,8 +240,13 @@ def sensitivity_at_specificity(is_pos: np.ndarray, p_pos: np.ndarray, min_specif
 
 def lever_key(dataset: str, crop: str, lever: Lever, splits: str = "pipeline") -> str:
     """Identity of one (dataset, crop, training configuration, split) run, for its saved logits."""
+    from contracts.splits import SPLITS_VERSION
+
     payload = {k: v for k, v in vars(lever).items() if k != "name"}
-    return hashlib.sha256(repr((dataset, crop, sorted(payload.items()), splits)).encode()).hexdigest()[:16]
+    identity = (dataset, crop, sorted(payload.items()), splits)
+    if SPLITS_VERSION > 1:  # logits saved on the splits before near-duplicate groups keep their old keys
+        identity += (SPLITS_VERSION,)
+    return hashlib.sha256(repr(identity).encode()).hexdigest()[:16]
 
 
 def fit_and_score(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_s: float = 1e9,
