@@ -181,6 +181,15 @@ def find_version_by_config(client, model_name: str, chash: str):
 
 # --- logging a run (inside mlflow.start_run) --------------------------------------------------
 
+# Run param: the dataset version's split parameters (fractions, salt, splits version). A warm start
+# needs the champion's to be the same: otherwise images it trained on may be in the candidate's test split.
+PARAM_SPLIT_PARAMS = "split_params"
+
+
+def split_params_text(meta: DatasetMeta) -> str:
+    return json.dumps((meta.preprocessing or {}).get("splits", {}), sort_keys=True)
+
+
 
 def log_run_params(s: Settings, meta: DatasetMeta, folder: Path, commit: str) -> None:
     """The run's inputs: training settings, dataset version and counts, provenance, packages."""
@@ -197,6 +206,7 @@ def log_run_params(s: Settings, meta: DatasetMeta, folder: Path, commit: str) ->
         "git_commit": commit,
         "manifest_sha256": manifest_sha,
         "source_manifest_key": meta.source_manifest_key,
+        PARAM_SPLIT_PARAMS: split_params_text(meta),
         **{f"n_{split}": sum(meta.counts.get(split, {}).values()) for split in ("train", "val", "test")},
         **{f"pkg_{k}": v for k, v in package_versions().items()},
     })

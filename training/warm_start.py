@@ -1,6 +1,9 @@
 """Warm start (WARM_START / DAG param `warm_start`): a candidate starts from the champion's weights.
 
-Only when the champion was trained for the same labels (same order) and the same architecture
+Only when the champion was trained for the same labels (same order), on a dataset version with the
+same split parameters (else images it trained on may sit in the candidate's test split, and the gate
+would judge a candidate that has seen its test images; a champion that predates the `split_params`
+run param counts as different), and the same architecture
 (model width, depth, stain normalisation and ensemble size in its run params, and then the same
 weight shapes as the new network), and never for an ensemble (MODEL_ENSEMBLE_SIZE > 1), whose
 members differ by their seeds;
@@ -43,8 +46,13 @@ def _cold(reason: str) -> WarmStart:
 
 def mismatch(champion_params: dict[str, str], s: Settings, meta: DatasetMeta) -> str | None:
     """Why the champion's run cannot seed this candidate (labels or architecture), or None."""
+    from training.tracking import PARAM_SPLIT_PARAMS, split_params_text
+
     if champion_params.get("labels") != ",".join(meta.labels):
         return f"labels differ (champion {champion_params.get('labels')!r}, candidate {','.join(meta.labels)!r})"
+    if champion_params.get(PARAM_SPLIT_PARAMS) != split_params_text(meta):
+        return (f"split parameters differ (champion {champion_params.get(PARAM_SPLIT_PARAMS, 'not recorded')}, "
+                f"candidate {split_params_text(meta)})")
     for key in ARCHITECTURE_PARAMS:
         champion = champion_params.get(key, ARCHITECTURE_PARAM_DEFAULTS.get(key))
         if champion != str(getattr(s, key)):

@@ -61,9 +61,16 @@ def test_other_labels_never_warm_start(tiny_registered_model):
     meta = DatasetMeta(dataset="d", dataset_version="v", image_size=32, labels=["normal", "abnormal"], classes={},
                        positive_label=None, counts={}, shards={}, preprocessing={})
     params = {"labels": "abnormal,normal", "model_width": str(s.model_width), "model_depth": str(s.model_depth),
-              "model_stain_normalisation": s.model_stain_normalisation}
+              "model_stain_normalisation": s.model_stain_normalisation, "split_params": "{}"}
     assert mismatch(params, s, meta).startswith("labels differ")
     meta.labels = ["abnormal", "normal"]
+    assert mismatch(params, s, meta) is None
+    # Other splits (salt, fractions, splits version): the champion may have trained on the candidate's test images.
+    meta.preprocessing = {"splits": {"salt": "hemaflow-v1", "splits_version": 2}}
+    assert mismatch(params, s, meta).startswith("split parameters differ (champion {}, candidate {")
+    older = {k: v for k, v in params.items() if k != "split_params"}
+    assert mismatch(older, s, meta).startswith("split parameters differ (champion not recorded")
+    params["split_params"] = '{"salt": "hemaflow-v1", "splits_version": 2}'
     assert mismatch(params, s, meta) is None
     assert mismatch({**params, "model_depth": "9"}, s, meta).startswith("architecture differs (model_depth")
     other_stain = "per_image" if s.model_stain_normalisation == "none" else "none"

@@ -99,7 +99,8 @@ def test_a_champion_from_before_ensembles_counts_as_one_network():
     s = Settings(_env_file=None, model_width=16, model_depth=5, model_stain_normalisation="per_image")
     meta = DatasetMeta(dataset="d", dataset_version="v", image_size=IMAGE, labels=["a", "b"],
                        classes={"a": "a", "b": "b"}, positive_label="b", counts={}, shards={}, preprocessing={})
-    older = {"labels": "a,b", "model_width": "16", "model_depth": "5", "model_stain_normalisation": "per_image"}
+    older = {"labels": "a,b", "model_width": "16", "model_depth": "5", "model_stain_normalisation": "per_image",
+             "split_params": "{}"}
     assert mismatch(older, s, meta) is None
     why = mismatch(older, s.model_copy(update={"model_ensemble_size": 2}), meta)
     assert why == "architecture differs (model_ensemble_size: champion 1, candidate 2)"
