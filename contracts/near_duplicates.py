@@ -24,7 +24,7 @@ FINGERPRINT_BITS = 64
 FINGERPRINT_DECODE_SIZE = 64  # JPEG draft target: plenty for a 9 x 8 thumbnail
 # Fewer set (or unset) bits than this: too flat to say anything about content.
 MIN_INFORMATIVE_BITS = 4
-_ROWS_PER_BLOCK = 2048  # rows of the pairwise comparison held at once (memory ~ block x n x 8 bytes)
+_PAIRS_PER_BLOCK = 1 << 23  # pairwise distances held at once (x 9 bytes: ~75 MB whatever the dataset size)
 
 
 def image_fingerprint(data: bytes, max_pixels: int | None = None) -> str:
@@ -49,8 +49,9 @@ def near_duplicate_groups(fingerprints: dict[str, str | None],
     """sha256 -> group id (the group's smallest sha256) for every item with a usable fingerprint.
 
     Groups are the connected components of "within max_bits": a chain of near-copies is one group.
-    Items without an informative fingerprint are their own group. All pairs are compared (64-bit
-    XOR and popcount in blocks): ~1 s for 20 000 images."""
+    Items without an informative fingerprint are their own group. All pairs are compared once (64-bit
+    XOR and popcount in blocks of bounded memory): 0.39 s for pbc8's 5 993 images on 2 busy cores, growing
+    with the square of the count."""
     shas = sorted(fingerprints)
     usable = [h for h in shas if fingerprints[h] and informative(str(fingerprints[h]))]
     parent = {h: h for h in shas}
@@ -63,11 +64,12 @@ def near_duplicate_groups(fingerprints: dict[str, str | None],
 
     if usable:
         codes = np.array([int(str(fingerprints[h]), 16) for h in usable], dtype=np.uint64)
-        for start in range(0, len(codes), _ROWS_PER_BLOCK):
-            block = codes[start:start + _ROWS_PER_BLOCK]
-            distance = np.bitwise_count(block[:, None] ^ codes[None, :])
+        rows = max(1, _PAIRS_PER_BLOCK // len(codes))
+        for start in range(0, len(codes), rows):
+            block = codes[start:start + rows]
+            distance = np.bitwise_count(block[:, None] ^ codes[None, start:])  # pairs (i, j >= i) only
             for i, j in zip(*np.nonzero(distance <= max_bits)):
-                a, b = root(usable[start + int(i)]), root(usable[int(j)])
+                a, b = root(usable[start + int(i)]), root(usable[start + int(j)])
                 if a != b:
                     parent[max(a, b)] = min(a, b)
     return {h: root(h) for h in shas}

@@ -28,10 +28,10 @@ from typing import Any
 from contracts.common import progress, utc_now, utc_stamp
 from contracts.dataset_spec import load_spec
 from contracts.imaging import ImageRejected, open_image, read_header, to_rgb
+from contracts.near_duplicates import image_fingerprint
 from contracts.screening import is_reviewed_key
 from contracts.settings import Settings, get_settings
 from contracts.stages import IngestResult
-from contracts.near_duplicates import image_fingerprint
 from pipeline.cache import ObjectTooLarge, clean_stale_temporaries, ensure_cached, stream_to_cache
 from pipeline.incremental import image_preparer, is_prepared, preprocessing_params, store_prepared
 from pipeline.manifests import diff_listing, latest_key, load_previous, manifest_prefix
@@ -157,8 +157,8 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
     stale = [r for r in unchanged if "fingerprint" not in r and r.get("decoded") and r.get("sha256")]
     if stale:  # rows of a manifest written before fingerprints: one decode each, once
         with ThreadPoolExecutor(max_workers=s.transfer_workers) as pool:
-            filled = {r["key"]: r for r in progress(pool.map(lambda r: _backfill_fingerprint(r, s, client), stale),
-                                                    len(stale), f"fingerprint {dataset}", show_progress)}
+            backfill = pool.map(lambda r: s3_call(s, "fingerprint", _backfill_fingerprint, r, s, client), stale)
+            filled = {r["key"]: r for r in progress(backfill, len(stale), f"fingerprint {dataset}", show_progress)}
         unchanged = [filled.get(r["key"], r) for r in unchanged]
     fetched: list[dict] = []
     if to_fetch:
@@ -169,7 +169,8 @@ def ingest(dataset: str, settings: Settings | None = None, show_progress: bool =
     rows = sorted(unchanged + fetched, key=lambda r: r["key"])
     counts = {"new": len(new), "changed": len(changed), "deleted": len(deleted), "unchanged": len(unchanged),
               "total": len(rows), "unassigned": len(unassigned), "errors": sum(1 for r in rows if r.get("error")),
-              "relabeled": len(relabeled), "fingerprinted": len(stale), "reviewed": sum(1 for o in to_fetch if is_reviewed_key(o["Key"]))}
+              "relabeled": len(relabeled), "fingerprinted": len(stale),
+              "reviewed": sum(1 for o in to_fetch if is_reviewed_key(o["Key"]))}
     reused = pointer is not None and not (new or changed or deleted or relabeled or stale) and \
         sorted(pointer.get("unassigned", [])) == sorted(unassigned[:REPORT_LIMIT])
     if reused:

@@ -61,7 +61,11 @@ def test_flat_images_are_never_grouped():
     assert groups == {"a" * 64: "a" * 64, "b" * 64: "b" * 64, "c" * 64: "c" * 64}
 
 
-def test_groups_are_chains_named_by_their_smallest_member():
+@pytest.mark.parametrize("pairs_per_block", [1 << 23, 3, 1])
+def test_groups_are_chains_named_by_their_smallest_member(monkeypatch, pairs_per_block):
+    import contracts.near_duplicates as nd
+
+    monkeypatch.setattr(nd, "_PAIRS_PER_BLOCK", pairs_per_block)  # one block, or row by row
     base = 0x0F0F_3C3C_5A5A_F0F0
     prints = {"d": base, "b": base ^ 0b111, "a": base ^ 0b111 ^ (0b111 << 20), "c": base ^ (2**40 - 1)}
     groups = near_duplicate_groups({k: f"{v:016x}" for k, v in prints.items()})
