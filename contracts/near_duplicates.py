@@ -2,9 +2,9 @@
 
 Why: the same smear field is often saved twice (re-encoded, refocused, shifted by a few pixels).
 Byte-identical copies share a sha256 and so a split, but near-copies do not: on
-`../shared/data/leukemia` 38 pairs of distinct files are the same field, and under the hash split
-14 of the 401 test images had their twin in train or validation, flattering every test and
-k-fold figure (`benchmarks/near_duplicates.py`). `contracts.splits` puts a group in one split.
+`../shared/data/leukemia` 38 groups of distinct files (76 files) are the same field, and under the
+hash split 12 of the 401 test images had their near-copy in train or validation, flattering every
+test and k-fold figure (`benchmarks/near_duplicates.py`). `contracts.splits` puts a group in one split.
 
 Fingerprint: the image decoded (JPEG at a reduced scale), converted to RGB then grey, resized to
 9 x 8 and one bit per horizontal neighbour pair ("difference hash"), as 16 hex digits. A pure

@@ -190,7 +190,6 @@ def split_params_text(meta: DatasetMeta) -> str:
     return json.dumps((meta.preprocessing or {}).get("splits", {}), sort_keys=True)
 
 
-
 def log_run_params(s: Settings, meta: DatasetMeta, folder: Path, commit: str) -> None:
     """The run's inputs: training settings, dataset version and counts, provenance, packages."""
     import mlflow

@@ -45,7 +45,7 @@ def _cold(reason: str) -> WarmStart:
 
 
 def mismatch(champion_params: dict[str, str], s: Settings, meta: DatasetMeta) -> str | None:
-    """Why the champion's run cannot seed this candidate (labels or architecture), or None."""
+    """Why the champion's run cannot seed this candidate (labels, splits or architecture), or None."""
     from training.tracking import PARAM_SPLIT_PARAMS, split_params_text
 
     if champion_params.get("labels") != ",".join(meta.labels):
