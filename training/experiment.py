@@ -51,12 +51,10 @@ class FolderData:
     sha256: list[str]
     labels: list[str]
     positive_label: str | None
-    fingerprints: list[str] | None = None  # contracts.near_duplicates; "" where the image has none
+    fingerprints: list[str] | None = None  # contracts.near_duplicates; None: no near-duplicate groups
 
     def fingerprint_map(self) -> dict[str, str | None] | None:
-        if self.fingerprints is None:
-            return None
-        return {h: (f or None) for h, f in zip(self.sha256, self.fingerprints)}
+        return None if self.fingerprints is None else dict(zip(self.sha256, self.fingerprints))
 
 
 @dataclass
