@@ -77,6 +77,7 @@ class Lever:
     stain_normalisation: str = STAIN_NONE  # training.model.LEVER_STAIN_NORMALISATIONS (macenko: lever only)
     conv: str = CONV_STANDARD  # training.model.CONV_TYPES
     seed: int = 1337
+    weight_decay: float = 0.0  # AdamW's decoupled decay (training.schedule.make_optimizer); 0: Adam
 
 
 def lever_from_settings(s, **changes: Any) -> Lever:
@@ -199,7 +200,8 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
                       bn_momentum=lever.bn_momentum, stain_normalisation=lever.stain_normalisation,
                       conv=lever.conv)
     steps = steps_per_epoch(len(tr), lever.batch_size)
-    net.compile(optimizer=make_optimizer(lever.learning_rate, lever.lr_schedule, lever.epochs, steps),
+    net.compile(optimizer=make_optimizer(lever.learning_rate, lever.lr_schedule, lever.epochs, steps,
+                                         lever.weight_decay),
                 loss=keras.losses.SparseCategoricalCrossentropy(),
                 metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
     callbacks, stops = reproducible_callbacks(lever.patience, time_budget_s, lever.start_epoch,
@@ -241,6 +243,8 @@ def lever_key(dataset: str, crop: str, lever: Lever, splits: str = "pipeline") -
     from contracts.splits import SPLITS_VERSION
 
     payload = {k: v for k, v in vars(lever).items() if k != "name"}
+    if not payload["weight_decay"]:  # keys of runs saved before the field existed stay valid
+        del payload["weight_decay"]
     identity = (dataset, crop, sorted(payload.items()), splits)
     if SPLITS_VERSION > 1:  # logits saved on the splits before near-duplicate groups keep their old keys
         identity += (SPLITS_VERSION,)

@@ -20,6 +20,7 @@ PLATEAU = "plateau"
 LR_SCHEDULES = (COSINE, PLATEAU)
 WARMUP_EPOCHS = 1
 LR_FLOOR_FRACTION = 0.01
+NO_WEIGHT_DECAY = ("bias", "gamma", "beta")  # variable names AdamW leaves alone
 
 
 def steps_per_epoch(train_images: int, batch_size: int) -> int:
@@ -44,11 +45,19 @@ def learning_rate_schedule(learning_rate: float, schedule: str, epochs: int, ste
     )
 
 
-def make_optimizer(learning_rate: float, schedule: str, epochs: int, steps: int) -> Any:
-    """Adam with the named schedule."""
+def make_optimizer(learning_rate: float, schedule: str, epochs: int, steps: int, weight_decay: float = 0.0) -> Any:
+    """Adam with the named schedule; with `weight_decay` > 0, AdamW (decoupled: each step shrinks a
+    weight by rate x weight_decay), sparing biases and BatchNorm's gamma and beta."""
     import keras
 
-    return keras.optimizers.Adam(learning_rate_schedule(learning_rate, schedule, epochs, steps))
+    rate = learning_rate_schedule(learning_rate, schedule, epochs, steps)
+    if weight_decay < 0:
+        raise ValueError(f"weight decay must be >= 0, not {weight_decay}")
+    if weight_decay == 0:
+        return keras.optimizers.Adam(rate)
+    optimizer = keras.optimizers.AdamW(rate, weight_decay=weight_decay)
+    optimizer.exclude_from_weight_decay(var_names=list(NO_WEIGHT_DECAY))
+    return optimizer
 
 
 def reduces_on_plateau(schedule: str) -> bool:

@@ -61,3 +61,24 @@ def test_settings_accept_exactly_the_schedules_training_knows():
     assert set(get_args(field.annotation)) == set(LR_SCHEDULES)
     assert field.default == COSINE
 
+
+
+def test_weight_decay_shrinks_kernels_and_spares_biases_and_batchnorm():
+    import keras
+
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(1)(keras.layers.BatchNormalization()(keras.layers.Dense(3)(inputs)))
+    net = keras.Model(inputs, outputs)
+    for layer in net.layers[1:]:
+        for v in layer.weights:
+            v.assign(np.ones(v.shape, "float32"))
+    optimizer = make_optimizer(1e-1, PLATEAU, epochs=1, steps=1, weight_decay=0.5)
+    before = {v.path: v.numpy().copy() for v in net.trainable_variables}
+    optimizer.apply_gradients([(np.zeros(v.shape, "float32"), v) for v in net.trainable_variables])
+    for v in net.trainable_variables:
+        name = v.path.rsplit("/", 1)[-1]
+        shrunk = v.numpy() < before[v.path]
+        assert shrunk.all() if name == "kernel" else not shrunk.any(), name
+    assert type(make_optimizer(1e-3, COSINE, 2, 5)).__name__ == "Adam"
+    with pytest.raises(ValueError, match="weight decay must be >= 0"):
+        make_optimizer(1e-3, COSINE, 2, 5, weight_decay=-1.0)
