@@ -6,7 +6,13 @@ content-hash split alone and with groups, on the splits and folds of the lever /
 (training.experiment, the pipeline's own assignment). Also the cost: fingerprint time per image
 (a sample) and grouping time.
 
+`--scale N [N ...]` times the grouping's pair search (contracts.near_duplicates.near_pairs, banded)
+against comparing all pairs (the method before it, kept here as the baseline) on N fingerprints
+drawn bit by bit with the dataset's own bit frequencies, a third of them near-copies; all pairs only
+up to ALL_PAIRS_MAX_N. Medians of --repeats runs, and the ratio.
+
     .venv/bin/python benchmarks/near_duplicates.py --dataset leukemia [--folds 3]
+    .venv/bin/python benchmarks/near_duplicates.py --dataset pbc8 --scale 6000 50000 1000000
 """
 
 from __future__ import annotations
@@ -24,6 +30,53 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TIMED_IMAGES = 300  # images whose fingerprint is timed (the rest come from the harness's cache)
+ALL_PAIRS_MAX_N = 50_000  # the baseline grows with n²: ~3 s here at 50 000, ~1 min at 200 000
+ALL_PAIRS_BLOCK = 1 << 23  # pairwise distances held at once by the baseline (as the code before the bands)
+
+
+def all_pairs(codes: np.ndarray, max_bits: int) -> int:
+    """The baseline: every pair compared, in blocks of bounded memory; returns the pair count."""
+    found, rows = 0, max(1, ALL_PAIRS_BLOCK // max(1, len(codes)))
+    for start in range(0, len(codes), rows):
+        distance = np.bitwise_count(codes[start:start + rows, None] ^ codes[None, start:])
+        found += int(np.count_nonzero(np.triu(distance <= max_bits, k=1)))  # j > i: each pair once
+    return found
+
+
+def scaled_codes(prints: list[str], n: int, seed: int = 0) -> np.ndarray:
+    """n codes: two thirds drawn with the real fingerprints' per-bit frequencies, a third copies of
+    them with 0-7 bits flipped."""
+    rng = np.random.default_rng(seed)
+    real = np.array([[int(p, 16) >> b & 1 for b in range(64)] for p in prints], dtype=bool)
+    fresh = rng.random((n - n // 3, 64)) < real.mean(axis=0)
+    codes = (fresh.astype(np.uint64) << np.arange(64, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+    flips = rng.random((n // 3, 64)) < rng.integers(0, 8, n // 3)[:, None] / 64
+    noise = (flips.astype(np.uint64) << np.arange(64, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+    return rng.permutation(np.concatenate([codes, codes[rng.integers(0, len(codes), n // 3)] ^ noise]))
+
+
+def scale(prints: list[str], sizes: list[int], repeats: int) -> None:
+    from contracts.near_duplicates import NEAR_DUPLICATE_MAX_BITS, near_pairs
+
+    for n in sizes:
+        codes = scaled_codes(prints, n)
+        banded, pairs = [], 0
+        for _ in range(repeats):
+            started = time.perf_counter()
+            pairs = len(near_pairs(codes, NEAR_DUPLICATE_MAX_BITS))
+            banded.append(time.perf_counter() - started)
+        line = f"n={n}: banded {statistics.median(banded):.3f} s ({pairs} pairs)"
+        if n <= ALL_PAIRS_MAX_N:
+            baseline = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                expected = all_pairs(codes, NEAR_DUPLICATE_MAX_BITS)
+                baseline.append(time.perf_counter() - started)
+            if expected != pairs:
+                raise SystemExit(f"n={n}: banded found {pairs} pairs, all pairs {expected}")
+            line += (f"; all pairs {statistics.median(baseline):.3f} s (same pairs); "
+                     f"{statistics.median(baseline) / statistics.median(banded):.1f}x faster")
+        print(line, flush=True)
 
 
 def leaks(split_of: dict[str, str], groups: dict[str, str], held_out: str) -> int:
@@ -44,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--scale", type=int, nargs="*", default=[], help="time the pair search on N fingerprints")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
     from benchmarks.levers import CACHE
@@ -55,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     s, spec = get_settings(), load_spec(args.dataset)
     # The harness's images: de-duplicated by sha256, unreadable ones left out, fingerprints included.
     data = ex.load_folder(args.data / args.dataset, spec, s.image_size, spec.crop, CACHE)
+    if args.scale:
+        scale(data.fingerprints or [], args.scale, args.repeats)
+        return 0
     paths = sorted(p for p in (args.data / args.dataset).rglob("*") if p.suffix.lower() in ex.IMAGE_SUFFIXES)
     seconds = []
     for path in paths[:: max(1, len(paths) // TIMED_IMAGES)]:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from contracts.near_duplicates import (NEAR_DUPLICATE_MAX_BITS, image_fingerprint, informative,
-                                       near_duplicate_groups)
+                                       near_duplicate_groups, near_pairs)
 from contracts.splits import assign_splits, grouped_scores, split_score
 
 
@@ -61,16 +61,47 @@ def test_flat_images_are_never_grouped():
     assert groups == {"a" * 64: "a" * 64, "b" * 64: "b" * 64, "c" * 64: "c" * 64}
 
 
-@pytest.mark.parametrize("pairs_per_block", [1 << 23, 3, 1])
-def test_groups_are_chains_named_by_their_smallest_member(monkeypatch, pairs_per_block):
-    import contracts.near_duplicates as nd
-
-    monkeypatch.setattr(nd, "_PAIRS_PER_BLOCK", pairs_per_block)  # one block, or row by row
+def test_groups_are_chains_named_by_their_smallest_member():
     base = 0x0F0F_3C3C_5A5A_F0F0
     prints = {"d": base, "b": base ^ 0b111, "a": base ^ 0b111 ^ (0b111 << 20), "c": base ^ (2**40 - 1)}
     groups = near_duplicate_groups({k: f"{v:016x}" for k, v in prints.items()})
     assert groups["d"] == groups["b"] == groups["a"] == "a"  # d~b and b~a: one group through b
     assert groups["c"] == "c"
+
+
+def _all_pairs(codes: np.ndarray, max_bits: int) -> set[tuple[int, int]]:
+    distance = np.bitwise_count(codes[:, None] ^ codes[None, :])
+    return {(int(i), int(j)) for i, j in zip(*np.nonzero(distance <= max_bits)) if i < j}
+
+
+def _codes_with_near_copies(max_bits: int, n: int, skew: float) -> np.ndarray:
+    """n random 64-bit codes (each bit set with probability `skew`, so bands collide often when it is
+    far from 0.5), a third of them copied with 0..max_bits + 3 bits flipped (on both sides of the
+    distance), a sixth twice (chains)."""
+    rng = np.random.default_rng(max_bits)
+    bits = rng.random((n, 64)) < skew
+    codes = (bits.astype(np.uint64) << np.arange(64, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+    copies = []
+    for code in np.concatenate([codes[: n // 3], codes[: n // 6]]):
+        flips = rng.choice(64, size=int(rng.integers(0, max_bits + 4)), replace=False)
+        copies.append(code ^ np.uint64(sum(1 << int(f) for f in flips)))
+    return rng.permutation(np.concatenate([codes, np.asarray(copies, np.uint64)]))
+
+
+@pytest.mark.parametrize("max_bits", [0, 1, 5, 9])
+@pytest.mark.parametrize("skew", [0.5, 0.1])
+def test_banded_pairs_are_exactly_all_pairs_within_the_distance(max_bits, skew):
+    codes = _codes_with_near_copies(max_bits, 900, skew)
+    pairs = near_pairs(codes, max_bits)
+    expected = _all_pairs(codes, max_bits)
+    assert len(expected) > 100  # planted copies within the distance (more by chance at skew 0.1)
+    assert {tuple(map(int, p)) for p in pairs} == expected and len(pairs) == len(expected)
+    assert near_pairs(codes[:1], max_bits).shape == near_pairs(codes[:0], max_bits).shape == (0, 2)
+
+
+def test_a_distance_the_bands_cannot_guarantee_is_refused():
+    with pytest.raises(ValueError, match="max_bits must be in"):
+        near_pairs(np.zeros(3, np.uint64), 63)
 
 
 def _dataset(n_fields: int = 150, copies_every: int = 3):
