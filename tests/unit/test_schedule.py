@@ -62,7 +62,6 @@ def test_settings_accept_exactly_the_schedules_training_knows():
     assert field.default == COSINE
 
 
-
 def test_weight_decay_shrinks_kernels_and_spares_biases_and_batchnorm():
     import keras
 
