@@ -43,16 +43,29 @@ def all_pairs(codes: np.ndarray, max_bits: int) -> int:
     return found
 
 
+def _pack(bits: np.ndarray) -> np.ndarray:
+    """[n, 64] booleans -> n uint64 codes (bit b of each row at 1 << b)."""
+    return (bits.astype(np.uint64) << np.arange(64, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+
+
 def scaled_codes(prints: list[str], n: int, seed: int = 0) -> np.ndarray:
     """n codes: two thirds drawn with the real fingerprints' per-bit frequencies, a third copies of
     them with 0-7 bits flipped."""
     rng = np.random.default_rng(seed)
     real = np.array([[int(p, 16) >> b & 1 for b in range(64)] for p in prints], dtype=bool)
-    fresh = rng.random((n - n // 3, 64)) < real.mean(axis=0)
-    codes = (fresh.astype(np.uint64) << np.arange(64, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
-    flips = rng.random((n // 3, 64)) < rng.integers(0, 8, n // 3)[:, None] / 64
-    noise = (flips.astype(np.uint64) << np.arange(64, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+    codes = _pack(rng.random((n - n // 3, 64)) < real.mean(axis=0))
+    noise = _pack(rng.random((n // 3, 64)) < rng.integers(0, 8, n // 3)[:, None] / 64)
     return rng.permutation(np.concatenate([codes, codes[rng.integers(0, len(codes), n // 3)] ^ noise]))
+
+
+def _timed(fn, repeats: int) -> tuple[float, object]:
+    """(median wall seconds of `repeats` calls, the last call's result)."""
+    seconds, result = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = fn()
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds), result
 
 
 def scale(prints: list[str], sizes: list[int], repeats: int) -> None:
@@ -60,22 +73,13 @@ def scale(prints: list[str], sizes: list[int], repeats: int) -> None:
 
     for n in sizes:
         codes = scaled_codes(prints, n)
-        banded, pairs = [], 0
-        for _ in range(repeats):
-            started = time.perf_counter()
-            pairs = len(near_pairs(codes, NEAR_DUPLICATE_MAX_BITS))
-            banded.append(time.perf_counter() - started)
-        line = f"n={n}: banded {statistics.median(banded):.3f} s ({pairs} pairs)"
+        banded_s, pairs = _timed(lambda: len(near_pairs(codes, NEAR_DUPLICATE_MAX_BITS)), repeats)
+        line = f"n={n}: banded {banded_s:.3f} s ({pairs} pairs)"
         if n <= ALL_PAIRS_MAX_N:
-            baseline = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                expected = all_pairs(codes, NEAR_DUPLICATE_MAX_BITS)
-                baseline.append(time.perf_counter() - started)
+            baseline_s, expected = _timed(lambda: all_pairs(codes, NEAR_DUPLICATE_MAX_BITS), repeats)
             if expected != pairs:
                 raise SystemExit(f"n={n}: banded found {pairs} pairs, all pairs {expected}")
-            line += (f"; all pairs {statistics.median(baseline):.3f} s (same pairs); "
-                     f"{statistics.median(baseline) / statistics.median(banded):.1f}x faster")
+            line += f"; all pairs {baseline_s:.3f} s (same pairs); {baseline_s / banded_s:.1f}x faster"
         print(line, flush=True)
 
 

@@ -80,6 +80,11 @@ class Lever:
     weight_decay: float = 0.0  # AdamW's decoupled decay (training.schedule.make_optimizer); 0: Adam
 
 
+# Fields added after runs were saved: left out of lever_key at their default, so those runs keep their keys.
+LEVER_FIELDS_ADDED_LATER = ("weight_decay",)
+_LEVER_DEFAULTS = vars(Lever())
+
+
 def lever_from_settings(s, **changes: Any) -> Lever:
     base = Lever(input_size=s.train_input_size, width=s.model_width, depth=s.model_depth, epochs=s.epochs,
                  batch_size=s.batch_size, learning_rate=s.learning_rate, lr_schedule=s.lr_schedule,
@@ -242,9 +247,8 @@ def lever_key(dataset: str, crop: str, lever: Lever, splits: str = "pipeline") -
     """Identity of one (dataset, crop, training configuration, split) run, for its saved logits."""
     from contracts.splits import SPLITS_VERSION
 
-    payload = {k: v for k, v in vars(lever).items() if k != "name"}
-    if not payload["weight_decay"]:  # keys of runs saved before the field existed stay valid
-        del payload["weight_decay"]
+    payload = {k: v for k, v in vars(lever).items()
+               if k != "name" and not (k in LEVER_FIELDS_ADDED_LATER and v == _LEVER_DEFAULTS[k])}
     identity = (dataset, crop, sorted(payload.items()), splits)
     if SPLITS_VERSION > 1:  # logits saved on the splits before near-duplicate groups keep their old keys
         identity += (SPLITS_VERSION,)
