@@ -33,6 +33,8 @@ LEVERS = {
     "width12_seed2": {"width": 12, "seed": 1338},
     "seed2": {"seed": 1338},  # the shipped network, another initialisation and augmentation stream
     "seed3": {"seed": 1339},
+    "seed4": {"seed": 1340},
+    "seed5": {"seed": 1341},
     "adamw": {"weight_decay": 0.05},  # AdamW at the usual ConvNet value (0.05 x rate each step): not adopted
     "adamw_seed2": {"weight_decay": 0.05, "seed": 1338},
     "epochs10": {"epochs": 10},  # two of these fit the budget where two 14-epoch networks do not
