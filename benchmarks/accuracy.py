@@ -340,10 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         images, test_y = load_split_arrays(folder, read_local_meta(folder), "test")
         bundle = download_bundle(mlflow_client(settings), trained["run_id"], settings)
         behaviour = behaviour_checks(bundle, images)
+        from contracts.tta import on_by_default, uses_tta
         from training.intervals import format_intervals
 
         figures = {tta: served_figures(bundle, images, test_y, tta) for tta in (False, True)}
-        served = settings.inference_tta
+        served = uses_tta(settings.inference_tta, on_by_default(bundle.meta))
         test = figures[served][0]
         total_s = time.perf_counter() - started
 
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
               f"test images {test['n']}")
         for tta, (metrics, ci) in figures.items():
             name = "8-view TTA, its threshold" if tta else "plain"
-            print(f"test, {name}{' (as served: INFERENCE_TTA)' if tta == served else ''}: "
+            print(f"test, {name}{' (as served)' if tta == served else ''}: "
                   + "  ".join(f"{k}={metrics[k]:.4f}" for k in shown(args.dataset, bool(metrics.get("threshold")))
                               if metrics.get(k) is not None))
             print(f"  95% bootstrap intervals: {format_intervals(ci, tuple(ci))}; "

@@ -52,6 +52,8 @@ class DatasetSpec:
     crop: str = "center_crop"
     # [training] overrides of the global settings for this dataset (SpecTraining), unset ones omitted.
     training: dict[str, int | str] = field(default_factory=dict)
+    # Whether its models answer with test-time augmentation when INFERENCE_TTA is unset (contracts.tta).
+    inference_tta: bool = True
 
     @property
     def class_folders(self) -> list[str]:
@@ -119,6 +121,9 @@ def parse_spec(text: str, source: Path | None = None) -> DatasetSpec:
     if crop not in CROP_POLICIES:
         raise SpecError(f"dataset spec {name!r}: crop must be one of {', '.join(CROP_POLICIES)}, "
                         f"not {crop!r}{where}")
+    inference_tta = raw.get("inference_tta", True)
+    if not isinstance(inference_tta, bool):
+        raise SpecError(f"dataset spec {name!r}: inference_tta must be true or false, not {inference_tta!r}{where}")
     try:
         training = SpecTraining.model_validate(raw.get("training", {})).model_dump(exclude_none=True)
     except ValidationError as exc:
@@ -134,6 +139,7 @@ def parse_spec(text: str, source: Path | None = None) -> DatasetSpec:
         credits=str(raw.get("credits", "")),
         crop=crop,
         training=training,
+        inference_tta=inference_tta,
     )
 
 
@@ -144,6 +150,15 @@ def training_settings(settings: Settings, dataset: str) -> Settings:
     except SpecError:
         return settings
     return settings.model_copy(update=spec.training) if spec.training else settings
+
+
+def inference_tta_default(settings: Settings, dataset: str) -> bool:
+    """The dataset spec's `inference_tta` (on when the dataset has no spec): what training records
+    in the bundle as its models' TTA default."""
+    try:
+        return load_spec(dataset, settings.dataset_specs_dir).inference_tta
+    except SpecError:
+        return True
 
 
 def spec_paths(specs_dir: Path | None = None) -> list[Path]:

@@ -156,9 +156,11 @@ class Settings(BaseSettings):
     serving_refuse_out_of_scope: bool = Field(True, description="Answer in_scope=false and no label when the "
                                               "bundle's detector fires (false: label it and flag it)")
     # Test-time augmentation in the API AND batch screening (contracts.tta); SERVING_TTA, its name
-    # before batch screening followed it, is still read.
-    inference_tta: bool = Field(True, validation_alias=AliasChoices("inference_tta", "serving_tta"),
-                                description="Average probabilities over flips and 90-degree rotations")
+    # before batch screening followed it, is still read. None (unset or empty): each model's own
+    # default, its dataset spec's `inference_tta` (contracts.tta.uses_tta).
+    inference_tta: bool | None = Field(None, validation_alias=AliasChoices("inference_tta", "serving_tta"),
+                                       description="Average probabilities over flips and 90-degree rotations "
+                                                   "(unset: each dataset spec's choice)")
 
     # --- signed bundles and secrets policy -----------------------------------------------
     bundle_signing_key: SecretStr = Field(SecretStr(""), description="Ed25519 private key (base64) training signs with")

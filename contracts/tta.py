@@ -2,6 +2,11 @@
 and the benchmarks share: the 8 flips / 90-degree rotations of each image go through the model
 and their probabilities are averaged.
 
+Whether a model answers that way: INFERENCE_TTA when it is set (every model), else the model's own
+default, its dataset spec's `inference_tta` at training, recorded in bundle.json `tta.on_by_default`
+(`uses_tta`). A dataset whose classes are not rotation-invariant, or that answers better from one view,
+says so in its spec.
+
 Averaging moves probabilities towards the middle, so a binary model's threshold chosen on
 un-augmented validation no longer reaches TARGET_SENSITIVITY: training also picks one on the
 averaged VALIDATION probabilities of the served model and records it in bundle.json `tta`
@@ -15,7 +20,9 @@ from typing import Any
 import numpy as np
 
 VIEWS = 8  # the dihedral group of the square: 4 rotations, each also mirrored
-BUNDLE_KEY = "tta"  # bundle.json {views, threshold, validation and test figures}
+BUNDLE_KEY = "tta"  # bundle.json {views, threshold, on_by_default, validation and test figures}
+DEFAULT_KEY = "on_by_default"  # bundle.json tta.on_by_default: the spec's `inference_tta` at training
+DEFAULT_PARAM = "tta_on_by_default"  # the same, as the training run's MLflow param
 
 
 def views(images: np.ndarray) -> np.ndarray:
@@ -41,3 +48,14 @@ def decision_threshold(meta: dict[str, Any], tta: bool) -> float | None:
     record = meta.get(BUNDLE_KEY) if isinstance(meta.get(BUNDLE_KEY), dict) else {}
     value = record.get("threshold") if tta and record.get("threshold") is not None else meta.get("threshold")
     return float(value) if value is not None else None
+
+
+def on_by_default(meta: dict[str, Any]) -> bool:
+    """The bundle's own TTA default (its spec's choice at training); bundles from before: on."""
+    record = meta.get(BUNDLE_KEY) if isinstance(meta.get(BUNDLE_KEY), dict) else {}
+    return bool(record.get(DEFAULT_KEY, True))
+
+
+def uses_tta(setting: bool | None, default_on: bool) -> bool:
+    """Whether answers average the views: INFERENCE_TTA (`setting`) when set, else the model's default."""
+    return default_on if setting is None else bool(setting)

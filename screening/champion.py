@@ -85,6 +85,16 @@ def champion_bundle(run_id: str, s: Settings):
     return cached_bundle(run_id, s) or download_bundle(mlflow_client(s), run_id, s)
 
 
+def champion_uses_tta(ref: ChampionRef, s: Settings) -> bool:
+    """Whether the version scores with TTA: INFERENCE_TTA when set, else its bundle's own default
+    (bundle.json is read here, and verified with the rest when a chunk loads the model)."""
+    from contracts.tta import on_by_default
+
+    if s.inference_tta is not None:
+        return s.inference_tta
+    return on_by_default(champion_bundle(ref.run_id, s).meta)
+
+
 def load_scoring_model(ref: ChampionRef, s: Settings, tta: bool = False) -> ScoringModel:
     """Download (cached) and verify the version's bundle; BundleError names what was refused."""
     from contracts.bundle import BundleError, check_canaries, verify_signature

@@ -132,18 +132,19 @@ def plan_batches(dataset: str, batch_ids: list[str] | None = None, settings: Set
 
     `batch_ids` None: every inbox batch without a complete result for the champion.
     Returns {model_version, run_id, tta, chunks: [{dataset, batch_id, model_version, run_id, tta, first,
-    keys}], complete: [ids already scored], empty: [ids with no object]}. `tta` (INFERENCE_TTA) is
-    pinned here like the version, so every chunk of a run scores the same way.
+    keys}], complete: [ids already scored], empty: [ids with no object]}. `tta` (INFERENCE_TTA, or
+    when unset the champion bundle's own default) is pinned here like the version, so every chunk of
+    a run scores the same way.
     """
     from pipeline.storage import object_exists, s3_client
     from screening.batches import batch_keys, list_batches, summary_key
-    from screening.champion import resolve_champion
+    from screening.champion import champion_uses_tta, resolve_champion
 
     s = settings or get_settings()
     client = s3_client(s)
     ref = resolve_champion(dataset, s)
     wanted = list_batches(client, dataset, s) if batch_ids is None else sorted(set(batch_ids))
-    plan: dict[str, Any] = {"model_version": ref.version, "run_id": ref.run_id, "tta": s.inference_tta,
+    plan: dict[str, Any] = {"model_version": ref.version, "run_id": ref.run_id, "tta": champion_uses_tta(ref, s),
                             "chunks": [], "complete": [], "empty": []}
     for batch_id in wanted:
         if object_exists(client, s.s3_bucket, summary_key(dataset, batch_id, ref.version)):

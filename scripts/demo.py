@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from contracts.settings import PROJECT_ROOT, Settings, get_settings, secrets_file_path
-from contracts.tta import VIEWS
+from contracts.tta import DEFAULT_PARAM as TTA_DEFAULT_PARAM
+from contracts.tta import VIEWS, uses_tta
 from scripts.demo_airflow import (DemoError, airflow_site, api_settings, follow_run, start_airflow,
                                   stop_legacy_airflow, wait_for_dag)
 from scripts.demo_data import hold_back, no_data_help, resolve_data_dir
@@ -112,7 +113,9 @@ def champion_report(settings: Settings, dataset: str) -> tuple[str | None, tuple
         version = client.get_model_version_by_alias(settings.model_name(dataset), "champion")
     except MlflowException:
         return None, ("", {})
-    return str(version.version), served_headline(client.get_run(version.run_id).data.metrics, settings.inference_tta)
+    run = client.get_run(version.run_id).data
+    tta = uses_tta(settings.inference_tta, run.params.get(TTA_DEFAULT_PARAM, "True") == "True")
+    return str(version.version), served_headline(run.metrics, tta)
 
 
 def score_holdout(settings: Settings, site, dataset: str, batch_dir: Path) -> dict | None:

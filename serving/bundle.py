@@ -30,7 +30,7 @@ from contracts.bundle import (
 )
 from contracts.common import sha256_hex
 from contracts.ood import OodDetector, bundle_detector
-from contracts.tta import decision_threshold
+from contracts.tta import decision_threshold, on_by_default, uses_tta
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def load_bundle(
     expect: dict[str, str] | None = None,
     interpreters: int = 1,
     solo_threads: int = 0,
-    tta: bool = False,
+    tta: bool | None = False,
 ) -> LoadedModel:
     """Verify signature and checksums, build the interpreter, run the canaries; raises BundleError.
 
@@ -127,7 +127,8 @@ def load_bundle(
     `interpreters` (each with `num_threads`) can run at once, one per inference thread; with
     `solo_threads`, one more interpreter with that many threads serves a request that runs alone.
     With `tta` the model answers with view-averaged probabilities (serving.tta), so its threshold
-    is the bundle's TTA threshold (`contracts.tta.decision_threshold`).
+    is the bundle's TTA threshold (`contracts.tta.decision_threshold`); None (INFERENCE_TTA unset):
+    the bundle's own default (`contracts.tta.uses_tta`).
     """
     from serving.runners import RunnerPool
 
@@ -146,6 +147,7 @@ def load_bundle(
         promoted_at=promoted_at,
         signed_by=signed_by,
     )
+    tta = uses_tta(tta, on_by_default(meta))
     threshold = decision_threshold(meta, tta)
     model = LoadedModel(
         identity=identity,

@@ -113,10 +113,11 @@ def log_reviewed_metrics(client, run_id: str, reviewed: dict) -> None:
 
 def evaluate_against_champion(dataset: str, model_version: str, settings: Settings | None = None) -> dict:
     """Candidate and @champion, both evaluated via their bundles on the candidate's test split as
-    they would answer when served (INFERENCE_TTA: `tta`), and on the version's reviewed images
-    (`reviewed`, recorded, not gated on)."""
+    they would answer when served (each with TTA or not: `contracts.tta.uses_tta`; `tta` is the
+    candidate's), and on the version's reviewed images (`reviewed`, recorded, not gated on)."""
+    from contracts.tta import on_by_default, uses_tta
+
     s = settings or get_settings()
-    tta = s.inference_tta
     client = mlflow_client(s)
     name = s.model_name(dataset)
     candidate = client.get_model_version(name, str(model_version))
@@ -129,6 +130,7 @@ def evaluate_against_champion(dataset: str, model_version: str, settings: Settin
     reviewed = reviewed_examples(folder, meta)
     cand_bundle = download_bundle(client, candidate.run_id, s)
     task = cand_bundle.meta["task"]
+    tta = uses_tta(s.inference_tta, on_by_default(cand_bundle.meta))
     result: dict[str, Any] = {
         "dataset": dataset,
         "model_name": name,
@@ -155,9 +157,10 @@ def evaluate_against_champion(dataset: str, model_version: str, settings: Settin
             if reviewed is not None:
                 result["reviewed"]["champion"] = result["reviewed"]["candidate"]
         elif champ_bundle is not None:
-            entry["metrics"] = evaluate_bundle(champ_bundle, images, y, tta)
+            entry["tta"] = uses_tta(s.inference_tta, on_by_default(champ_bundle.meta))
+            entry["metrics"] = evaluate_bundle(champ_bundle, images, y, entry["tta"])
             if reviewed is not None:
-                result["reviewed"]["champion"] = evaluate_bundle(champ_bundle, *reviewed, tta=tta)
+                result["reviewed"]["champion"] = evaluate_bundle(champ_bundle, *reviewed, tta=entry["tta"])
     log_reviewed_metrics(client, candidate.run_id, result["reviewed"])
     return result
 

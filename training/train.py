@@ -148,7 +148,10 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
 
     from contracts.bundle import BUNDLE_DIR, TFLiteRunner
     from contracts.imaging import crop_of
+    from contracts.dataset_spec import inference_tta_default
     from contracts.tta import BUNDLE_KEY as TTA_BUNDLE_KEY
+    from contracts.tta import DEFAULT_KEY as TTA_DEFAULT_KEY
+    from contracts.tta import DEFAULT_PARAM as TTA_DEFAULT_PARAM
     from training.bundle import export_bundle, shipped_model, signing_key_of
     from training.stopping import TAG_STOP_REASON
     from training.errors import Diverged
@@ -179,7 +182,9 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     runner = TFLiteRunner(served[0])
     ood = fit_for_run(runner, folder, meta, fitted.val_x)
     mlflow.log_metrics({f"ood_{k}": v for k, v in ood[1].items()})
-    tta = tta_record(runner, fitted, load_split_arrays(folder, meta, "test")[0])
+    tta = {**tta_record(runner, fitted, load_split_arrays(folder, meta, "test")[0]),
+           TTA_DEFAULT_KEY: inference_tta_default(s, meta.dataset)}
+    mlflow.log_param(TTA_DEFAULT_PARAM, tta[TTA_DEFAULT_KEY])
     mlflow.log_metrics(tta_metrics(tta))
     extra_files, drift = profile_and_card(c, folder, fitted, ood[1], runner, served[1], tta)
     canary_x, canary_labels = pick_canaries(fitted.val_x, fitted.val_y, fitted.labels, s.canary_count)

@@ -212,7 +212,9 @@ def test_submitted_batch_is_scored_through_the_scheduler_in_mapped_chunks(site, 
     summary = get_json_or_none(s3, local_stack.s3_bucket, f"results/{NEW_SPEC}/{batch}/{champion}/summary.json")
     assert summary is not None, json.dumps(tis)[:2000]
     assert (summary["n_images"], summary["n_bad"], summary["model_version"]) == (n_images, 1, champion)
-    assert summary["tta"] is True  # .env.example's INFERENCE_TTA reached the workers
+    # .env.example leaves INFERENCE_TTA empty: the template spec's default (on), recorded in the
+    # champion's bundle at training, decided the plan and reached the workers.
+    assert summary["tta"] is True
     if any(t["task_id"] == "plan" and t["state"] == "success" for t in tis):  # not done before by a cron run
         chunks = [t for t in tis if t["task_id"] == "score_chunk"]
         assert len(chunks) == math.ceil(n_images / SCORE_CHUNK) and all(t["state"] == "success" for t in chunks)

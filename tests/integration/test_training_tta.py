@@ -90,3 +90,40 @@ def test_a_run_with_the_conformal_rule_ships_its_threshold_and_says_so(tiny_regi
     card = bundle.files[MODEL_CARD_FILE].decode()
     assert "0.900 by the split-conformal rule: an unseen abnormal image falls below it with probability at most " \
         "0.100" in card
+
+
+def test_a_spec_that_chooses_one_view_ships_that_default(tiny_registered_model, tmp_path):
+    """A dataset spec with `inference_tta = false`: its run records the choice (bundle.json
+    tta.on_by_default, MLflow param); with INFERENCE_TTA unset the gate and batch screening use one
+    view and the plain threshold, a value set for INFERENCE_TTA still wins. A dataset with no spec
+    (the tiny registered model's) keeps TTA on by default."""
+    from contracts.tta import DEFAULT_KEY, DEFAULT_PARAM
+    from screening.champion import ChampionRef, champion_uses_tta
+    from training.gate import download_bundle, evaluate_against_champion
+    from training.tracking import mlflow_client
+    from training.train import train_candidate
+
+    dataset = f"tinyone{secrets.token_hex(3)}"
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    classes = "\n".join(f'{folder} = "{label}"' for folder, label in TINY_CLASSES.items())
+    (specs / f"{dataset}.toml").write_text(f'name = "{dataset}"\npositive_label = "abnormal"\n'
+                                           f"inference_tta = false\n\n[classes]\n{classes}\n")
+    s = tiny_registered_model["settings"].model_copy(update={"dataset_specs_dir": specs, "inference_tta": None})
+    version = write_processed_version(s, dataset, TINY_CLASSES, TINY_COUNTS, positive_label="abnormal")
+    trained = train_candidate(dataset, version, s, epochs=2)
+    client = mlflow_client(s)
+    assert client.get_run(trained["run_id"]).data.params[DEFAULT_PARAM] == "False"
+    meta = download_bundle(client, trained["run_id"], s).meta
+    assert meta["tta"][DEFAULT_KEY] is False and meta["tta"]["threshold"] is not None
+    forced = s.model_copy(update={"inference_tta": True})
+    unset_gate = evaluate_against_champion(dataset, trained["model_version"], s)
+    forced_gate = evaluate_against_champion(dataset, trained["model_version"], forced)
+    assert unset_gate["tta"] is False and unset_gate["candidate"]["metrics"]["threshold"] == meta["threshold"]
+    assert forced_gate["tta"] is True and forced_gate["candidate"]["metrics"]["threshold"] == meta["tta"]["threshold"]
+    ref = ChampionRef(s.model_name(dataset), str(trained["model_version"]), trained["run_id"])
+    assert champion_uses_tta(ref, s) is False and champion_uses_tta(ref, forced) is True
+    no_spec = tiny_registered_model
+    assert download_bundle(client, no_spec["run_id"], s).meta["tta"][DEFAULT_KEY] is True
+    assert champion_uses_tta(ChampionRef(no_spec["model_name"], str(no_spec["model_version"]), no_spec["run_id"]),
+                             s) is True

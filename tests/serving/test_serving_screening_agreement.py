@@ -22,19 +22,30 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 TTA_THRESHOLD = 0.97  # unlike the plain 0.5: which one decided the label shows
 
 
-@pytest.fixture(scope="module")
-def fit_bundle(tiny_ood, tiny_keras_model, tmp_path_factory):
+def _export_fit_bundle(tiny_ood, tiny_keras_model, out, **tta_record):
     from training.bundle import export_bundle
 
     model, detector, figures = tiny_ood
     _, images, labels = tiny_keras_model
-    out = tmp_path_factory.mktemp("fit-bundle") / "serving_bundle"
     export_bundle(model, out, dataset="tiny", dataset_version="tiny-fit", labels=TINY_LABELS, classes=TINY_CLASSES,
                   image_size=TINY_SIZE, canary_images=images[:2], canary_labels=[TINY_LABELS[k] for k in labels[:2]],
                   positive_label="abnormal", threshold=0.5, run_id="local-fit", model_name="hemaflow-tiny",
                   git_commit="test", signing_key=SIGNING_KEY, ood=(detector, figures), crop="fit",
-                  extra={"tta": {"views": 8, "threshold": TTA_THRESHOLD, "validation": {}, "test": {}}})
+                  extra={"tta": {"views": 8, "threshold": TTA_THRESHOLD, "validation": {}, "test": {}, **tta_record}})
     return out
+
+
+@pytest.fixture(scope="module")
+def fit_bundle(tiny_ood, tiny_keras_model, tmp_path_factory):
+    """Its `tta` record has no on_by_default, as bundles before per-dataset defaults: TTA when unset."""
+    return _export_fit_bundle(tiny_ood, tiny_keras_model, tmp_path_factory.mktemp("fit-bundle") / "serving_bundle")
+
+
+@pytest.fixture(scope="module")
+def one_view_bundle(tiny_ood, tiny_keras_model, tmp_path_factory):
+    """The same model from a dataset whose spec says `inference_tta = false`."""
+    return _export_fit_bundle(tiny_ood, tiny_keras_model, tmp_path_factory.mktemp("one-view") / "serving_bundle",
+                              on_by_default=False)
 
 
 def _off_centre_field(tiny_keras_model) -> bytes:
@@ -97,3 +108,14 @@ def test_screening_and_the_api_prepare_and_answer_alike(tta, fit_bundle, tiny_ke
     assert row["label"] == api["label"]
     assert np.allclose([row[f"p_{lab}"] for lab in TINY_LABELS], [api["probabilities"][lab] for lab in TINY_LABELS],
                        atol=1e-5), (row, api)
+
+
+def test_unset_inference_tta_answers_as_each_bundle_chose(fit_bundle, one_view_bundle, serving_server):
+    """INFERENCE_TTA empty (as in .env.example): the API answers as the model's dataset spec chose at
+    training (bundle.json tta.on_by_default; bundles without it: TTA); a value set still wins."""
+    for bundle_dir, setting, expected in ((fit_bundle, "", True), (one_view_bundle, "", False),
+                                          (one_view_bundle, "true", True), (fit_bundle, "false", False)):
+        server = serving_server({"SERVING_BUNDLE_PATH": str(bundle_dir), "INFERENCE_TTA": setting})
+        info = httpx.get(f"{server.url}/v1/model").json()
+        assert (info["tta"], info["threshold"]) == (expected, TTA_THRESHOLD if expected else 0.5), (setting, info)
+        server.stop()

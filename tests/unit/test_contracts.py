@@ -45,3 +45,13 @@ def test_tta_views_average_and_the_threshold_a_bundle_answers_with():
     assert decision_threshold({"threshold": 0.7}, tta=True) == 0.7
     assert decision_threshold({"threshold": 0.7, "tta": "broken"}, tta=True) == 0.7
     assert decision_threshold({"threshold": None, "tta": {"threshold": None}}, tta=True) is None
+
+
+def test_a_set_inference_tta_wins_else_the_bundles_own_default():
+    from contracts.tta import on_by_default, uses_tta
+
+    assert on_by_default({"tta": {"on_by_default": False}}) is False
+    assert on_by_default({"tta": {"threshold": 0.6}}) is True and on_by_default({}) is True  # bundles before it
+    assert on_by_default({"tta": "broken"}) is True
+    assert [uses_tta(setting, default) for setting in (None, True, False) for default in (True, False)] == [
+        True, False, True, True, False, False]

@@ -55,6 +55,20 @@ def test_crop_policy_option():
         parse_spec('crop = "stretch"\n' + base)
 
 
+def test_inference_tta_option():
+    """On unless the spec says false; anything but a TOML boolean is refused (a quoted "false" would be true)."""
+    from contracts.dataset_spec import inference_tta_default
+    from contracts.settings import get_settings
+
+    base = 'name = "x"\n[classes]\na = "a"\nb = "b"\n'
+    assert parse_spec(base).inference_tta is True
+    assert parse_spec("inference_tta = false\n" + base).inference_tta is False
+    with pytest.raises(SpecError, match="inference_tta must be true or false"):
+        parse_spec('inference_tta = "false"\n' + base)
+    assert parse_spec((PROJECT_ROOT / "pipeline/specs/_template.toml").read_text()).inference_tta is True
+    assert inference_tta_default(get_settings(), "no-such-dataset") is True
+
+
 def test_crop_policy_is_recorded_in_the_dataset_version_params():
     from contracts.imaging import crop_of
     from pipeline.preprocess import preprocessing_params

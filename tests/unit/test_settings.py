@@ -103,4 +103,6 @@ def test_inference_tta_reads_its_former_name_too(monkeypatch, restored_environ):
     monkeypatch.delenv("SERVING_TTA")
     assert Settings().inference_tta is False and Settings(inference_tta=True).inference_tta is True
     monkeypatch.delenv("INFERENCE_TTA")
-    assert Settings().inference_tta is True  # the shipped default
+    assert Settings().inference_tta is None  # unset: each model's dataset spec chose (contracts.tta.uses_tta)
+    monkeypatch.setenv("INFERENCE_TTA", "")  # as .env.example ships it: empty means unset
+    assert Settings().inference_tta is None
