@@ -146,7 +146,10 @@ def _served_html(q: dict[str, Any] | None) -> str:
 
 
 def _tta_html(tta: dict[str, Any] | None) -> str:
-    """The served model's figures with test-time augmentation (INFERENCE_TTA); cards before it: nothing."""
+    """The served model's figures with test-time augmentation (INFERENCE_TTA) and whether its spec has
+    it answer so by default; cards before it: nothing."""
+    from contracts.tta import DEFAULT_KEY
+
     if not tta:
         return ""
     names = {"sensitivity": "sensitivity", "specificity": "specificity", "macro_f1": "macro F1",
@@ -155,8 +158,12 @@ def _tta_html(tta: dict[str, Any] | None) -> str:
     rule = ("" if tta.get("threshold") is None else
             f" With it, P(positive) is compared with {tta['threshold']:.4f}, chosen the same way on the "
             "view-averaged validation probabilities.")
+    default = ("" if DEFAULT_KEY not in tta else
+               " Its dataset spec has it answer this way by default" if tta[DEFAULT_KEY] else
+               " Its dataset spec has it answer from one view by default (the figures above)")
+    default += ", unless INFERENCE_TTA is set." if default else ""
     return (f"<p>With test-time augmentation (INFERENCE_TTA: the mean over {tta['views']} flips and "
-            f"rotations), on the test split: {html.escape(shown)}.{html.escape(rule)}</p>")
+            f"rotations), on the test split: {html.escape(shown)}.{html.escape(rule)}{html.escape(default)}</p>")
 
 
 def render_card(d: dict[str, Any]) -> str:

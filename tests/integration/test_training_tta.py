@@ -97,6 +97,7 @@ def test_a_spec_that_chooses_one_view_ships_that_default(tiny_registered_model, 
     tta.on_by_default, MLflow param); with INFERENCE_TTA unset the gate and batch screening use one
     view and the plain threshold, a value set for INFERENCE_TTA still wins. A dataset with no spec
     (the tiny registered model's) keeps TTA on by default."""
+    from contracts.bundle import MODEL_CARD_FILE
     from contracts.tta import DEFAULT_KEY, DEFAULT_PARAM
     from screening.champion import ChampionRef, champion_uses_tta
     from training.gate import download_bundle, evaluate_against_champion
@@ -114,8 +115,10 @@ def test_a_spec_that_chooses_one_view_ships_that_default(tiny_registered_model, 
     trained = train_candidate(dataset, version, s, epochs=2)
     client = mlflow_client(s)
     assert client.get_run(trained["run_id"]).data.params[DEFAULT_PARAM] == "False"
-    meta = download_bundle(client, trained["run_id"], s).meta
+    bundle = download_bundle(client, trained["run_id"], s)
+    meta = bundle.meta
     assert meta["tta"][DEFAULT_KEY] is False and meta["tta"]["threshold"] is not None
+    assert "spec has it answer from one view by default" in bundle.files[MODEL_CARD_FILE].decode()
     forced = s.model_copy(update={"inference_tta": True})
     unset_gate = evaluate_against_champion(dataset, trained["model_version"], s)
     forced_gate = evaluate_against_champion(dataset, trained["model_version"], forced)
@@ -124,6 +127,8 @@ def test_a_spec_that_chooses_one_view_ships_that_default(tiny_registered_model, 
     ref = ChampionRef(s.model_name(dataset), str(trained["model_version"]), trained["run_id"])
     assert champion_uses_tta(ref, s) is False and champion_uses_tta(ref, forced) is True
     no_spec = tiny_registered_model
-    assert download_bundle(client, no_spec["run_id"], s).meta["tta"][DEFAULT_KEY] is True
+    on = download_bundle(client, no_spec["run_id"], s)
+    assert on.meta["tta"][DEFAULT_KEY] is True
+    assert "spec has it answer this way by default, unless INFERENCE_TTA" in on.files[MODEL_CARD_FILE].decode()
     assert champion_uses_tta(ChampionRef(no_spec["model_name"], str(no_spec["model_version"]), no_spec["run_id"]),
                              s) is True
