@@ -3,6 +3,7 @@ abnormal images every configuration misses (no training: reads the logits that
 `benchmarks/accuracy.py --folds K --lever NAME` saved).
 
     .venv/bin/python benchmarks/threshold_rules.py --dataset leukemia --folds 3 --lever width20 depth6 colour0
+    ... --lever baseline seed2 seed3 --missed-csv missed.csv   # the images every lever misses, for review
 
 For each lever and rule (training.evaluate.THRESHOLD_RULES), each fold's temperature and threshold
 come from its own validation band, as the pipeline chooses them, and the test folds are pooled:
@@ -119,6 +120,29 @@ def format_read_out(r: dict) -> str:
             + ("" if r.get("exact", True) else " | approximate (members saved without per-view logits)"))
 
 
+def write_missed_csv(out: Path, data_dir: Path, spec, counts: Counter, levers: int) -> int:
+    """The positives missed as served by every one of `levers` levers: sha256, file (under data_dir),
+    class folder; one CSV row each, so someone can look at them (label noise, or genuinely hard)."""
+    import csv
+    import hashlib
+
+    every = {sha for sha, c in counts.items() if c == levers}
+    rows = []
+    for folder in spec.class_folders:
+        for path in sorted((data_dir / folder).glob("*")):
+            sha = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+            if sha in every:
+                rows.append((sha, str(path.relative_to(data_dir)), folder))
+                every.discard(sha)  # a byte-identical copy is listed once, as the pipeline keeps one
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(("sha256", "file", "class_folder"))
+        writer.writerows(rows)
+    tmp.replace(out)
+    return len(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.levers import LEVERS
 
@@ -127,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--lever", nargs="+", default=["baseline"], choices=sorted(LEVERS))
+    parser.add_argument("--missed-csv", type=Path, default=None,
+                        help="write the positives every lever misses as served (sha256, file, class folder)")
     args = parser.parse_args(argv)
 
     from training.evaluate import THRESHOLD_RULES
@@ -153,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"missed as served ({s.threshold_rule} rule) by {len(missed_as_served)} levers: {len(counts)} images "
               f"by any, {every} by every one; images by number of levers missing them: "
               f"{dict(sorted(Counter(counts.values()).items()))}")
+        if args.missed_csv is not None:
+            n = write_missed_csv(args.missed_csv, args.data / args.dataset, spec, counts, len(missed_as_served))
+            print(f"{n} images missed by every lever: {args.missed_csv}")
     return 0
 
 
