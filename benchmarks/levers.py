@@ -35,6 +35,7 @@ LEVERS = {
     "seed3": {"seed": 1339},
     "seed4": {"seed": 1340},
     "seed5": {"seed": 1341},
+    "subtypes": {"subtypes": True},  # the class folders as classes, summed into labels (one seed: exploratory)
     "adamw": {"weight_decay": 0.05},  # AdamW at the usual ConvNet value (0.05 x rate each step): not adopted
     "adamw_seed2": {"weight_decay": 0.05, "seed": 1338},
     "epochs10": {"epochs": 10},  # two of these fit the budget where two 14-epoch networks do not

@@ -52,6 +52,7 @@ class FolderData:
     labels: list[str]
     positive_label: str | None
     fingerprints: list[str] | None = None  # contracts.near_duplicates; None: no near-duplicate groups
+    folders: np.ndarray | None = None  # index into spec.class_folders of each image (Lever.subtypes)
 
     def fingerprint_map(self) -> dict[str, str | None] | None:
         return None if self.fingerprints is None else dict(zip(self.sha256, self.fingerprints))
@@ -78,10 +79,13 @@ class Lever:
     conv: str = CONV_STANDARD  # training.model.CONV_TYPES
     seed: int = 1337
     weight_decay: float = 0.0  # AdamW's decoupled decay (training.schedule.make_optimizer); 0: Adam
+    # Train on the class folders as classes (e.g. leukemia's Benign / Early / Pre / Pro), then sum the
+    # folders' probabilities into their labels: the two-class logits every read-out uses.
+    subtypes: bool = False
 
 
 # Fields added after runs were saved: left out of lever_key at their default, so those runs keep their keys.
-LEVER_FIELDS_ADDED_LATER = ("weight_decay",)
+LEVER_FIELDS_ADDED_LATER = ("weight_decay", "subtypes")
 _LEVER_DEFAULTS = vars(Lever())
 
 
@@ -108,14 +112,16 @@ def load_folder(root: Path, spec, image_size: int, crop: str, cache_dir: Path | 
         if cache.is_file():
             z = np.load(cache, allow_pickle=False)
             if "fingerprints" in z.files:  # a cache from before fingerprints is rebuilt
-                return FolderData(z["images"], z["y"], [str(h) for h in z["sha256"]], spec.labels,
-                                  spec.positive_label, [str(f) for f in z["fingerprints"]])
+                hashes = [str(h) for h in z["sha256"]]
+                folders = z["folders"] if "folders" in z.files else folder_indices(root, spec, hashes)
+                return FolderData(z["images"], z["y"], hashes, spec.labels, spec.positive_label,
+                                  [str(f) for f in z["fingerprints"]], folders)
     from contracts.near_duplicates import image_fingerprint
 
     index = spec.label_index
     seen: set[str] = set()
-    images, ys, hashes, prints = [], [], [], []
-    for folder in spec.class_folders:
+    images, ys, hashes, prints, folders = [], [], [], [], []
+    for f, folder in enumerate(spec.class_folders):
         for path in sorted((root / folder).glob("*")):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
@@ -131,12 +137,29 @@ def load_folder(root: Path, spec, image_size: int, crop: str, cache_dir: Path | 
             seen.add(sha)
             ys.append(index[spec.label_of(folder)])
             hashes.append(sha)
-    out = FolderData(np.stack(images), np.asarray(ys, np.int64), hashes, spec.labels, spec.positive_label, prints)
+            folders.append(f)
+    out = FolderData(np.stack(images), np.asarray(ys, np.int64), hashes, spec.labels, spec.positive_label, prints,
+                     np.asarray(folders, np.int64))
     if cache is not None:
         tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, images=out.images, y=out.y, sha256=np.asarray(hashes), fingerprints=np.asarray(prints))
+        np.savez(tmp, images=out.images, y=out.y, sha256=np.asarray(hashes), fingerprints=np.asarray(prints),
+                 folders=out.folders)
         tmp.replace(cache)
     return out
+
+
+def folder_indices(root: Path, spec, hashes: list[str]) -> np.ndarray:
+    """Each image's class-folder index (into spec.class_folders), found by content hash (for caches
+    saved before folders were kept; a byte-identical copy counts in the first folder, as load_folder)."""
+    wanted, found = set(hashes), {}
+    for f, folder in enumerate(spec.class_folders):
+        for path in sorted((root / folder).glob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                found.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), f)
+    missing = wanted - found.keys()
+    if missing:
+        raise ValueError(f"{len(missing)} cached images are no longer under {root}: delete the cache")
+    return np.asarray([found[h] for h in hashes], np.int64)
 
 
 def pipeline_splits(data: FolderData, s) -> dict[str, np.ndarray]:
@@ -197,10 +220,15 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
         raise ValueError(f"precise_bn must be one of {PRECISE_BN_MODES}, not {lever.precise_bn!r}")
     configure_threads()
     enable_determinism(lever.seed)
-    n_classes = len(data.labels)
+    n_labels = len(data.labels)
     tr, va = idx["train"], idx["val"]
-    counts = np.bincount(data.y[tr], minlength=n_classes)
-    weights = {i: (len(tr) / (n_classes * c) if c else 1.0) for i, c in enumerate(counts)}
+    counts = np.bincount(data.y[tr], minlength=n_labels)
+    weights = {i: (len(tr) / (n_labels * c) if c else 1.0) for i, c in enumerate(counts)}
+    targets, n_classes = data.y, n_labels
+    if lever.subtypes:  # each folder a class, weighted as its label is, so the labels keep their balance
+        targets, folder_label = data.folders, subtype_labels(data)
+        n_classes = len(folder_label)
+        weights = {f: weights[label] for f, label in enumerate(folder_label)}
     net = build_model(n_classes, lever.input_size, lever.input_size, lever.width, lever.depth, seed=lever.seed,
                       bn_momentum=lever.bn_momentum, stain_normalisation=lever.stain_normalisation,
                       conv=lever.conv)
@@ -217,13 +245,41 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
         statistics = _dataset(data.images[sample], data.y[sample], lever, False)
     if lever.precise_bn == PRECISE_BN_EACH_EPOCH:
         callbacks = [refresh_before_validation(statistics), *callbacks]
-    history = net.fit(_dataset(data.images[tr], data.y[tr], lever, True),
-                      validation_data=_dataset(data.images[va], data.y[va], lever, False),
+    history = net.fit(_dataset(data.images[tr], targets[tr], lever, True),
+                      validation_data=_dataset(data.images[va], targets[va], lever, False),
                       epochs=lever.epochs, class_weight=weights, callbacks=callbacks, verbose=verbose).history
     if lever.precise_bn == PRECISE_BN_AFTER_FIT:
         refresh_batchnorm_statistics(net, statistics)
     model = served_twin(net, n_classes, data.images.shape[1], lever.input_size, lever.width, lever.depth)
+    if lever.subtypes:
+        model = summed_into_labels(model, subtype_labels(data), n_labels)
     return model, history, stop_reason(stops, len(history["loss"]), lever.epochs)
+
+
+def subtype_labels(data: FolderData) -> list[int]:
+    """The label index of each class folder (folder index -> label index), from the images themselves."""
+    if data.folders is None:
+        raise ValueError("the subtypes lever needs each image's class folder (FolderData.folders)")
+    pairs = dict(zip(data.folders.tolist(), data.y.tolist()))
+    return [pairs[f] for f in range(max(pairs) + 1)]
+
+
+def summed_into_labels(model: Any, folder_label: list[int], n_labels: int) -> Any:
+    """A folder-class model as a label model: its LOGITS_LAYER gives log(sum of each label's folders'
+    probabilities), so every read-out (temperature, thresholds, TTA) works on label logits."""
+    import keras
+
+    from training.model import LOGITS_LAYER, PROBABILITIES_LAYER
+
+    members = np.zeros((len(folder_label), n_labels), np.float32)
+    members[np.arange(len(folder_label)), folder_label] = 1.0
+    folder_logits = keras.Model(model.inputs, model.get_layer(LOGITS_LAYER).output, name="folder_logits")
+    inputs = keras.Input(shape=model.inputs[0].shape[1:], name=model.inputs[0].name)
+    summed = keras.layers.Lambda(
+        lambda z: keras.ops.log(keras.ops.matmul(keras.ops.softmax(z), members) + 1e-12), name=LOGITS_LAYER
+    )(folder_logits(inputs))
+    outputs = keras.layers.Activation("softmax", dtype="float32", name=PROBABILITIES_LAYER)(summed)
+    return keras.Model(inputs, outputs, name=model.name)
 
 
 def score(data: FolderData, idx: np.ndarray, logits: np.ndarray, threshold: float | None = None) -> dict[str, Any]:
