@@ -94,7 +94,8 @@ class ModelInfo(BaseModel):
     task: str
     positive_label: str | None
     threshold: float | None = Field(description="Binary tasks: the threshold answers use (the TTA one with tta)")
-    tta: bool = Field(False, description="Answers average the 8 flips / 90-degree rotations (INFERENCE_TTA)")
+    tta: bool = Field(False, description="Answers average the 8 flips / 90-degree rotations (INFERENCE_TTA "
+                      "when set, else the dataset spec's inference_tta recorded in the bundle)")
     test_time_augmentation: dict[str, Any] | None = Field(
         None, description="bundle.json `tta`: the TTA threshold and its validation / test figures (null: none)")
     image_size: int
