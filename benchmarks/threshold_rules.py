@@ -124,16 +124,11 @@ def write_missed_csv(out: Path, data_dir: Path, spec, counts: Counter, levers: i
     """The positives missed as served by every one of `levers` levers: sha256, file (under data_dir),
     class folder; one CSV row each, so someone can look at them (label noise, or genuinely hard)."""
     import csv
-    import hashlib
 
-    every = {sha for sha, c in counts.items() if c == levers}
-    rows = []
-    for folder in spec.class_folders:
-        for path in sorted((data_dir / folder).glob("*")):
-            sha = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-            if sha in every:
-                rows.append((sha, str(path.relative_to(data_dir)), folder))
-                every.discard(sha)  # a byte-identical copy is listed once, as the pipeline keeps one
+    from training.experiment import files_by_hash
+
+    rows = [(sha, str(path.relative_to(data_dir)), spec.class_folders[f])
+            for sha, (f, path) in files_by_hash(data_dir, spec).items() if counts[sha] == levers]
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)

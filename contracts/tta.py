@@ -41,19 +41,24 @@ def average(view_probabilities: np.ndarray) -> np.ndarray:
     return probs.reshape(-1, VIEWS, probs.shape[-1]).mean(axis=1)
 
 
+def _record(meta: dict[str, Any]) -> dict[str, Any]:
+    """bundle.json `tta`, or {} when a bundle has none (or a malformed one)."""
+    record = meta.get(BUNDLE_KEY)
+    return record if isinstance(record, dict) else {}
+
+
 def decision_threshold(meta: dict[str, Any], tta: bool) -> float | None:
     """A binary bundle's threshold for the probabilities it will be compared with: the TTA one when
     `tta` and the bundle has it, else the un-augmented one (bundles from before TTA thresholds
     existed keep theirs); None for multiclass bundles."""
-    record = meta.get(BUNDLE_KEY) if isinstance(meta.get(BUNDLE_KEY), dict) else {}
+    record = _record(meta)
     value = record.get("threshold") if tta and record.get("threshold") is not None else meta.get("threshold")
     return float(value) if value is not None else None
 
 
 def on_by_default(meta: dict[str, Any]) -> bool:
     """The bundle's own TTA default (its spec's choice at training); bundles from before: on."""
-    record = meta.get(BUNDLE_KEY) if isinstance(meta.get(BUNDLE_KEY), dict) else {}
-    return bool(record.get(DEFAULT_KEY, True))
+    return bool(_record(meta).get(DEFAULT_KEY, True))
 
 
 def uses_tta(setting: bool | None, default_on: bool) -> bool:

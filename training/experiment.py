@@ -148,18 +148,25 @@ def load_folder(root: Path, spec, image_size: int, crop: str, cache_dir: Path | 
     return out
 
 
-def folder_indices(root: Path, spec, hashes: list[str]) -> np.ndarray:
-    """Each image's class-folder index (into spec.class_folders), found by content hash (for caches
-    saved before folders were kept; a byte-identical copy counts in the first folder, as load_folder)."""
-    wanted, found = set(hashes), {}
+def files_by_hash(root: Path, spec) -> dict[str, tuple[int, Path]]:
+    """sha256 -> (class-folder index, file) of every image under root/<class folder>/, in load_folder's
+    order; a byte-identical copy keeps its first file, as load_folder keeps one."""
+    found: dict[str, tuple[int, Path]] = {}
     for f, folder in enumerate(spec.class_folders):
         for path in sorted((root / folder).glob("*")):
             if path.suffix.lower() in IMAGE_SUFFIXES:
-                found.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), f)
-    missing = wanted - found.keys()
+                found.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), (f, path))
+    return found
+
+
+def folder_indices(root: Path, spec, hashes: list[str]) -> np.ndarray:
+    """Each image's class-folder index (into spec.class_folders), found by content hash (for caches
+    saved before folders were kept)."""
+    found = files_by_hash(root, spec)
+    missing = set(hashes) - found.keys()
     if missing:
         raise ValueError(f"{len(missing)} cached images are no longer under {root}: delete the cache")
-    return np.asarray([found[h] for h in hashes], np.int64)
+    return np.asarray([found[h][0] for h in hashes], np.int64)
 
 
 def pipeline_splits(data: FolderData, s) -> dict[str, np.ndarray]:
