@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SERVED = "tta (8 views)"
-QUANTILE = "quantile"  # a read-out only: not one of the pipeline's rules (README, "What the threshold rule can do")
+QUANTILE = "quantile"  # a read-out only, not one of the pipeline's rules (README, "Model quality": not adopted)
 
 
 def quantile_threshold(is_positive, p_positive, target_sensitivity: float) -> float:
