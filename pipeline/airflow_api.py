@@ -11,6 +11,7 @@ or put in an error message.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -178,6 +179,15 @@ def task_instances(client, dag_id: str, run_id: str) -> list[dict]:
     found = _checked(_request(client, "GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances", what,
                               params={"limit": 100}), what)
     return found.get("task_instances", [])
+
+
+def xcom_value(client, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+    """What a task instance pushed to XCom under `key` (JSON as the task returned it)."""
+    what = f"read XCom {key} of {dag_id} {run_id} {task_id}"
+    found = _checked(_request(client, "GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
+                                             f"/xcomEntries/{key}", what), what)
+    value = found.get("value")
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def trigger_dag(client, dag_id: str, conf: dict | None = None) -> dict:

@@ -4,13 +4,15 @@ Postgres (metadata database and Celery results) and Redis (broker) run as proces
 api-server, scheduler, dag-processor and triggerer as in the LocalExecutor test; and **two**
 Celery workers, each with its own local state folder (HEMAFLOW_HOME, as each worker container
 has its own disk), serving the default queue and the training queue (TRAIN_QUEUE=training).
-The spec is the template with `crop = "fit"` (320x240 fields keep their whole width) and
-`model_ensemble_size = 2` (two networks averaged, as the README suggests to a lab with the time); an
+The spec is the template with `crop = "fit"` (320x240 fields keep their whole width),
+`model_ensemble_size = 2` (two networks averaged, as the README suggests to a lab with the time) and
+`inference_tta = false` (its models answer from one view unless INFERENCE_TTA says otherwise); an
 upload's Asset event starts the run; the worker running `train` is SIGKILLed with all its
 processes (a lost machine); the scheduler notices the missing heartbeats, the task is retried
 on the other worker, and the run still ends with one registered version, @champion set, tasks
-seen on both workers, every cache entry intact, the dataset version preprocessed with `fit` and
-the champion made of two networks.
+seen on both workers, every cache entry intact, the dataset version preprocessed with `fit`, the
+champion made of two networks, and the spec's one-view default recorded in the champion and used by
+the gate (`.env.example` leaves INFERENCE_TTA empty).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from contracts.imaging import CROP_POLICY_NAMES, FIT
+from contracts.tta import DEFAULT_PARAM
 from tests.airflow.site import TEMPLATE_SPEC, run_wall_s, task_table, upload_cli, wait_for
 from tests.fixtures.data import make_image_tree
 
@@ -34,6 +37,7 @@ HEARTBEAT_TIMEOUT_S = 20  # how soon the scheduler gives up on a task whose work
 RUN_TIMEOUT_S = 900
 FIT_LINE = '# crop = "fit"'
 ENSEMBLE_LINE = "# model_ensemble_size = 2"
+ONE_VIEW_LINE = "# inference_tta = false"
 
 
 @pytest.fixture(scope="module")
@@ -101,16 +105,18 @@ def test_two_workers_share_the_run_and_a_killed_worker_task_is_retried_on_the_ot
         celery_site, api, local_stack, s3, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.airflow_api import dag_runs, get_dag, task_instances, wait_for_run
+    from pipeline.airflow_api import dag_runs, get_dag, task_instances, wait_for_run, xcom_value
 
     _, cli_env, homes = celery_site
-    # The template with its crop line uncommented, as a user does for 320x240 fields off-centre, and
-    # its ensemble line, as a lab does whose machine has the time for two fits.
+    # The template with its crop line uncommented, as a user does for 320x240 fields off-centre, its
+    # ensemble line, as a lab does whose machine has the time for two fits, and its one-view line.
     template = TEMPLATE_SPEC.read_text()
-    assert FIT_LINE in template.splitlines() and sum(ENSEMBLE_LINE in line for line in template.splitlines()) == 1
-    Path(cli_env["DATASET_SPECS_DIR"], f"{DATASET}.toml").write_text(
-        template.replace('"wbc4"', f'"{DATASET}"').replace("raw/wbc4/", f"raw/{DATASET}/")
-        .replace(FIT_LINE, FIT_LINE.removeprefix("# ")).replace(ENSEMBLE_LINE, ENSEMBLE_LINE.removeprefix("# ")))
+    lines = template.splitlines()
+    assert FIT_LINE in lines and ONE_VIEW_LINE in lines and sum(ENSEMBLE_LINE in line for line in lines) == 1
+    spec = template.replace('"wbc4"', f'"{DATASET}"').replace("raw/wbc4/", f"raw/{DATASET}/")
+    for line in (FIT_LINE, ENSEMBLE_LINE, ONE_VIEW_LINE):
+        spec = spec.replace(line, line.removeprefix("# "))
+    Path(cli_env["DATASET_SPECS_DIR"], f"{DATASET}.toml").write_text(spec)
     wait_for(lambda: get_dag(api, DAG_ID), f"{DAG_ID} to be parsed", timeout_s=120)
     tree = make_image_tree(tmp_path / "upload", {c: 24 for c in ("eosinophil", "lymphocyte", "monocyte",
                                                                   "neutrophil")}, size=(320, 240), fmt="JPEG")
@@ -146,6 +152,9 @@ def test_two_workers_share_the_run_and_a_killed_worker_task_is_retried_on_the_ot
     champion_run = client.get_run(champion.run_id)
     assert champion_run.data.params["model_ensemble_size"] == "2"
     assert champion_run.data.metrics["ensemble_members"] == 2 and champion_run.data.metrics["epochs_run"] == 2
+    # The spec's one-view default, recorded at training on a worker, decided how the gate scored it.
+    assert champion_run.data.params[DEFAULT_PARAM] == "False"
+    assert xcom_value(api, DAG_ID, run["dag_run_id"], "gate", "decision")["tta"] is False
     for worker, home in homes.items():
         assert_cache_intact(Path(home))
     assert dataset_version_policies(s3, local_stack.s3_bucket) == {CROP_POLICY_NAMES[FIT]}
