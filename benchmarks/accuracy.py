@@ -99,9 +99,8 @@ def shown(dataset: str, binary: bool) -> tuple[str, ...]:
 
 
 def evaluate_split(data, val_idx, val_logits, test_idx, test_logits, target_sensitivity: float,
-                   threshold_rule: str, choose=None) -> dict[str, Any]:
-    """Temperature and threshold from validation; test figures, intervals and ECE before/after.
-    `choose(is_positive, p_positive, target)`: a threshold rule the pipeline does not have (read-outs)."""
+                   threshold_rule: str) -> dict[str, Any]:
+    """Temperature and threshold from validation; test figures, intervals and ECE before/after."""
     from training.calibration import fit_temperature, softmax
     from training.evaluate import choose_threshold, compute_metrics, expected_calibration_error
     from training.experiment import sensitivity_at_specificity
@@ -113,8 +112,7 @@ def evaluate_split(data, val_idx, val_logits, test_idx, test_logits, target_sens
     positive, threshold = data.positive_label, None
     if positive is not None:
         pos = data.labels.index(positive)
-        threshold = (choose(y_val == pos, val_p[:, pos], target_sensitivity) if choose is not None
-                     else choose_threshold(y_val == pos, val_p[:, pos], target_sensitivity, threshold_rule))
+        threshold = choose_threshold(y_val == pos, val_p[:, pos], target_sensitivity, threshold_rule)
     out = {"temperature": t, "threshold": threshold,
            "metrics": compute_metrics(y_test, test_p, data.labels, positive, threshold),
            "intervals": bootstrap_intervals(y_test, test_p, data.labels, positive, threshold),

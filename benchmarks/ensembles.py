@@ -3,6 +3,7 @@ logits gives on unseen folds, and what it costs to train (no training: reads the
 `benchmarks/accuracy.py --folds K --lever NAME` saved for each member).
 
     .venv/bin/python benchmarks/ensembles.py --dataset leukemia --folds 3 --ensemble width12+width12_seed2
+    ... --ensemble baseline+seed2 baseline+seed3 seed2+seed3 --only-ensembles   # and their mean
 
 Each fold's temperature and threshold come from the ensemble's own validation band, as the pipeline
 chooses them for MODEL_ENSEMBLE_SIZE > 1 (whose head averages its members' logits); the test folds
@@ -10,7 +11,8 @@ are pooled: sensitivity and specificity with 95 % bootstrap intervals, missed po
 alarms, per threshold rule, plain and as served (8-view TTA: the members' logits averaged per view,
 then the views' probabilities, as the served graph does; members saved before per-view logits were
 kept give a close stand-in, marked approximate), and under each re-staining of
-`benchmarks/stain_shift.py` (the other-lab proxy) at the shipped rule.
+`benchmarks/stain_shift.py` (the other-lab proxy) at the shipped rule. With several ensembles, their
+mean per rule (`--only-ensembles`: the ensembles alone, without their members or the re-staining).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.levers import LEVERS
     from benchmarks.stain_shift import SHIFTS
-    from benchmarks.threshold_rules import (SERVED, binary_task, format_read_out, lever_folds, no_saved_logits,
-                                           read_out)
+    from benchmarks.threshold_rules import (SERVED, binary_task, format_mean, format_read_out, lever_folds,
+                                           no_saved_logits, read_out)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True)
@@ -35,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--ensemble", nargs="+", required=True, metavar="LEVER+LEVER[+...]",
                         help="members joined by '+', each a benchmarks/levers.py lever with saved k-fold logits")
+    parser.add_argument("--only-ensembles", action="store_true",
+                        help="read out the ensembles only (not each member, not re-stained)")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -54,13 +58,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(no_saved_logits(name, args.folds))
         return paths
 
+    ensembles: dict[tuple[str, str], list[dict]] = {}
     for group in args.ensemble:
         names = group.split("+")
         members = {name: folds_of(name) for name in names}
         fit_s = [sum(float(np.load(p)["fit_s"]) for p in members[name]) for name in names]
         print(f"== {group}: fit {sum(fit_s):.0f} s over {args.folds} folds "
               f"({' + '.join(f'{f:.0f}' for f in fit_s)}) ==")
-        rows = [(name, [paths]) for name, paths in members.items()]
+        rows = [] if args.only_ensembles else [(name, [paths]) for name, paths in members.items()]
         if len(names) > 1:
             rows.append((f"ensemble of {len(names)}", list(members.values())))
         for label, member_paths in rows:
@@ -68,9 +73,14 @@ def main(argv: list[str] | None = None) -> int:
                 for variant in ("plain", SERVED):
                     r = read_out(data, member_paths, variant, s.target_sensitivity, rule)
                     print(f"{label} | {rule} | {variant} | {format_read_out(r)}")
-            for shift in SHIFTS:  # the other-lab proxy, at the un-stained validation threshold (shipped rule)
+                    if len(member_paths) > 1:
+                        ensembles.setdefault((rule, variant), []).append(r)
+            for shift in () if args.only_ensembles else SHIFTS:  # the other-lab proxy, at the shipped rule
                 r = read_out(data, member_paths, f"restained {shift}", s.target_sensitivity, s.threshold_rule)
                 print(f"{label} | {s.threshold_rule} | restained {shift} | {format_read_out(r)}")
+    for (rule, variant), rs in ensembles.items():
+        if len(rs) > 1:
+            print(f"mean of {len(rs)} ensembles | {rule} | {variant} | {format_mean(rs)}")
     return 0
 
 

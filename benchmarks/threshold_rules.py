@@ -5,9 +5,8 @@ abnormal images every configuration misses (no training: reads the logits that
     .venv/bin/python benchmarks/threshold_rules.py --dataset leukemia --folds 3 --lever width20 depth6 colour0
     ... --lever baseline seed2 seed3 --missed-csv missed.csv   # the images every lever misses, for review
 
-For each lever and rule (training.evaluate.THRESHOLD_RULES, and `quantile`, a read-out the pipeline
-does not offer), each fold's temperature and threshold come from its own validation band, as the
-pipeline chooses them, and the test folds are pooled: sensitivity and specificity with 95 % bootstrap
+For each lever and rule (training.evaluate.THRESHOLD_RULES), each fold's temperature and threshold
+come from its own validation band, as the pipeline chooses them, and the test folds are pooled: sensitivity and specificity with 95 % bootstrap
 intervals, missed positives and false alarms, plain and as served (8-view TTA); with several levers
 (seeds of one recipe) their mean too. Then the positives each lever misses as served, and how many of
 them every lever misses (a floor no configuration moved) or only one does (variance between models).
@@ -24,28 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SERVED = "tta (8 views)"
-QUANTILE = "quantile"  # a read-out only, not one of the pipeline's rules (README, "Model quality": not adopted)
-
-
-def quantile_threshold(is_positive, p_positive, target_sensitivity: float) -> float:
-    """The (1 - target)(n + 1)-th lowest positive score, interpolated in logit space between the two
-    order statistics around it: an unseen exchangeable positive falls below it with probability
-    ~(1 - target), neither the `validation` rule's ~(1 - target) + 1/(n + 1) nor `conformal`'s <= 1 - target."""
-    import math
-
-    import numpy as np
-
-    scores = np.sort(np.asarray(p_positive, dtype=np.float64)[np.asarray(is_positive, bool)])
-    if scores.size == 0:
-        return 0.5
-    rank = (1.0 - target_sensitivity) * (scores.size + 1)
-    below = math.floor(rank)
-    if below < 1:
-        return float(scores[0])
-    clipped = np.clip(scores[[below - 1, min(below, scores.size - 1)]], 1e-12, 1 - 1e-12)
-    lo, hi = np.log(clipped) - np.log1p(-clipped)
-    z = lo + (rank - below) * (hi - lo)
-    return float(1.0 / (1.0 + math.exp(-z)))
 
 
 def saved_folds(dataset: str, crop: str, lever, folds: int, cache: Path) -> list[Path] | None:
@@ -111,8 +88,7 @@ def member_logits(member_paths: list[list[Path]], fold: int, variant: str):
 
 def read_out(data, member_paths: list[list[Path]], variant: str, target: float, rule: str) -> dict:
     """Pooled decisions of every fold at its own validation threshold: intervals, misses, false alarms.
-    `member_paths`: one list of per-fold logits files per model (several: their ensemble); `rule`: one
-    of the pipeline's (training.evaluate.THRESHOLD_RULES) or QUANTILE."""
+    `member_paths`: one list of per-fold logits files per model (several: their ensemble)."""
     import numpy as np
 
     from benchmarks.accuracy import _centred_on_threshold, evaluate_split
@@ -123,8 +99,7 @@ def read_out(data, member_paths: list[list[Path]], variant: str, target: float, 
     for fold in range(len(member_paths[0])):
         val_idx, test_idx, val_logits, test_logits, fold_exact = member_logits(member_paths, fold, variant)
         exact &= fold_exact
-        ev = evaluate_split(data, val_idx, val_logits, test_idx, test_logits, target, rule,
-                            choose=quantile_threshold if rule == QUANTILE else None)
+        ev = evaluate_split(data, val_idx, val_logits, test_idx, test_logits, target, rule)
         p = _centred_on_threshold(ev["p_test"], data, ev["threshold"])
         missed |= {data.sha256[i] for i, yi, pi in zip(test_idx, ev["y_test"], p[:, pos])
                    if yi == pos and pi < 0.5}
@@ -151,7 +126,7 @@ def format_mean(rs: list[dict]) -> str:
     missed, positives = sum(len(r["missed"]) for r in rs), sum(r["positives"] for r in rs)
     alarms, negatives = sum(r["false_alarms"] for r in rs), sum(r["negatives"] for r in rs)
     return (f"sensitivity {1 - missed / positives:.4f} | specificity {1 - alarms / negatives:.4f} | "
-            f"missed {missed / len(rs):.1f} | false alarms {alarms / len(rs):.1f} (per lever)")
+            f"missed {missed / len(rs):.1f} | false alarms {alarms / len(rs):.1f} (per lever or ensemble)")
 
 
 def write_missed_csv(out: Path, data_dir: Path, spec, counts: Counter, levers: int) -> int:
@@ -197,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         if paths is None:
             print(no_saved_logits(name, args.folds))
             continue
-        for rule in (*THRESHOLD_RULES, QUANTILE):
+        for rule in THRESHOLD_RULES:
             for variant in ("plain", SERVED):
                 r = read_out(data, [paths], variant, s.target_sensitivity, rule)
                 print(f"{name} | {rule} | {variant} | {format_read_out(r)}")

@@ -28,7 +28,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Stain normalisation modes (training.model.STAIN_NORMALISATIONS); Settings and spec [training] tables share it.
 StainNormalisation = Literal["none", "per_image"]
 # How the binary decision threshold is read off validation (training.evaluate.choose_threshold).
-ThresholdRule = Literal["validation", "conformal"]
+ThresholdRule = Literal["validation", "conformal", "quantile"]
 
 
 class Settings(BaseSettings):
@@ -111,7 +111,8 @@ class Settings(BaseSettings):
     threshold_rule: ThresholdRule = Field(
         "validation", description="validation: the highest threshold reaching TARGET_SENSITIVITY on validation "
         "(on unseen images a little below it on average); conformal: split-conformal, so an unseen positive "
-        "is missed with probability <= 1 - TARGET_SENSITIVITY (training.evaluate.choose_threshold)")
+        "is missed with probability <= 1 - TARGET_SENSITIVITY; quantile: aimed at TARGET_SENSITIVITY itself on "
+        "unseen images (training.evaluate.choose_threshold)")
     canary_count: int = Field(4, ge=1)
     model_quantization: Literal["dynamic_int8", "none"] = Field(
         "dynamic_int8", description="How model.tflite stores its weights (contracts.bundle QUANTIZATION_*); "

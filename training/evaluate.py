@@ -20,7 +20,8 @@ from training.conformal import lower_conformal_rank
 ECE_BINS = 15
 THRESHOLD_VALIDATION = "validation"
 THRESHOLD_CONFORMAL = "conformal"
-THRESHOLD_RULES = (THRESHOLD_VALIDATION, THRESHOLD_CONFORMAL)  # contracts.settings.ThresholdRule
+THRESHOLD_QUANTILE = "quantile"
+THRESHOLD_RULES = (THRESHOLD_VALIDATION, THRESHOLD_CONFORMAL, THRESHOLD_QUANTILE)  # contracts.settings.ThresholdRule
 
 
 def choose_threshold(is_positive: np.ndarray, p_positive: np.ndarray, target_sensitivity: float,
@@ -32,7 +33,10 @@ def choose_threshold(is_positive: np.ndarray, p_positive: np.ndarray, target_sen
     with probability (that + 1) / (n + 1): above 1 - target (0.99 with n = 250 gives ~0.988).
     conformal: the j-th lowest positive score with j = floor((1 - target)(n + 1)), so an unseen
     exchangeable positive falls below it with probability j / (n + 1) <= 1 - target (split-conformal,
-    as training.ood). When n is too small for that (j = 0) it is the lowest positive score."""
+    as training.ood). When n is too small for that (j = 0) it is the lowest positive score.
+    quantile: the (1 - target)(n + 1)-th lowest positive score, interpolated in logit space between the
+    two around it, so an unseen positive falls below it with probability ~(1 - target): aimed at the
+    target itself, between the other two (README, "Model quality"); too few positives: the lowest."""
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"threshold rule must be one of {THRESHOLD_RULES}, not {rule!r}")
     scores = np.sort(np.asarray(p_positive, dtype=np.float64)[np.asarray(is_positive, bool)])
@@ -41,8 +45,21 @@ def choose_threshold(is_positive: np.ndarray, p_positive: np.ndarray, target_sen
     if rule == THRESHOLD_CONFORMAL:
         below = lower_conformal_rank(scores.size, 1.0 - target_sensitivity)
         return float(scores[max(below, 1) - 1])
+    if rule == THRESHOLD_QUANTILE:
+        return _interpolated_rank(scores, (1.0 - target_sensitivity) * (scores.size + 1))
     k = max(1, math.ceil(target_sensitivity * scores.size - 1e-9))  # positives kept at or above t
     return float(scores[scores.size - k])
+
+
+def _interpolated_rank(scores: np.ndarray, rank: float) -> float:
+    """The score at a fractional 1-based `rank` of sorted probabilities, interpolated between the two
+    order statistics around it in logit space (probabilities near 0 or 1 stay apart); below 1: the lowest."""
+    below = math.floor(rank)
+    if below < 1:
+        return float(scores[0])
+    pair = np.clip(scores[[below - 1, min(below, scores.size - 1)]], 1e-12, 1 - 1e-12)
+    lo, hi = np.log(pair) - np.log1p(-pair)
+    return float(1.0 / (1.0 + math.exp(-(lo + (rank - below) * (hi - lo)))))
 
 
 def conformal_guarantee_holds(positives: int, target_sensitivity: float) -> bool:

@@ -229,11 +229,11 @@ def fit_and_evaluate(req: FitRequest) -> FitResult:
         pos = labels.index(positive)
         threshold = ev.choose_threshold(val_y == pos, val_p[:, pos], s.target_sensitivity, s.threshold_rule)
         positives = int((val_y == pos).sum())
-        conformal = s.threshold_rule == ev.THRESHOLD_CONFORMAL
-        if conformal and not ev.conformal_guarantee_holds(positives, s.target_sensitivity):
-            log.warning("only %d %s images in validation: too few for the conformal threshold to keep sensitivity "
+        by_rank = s.threshold_rule in (ev.THRESHOLD_CONFORMAL, ev.THRESHOLD_QUANTILE)
+        if by_rank and not ev.conformal_guarantee_holds(positives, s.target_sensitivity):
+            log.warning("only %d %s images in validation: too few for the %s threshold to keep sensitivity "
                         "%.3f on unseen images; the threshold is the lowest of their scores", positives, positive,
-                        s.target_sensitivity)
+                        s.threshold_rule, s.target_sensitivity)
     return FitResult(
         model=model, history=fitted.history, model_params=fitted.model.count_params(),
         stop_reason=fitted.stop_reason, ensemble_members=fitted.members, calibration=calibration, labels=labels,

@@ -45,12 +45,15 @@ def _rule_text(d: dict[str, Any]) -> str:
     """How the threshold was read off validation, for the card (older cards lack the fields)."""
     if d.get("threshold_rule") is None or d.get("target_sensitivity") is None:
         return ""
-    from training.evaluate import THRESHOLD_CONFORMAL
+    from training.evaluate import THRESHOLD_CONFORMAL, THRESHOLD_QUANTILE
 
     target, positive = d["target_sensitivity"], html.escape(str(d.get("positive_label")))
     if d["threshold_rule"] == THRESHOLD_CONFORMAL:
         return (f" {target:.3f} by the split-conformal rule: an unseen {positive} image falls below it with "
                 f"probability at most {1 - target:.3f}")
+    if d["threshold_rule"] == THRESHOLD_QUANTILE:
+        return (f" {target:.3f} on unseen images on average (the validation {positive} images' "
+                f"{1 - target:.3f} quantile)")
     return (f" {target:.3f} on the validation images themselves (unseen images average a little below it; "
             "THRESHOLD_RULE=conformal guarantees it)")
 

@@ -81,3 +81,5 @@ def test_card_says_how_the_threshold_was_chosen():
         in render_card(_card())
     page = render_card(_card(threshold_rule="validation"))
     assert "0.990 on the validation images themselves" in page and "conformal" in page
+    assert "0.990 on unseen images on average (the validation abnormal images' 0.010 quantile)" \
+        in render_card(_card(threshold_rule="quantile"))

@@ -52,6 +52,26 @@ def test_conformal_threshold_keeps_the_target_on_unseen_positives_where_the_vali
     assert 0.0070 < missed_conformal < 0.0090 < 1 - target
 
 
+def test_quantile_threshold_aims_at_the_target_between_the_validation_and_conformal_rules():
+    """250 validation positives and one unseen positive, 20 000 times: `quantile` (rank 2.51 of 250,
+    interpolated between the 2nd and 3rd lowest in logit space) lets an unseen one fall below with
+    probability ~0.0100, between conformal's 2/251 and the validation rule's 3/251."""
+    rng = np.random.default_rng(0)
+    trials, n, target = 20_000, 250, 0.99
+    logits = np.sort(rng.logistic(size=(trials, n)), axis=1)  # logistic logits: the interpolation is exact on them
+    val = 1 / (1 + np.exp(-logits))
+    unseen = 1 / (1 + np.exp(-rng.logistic(size=trials)))
+    is_pos = np.ones(n, bool)
+    first = choose_threshold(is_pos, val[0], target, "quantile")
+    assert val[0, 1] < first < val[0, 2]
+    assert first == pytest.approx(1 / (1 + np.exp(-(logits[0, 1] + 0.51 * (logits[0, 2] - logits[0, 1])))), rel=1e-9)
+    thresholds = np.array([choose_threshold(is_pos, v, target, "quantile") for v in val])
+    assert 0.0085 < np.mean(unseen < thresholds) < 0.0115  # ~0.0100, +- 2 standard errors; 0.0080 and 0.0120 fail
+    few = np.linspace(0.3, 1.0, 50)  # (1 - 0.99) * 51 < 1: the lowest, as conformal
+    assert choose_threshold(np.ones(50, bool), few, 0.99, "quantile") == pytest.approx(0.3)
+    assert choose_threshold(np.r_[np.zeros(3, bool)], few[:3], 0.99, "quantile") == 0.5  # no positives
+
+
 def test_conformal_threshold_on_too_few_positives_is_the_lowest_positive_and_rules_are_checked():
     is_pos = np.r_[np.ones(50, bool), np.zeros(10, bool)]
     scores = np.r_[np.linspace(0.3, 1.0, 50), np.linspace(0.0, 0.5, 10)]
