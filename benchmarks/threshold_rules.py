@@ -6,9 +6,9 @@ abnormal images every configuration misses (no training: reads the logits that
     ... --lever baseline seed2 seed3 --missed-csv missed.csv   # the images every lever misses, for review
 
 For each lever and rule (training.evaluate.THRESHOLD_RULES), each fold's temperature and threshold
-come from its own validation band, as the pipeline chooses them, and the test folds are pooled: sensitivity and specificity with 95 % bootstrap
-intervals, missed positives and false alarms, plain and as served (8-view TTA); with several levers
-(seeds of one recipe) their mean too. Then the positives each lever misses as served, and how many of
+come from its own validation band, as the pipeline chooses them, and the test folds are pooled:
+sensitivity and specificity with 95 % bootstrap intervals, missed positives and false alarms, plain
+and as served (8-view TTA); with several levers (seeds of one recipe) their mean too. Then the positives each lever misses as served, and how many of
 them every lever misses (a floor no configuration moved) or only one does (variance between models).
 """
 
