@@ -192,3 +192,19 @@ def test_multiclass_gate_uses_macro_f1_and_accuracy_floor():
     assert decide_gate(comp, s)["passed"] is True
     low = {**cand, "accuracy": 0.85}
     assert decide_gate({**comp, "candidate": {"version": "2", "metrics": low}}, s)["passed"] is False
+
+
+def test_every_threshold_rule_can_be_set_and_nothing_else():
+    """THRESHOLD_RULE and a spec's threshold_rule accept exactly the rules choose_threshold knows; the
+    README's configuration for a lab that needs the k-fold target (two networks, quantile) parses."""
+    from typing import get_args
+
+    from contracts.dataset_spec import parse_spec
+    from contracts.settings import Settings, ThresholdRule
+    from training.evaluate import THRESHOLD_RULES
+
+    assert set(get_args(ThresholdRule)) == set(THRESHOLD_RULES)
+    assert Settings(_env_file=None, threshold_rule="quantile").threshold_rule == "quantile"
+    spec = parse_spec('name = "lab"\npositive_label = "abnormal"\n[training]\nmodel_ensemble_size = 2\n'
+                      'threshold_rule = "quantile"\n[classes]\nBlast = "abnormal"\nBenign = "normal"\n')
+    assert spec.training == {"model_ensemble_size": 2, "threshold_rule": "quantile"}
