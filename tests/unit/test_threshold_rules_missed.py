@@ -25,4 +25,3 @@ def test_missed_csv_lists_only_what_every_lever_missed_once_each(tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert rows == [{"sha256": sha[b"a"], "file": "Blast/a.jpg", "class_folder": "Blast"}]
     assert not list(tmp_path.glob("*.tmp"))
-
