@@ -49,6 +49,9 @@ BUNDLE_JSON = "bundle.json"
 MODEL_FILE = "model.tflite"
 DATA_PROFILE_FILE = "data_profile.json"  # training-data profile for drift (contracts.drift), optional
 MODEL_CARD_FILE = "model_card.html"  # the model card as rendered at training (training.model_card), optional
+# bundle.json {rule, target_sensitivity}: how training read a binary model's threshold off validation
+# (training.evaluate.THRESHOLD_RULES); absent in multiclass bundles and in bundles from before it.
+THRESHOLD_RULE_KEY = "threshold_rule"
 SIGNATURE = "serving_default"
 OUTPUT_PROBABILITIES = "probabilities"
 OUTPUT_CLASS_MAPS = "class_maps"

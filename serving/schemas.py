@@ -94,6 +94,9 @@ class ModelInfo(BaseModel):
     task: str
     positive_label: str | None
     threshold: float | None = Field(description="Binary tasks: the threshold answers use (the TTA one with tta)")
+    threshold_rule: dict[str, Any] | None = Field(
+        None, description="Binary tasks: how training read the threshold off validation: {rule: validation | "
+        "conformal | quantile, target_sensitivity} (null: multiclass, or a bundle from before it was recorded)")
     tta: bool = Field(False, description="Answers average the 8 flips / 90-degree rotations (INFERENCE_TTA "
                       "when set, else the dataset spec's inference_tta recorded in the bundle)")
     test_time_augmentation: dict[str, Any] | None = Field(

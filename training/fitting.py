@@ -74,6 +74,15 @@ class FitResult:
     def epochs_run(self) -> int:
         return len(self.history["loss"])
 
+    def threshold_rule_record(self) -> dict[str, Any]:
+        """bundle.json's `threshold_rule` entry (contracts.bundle.THRESHOLD_RULE_KEY), so the served model
+        can say how its threshold was read off validation; nothing for multiclass."""
+        from contracts.bundle import THRESHOLD_RULE_KEY
+
+        if self.threshold_rule is None:
+            return {}
+        return {THRESHOLD_RULE_KEY: {"rule": self.threshold_rule, "target_sensitivity": self.target_sensitivity}}
+
 
 def _callbacks(s: Settings, budget_s: float, on_epoch: Callable[[int, dict], None] | None):
     """Early stopping / epochs end the run; the wall-clock budget is a safety stop (training.stopping)."""

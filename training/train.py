@@ -197,7 +197,7 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
             run_id=c.run_id, model_name=c.model_name, git_commit=c.commit, signing_key=signing_key,
             extra_files=extra_files, crop=crop_of(meta.preprocessing), calibration=fitted.calibration,
             extra={TAG_STOP_REASON: fitted.stop_reason, ENSEMBLE_MEMBERS_KEY: fitted.ensemble_members,
-                   TTA_BUNDLE_KEY: tta}, ood=ood,
+                   TTA_BUNDLE_KEY: tta, **fitted.threshold_rule_record()}, ood=ood,
             served_model=served,
         )
         mlflow.log_artifacts(str(bundle.folder), BUNDLE_DIR)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-from contracts.bundle import QUANTIZATION_NONE
+from contracts.bundle import QUANTIZATION_NONE, THRESHOLD_RULE_KEY
 from contracts.tta import BUNDLE_KEY
 from serving import schemas
 from serving.clinical import context_for
@@ -30,6 +30,7 @@ async def model_info(manager: ManagerDep):
         task=model.task,
         positive_label=model.positive_label,
         threshold=model.threshold,
+        threshold_rule=meta.get(THRESHOLD_RULE_KEY),
         tta=model.tta,
         test_time_augmentation=meta.get(BUNDLE_KEY),
         image_size=model.image_size,

@@ -65,9 +65,9 @@ def test_a_run_with_a_rank_rule_ships_its_threshold_and_says_so(tiny_registered_
     """THRESHOLD_RULE=conformal or quantile through a real run: the shipped TTA threshold is that rule's
     on the served model's view-averaged validation scores (of 12 positives at 0.9: conformal the lowest,
     quantile between the lowest and the 2nd lowest, which the validation rule takes; a tiny model's
-    scores may all be 1.0, so unit tests check the rules' arithmetic), and the MLflow params and the
-    model card name the rule."""
-    from contracts.bundle import MODEL_CARD_FILE, TFLiteRunner
+    scores may all be 1.0, so unit tests check the rules' arithmetic), and the MLflow params, the
+    bundle (read by serving's /v1/model) and the model card name the rule."""
+    from contracts.bundle import MODEL_CARD_FILE, THRESHOLD_RULE_KEY, TFLiteRunner
     from contracts.tta import BUNDLE_KEY
     from pipeline.storage import fetch_processed, load_meta
     from training.data import load_split_arrays
@@ -85,6 +85,7 @@ def test_a_run_with_a_rank_rule_ships_its_threshold_and_says_so(tiny_registered_
     params = client.get_run(trained["run_id"]).data.params
     assert (params["threshold_rule"], params["target_sensitivity"]) == (rule, "0.9")
     bundle = download_bundle(client, trained["run_id"], s)
+    assert bundle.meta[THRESHOLD_RULE_KEY] == {"rule": rule, "target_sensitivity": 0.9}
     meta = load_meta(dataset, version, s)
     val_x, val_y = load_split_arrays(fetch_processed(dataset, version, s), meta, "val")
     probs = averaged_probabilities(TFLiteRunner(bundle.files["model.tflite"]), val_x)

@@ -94,6 +94,7 @@ def test_model_health_readiness_and_openapi(local_bundle_server):
     model = httpx.get(f"{url}/v1/model").json()
     assert model["source"] == "local" and model["labels"] == ["abnormal", "normal"]
     assert model["metrics"] == {"accuracy": 1.0} and model["loaded_at"]
+    assert model["threshold_rule"] is None  # a bundle that does not record its rule (from before it was)
     assert set(model["clinical"]) == {"abnormal", "normal"}
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{url}/readyz")

@@ -20,6 +20,7 @@ from tests.fixtures.training import TINY_CLASSES, TINY_LABELS, TINY_SIZE
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 TTA_THRESHOLD = 0.97  # unlike the plain 0.5: which one decided the label shows
+RULE_RECORD = {"rule": "quantile", "target_sensitivity": 0.99}  # as training records it (bundle.json)
 
 
 def _export_fit_bundle(tiny_ood, tiny_keras_model, out, **tta_record):
@@ -31,7 +32,8 @@ def _export_fit_bundle(tiny_ood, tiny_keras_model, out, **tta_record):
                   image_size=TINY_SIZE, canary_images=images[:2], canary_labels=[TINY_LABELS[k] for k in labels[:2]],
                   positive_label="abnormal", threshold=0.5, run_id="local-fit", model_name="hemaflow-tiny",
                   git_commit="test", signing_key=SIGNING_KEY, ood=(detector, figures), crop="fit",
-                  extra={"tta": {"views": 8, "threshold": TTA_THRESHOLD, "validation": {}, "test": {}, **tta_record}})
+                  extra={"tta": {"views": 8, "threshold": TTA_THRESHOLD, "validation": {}, "test": {}, **tta_record},
+                         "threshold_rule": RULE_RECORD})
     return out
 
 
@@ -118,4 +120,5 @@ def test_unset_inference_tta_answers_as_each_bundle_chose(fit_bundle, one_view_b
         server = serving_server({"SERVING_BUNDLE_PATH": str(bundle_dir), "INFERENCE_TTA": setting})
         info = httpx.get(f"{server.url}/v1/model").json()
         assert (info["tta"], info["threshold"]) == (expected, TTA_THRESHOLD if expected else 0.5), (setting, info)
+        assert info["threshold_rule"] == RULE_RECORD
         server.stop()
