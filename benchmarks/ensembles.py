@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.levers import LEVERS
     from benchmarks.stain_shift import SHIFTS
-    from benchmarks.threshold_rules import (SERVED, binary_task, format_mean, format_read_out, lever_folds,
-                                           no_saved_logits, read_out)
+    from benchmarks.threshold_rules import (SERVED, binary_task, format_read_out, lever_folds, no_saved_logits,
+                                           print_means, read_out)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True)
@@ -78,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             for shift in () if args.only_ensembles else SHIFTS:  # the other-lab proxy, at the shipped rule
                 r = read_out(data, member_paths, f"restained {shift}", s.target_sensitivity, s.threshold_rule)
                 print(f"{label} | {s.threshold_rule} | restained {shift} | {format_read_out(r)}")
-    for (rule, variant), rs in ensembles.items():
-        if len(rs) > 1:
-            print(f"mean of {len(rs)} ensembles | {rule} | {variant} | {format_mean(rs)}")
+    print_means(ensembles, "ensembles")
     return 0
 
 

@@ -8,8 +8,9 @@ abnormal images every configuration misses (no training: reads the logits that
 For each lever and rule (training.evaluate.THRESHOLD_RULES), each fold's temperature and threshold
 come from its own validation band, as the pipeline chooses them, and the test folds are pooled:
 sensitivity and specificity with 95 % bootstrap intervals, missed positives and false alarms, plain
-and as served (8-view TTA); with several levers (seeds of one recipe) their mean too. Then the positives each lever misses as served, and how many of
-them every lever misses (a floor no configuration moved) or only one does (variance between models).
+and as served (8-view TTA); with several levers (seeds of one recipe) their mean too. Then the
+positives each lever misses as served, and how many of them every lever misses (a floor no
+configuration moved) or only one does (variance between models).
 """
 
 from __future__ import annotations
@@ -120,6 +121,13 @@ def format_read_out(r: dict) -> str:
             + ("" if r.get("exact", True) else " | approximate (members saved without per-view logits)"))
 
 
+def print_means(read_outs: dict[tuple[str, str], list[dict]], noun: str) -> None:
+    """One `mean of N <noun>` line per (rule, variant) read out for more than one lever or ensemble."""
+    for (rule, variant), rs in read_outs.items():
+        if len(rs) > 1:
+            print(f"mean of {len(rs)} {noun} | {rule} | {variant} | {format_mean(rs)}")
+
+
 def format_mean(rs: list[dict]) -> str:
     """Several levers' read-outs (e.g. seeds of one recipe) as one: pooled sensitivity and specificity,
     and the mean missed positives and false alarms per lever."""
@@ -179,9 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 read_outs.setdefault((rule, variant), []).append(r)
                 if variant == SERVED and rule == s.threshold_rule:
                     missed_as_served[name] = r["missed"]
-    for (rule, variant), rs in read_outs.items():
-        if len(rs) > 1:
-            print(f"mean of {len(rs)} levers | {rule} | {variant} | {format_mean(rs)}")
+    print_means(read_outs, "levers")
     if len(missed_as_served) > 1:
         counts = Counter(h for missed in missed_as_served.values() for h in missed)
         every = sum(1 for c in counts.values() if c == len(missed_as_served))

@@ -46,20 +46,20 @@ def choose_threshold(is_positive: np.ndarray, p_positive: np.ndarray, target_sen
         below = lower_conformal_rank(scores.size, 1.0 - target_sensitivity)
         return float(scores[max(below, 1) - 1])
     if rule == THRESHOLD_QUANTILE:
-        return _interpolated_rank(scores, (1.0 - target_sensitivity) * (scores.size + 1))
+        below = lower_conformal_rank(scores.size, 1.0 - target_sensitivity)  # the conformal rule's rank
+        return _interpolated_rank(scores, below, (1.0 - target_sensitivity) * (scores.size + 1) - below)
     k = max(1, math.ceil(target_sensitivity * scores.size - 1e-9))  # positives kept at or above t
     return float(scores[scores.size - k])
 
 
-def _interpolated_rank(scores: np.ndarray, rank: float) -> float:
-    """The score at a fractional 1-based `rank` of sorted probabilities, interpolated between the two
-    order statistics around it in logit space (probabilities near 0 or 1 stay apart); below 1: the lowest."""
-    below = math.floor(rank)
+def _interpolated_rank(scores: np.ndarray, below: int, fraction: float) -> float:
+    """The sorted probabilities' score `fraction` of the way from the `below`-th lowest (1-based) to the
+    next, in logit space (probabilities near 0 or 1 stay apart); below 1: the lowest."""
     if below < 1:
         return float(scores[0])
     pair = np.clip(scores[[below - 1, min(below, scores.size - 1)]], 1e-12, 1 - 1e-12)
     lo, hi = np.log(pair) - np.log1p(-pair)
-    return float(1.0 / (1.0 + math.exp(-(lo + (rank - below) * (hi - lo)))))
+    return float(1.0 / (1.0 + math.exp(-(lo + max(fraction, 0.0) * (hi - lo)))))
 
 
 def conformal_guarantee_holds(positives: int, target_sensitivity: float) -> bool:
