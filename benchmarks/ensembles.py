@@ -11,8 +11,12 @@ are pooled: sensitivity and specificity with 95 % bootstrap intervals, missed po
 alarms, per threshold rule, plain and as served (8-view TTA: the members' logits averaged per view,
 then the views' probabilities, as the served graph does; members saved before per-view logits were
 kept give a close stand-in, marked approximate), and under each re-staining of
-`benchmarks/stain_shift.py` (the other-lab proxy) at the shipped rule. With several ensembles, their
-mean per rule (`--only-ensembles`: the ensembles alone, without their members or the re-staining).
+`benchmarks/stain_shift.py` (the other-lab proxy) at the shipped rule (`--restain-rule` for another).
+With several ensembles, their mean per rule and re-staining; with several single networks (groups of
+one lever, e.g. seeds of the shipped recipe), theirs, so an ensemble recipe can be set against them
+(`--only-ensembles`: the ensembles alone, without their members or the re-staining).
+
+    ... --ensemble baseline seed2 seed3 seed4 seed5 --restain-rule validation   # five single networks
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="members joined by '+', each a benchmarks/levers.py lever with saved k-fold logits")
     parser.add_argument("--only-ensembles", action="store_true",
                         help="read out the ensembles only (not each member, not re-stained)")
+    from training.evaluate import THRESHOLD_RULES
+
+    parser.add_argument("--restain-rule", choices=THRESHOLD_RULES, default=None,
+                        help="threshold rule of the re-stained read-outs (default: the spec's)")
     args = parser.parse_args(argv)
 
     import numpy as np
-
-    from training.evaluate import THRESHOLD_RULES
 
     try:
         s, spec, data = binary_task(args.dataset, args.data)
@@ -58,26 +64,30 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(no_saved_logits(name, args.folds))
         return paths
 
+    restain_rule = args.restain_rule or s.threshold_rule
     ensembles: dict[tuple[str, str], list[dict]] = {}
+    singles: dict[tuple[str, str], list[dict]] = {}
+    printed: set[str] = set()  # each member once, however many ensembles it is in
     for group in args.ensemble:
         names = group.split("+")
         members = {name: folds_of(name) for name in names}
         fit_s = [sum(float(np.load(p)["fit_s"]) for p in members[name]) for name in names]
         print(f"== {group}: fit {sum(fit_s):.0f} s over {args.folds} folds "
               f"({' + '.join(f'{f:.0f}' for f in fit_s)}) ==")
-        rows = [] if args.only_ensembles else [(name, [paths]) for name, paths in members.items()]
+        rows = [] if args.only_ensembles else [(name, [paths]) for name, paths in members.items()
+                                               if name not in printed]
+        printed.update(names)
         if len(names) > 1:
             rows.append((f"ensemble of {len(names)}", list(members.values())))
         for label, member_paths in rows:
-            for rule in THRESHOLD_RULES:
-                for variant in ("plain", SERVED):
-                    r = read_out(data, member_paths, variant, s.target_sensitivity, rule)
-                    print(f"{label} | {rule} | {variant} | {format_read_out(r)}")
-                    if len(member_paths) > 1:
-                        ensembles.setdefault((rule, variant), []).append(r)
-            for shift in () if args.only_ensembles else SHIFTS:  # the other-lab proxy, at the shipped rule
-                r = read_out(data, member_paths, f"restained {shift}", s.target_sensitivity, s.threshold_rule)
-                print(f"{label} | {s.threshold_rule} | restained {shift} | {format_read_out(r)}")
+            means = ensembles if len(member_paths) > 1 else singles
+            variants = [(rule, v) for rule in THRESHOLD_RULES for v in ("plain", SERVED)]
+            variants += [] if args.only_ensembles else [(restain_rule, f"restained {shift}") for shift in SHIFTS]
+            for rule, variant in variants:  # re-stained: the other-lab proxy
+                r = read_out(data, member_paths, variant, s.target_sensitivity, rule)
+                print(f"{label} | {rule} | {variant} | {format_read_out(r)}")
+                means.setdefault((rule, variant), []).append(r)
+    print_means(singles, "single networks")
     print_means(ensembles, "ensembles")
     return 0
 

@@ -40,6 +40,9 @@ LEVERS = {
     "adamw_seed2": {"weight_decay": 0.05, "seed": 1338},
     "epochs10": {"epochs": 10},  # two of these fit the budget where two 14-epoch networks do not
     "epochs10_seed2": {"epochs": 10, "seed": 1338},
+    "epochs10_seed3": {"epochs": 10, "seed": 1339},  # with seeds 4 and 5: ten pairs for the quantile rule
+    "epochs10_seed4": {"epochs": 10, "seed": 1340},
+    "epochs10_seed5": {"epochs": 10, "seed": 1341},
     "depth6": {"depth": 6},
     "separable": {"conv": "separable"},
     "separable_w32": {"conv": "separable", "width": 32},  # ~ the multiply-adds of width 16 with full convs
