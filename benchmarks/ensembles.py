@@ -11,7 +11,8 @@ are pooled: sensitivity and specificity with 95 % bootstrap intervals, missed po
 alarms, per threshold rule, plain and as served (8-view TTA: the members' logits averaged per view,
 then the views' probabilities, as the served graph does; members saved before per-view logits were
 kept give a close stand-in, marked approximate), and under each re-staining of
-`benchmarks/stain_shift.py` (the other-lab proxy) at the shipped rule (`--restain-rule` for another).
+`benchmarks/stain_shift.py` (the other-lab proxy) at the shipped rule (`--restain-rule` for another;
+given, it re-stains with `--only-ensembles` too).
 With several ensembles, their mean per rule and re-staining; with several single networks (groups of
 one lever, e.g. seeds of the shipped recipe), theirs, so an ensemble recipe can be set against them
 (`--only-ensembles`: the ensembles alone, without their members or the re-staining).
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     from training.evaluate import THRESHOLD_RULES
 
     parser.add_argument("--restain-rule", choices=THRESHOLD_RULES, default=None,
-                        help="threshold rule of the re-stained read-outs (default: the spec's)")
+                        help="threshold rule of the re-stained read-outs (default: the spec's; "
+                             "given, the ensembles are re-stained with --only-ensembles too)")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, member_paths in rows:
             means = ensembles if len(member_paths) > 1 else singles
             variants = [(rule, v) for rule in THRESHOLD_RULES for v in ("plain", SERVED)]
-            variants += [] if args.only_ensembles else [(restain_rule, f"restained {shift}") for shift in SHIFTS]
+            if args.restain_rule or not args.only_ensembles:
+                variants += [(restain_rule, f"restained {shift}") for shift in SHIFTS]
             for rule, variant in variants:  # re-stained: the other-lab proxy
                 r = read_out(data, member_paths, variant, s.target_sensitivity, rule)
                 print(f"{label} | {rule} | {variant} | {format_read_out(r)}")
