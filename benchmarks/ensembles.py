@@ -15,7 +15,7 @@ kept give a close stand-in, marked approximate), and under each re-staining of
 given, it re-stains with `--only-ensembles` too).
 With several ensembles, their mean per rule and re-staining; with several single networks (groups of
 one lever, e.g. seeds of the shipped recipe), theirs, so an ensemble recipe can be set against them
-(`--only-ensembles`: the ensembles alone, without their members or the re-staining).
+(`--only-ensembles`: the ensembles alone, without their members, re-stained only with `--restain-rule`).
 
     ... --ensemble baseline seed2 seed3 seed4 seed5 --restain-rule validation   # five single networks
 """
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ensemble", nargs="+", required=True, metavar="LEVER+LEVER[+...]",
                         help="members joined by '+', each a benchmarks/levers.py lever with saved k-fold logits")
     parser.add_argument("--only-ensembles", action="store_true",
-                        help="read out the ensembles only (not each member, not re-stained)")
+                        help="read out the ensembles only (not each member; re-stained only with --restain-rule)")
     from training.evaluate import THRESHOLD_RULES
 
     parser.add_argument("--restain-rule", choices=THRESHOLD_RULES, default=None,
