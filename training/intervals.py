@@ -18,16 +18,29 @@ BINARY_FIGURES = ("sensitivity", "specificity", "roc_auc", "balanced_accuracy", 
 MULTICLASS_FIGURES = ("accuracy", "macro_f1", "balanced_accuracy")
 
 
+def roc_auc(is_pos: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic (ties count one half): sklearn's roc_auc_score to rounding,
+    ~15x faster, which matters 2 000 times per bootstrap. NaN unless both classes are present."""
+    from scipy.stats import rankdata
+
+    is_pos = np.asarray(is_pos, bool)
+    n_pos = int(is_pos.sum())
+    n_neg = len(is_pos) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)  # ties get their average rank
+    return float((ranks[is_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def _figures(y: np.ndarray, pred: np.ndarray, probs: np.ndarray, labels: list[str], pos: int | None) -> dict:
-    from sklearn.metrics import f1_score, roc_auc_score
+    from sklearn.metrics import f1_score
 
     n_classes = len(labels)
     recall = [float(np.mean(pred[y == c] == c)) if np.any(y == c) else np.nan for c in range(n_classes)]
     out = {"accuracy": float(np.mean(pred == y)), "balanced_accuracy": float(np.nanmean(recall))}
     if pos is not None:
         out["sensitivity"], out["specificity"] = recall[pos], recall[1 - pos]
-        is_pos = (y == pos).astype(int)
-        out["roc_auc"] = float(roc_auc_score(is_pos, probs[:, pos])) if 0 < is_pos.sum() < len(y) else np.nan
+        out["roc_auc"] = roc_auc(y == pos, probs[:, pos])
     else:
         out["macro_f1"] = float(f1_score(y, pred, labels=list(range(n_classes)), average="macro", zero_division=0))
     return out

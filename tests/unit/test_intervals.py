@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.intervals import bootstrap_intervals
+import pytest
+
+from training.intervals import bootstrap_intervals, roc_auc
 
 
 def _binary(n: int, error_rate: float, seed: int = 0):
@@ -39,3 +41,15 @@ def test_multiclass_macro_f1():
     figs = bootstrap_intervals(y, probs, list("abcd"), n_boot=200)
     assert 0.85 < figs["macro_f1"]["value"] < 0.95 and figs["macro_f1"]["low"] < figs["macro_f1"]["value"]
     assert "sensitivity" not in figs
+
+
+@pytest.mark.parametrize("decimals", [None, 2, 0])  # untied scores, many ties, scores all 0 or 1
+def test_roc_auc_is_sklearns(decimals):
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(decimals or 7)
+    y = rng.random(1500) < 0.8
+    scores = rng.random(1500) * 0.6 + 0.4 * y
+    scores = scores if decimals is None else np.round(scores, decimals)
+    assert roc_auc(y, scores) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+    assert np.isnan(roc_auc(np.ones(5, bool), np.arange(5.0)))
