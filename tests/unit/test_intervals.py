@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 import pytest
 
 from training.intervals import bootstrap_intervals, roc_auc
