@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.stain_shift import SHIFTS
     from benchmarks.threshold_rules import (SERVED, binary_task, format_read_out, lever_folds, no_saved_logits,
                                            print_means, read_out)
+    from training.evaluate import THRESHOLD_RULES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True)
@@ -44,8 +45,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="members joined by '+', each a benchmarks/levers.py lever with saved k-fold logits")
     parser.add_argument("--only-ensembles", action="store_true",
                         help="read out the ensembles only (not each member; re-stained only with --restain-rule)")
-    from training.evaluate import THRESHOLD_RULES
-
     parser.add_argument("--restain-rule", choices=THRESHOLD_RULES, default=None,
                         help="threshold rule of the re-stained read-outs (default: the spec's; "
                              "given, the ensembles are re-stained with --only-ensembles too)")

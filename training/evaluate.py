@@ -42,11 +42,10 @@ def choose_threshold(is_positive: np.ndarray, p_positive: np.ndarray, target_sen
     scores = np.sort(np.asarray(p_positive, dtype=np.float64)[np.asarray(is_positive, bool)])
     if scores.size == 0:
         return 0.5
+    below = lower_conformal_rank(scores.size, 1.0 - target_sensitivity)  # the rank-based rules' lower rank
     if rule == THRESHOLD_CONFORMAL:
-        below = lower_conformal_rank(scores.size, 1.0 - target_sensitivity)
         return float(scores[max(below, 1) - 1])
     if rule == THRESHOLD_QUANTILE:
-        below = lower_conformal_rank(scores.size, 1.0 - target_sensitivity)  # the conformal rule's rank
         return _interpolated_rank(scores, below, (1.0 - target_sensitivity) * (scores.size + 1) - below)
     k = max(1, math.ceil(target_sensitivity * scores.size - 1e-9))  # positives kept at or above t
     return float(scores[scores.size - k])
