@@ -20,6 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from training.averaging import EMA_MOMENTUM  # noqa: E402  (light: no TensorFlow import)
+
 CACHE = Path.home() / ".cache" / "hemaflow-levers"
 # name -> changes to the shipped defaults (crop changes the decoded images, not the Lever).
 LEVERS = {
@@ -43,6 +45,12 @@ LEVERS = {
     "epochs10_seed3": {"epochs": 10, "seed": 1339},  # with seeds 4 and 5: ten pairs for the quantile rule
     "epochs10_seed4": {"epochs": 10, "seed": 1340},
     "epochs10_seed5": {"epochs": 10, "seed": 1341},
+    # An exponential moving average of the weights validated and served (training.averaging), seeds 1337-1341
+    "ema": {"ema_momentum": EMA_MOMENTUM},
+    "ema_seed2": {"ema_momentum": EMA_MOMENTUM, "seed": 1338},
+    "ema_seed3": {"ema_momentum": EMA_MOMENTUM, "seed": 1339},
+    "ema_seed4": {"ema_momentum": EMA_MOMENTUM, "seed": 1340},
+    "ema_seed5": {"ema_momentum": EMA_MOMENTUM, "seed": 1341},
     "depth6": {"depth": 6},
     "separable": {"conv": "separable"},
     "separable_w32": {"conv": "separable", "width": 32},  # ~ the multiply-adds of width 16 with full convs

@@ -34,6 +34,7 @@ from training.batchnorm import (
     refresh_before_validation,
     statistics_stride,
 )
+from training.averaging import EMA_OFF
 from training.calibration import logits_of
 from training.model import BN_MOMENTUM, CONV_STANDARD, STAIN_NONE
 from training.schedule import COSINE
@@ -82,10 +83,12 @@ class Lever:
     # Train on the class folders as classes (e.g. leukemia's Benign / Early / Pre / Pro), then sum the
     # folders' probabilities into their labels: the two-class logits every read-out uses.
     subtypes: bool = False
+    # Validate, keep and serve an exponential moving average of the weights (training.averaging); 0: off.
+    ema_momentum: float = EMA_OFF
 
 
 # Fields added after runs were saved: left out of lever_key at their default, so those runs keep their keys.
-LEVER_FIELDS_ADDED_LATER = ("weight_decay", "subtypes")
+LEVER_FIELDS_ADDED_LATER = ("weight_decay", "subtypes", "ema_momentum")
 _LEVER_DEFAULTS = vars(Lever())
 
 
@@ -218,6 +221,7 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
     """Fit one model as training.train does; returns (served-size model, history, stop reason)."""
     import keras
 
+    from training.averaging import check_momentum, weight_average_callback
     from training.data import configure_threads
     from training.model import build_model, served_twin
     from training.schedule import make_optimizer, reduces_on_plateau, steps_per_epoch
@@ -225,6 +229,8 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
 
     if lever.precise_bn not in PRECISE_BN_MODES:
         raise ValueError(f"precise_bn must be one of {PRECISE_BN_MODES}, not {lever.precise_bn!r}")
+    if check_momentum(lever.ema_momentum) != EMA_OFF and lever.precise_bn != PRECISE_BN_OFF:
+        raise ValueError("ema_momentum and precise_bn each set the BatchNorm statistics: choose one")
     configure_threads()
     enable_determinism(lever.seed)
     n_labels = len(data.labels)
@@ -252,6 +258,8 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
         statistics = _dataset(data.images[sample], data.y[sample], lever, False)
     if lever.precise_bn == PRECISE_BN_EACH_EPOCH:
         callbacks = [refresh_before_validation(statistics), *callbacks]
+    if lever.ema_momentum != EMA_OFF:  # first, so validation and early stopping see the average
+        callbacks = [weight_average_callback(lever.ema_momentum), *callbacks]
     history = net.fit(_dataset(data.images[tr], targets[tr], lever, True),
                       validation_data=_dataset(data.images[va], targets[va], lever, False),
                       epochs=lever.epochs, class_weight=weights, callbacks=callbacks, verbose=verbose).history
