@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from training.averaging import EMA_OFF
 from training.batchnorm import (
     PRECISE_BN_AFTER_FIT,
     PRECISE_BN_EACH_EPOCH,
@@ -34,7 +35,6 @@ from training.batchnorm import (
     refresh_before_validation,
     statistics_stride,
 )
-from training.averaging import EMA_OFF
 from training.calibration import logits_of
 from training.model import BN_MOMENTUM, CONV_STANDARD, STAIN_NONE
 from training.schedule import COSINE

@@ -83,3 +83,16 @@ def test_a_momentum_outside_0_1_is_a_clear_error(momentum):
     with pytest.raises(ValueError, match="EMA momentum"):
         check_momentum(momentum)
     assert check_momentum(0.0) == 0.0
+
+
+def test_the_ema_lever_has_its_own_key_and_refuses_precise_batchnorm():
+    from training.batchnorm import PRECISE_BN_AFTER_FIT
+    from training.experiment import FolderData, Lever, fit, lever_key
+
+    assert lever_key("x", "c", Lever()) != lever_key("x", "c", Lever(ema_momentum=MOMENTUM))
+    data = FolderData(np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, 0, 1]), ["0" * 64] * 4, ["a", "b"], None)
+    idx = {"train": np.arange(2), "val": np.arange(2, 4)}
+    with pytest.raises(ValueError, match="choose one"):
+        fit(data, idx, Lever(input_size=8, ema_momentum=MOMENTUM, precise_bn=PRECISE_BN_AFTER_FIT))
+    with pytest.raises(ValueError, match="EMA momentum"):
+        fit(data, idx, Lever(input_size=8, ema_momentum=1.0))
