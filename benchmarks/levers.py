@@ -45,7 +45,7 @@ LEVERS = {
     "epochs10_seed3": {"epochs": 10, "seed": 1339},  # with seeds 4 and 5: ten pairs for the quantile rule
     "epochs10_seed4": {"epochs": 10, "seed": 1340},
     "epochs10_seed5": {"epochs": 10, "seed": 1341},
-    # An exponential moving average of the weights validated and served (training.averaging), seeds 1337-1341
+    # An exponential moving average of the weights validated and served (training.averaging): not pursued (README)
     "ema": {"ema_momentum": EMA_MOMENTUM},
     "ema_seed2": {"ema_momentum": EMA_MOMENTUM, "seed": 1338},
     "ema_seed3": {"ema_momentum": EMA_MOMENTUM, "seed": 1339},
