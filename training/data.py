@@ -126,10 +126,10 @@ def make_dataset(
         )
     else:
         ds = ds.map(lambda img, y: (tf.cast(img, tf.float32), y), num_parallel_calls=autotune)
-    return ds.batch(batch_size).prefetch(autotune).with_options(_fit_options())
+    return ds.batch(batch_size).prefetch(autotune).with_options(fit_options())
 
 
-def _fit_options() -> Any:
+def fit_options() -> Any:
     """tf.data's autotuning off: with it, Keras dropping an epoch's iterator waited ~15 s on an idle CPU
     (py-spy: ~IteratorResource joining tf.data's thread pool), so a leukemia epoch took ~41 s instead of
     ~22 s. AUTOTUNE parallelism then means the core count; the elements and their order are unchanged."""

@@ -85,10 +85,12 @@ class Lever:
     subtypes: bool = False
     # Validate, keep and serve an exponential moving average of the weights (training.averaging); 0: off.
     ema_momentum: float = EMA_OFF
+    # Train BatchNorm with TensorFlow's fused kernel (training.fused_batchnorm): the same function, faster.
+    fused_batchnorm: bool = False
 
 
 # Fields added after runs were saved: left out of lever_key at their default, so those runs keep their keys.
-LEVER_FIELDS_ADDED_LATER = ("weight_decay", "subtypes", "ema_momentum")
+LEVER_FIELDS_ADDED_LATER = ("weight_decay", "subtypes", "ema_momentum", "fused_batchnorm")
 _LEVER_DEFAULTS = vars(Lever())
 
 
@@ -244,7 +246,7 @@ def fit(data: FolderData, idx: dict[str, np.ndarray], lever: Lever, time_budget_
         weights = {f: weights[label] for f, label in enumerate(folder_label)}
     net = build_model(n_classes, lever.input_size, lever.input_size, lever.width, lever.depth, seed=lever.seed,
                       bn_momentum=lever.bn_momentum, stain_normalisation=lever.stain_normalisation,
-                      conv=lever.conv)
+                      conv=lever.conv, fused_batchnorm=lever.fused_batchnorm)
     steps = steps_per_epoch(len(tr), lever.batch_size)
     net.compile(optimizer=make_optimizer(lever.learning_rate, lever.lr_schedule, lever.epochs, steps,
                                          lever.weight_decay),

@@ -102,8 +102,12 @@ def build_model(
     bn_momentum: float = BN_MOMENTUM,
     stain_normalisation: str = STAIN_NONE,
     conv: str = CONV_STANDARD,
+    fused_batchnorm: bool = False,
 ) -> Any:
-    """Build the (uncompiled) Keras classifier; its output is the softmax probabilities."""
+    """Build the (uncompiled) Keras classifier; its output is the softmax probabilities.
+
+    `fused_batchnorm`: train BatchNorm with TensorFlow's fused kernel (training.fused_batchnorm: the same
+    function, faster to fit); for networks that are trained, not saved (the served twin is plain)."""
     import keras
 
     if stain_normalisation not in LEVER_STAIN_NORMALISATIONS:
@@ -115,7 +119,7 @@ def build_model(
     keras.utils.set_random_seed(seed)
     reg = keras.regularizers.L2(WEIGHT_DECAY)
     inputs, x = _input_and_stain(image_size, input_size, stain_normalisation)
-    x = _conv_tower(x, width, depth, conv, bn_momentum, reg)
+    x = _conv_tower(x, width, depth, conv, bn_momentum, reg, fused_batchnorm=fused_batchnorm)
     return keras.Model(inputs, _head(x, num_classes, reg, dropout, seed), name="hemaflow_cnn")
 
 
@@ -132,10 +136,14 @@ def _input_and_stain(image_size: int, input_size: int, stain_normalisation: str)
     return inputs, (stain(x) if stain is not None else x)
 
 
-def _conv_tower(x, width: int, depth: int, conv: str, bn_momentum: float, reg, prefix: str = ""):
+def _conv_tower(x, width: int, depth: int, conv: str, bn_momentum: float, reg, prefix: str = "",
+                fused_batchnorm: bool = False):
     """The conv blocks; the last ReLU is `prefix + FEATURES_LAYER`; every layer name starts with `prefix`."""
     from keras import layers
 
+    batchnorm = layers.BatchNormalization
+    if fused_batchnorm:
+        from training.fused_batchnorm import FusedBatchNormalization as batchnorm
     filters = block_filters(width, depth)
     for i, f in enumerate(filters):
         last = i == len(filters) - 1
@@ -149,7 +157,7 @@ def _conv_tower(x, width: int, depth: int, conv: str, bn_momentum: float, reg, p
                                            pointwise_regularizer=reg, name=name)(x)
             else:
                 x = layers.Conv2D(f, 3, padding="same", use_bias=False, kernel_regularizer=reg, name=name)(x)
-            x = layers.BatchNormalization(momentum=bn_momentum, name=f"{prefix}b{i}_bn{j}")(x)
+            x = batchnorm(momentum=bn_momentum, name=f"{prefix}b{i}_bn{j}")(x)
             relu = FEATURES_LAYER if (last and j == n_convs - 1) else f"b{i}_relu{j}"
             x = layers.ReLU(name=prefix + relu)(x)
         if not last:
