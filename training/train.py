@@ -147,8 +147,8 @@ def _fit_evaluate_log(c: CandidateRun, folder: Path) -> tuple[dict[str, Any], st
     import mlflow
 
     from contracts.bundle import BUNDLE_DIR, TFLiteRunner
-    from contracts.imaging import crop_of
     from contracts.dataset_spec import inference_tta_default
+    from contracts.imaging import crop_of
     from contracts.tta import BUNDLE_KEY as TTA_BUNDLE_KEY
     from contracts.tta import DEFAULT_KEY as TTA_DEFAULT_KEY
     from contracts.tta import DEFAULT_PARAM as TTA_DEFAULT_PARAM
