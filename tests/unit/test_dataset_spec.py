@@ -96,12 +96,13 @@ def test_training_table_overrides_the_global_settings_for_its_dataset_only(tmp_p
     assert training_settings(settings, "plain") is settings and training_settings(settings, "gone") is settings
     stained = {"model_stain_normalisation": "per_image"}  # chosen on 3-fold for both built-in sets
     assert load_spec("pbc8").training == stained
-    assert load_spec("leukemia").training == {**stained, "train_input_size": 128, "target_sensitivity": 0.99}
+    assert load_spec("leukemia").training == {**stained, "train_input_size": 128, "target_sensitivity": 0.99,
+                                              "model_ensemble_size": 2, "threshold_rule": "quantile"}
     shipped = Settings(_env_file=None)
     assert shipped.model_stain_normalisation == "none"  # the global default is unchanged
     leukemia = training_settings(shipped, "leukemia")
-    assert (leukemia.model_stain_normalisation, leukemia.train_input_size, leukemia.target_sensitivity) == (
-        "per_image", 128, 0.99)
+    assert (leukemia.model_stain_normalisation, leukemia.train_input_size, leukemia.target_sensitivity,
+            leukemia.model_ensemble_size, leukemia.threshold_rule) == ("per_image", 128, 0.99, 2, "quantile")
 
 
 def test_template_copies_get_the_stain_normalisation():
