@@ -35,7 +35,7 @@ def one_round(mode: str, steps: int) -> float:
     import numpy as np
     import tensorflow as tf
 
-    from training.data import fit_options, configure_threads
+    from training.data import configure_threads, fit_options
     from training.model import build_model
 
     configure_threads()

@@ -143,7 +143,7 @@ def _fit_member(req: FitRequest, seed: int, budget_s: float, first_epoch: int) -
     train_ds = make_dataset(folder, meta, "train", s.batch_size, training=True, seed=seed, resize_to=size,
                             colour_strength=s.train_colour_strength)
     val_ds = make_dataset(folder, meta, "val", s.batch_size, resize_to=size)
-    # BatchNorm on TensorFlow's fused kernel: the same function, ~0.72x the step time here (README, Benchmarks)
+    # BatchNorm on TensorFlow's fused kernel: the same function, 0.69x the step time here (README, Benchmarks)
     net = build_model(len(meta.labels), size, size, s.model_width, s.model_depth, seed=seed,
                       stain_normalisation=s.model_stain_normalisation, fused_batchnorm=True)
     if req.initial_weights is not None:
